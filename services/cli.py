@@ -1,0 +1,118 @@
+"""The `turboserve` command: `up` runs the whole system; one subcommand per service; `client`; `simulate`.
+
+Service modules are imported inside each subcommand, so `turboserve client` does not load torch and a service
+never imports another's internals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+
+def _gateway(_: argparse.Namespace) -> int:
+    from services.common.config import CommonSettings
+    from services.common.service import nats_connection, run_service
+    from services.gateway.app import serve_gateway
+    from services.gateway.settings import GatewaySettings
+
+    async def main(stop: asyncio.Event) -> None:
+        common = CommonSettings.from_env()
+        async with nats_connection(common.nats_url, "gateway") as nc:
+            await serve_gateway(GatewaySettings.from_env(), nc, stop)
+
+    return run_service("gateway", main)
+
+
+def _scheduler(_: argparse.Namespace) -> int:
+    from services.common.config import CommonSettings
+    from services.common.service import nats_connection, run_service
+    from services.scheduler.runner import run_scheduler
+    from services.scheduler.settings import SchedulerSettings
+
+    async def main(stop: asyncio.Event) -> None:
+        common = CommonSettings.from_env()
+        async with nats_connection(common.nats_url, "scheduler") as nc:
+            await run_scheduler(SchedulerSettings.from_env(), nc, stop)
+
+    return run_service("scheduler", main)
+
+
+def _worker(_: argparse.Namespace) -> int:
+    from services.common.config import CommonSettings
+    from services.common.service import nats_connection, run_service
+    from services.gpu_worker.app import run_worker
+    from services.gpu_worker.settings import WorkerSettings
+
+    async def main(stop: asyncio.Event) -> None:
+        settings = WorkerSettings.from_env()
+        async with nats_connection(CommonSettings.from_env().nats_url, f"worker-{settings.worker_id}") as nc:
+            await run_worker(settings, nc, stop)
+
+    return run_service("worker", main)
+
+
+def _state_store(_: argparse.Namespace) -> int:
+    from services.common.config import CommonSettings
+    from services.common.service import nats_connection, run_service
+    from services.state_store.service import run_state_store
+    from services.state_store.settings import StateStoreSettings
+
+    async def main(stop: asyncio.Event) -> None:
+        async with nats_connection(CommonSettings.from_env().nats_url, "state-store") as nc:
+            await run_state_store(StateStoreSettings.from_env(), nc, stop)
+
+    return run_service("state-store", main)
+
+
+def _up(args: argparse.Namespace) -> int:
+    from services.launcher import run_up
+
+    return run_up(workers=args.workers, model=args.model, port=args.port)
+
+
+def _client(args: argparse.Namespace) -> int:
+    from services.client import run_client_cli
+
+    return run_client_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="turboserve", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run the whole system locally (embedded NATS and Postgres by default)")
+    up.add_argument("--workers", type=int, default=2, help="worker processes to start (default 2)")
+    up.add_argument("--model", default="tiny", help="model config: tiny (CPU) or wan-1.3b (GPU)")
+    up.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    up.set_defaults(run=_up)
+
+    for name, run, text in (
+        ("gateway", _gateway, "WebSocket gateway for clients"),
+        ("scheduler", _scheduler, "session store and placement control loop"),
+        ("worker", _worker, "model worker: batched chunk generation"),
+        ("state-store", _state_store, "durable session snapshots"),
+    ):
+        commands.add_parser(name, help=text).set_defaults(run=run)
+
+    client = commands.add_parser("client", help="stream a session from the terminal and save frames or a video")
+    from services.client import add_client_arguments
+
+    add_client_arguments(client)
+    client.set_defaults(run=_client)
+
+    from services.scheduler.sim.cli import add_simulate_parser
+
+    add_simulate_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Python client for the gateway, and `turboserve client`: stream a session from the terminal, save its frames.
+
+One WebSocket connection can hold several sessions; a reader task routes binary chunk frames to each session's
+queue and text messages to whoever waits for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+
+from services.common.chunk_frame import ChunkHeader, unpack_chunk
+
+
+class ServerError(Exception):
+    """The gateway answered with an error message; ``code`` is the protocol's error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+@dataclass
+class ReceivedChunk:
+    header: ChunkHeader
+    frames: list[bytes]
+    received_at_unix_ms: float
+
+
+@dataclass
+class _Routes:
+    chunks: dict[str, asyncio.Queue[ReceivedChunk]] = field(default_factory=lambda: defaultdict(asyncio.Queue))
+    messages: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+
+
+class TurboServeClient:
+    def __init__(self, ws: ClientConnection) -> None:
+        self._ws = ws
+        self._routes = _Routes()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def connect(cls, url: str, token: str) -> TurboServeClient:
+        ws = await connect(url, additional_headers={"Authorization": f"Bearer {token}"}, max_size=2**24)
+        return cls(ws)
+
+    async def _read(self) -> None:
+        async for raw in self._ws:
+            if isinstance(raw, bytes):
+                header, frames = unpack_chunk(raw)
+                self._routes.chunks[header.session_id].put_nowait(ReceivedChunk(header, frames, time.time() * 1e3))
+            else:
+                await self._routes.messages.put(json.loads(raw))
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self._ws.send(json.dumps(message))
+
+    async def expect(self, kind: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        """The next text message; an error message raises ServerError, another kind is a protocol surprise."""
+        message = await asyncio.wait_for(self._routes.messages.get(), timeout_s)
+        if message.get("type") == "error":
+            raise ServerError(str(message.get("code")), str(message.get("message")))
+        if message.get("type") != kind:
+            raise ServerError("unexpected", f"expected {kind!r}, got {message!r}")
+        return message
+
+    async def start(self, prompt: str, seed: int = 0) -> dict[str, Any]:
+        await self.send({"type": "start", "prompt": prompt, "seed": seed})
+        return await self.expect("started")
+
+    async def next_chunk(self, session_id: str, timeout_s: float = 30.0) -> ReceivedChunk:
+        return await asyncio.wait_for(self._routes.chunks[session_id].get(), timeout_s)
+
+    def pending_chunks(self, session_id: str) -> int:
+        return self._routes.chunks[session_id].qsize()
+
+    async def set_prompt(self, session_id: str, prompt: str) -> None:
+        await self.send({"type": "prompt", "session_id": session_id, "prompt": prompt})
+
+    async def pause(self, session_id: str) -> dict[str, Any]:
+        await self.send({"type": "pause", "session_id": session_id})
+        return await self.expect("paused")
+
+    async def resume(self, session_id: str) -> dict[str, Any]:
+        await self.send({"type": "resume", "session_id": session_id})
+        return await self.expect("resumed")
+
+    async def close_session(self, session_id: str) -> dict[str, Any]:
+        await self.send({"type": "close", "session_id": session_id})
+        return await self.expect("closed")
+
+    async def close(self) -> None:
+        await self._ws.close()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._reader
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="ws://127.0.0.1:8080/ws", help="gateway WebSocket URL")
+    parser.add_argument("--token", required=True, help="client token (printed by `turboserve up`)")
+    parser.add_argument("--prompt", default="a slow sunrise over a violet sea")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunks", type=int, default=8, help="chunks to receive before closing")
+    parser.add_argument("--out", type=Path, default=None, help="directory to save frames as JPEG files")
+
+
+async def _stream(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    client = await TurboServeClient.connect(args.url, args.token)
+    try:
+        started = await client.start(args.prompt, args.seed)
+        session_id = started["session_id"]
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+        with Progress() as progress:
+            task = progress.add_task(f"session {session_id[:8]}", total=args.chunks)
+            for _ in range(args.chunks):
+                chunk = await client.next_chunk(session_id)
+                if args.out:
+                    for index, frame in enumerate(chunk.frames):
+                        (args.out / f"frame_{chunk.header.first_frame + index:06d}.jpg").write_bytes(frame)
+                timings = ", ".join(f"{k}={v:.1f}" for k, v in chunk.header.timings_ms.items())
+                progress.console.print(f"chunk {chunk.header.seq}: {len(chunk.frames)} frames ({timings})")
+                progress.advance(task)
+        await client.close_session(session_id)
+    except ServerError as exc:
+        print(f"server error {exc}")
+        return 1
+    finally:
+        await client.close()
+    return 0
+
+
+def run_client_cli(args: argparse.Namespace) -> int:
+    return asyncio.run(_stream(args))

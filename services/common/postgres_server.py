@@ -1,0 +1,53 @@
+"""Find PostgreSQL: DATABASE_URL if set, else the local server on 127.0.0.1:5432 if it answers, else an embedded
+one from the pgserver wheel (its own data dir, removed on stop)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@dataclass
+class PostgresHandle:
+    """A URL to use and how to release what was started for it (nothing, for an existing server)."""
+
+    url: str
+    source: str  # "env" | "local" | "embedded"
+    _cleanup: Callable[[], None] | None = None
+
+    def stop(self) -> None:
+        if self._cleanup is not None:
+            cleanup, self._cleanup = self._cleanup, None
+            cleanup()
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def locate_postgres(*, allow_local: bool = True) -> PostgresHandle:
+    env_url = os.environ.get("DATABASE_URL")
+    if env_url:
+        return PostgresHandle(url=env_url, source="env")
+    if allow_local and _answers("127.0.0.1", 5432):
+        return PostgresHandle(url=LOCAL_URL, source="local")
+    import pgserver  # imported lazily: it is only needed on a machine without a server
+
+    data_dir = tempfile.mkdtemp(prefix="turboserve-pg-")
+    server = pgserver.get_server(data_dir, cleanup_mode="stop")
+
+    def cleanup() -> None:
+        server.cleanup()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+    return PostgresHandle(url=server.get_uri(), source="embedded", _cleanup=cleanup)

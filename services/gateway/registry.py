@@ -1,0 +1,105 @@
+"""Who owns which session and which connection drives it: the per-token limit and the isolation between tokens.
+
+Invariants: a session belongs to exactly one owner (token) for its whole life; a client can only ever reach its
+own owner's sessions (another owner's session looks exactly like one that does not exist); a session is driven by
+at most one connection at a time, and one whose connection dropped is *lingering* until a connection of the same
+owner adopts it. Lingering sessions count against the owner's limit. Pure bookkeeping: no I/O, no timers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from services.common.errors import InvalidState, LimitExceeded, UnknownSession
+
+S = TypeVar("S")
+
+
+@dataclass(slots=True)
+class _Entry(Generic[S]):
+    owner: str
+    session: S
+    connection_id: int | None
+
+
+class SessionRegistry(Generic[S]):
+    """Sessions by id, with their owner and the connection (if any) that drives them."""
+
+    def __init__(self, max_sessions_per_owner: int) -> None:
+        if max_sessions_per_owner < 1:
+            raise ValueError(f"max_sessions_per_owner={max_sessions_per_owner} must be >= 1")
+        self.max_sessions_per_owner = max_sessions_per_owner
+        self._entries: dict[str, _Entry[S]] = {}
+        self._count_by_owner: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def count(self, owner: str) -> int:
+        return self._count_by_owner.get(owner, 0)
+
+    def admit(self, owner: str, session_id: str, session: S, connection_id: int) -> None:
+        """Register a new session bound to ``connection_id``, or raise LimitExceeded when the owner is full."""
+        held = self.count(owner)
+        if held >= self.max_sessions_per_owner:
+            raise LimitExceeded(
+                f"this token already holds {held} sessions (limit {self.max_sessions_per_owner}); close one first"
+            )
+        if session_id in self._entries:
+            raise ValueError(f"session {session_id} is already registered")
+        self._entries[session_id] = _Entry(owner, session, connection_id)
+        self._count_by_owner[owner] = held + 1
+
+    def get(self, owner: str, session_id: str, connection_id: int) -> S:
+        """The session if this connection drives it; a detached one must be adopted (resumed) first."""
+        entry = self._owned(owner, session_id)
+        if entry.connection_id != connection_id:
+            raise InvalidState(self._not_driven_here(session_id, entry))
+        return entry.session
+
+    def adopt(self, owner: str, session_id: str, connection_id: int) -> S:
+        """Bind a lingering session to this connection (resume after a reconnect); idempotent for the driver."""
+        entry = self._owned(owner, session_id)
+        if entry.connection_id not in (None, connection_id):
+            raise InvalidState(self._not_driven_here(session_id, entry))
+        entry.connection_id = connection_id
+        return entry.session
+
+    def is_detached(self, session_id: str) -> bool:
+        entry = self._entries.get(session_id)
+        return entry is not None and entry.connection_id is None
+
+    def detach_connection(self, connection_id: int) -> list[tuple[str, S]]:
+        """Unbind every session of a closed connection; they linger, still owned. Returns (session_id, session)."""
+        detached = []
+        for session_id, entry in self._entries.items():
+            if entry.connection_id == connection_id:
+                entry.connection_id = None
+                detached.append((session_id, entry.session))
+        return detached
+
+    def remove(self, session_id: str) -> None:
+        """Forget a closed session and give its slot back to the owner; removing twice is harmless."""
+        entry = self._entries.pop(session_id, None)
+        if entry is not None:
+            remaining = self._count_by_owner[entry.owner] - 1
+            if remaining:
+                self._count_by_owner[entry.owner] = remaining
+            else:
+                del self._count_by_owner[entry.owner]
+
+    def sessions(self) -> list[S]:
+        return [entry.session for entry in self._entries.values()]
+
+    def _owned(self, owner: str, session_id: str) -> _Entry[S]:
+        entry = self._entries.get(session_id)
+        if entry is None or entry.owner != owner:
+            raise UnknownSession(f"no session {session_id!r} for this token")
+        return entry
+
+    @staticmethod
+    def _not_driven_here(session_id: str, entry: _Entry[S]) -> str:
+        if entry.connection_id is None:
+            return f"session {session_id!r} lost its connection; send resume to take it over"
+        return f"session {session_id!r} is driven by another connection of this token"

@@ -1,0 +1,57 @@
+"""NATS request/reply for the gateway: typed answers in, typed errors out, so no caller sees a transport exception.
+
+A peer that does not answer in time or is not there is ``Unavailable`` (retry later); a peer that answers with a
+refusal becomes ``PeerRefused`` carrying the peer's own error code, which the client sees unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TypeVar
+
+from nats.aio.client import Client as NatsClient
+from nats.errors import ConnectionClosedError, NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from services.common.errors import TurboServeError, Unavailable
+from services.common.messages import Reply
+from services.common.wire import Message, decode, encode
+
+M = TypeVar("M", bound=Message)
+
+
+class PeerRefused(TurboServeError):
+    """The scheduler or a worker answered with an error; ``code`` is the peer's code, passed on to the client."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail or code)
+        self.code = code or "internal"
+
+
+async def request(nats: NatsClient, subject: str, msg: Message, expect: type[M], *, timeout_s: float) -> M:
+    """Send ``msg`` and return the answer as ``expect``; a Reply(ok=False) raises PeerRefused."""
+    try:
+        answer = await nats.request(subject, encode(msg), timeout=timeout_s)
+    except (NatsTimeoutError, asyncio.TimeoutError):
+        raise Unavailable(f"{subject} did not answer {msg.TYPE} within {timeout_s} s") from None
+    except NoRespondersError:
+        raise Unavailable(f"nobody serves {subject}") from None
+    except ConnectionClosedError:
+        raise Unavailable("the gateway's NATS connection is closed") from None
+    reply = decode(answer.data)
+    if isinstance(reply, Reply):
+        if not reply.ok:
+            raise PeerRefused(reply.code, reply.detail)
+        if expect is Reply:
+            return reply  # type: ignore[return-value]
+    if not isinstance(reply, expect):
+        raise Unavailable(f"{subject} answered {msg.TYPE} with {reply.TYPE}, expected {expect.TYPE}")
+    return reply
+
+
+async def publish(nats: NatsClient, subject: str, msg: Message) -> None:
+    """Fire and forget; the receiver fences by epoch, so a lost or late message is harmless."""
+    try:
+        await nats.publish(subject, encode(msg))
+    except ConnectionClosedError:
+        raise Unavailable("the gateway's NATS connection is closed") from None

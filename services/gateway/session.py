@@ -1,0 +1,323 @@
+"""One streaming session as the gateway sees it: its placement, its prompt history and its fenced chunk stream.
+
+The gateway is the session's memory between workers: it holds the prompt history and the next seq the client
+needs, so when the scheduler moves the session (a new epoch on ``placement.<id>``) it re-attaches it on the new
+worker at exactly that seq and the stream continues with no gap and no duplicate. Control operations run one at a
+time under a lock; the chunk path never takes it. Credit stops whenever the worker must not run ahead: while
+paused, while attaching, while a prompt change is in flight (so the change lands at a fixed chunk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import collections.abc
+import logging
+from dataclasses import dataclass
+from typing import Literal, Protocol, TypeVar
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
+
+from services.common import subjects
+from services.common.chunk_frame import read_header
+from services.common.errors import InvalidState, ProtocolError, TurboServeError, Unavailable
+from services.common.messages import (
+    AttachSession,
+    ChangePrompt,
+    DetachSession,
+    OpenSession,
+    Placement,
+    Reply,
+    RequestChunks,
+    UpdateSession,
+)
+from services.common.wire import Message, decode
+from services.gateway.fencing import ChunkFence, Verdict
+from services.gateway.outgoing import OutgoingChunk, OutgoingChunks, SlowConsumer
+from services.gateway.rpc import publish, request
+
+log = logging.getLogger("turboserve.gateway.session")
+
+M = TypeVar("M", bound=Message)
+
+Status = Literal["starting", "active", "idle", "closed"]
+
+
+class SessionListener(Protocol):
+    """The connection driving a session, told what happens to it outside the client's own requests."""
+
+    def session_moved(self, session: GatewaySession) -> None: ...
+
+    def session_failed(self, session: GatewaySession, error: TurboServeError) -> None: ...
+
+    def session_overflowed(self, session: GatewaySession, error: SlowConsumer) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSpec:
+    session_id: str
+    owner: str
+    prompt: str
+    seed: int
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    credit_chunks: int
+    queue_chunks: int
+    request_timeout_s: float
+
+
+class GatewaySession:
+    """A session's NATS side: open, attach, credit, prompt, pause, resume, move and close."""
+
+    def __init__(self, spec: SessionSpec, limits: SessionLimits, nats: NatsClient) -> None:
+        self.spec = spec
+        self.session_id = spec.session_id
+        self.prompts: list[tuple[int, str]] = [(0, spec.prompt)]
+        self.status: Status = "starting"
+        self.worker_id = ""
+        self.fence: ChunkFence[bytes] = ChunkFence(epoch=0, credit_chunks=limits.credit_chunks)
+        self.outgoing = OutgoingChunks(limits.queue_chunks)
+        self.listener: SessionListener | None = None
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self._nats = nats
+        self._timeout_s = limits.request_timeout_s
+        self._lock = asyncio.Lock()
+        self._credit_open = False
+        self._resend_from: int | None = None
+        self._attached_epoch = 0
+        self._persisted = False
+        self._subscriptions: list[Subscription] = []
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def epoch(self) -> int:
+        return self.fence.epoch
+
+    # --- client requests -----------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Persist and place the session, attach it on its worker and start the credit; closes it on failure."""
+        async with self._lock:
+            try:
+                self._subscriptions = [
+                    await self._nats.subscribe(subjects.chunks(self.session_id), cb=self._on_chunk),
+                    await self._nats.subscribe(subjects.placement(self.session_id), cb=self._on_placement),
+                ]
+                spec = self.spec
+                opened = OpenSession(spec.session_id, spec.owner, spec.prompt, spec.seed, spec.model)
+                placement = await self._request(subjects.SCHED_OPEN, opened, Placement)
+                self._persisted = True
+                await self._attach(placement)
+            except BaseException:  # cancelled or refused: leave nothing half-open behind
+                await self._shutdown()
+                raise
+            self.status = "active"
+            await self._open_credit()
+
+    async def change_prompt(self, prompt: str) -> int:
+        """Use ``prompt`` from the first chunk not yet requested; returns that seq."""
+        async with self._lock:
+            self._require("active", "idle")
+            self._credit_open = False
+            from_seq = self.fence.granted_up_to + 1
+            try:
+                changed = ChangePrompt(self.session_id, self.epoch, from_seq, prompt)
+                await self._request(subjects.worker_control(self.worker_id), changed, Reply)
+            finally:
+                if self.status == "active":
+                    await self._open_credit()
+            if self.prompts[-1][0] == from_seq:
+                self.prompts[-1] = (from_seq, prompt)
+            else:
+                self.prompts.append((from_seq, prompt))
+            return from_seq
+
+    async def pause(self) -> None:
+        async with self._lock:
+            self._require("active")
+            await self._go_idle()
+
+    async def suspend(self) -> None:
+        """The driving connection dropped: stop producing, keep the state for a resume."""
+        self.listener = None
+        async with self._lock:
+            if self.status == "active":
+                await self._go_idle()
+
+    async def resume(self) -> None:
+        """Ask the scheduler for a placement (the session may have moved while idle) and restart the credit."""
+        async with self._lock:
+            self._require("idle")
+            update = UpdateSession(self.session_id, "active", self.fence.next_seq)
+            placement = await self._request(subjects.SCHED_UPDATE, update, Placement)
+            if placement.epoch > self._attached_epoch:
+                await self._attach(placement)
+            self.status = "active"
+            await self._open_credit()
+
+    async def close(self) -> None:
+        """Detach from the worker and mark the session closed; idempotent."""
+        async with self._lock:
+            await self._shutdown()
+
+    # --- NATS callbacks ------------------------------------------------------------------------------------
+
+    async def _on_chunk(self, msg: Msg) -> None:
+        try:
+            header, _ = read_header(msg.data)
+        except ProtocolError as exc:
+            self._drop("malformed", f"unreadable chunk frame: {exc}")
+            return
+        if header.session_id != self.session_id:
+            self._drop("foreign", f"chunk of session {header.session_id} on our subject")
+            return
+        verdict = self.fence.offer(header.epoch, header.seq, msg.data)
+        if verdict not in (Verdict.READY, Verdict.HELD):
+            self._drop(verdict.value, f"chunk epoch={header.epoch} seq={header.seq} (at epoch={self.epoch})")
+            return
+        self._deliver_ready()
+        await self._grant_credit()
+
+    async def _on_placement(self, msg: Msg) -> None:
+        try:
+            placement = decode(msg.data, expect=Placement)
+        except ProtocolError as exc:
+            log.warning("session=%s unreadable placement: %s", self.session_id, exc)
+            return
+        assert isinstance(placement, Placement)
+        async with self._lock:
+            if self.status in ("starting", "closed") or placement.epoch <= self._attached_epoch:
+                return
+            log.info("session=%s moves to worker=%s epoch=%d reason=%r next_seq=%d", self.session_id,
+                     placement.worker_id, placement.epoch, placement.reason, self.fence.next_seq)
+            try:
+                await self._attach(placement)
+            except TurboServeError as exc:
+                if self.listener is not None:
+                    self.listener.session_failed(self, exc)
+                return
+            if self.status == "active":
+                await self._open_credit()
+            if self.listener is not None:
+                self.listener.session_moved(self)
+
+    # --- internals -----------------------------------------------------------------------------------------
+
+    def _require(self, *allowed: Status) -> None:
+        if self.status not in allowed:
+            raise InvalidState(f"session {self.session_id!r} is {self.status}; this needs {' or '.join(allowed)}")
+
+    async def _attach(self, placement: Placement) -> None:
+        """Make ``placement`` the session's home at the next undelivered seq, then let the old worker go."""
+        try:
+            subjects.check_token("worker_id", placement.worker_id)
+        except ValueError as exc:
+            raise Unavailable(f"scheduler sent an unusable placement: {exc}") from None
+        old_worker, old_epoch = self.worker_id, self._attached_epoch
+        self._credit_open = False
+        self._resend_from = None
+        self.fence.rebase(placement.epoch)
+        self.worker_id = placement.worker_id
+        spec = self.spec
+        attach = AttachSession(
+            self.session_id, placement.epoch, spec.seed, spec.model, self.fence.next_seq, tuple(self.prompts)
+        )
+        await self._request(subjects.worker_control(placement.worker_id), attach, Reply)
+        self._attached_epoch = placement.epoch
+        if old_worker and old_worker != placement.worker_id:
+            self._in_background(self._detach(old_worker, old_epoch))
+
+    async def _go_idle(self) -> None:
+        self.status = "idle"
+        self._credit_open = False
+        update = UpdateSession(self.session_id, "idle", self.fence.next_seq)
+        try:
+            await self._request(subjects.SCHED_UPDATE, update, Message)
+        except TurboServeError as exc:  # the pause holds locally; the scheduler reconciles from heartbeats
+            log.warning("session=%s could not report idle to the scheduler: %s", self.session_id, exc)
+
+    async def _shutdown(self) -> None:
+        if self.status == "closed":
+            return
+        self.status = "closed"
+        self._credit_open = False
+        self.listener = None
+        self.outgoing.clear()
+        for subscription in self._subscriptions:
+            await _quietly(subscription.unsubscribe())
+        self._subscriptions = []
+        if self._attached_epoch:
+            await _quietly(self._detach(self.worker_id, self._attached_epoch))
+        if self._persisted:
+            update = UpdateSession(self.session_id, "closed", self.fence.next_seq)
+            await _quietly(self._request(subjects.SCHED_UPDATE, update, Message))
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def _detach(self, worker_id: str, epoch: int) -> None:
+        try:
+            await self._request(subjects.worker_control(worker_id), DetachSession(self.session_id, epoch), Reply)
+        except TurboServeError as exc:
+            log.info("session=%s detach from worker=%s epoch=%d failed: %s", self.session_id, worker_id, epoch, exc)
+
+    def _deliver_ready(self) -> None:
+        while (frame := self.fence.peek_ready()) is not None:
+            try:
+                self.outgoing.put(OutgoingChunk(self.fence.next_seq, frame))
+            except SlowConsumer as exc:
+                self._on_slow_consumer(exc)
+                return
+            self.fence.advance()
+
+    def _on_slow_consumer(self, error: SlowConsumer) -> None:
+        """Refuse the chunk, stop the credit and remember to ask for it again when the client resumes."""
+        self._credit_open = False
+        self.fence.revoke_credit()
+        self._resend_from = self.fence.next_seq
+        log.warning("session=%s slow consumer at seq=%d: %s", self.session_id, self.fence.next_seq, error)
+        if self.listener is not None:
+            self.listener.session_overflowed(self, error)
+
+    async def _open_credit(self) -> None:
+        self._credit_open = True
+        await self._grant_credit()
+
+    async def _grant_credit(self) -> None:
+        if not self._credit_open:
+            return
+        up_to = self.fence.grant()
+        if up_to is None:
+            return
+        resend_from, self._resend_from = self._resend_from, None
+        credit = RequestChunks(self.session_id, self.epoch, up_to, resend_from)
+        try:
+            await publish(self._nats, subjects.worker_credit(self.worker_id), credit)
+        except Unavailable as exc:
+            log.warning("session=%s credit up to seq=%d not sent: %s", self.session_id, up_to, exc)
+
+    async def _request(self, subject: str, msg: Message, expect: type[M]) -> M:
+        return await request(self._nats, subject, msg, expect, timeout_s=self._timeout_s)
+
+    def _in_background(self, work: collections.abc.Coroutine[object, object, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _drop(self, reason: str, detail: str) -> None:
+        self.dropped[reason] += 1
+        log.debug("session=%s dropped %s: %s", self.session_id, reason, detail)
+
+
+async def _quietly(work: collections.abc.Awaitable[object]) -> None:
+    """Best effort during teardown: a peer that is gone must not stop the rest of the cleanup."""
+    try:
+        await work
+    except (TurboServeError, NatsError) as exc:
+        log.info("cleanup step failed: %s: %s", type(exc).__name__, exc)

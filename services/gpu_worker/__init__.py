@@ -1,0 +1,1 @@
+"""TurboServe: gpu_worker."""

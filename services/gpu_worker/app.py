@@ -1,0 +1,38 @@
+"""Worker entry point: load the model, then run the engine and its NATS runner until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import torch
+from nats.aio.client import Client as NatsClient
+
+from services.common import subjects
+from services.gpu_worker.engine import ChunkEngine
+from services.gpu_worker.frames import JpegEncoder
+from services.gpu_worker.model import get_config, load_model
+from services.gpu_worker.runner import WorkerRunner
+from services.gpu_worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+async def run_worker(settings: WorkerSettings, nc: NatsClient, stop: asyncio.Event) -> None:
+    config = get_config(settings.model)
+    dtype = torch.bfloat16 if settings.device.startswith("cuda") else torch.float32
+    model = await asyncio.to_thread(
+        load_model, settings.model, device=settings.device, dtype=dtype, max_sessions=settings.max_resident_sessions
+    )
+
+    async def emit(session_id: str, payload: bytes) -> None:
+        await nc.publish(subjects.chunks(session_id), payload)
+
+    with contextlib.closing(JpegEncoder(settings.jpeg_quality)) as encoder:
+        engine = ChunkEngine(
+            model, encoder, emit, worker_id=settings.worker_id, model_name=settings.model,
+            frame_size=(config.width_px, config.height_px), max_batch=settings.max_batch,
+            replay_depth=settings.replay_chunks,
+        )
+        await WorkerRunner(settings, nc, engine).run(stop)

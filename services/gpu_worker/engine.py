@@ -1,0 +1,205 @@
+"""The worker's batch loop: gather every session with a ready chunk, one batched forward, encode, emit.
+
+Coalescing is the point (the reference implementation ran one session at a time): all ready sessions share one
+``model.generate`` call. Model calls happen on one thread at a time, serialized by ``_model_lock``, so attaching
+a session never races a forward pass. I/O is injected (``emit``), so this module never touches NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from services.common.chunk_frame import ChunkHeader, pack_chunk
+from services.common.errors import InvalidField, StaleEpoch, Unavailable, UnknownSession
+from services.common.messages import AttachSession, ChangePrompt, DetachSession, RequestChunks
+from services.gpu_worker.frames import JpegEncoder
+from services.gpu_worker.model.interface import ChunkOutput, SlotsExhausted, StreamingVideoModel
+from services.gpu_worker.session import EncodedChunk, ResidentSession
+
+log = logging.getLogger(__name__)
+Emit = Callable[[str, bytes], Awaitable[None]]
+
+
+class ChunkEngine:
+    def __init__(
+        self,
+        model: StreamingVideoModel,
+        encoder: JpegEncoder,
+        emit: Emit,
+        *,
+        worker_id: str,
+        model_name: str,
+        frame_size: tuple[int, int],
+        max_batch: int,
+        replay_depth: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._model = model
+        self._encoder = encoder
+        self._emit = emit
+        self._worker_id = worker_id
+        self._model_name = model_name
+        self._width, self._height = frame_size
+        self._max_batch = max_batch
+        self._replay_depth = replay_depth
+        self._clock = clock
+        self._model_lock = asyncio.Lock()
+        self._work = asyncio.Event()
+        self.sessions: dict[str, ResidentSession] = {}
+        self._batch_samples: deque[tuple[int, float]] = deque(maxlen=64)
+
+    # --- control, called by the runner ----------------------------------------------------------------------
+
+    async def attach(self, msg: AttachSession) -> None:
+        if msg.model != self._model_name:
+            raise InvalidField(f"worker {self._worker_id} serves model {self._model_name!r}, not {msg.model!r}")
+        current = self.sessions.get(msg.session_id)
+        if current is not None and msg.epoch < current.epoch:
+            raise StaleEpoch(f"attach of {msg.session_id} at epoch {msg.epoch} < resident epoch {current.epoch}")
+        if current is not None and current.seed == msg.seed and current.can_replay_from(msg.next_seq):
+            current.epoch = msg.epoch
+            current.prompts = list(msg.prompts)
+            current.silent_until = max(current.silent_until, msg.next_seq)
+            current.next_send_seq = msg.next_seq
+            self._wake(current)
+            return
+        if current is not None:
+            await self._release(current)
+        async with self._model_lock:
+            try:
+                handle = await asyncio.to_thread(self._model.new_session, msg.session_id, msg.prompts[0][1], msg.seed)
+            except SlotsExhausted as exc:
+                raise Unavailable(f"worker {self._worker_id} has no free session slot: {exc}") from None
+        session = ResidentSession(
+            session_id=msg.session_id, epoch=msg.epoch, seed=msg.seed, handle=handle,
+            prompts=list(msg.prompts), replay_depth=self._replay_depth, silent_until=msg.next_seq,
+            next_send_seq=msg.next_seq,
+        )
+        self.sessions[msg.session_id] = session
+        self._wake(session)
+
+    def change_prompt(self, msg: ChangePrompt) -> None:
+        self._fenced(msg.session_id, msg.epoch).change_prompt(msg.from_seq, msg.prompt)
+
+    async def credit(self, msg: RequestChunks) -> None:
+        session = self._fenced(msg.session_id, msg.epoch)
+        resend_from = msg.resend_from_seq
+        if resend_from is not None and not session.can_replay_from(resend_from):
+            await self._rewind(session, resend_from)
+            session = self.sessions[msg.session_id]
+        session.credit_up_to = max(session.credit_up_to, msg.up_to_seq)
+        if resend_from is not None:
+            session.next_send_seq = min(session.next_send_seq, resend_from)
+        self._wake(session)
+        await self._flush(session)
+
+    async def detach(self, msg: DetachSession) -> None:
+        session = self._fenced(msg.session_id, msg.epoch)
+        await self._release(session)
+
+    def chunks_produced(self) -> dict[str, int]:
+        return {sid: s.next_seq for sid, s in self.sessions.items()}
+
+    def drain_batch_samples(self) -> tuple[tuple[int, float], ...]:
+        """(batch size, per-chunk latency ms) of the batches since the last call, for the scheduler's model."""
+        samples = tuple(self._batch_samples)
+        self._batch_samples.clear()
+        return samples
+
+    # --- the batch loop ---------------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        stop_wait = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                batch = self._ready_batch()
+                if not batch:
+                    self._work.clear()
+                    work_wait = asyncio.ensure_future(self._work.wait())
+                    await asyncio.wait({work_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                    work_wait.cancel()
+                    continue
+                await self._step(batch)
+        finally:
+            stop_wait.cancel()
+
+    def _ready_batch(self) -> list[ResidentSession]:
+        ready = [s for s in self.sessions.values() if s.wants_generation()]
+        ready.sort(key=lambda s: (s.ready_since_s or 0.0, s.session_id))  # oldest waiting first: no starvation
+        return ready[: self._max_batch]
+
+    async def _step(self, batch: list[ResidentSession]) -> None:
+        started = self._clock()
+        started_wall_ms = time.time() * 1e3
+        async with self._model_lock:
+            outputs, model_ms, encode_ms, encoded = await asyncio.to_thread(self._generate_and_encode, batch)
+        self._batch_samples.append((len(batch), model_ms + encode_ms))
+        for session, output, frames in zip(batch, outputs, encoded, strict=True):
+            queue_ms = (started - (session.ready_since_s or started)) * 1e3
+            timings = {
+                "ready_at_unix_ms": started_wall_ms - queue_ms, "queue_ms": queue_ms, "model_ms": model_ms,
+                "encode_ms": encode_ms, "batch": float(len(batch)),
+            }
+            session.record(EncodedChunk(output.chunk_index, output.first_frame, frames, timings))
+            session.ready_since_s = self._clock() if session.wants_generation() else None
+            await self._flush(session)
+
+    def _generate_and_encode(
+        self, batch: list[ResidentSession]
+    ) -> tuple[list[ChunkOutput], float, float, list[list[bytes]]]:
+        for session in batch:
+            prompt = session.prompt_for(session.next_seq)
+            if prompt != session.active_prompt:
+                self._model.set_prompt(session.handle, prompt)
+                session.active_prompt = prompt
+        t0 = time.perf_counter()
+        outputs = self._model.generate([s.handle for s in batch])
+        t1 = time.perf_counter()
+        to_send = [o.chunk_index >= s.silent_until for o, s in zip(outputs, batch, strict=True)]
+        encoded_sent = iter(self._encoder.encode_chunks([o.frames for o, send in zip(outputs, to_send) if send]))
+        encoded = [next(encoded_sent) if send else [] for send in to_send]
+        t2 = time.perf_counter()
+        return outputs, (t1 - t0) * 1e3, (t2 - t1) * 1e3, encoded
+
+    async def _flush(self, session: ResidentSession) -> None:
+        for chunk in session.sendable():
+            header = ChunkHeader(
+                session_id=session.session_id, epoch=session.epoch, seq=chunk.seq, first_frame=chunk.first_frame,
+                width=self._width, height=self._height, frame_sizes=tuple(len(f) for f in chunk.frames),
+                timings_ms=chunk.timings_ms, worker_id=self._worker_id,
+            )
+            await self._emit(session.session_id, pack_chunk(header, chunk.frames))
+
+    # --- helpers ----------------------------------------------------------------------------------------------
+
+    def _fenced(self, session_id: str, epoch: int) -> ResidentSession:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise UnknownSession(f"session {session_id} is not resident on worker {self._worker_id}")
+        if epoch < session.epoch:
+            raise StaleEpoch(f"epoch {epoch} of {session_id} is older than the resident epoch {session.epoch}")
+        return session
+
+    def _wake(self, session: ResidentSession) -> None:
+        if session.wants_generation() and session.ready_since_s is None:
+            session.ready_since_s = self._clock()
+        self._work.set()
+
+    async def _rewind(self, session: ResidentSession, seq: int) -> None:
+        """A resend older than the replay buffer: rebuild the state and regenerate silently up to ``seq``."""
+        log.warning("event=rewind session=%s from_seq=%d next_seq=%d", session.session_id, seq, session.next_seq)
+        msg = AttachSession(
+            session_id=session.session_id, epoch=session.epoch, seed=session.seed, model=self._model_name,
+            next_seq=seq, prompts=tuple(session.prompts),
+        )
+        await self._release(session)
+        await self.attach(msg)
+
+    async def _release(self, session: ResidentSession) -> None:
+        self.sessions.pop(session.session_id, None)
+        async with self._model_lock:
+            await asyncio.to_thread(self._model.release, session.handle)

@@ -1,0 +1,108 @@
+"""One slot's KV rows from every layer, gathered into (or scattered from) one contiguous transfer buffer.
+
+The per-layer pools are separate tensors, so the kernel reads their base addresses from a small pointer
+table and a single launch covers every (layer, K|V) segment: grid axis 1 is the segment, axis 0 the block
+of elements inside it. The buffer layout is the reference's, [layer][k|v][n_tokens][H][D], and the same
+kernel does both directions so pack and unpack can never disagree about it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from services.gpu_worker.kernels.errors import KernelInputError
+from services.gpu_worker.kernels.launch import running_interpreted
+
+ELEMENTS_PER_PROGRAM = 4096
+
+
+@triton.jit
+def _copy_slot_kernel(
+    pool_table_ptr, buf_ptr, slot_offset, stride_token, segment_elems,
+    ROW_ELEMS: tl.constexpr, BLOCK: tl.constexpr, TO_POOL: tl.constexpr,
+):
+    segment = tl.program_id(1)
+    pool_ptr = tl.load(pool_table_ptr + segment).to(tl.pointer_type(buf_ptr.dtype.element_ty), bitcast=True)
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_segment = offsets < segment_elems
+    pool_ptrs = pool_ptr + slot_offset + (offsets // ROW_ELEMS) * stride_token + offsets % ROW_ELEMS
+    buf_ptrs = buf_ptr + segment.to(tl.int64) * segment_elems + offsets
+    if TO_POOL:
+        tl.store(pool_ptrs, tl.load(buf_ptrs, mask=in_segment), mask=in_segment)
+    else:
+        tl.store(buf_ptrs, tl.load(pool_ptrs, mask=in_segment), mask=in_segment)
+
+
+def pack_kv(k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor], slot: int, n_tokens: int,
+            out: torch.Tensor) -> torch.Tensor:
+    """Same contract as ``reference.pack_kv``: rows [0, n_tokens) of ``slot`` from every layer into ``out``."""
+    _copy_slot(k_pools, v_pools, slot, n_tokens, out, to_pool=False)
+    return out
+
+
+def unpack_kv(buf: torch.Tensor, k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor], slot: int,
+              n_tokens: int) -> None:
+    """Same contract as ``reference.unpack_kv``: a ``pack_kv`` buffer back into rows [0, n_tokens) of ``slot``."""
+    _copy_slot(k_pools, v_pools, slot, n_tokens, buf, to_pool=True)
+
+
+def _copy_slot(k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor], slot: int, n_tokens: int,
+               buf: torch.Tensor, *, to_pool: bool) -> None:
+    if len(k_pools) != len(v_pools):
+        raise KernelInputError(f"{len(k_pools)} K pools but {len(v_pools)} V pools")
+    pools = [pool for pair in zip(k_pools, v_pools, strict=True) for pool in pair]
+    if not pools:
+        return
+    first = pools[0]
+    _check_pools(pools, buf)
+    pool_slots, capacity, heads, head_dim = first.shape
+    if not 0 <= slot < pool_slots:
+        raise KernelInputError(f"slot {slot} is outside [0, {pool_slots})")
+    if not 0 <= n_tokens <= capacity:
+        raise KernelInputError(f"n_tokens {n_tokens} is outside [0, {capacity}]")
+    row_elems = heads * head_dim
+    segment_elems = n_tokens * row_elems
+    if buf.numel() < segment_elems * len(pools):
+        raise KernelInputError(f"buffer holds {buf.numel()} elements, {segment_elems * len(pools)} needed")
+    if segment_elems == 0:
+        return
+    table = _pool_table(first.device, tuple(pool.data_ptr() for pool in pools))
+    block = min(ELEMENTS_PER_PROGRAM, triton.next_power_of_2(segment_elems))
+    grid = (triton.cdiv(segment_elems, block), len(pools))
+    _copy_slot_kernel[grid](
+        table, buf, slot * first.stride(0), first.stride(1), segment_elems,
+        ROW_ELEMS=row_elems, BLOCK=block, TO_POOL=to_pool, num_warps=1 if running_interpreted() else 8,
+    )
+
+
+def _check_pools(pools: Sequence[torch.Tensor], buf: torch.Tensor) -> None:
+    """Every pool must share one layout whose token rows are contiguous, so one stride pair addresses all."""
+    first = pools[0]
+    if first.dim() != 4:
+        raise KernelInputError(f"pools must be [S, C, H, D], got shape {tuple(first.shape)}")
+    heads, head_dim = first.shape[2:]
+    if first.stride(3) != 1 or first.stride(2) != head_dim:
+        raise KernelInputError(f"pool token rows must be contiguous [H, D], got strides {first.stride()}")
+    for index, pool in enumerate(pools):
+        if pool.shape != first.shape or pool.stride() != first.stride():
+            raise KernelInputError(
+                f"pool {index} has shape {tuple(pool.shape)} strides {pool.stride()}, "
+                f"pool 0 has {tuple(first.shape)} {first.stride()}"
+            )
+        if pool.dtype != buf.dtype or pool.device != buf.device:
+            raise KernelInputError(
+                f"pool {index} is {pool.dtype} on {pool.device}, buffer is {buf.dtype} on {buf.device}"
+            )
+    if not buf.is_contiguous() or buf.dim() != 1:
+        raise KernelInputError(f"buffer must be flat and contiguous, got shape {tuple(buf.shape)}")
+
+
+@functools.lru_cache(maxsize=16)
+def _pool_table(device: torch.device, addresses: tuple[int, ...]) -> torch.Tensor:
+    """Base addresses of the pools on ``device``; cached because a worker's pools are allocated once."""
+    return torch.tensor(addresses, dtype=torch.int64).to(device)

@@ -1,0 +1,91 @@
+"""Per-slot cache storage: the rolling self-attention KV (sink rows + ring) and the prompt's cross-attention K/V.
+
+Row layout of a slot, in tokens: rows [0, sink_tokens) hold the first ``sink_chunks`` chunks forever; rows
+[sink_tokens, capacity) are a ring of the last ``window_chunks`` chunks, a chunk always occupying one whole,
+aligned segment of it. A session that has finished n chunks has rows [0, min(n * chunk_tokens, capacity)) valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.gpu_worker import kernels
+from services.gpu_worker.model.config import ModelConfig
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLayout:
+    """Where each chunk's K/V rows live in a slot; pure arithmetic on the config."""
+
+    config: ModelConfig
+
+    def first_row(self, chunk_index: int) -> int:
+        """The first of the ``chunk_tokens`` consecutive rows chunk ``chunk_index`` writes."""
+        c = self.config
+        if chunk_index < c.sink_chunks:
+            return chunk_index * c.chunk_tokens
+        return c.sink_tokens + ((chunk_index - c.sink_chunks) % c.window_chunks) * c.chunk_tokens
+
+    def valid_rows(self, chunks_done: int) -> int:
+        """Rows holding K/V after ``chunks_done`` chunks: what attention reads and what export sends."""
+        return min(chunks_done * self.config.chunk_tokens, self.config.cache_capacity_tokens)
+
+    def rows_written(self, first_chunk: int, last_chunk: int) -> list[int]:
+        """Sorted distinct rows that chunks first..last (inclusive) overwrite."""
+        if first_chunk < 0 or last_chunk < first_chunk:
+            raise ValueError(f"chunk range {first_chunk}..{last_chunk} must satisfy 0 <= first <= last")
+        c = self.config
+        distinct_chunks = min(last_chunk - first_chunk + 1, c.sink_chunks + c.window_chunks)
+        starts = {self.first_row(first_chunk + i) for i in range(distinct_chunks)}
+        return [row for start in sorted(starts) for row in range(start, start + c.chunk_tokens)]
+
+
+class CachePools:
+    """Device tensors for all slots: ``k_pools[layer]``/``v_pools[layer]`` [slots, capacity, heads, head_dim],
+    ``cross_k[layer]``/``cross_v[layer]`` [slots, text_len, heads, head_dim] and ``cross_mask`` [slots, text_len]."""
+
+    def __init__(self, config: ModelConfig, max_sessions: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.config = config
+        self.layout = CacheLayout(config)
+        kv_shape = (max_sessions, config.cache_capacity_tokens, config.heads, config.head_dim)
+        cross_shape = (max_sessions, config.text_len, config.heads, config.head_dim)
+        self.k_pools = [torch.zeros(kv_shape, device=device, dtype=dtype) for _ in range(config.layers)]
+        self.v_pools = [torch.zeros(kv_shape, device=device, dtype=dtype) for _ in range(config.layers)]
+        self.cross_k = [torch.zeros(cross_shape, device=device, dtype=dtype) for _ in range(config.layers)]
+        self.cross_v = [torch.zeros(cross_shape, device=device, dtype=dtype) for _ in range(config.layers)]
+        self.cross_mask = torch.zeros((max_sessions, config.text_len), device=device, dtype=torch.bool)
+
+    def write_index(self, slots: list[int], chunk_indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot, row) index tensors [B * chunk_tokens] addressing where each session's chunk K/V goes."""
+        tokens = self.config.chunk_tokens
+        device = self.k_pools[0].device
+        slot_index = torch.tensor(slots, dtype=torch.long).repeat_interleave(tokens)
+        starts = torch.tensor([self.layout.first_row(c) for c in chunk_indices], dtype=torch.long)
+        row_index = (starts[:, None] + torch.arange(tokens)).reshape(-1)
+        return slot_index.to(device), row_index.to(device)
+
+    def export_kv(self, slot: int, rows: int) -> torch.Tensor:
+        """Rows [0, rows) of every layer's K and V as one contiguous [layers, 2, rows, heads, head_dim] tensor."""
+        c = self.config
+        shape = (c.layers, 2, rows, c.heads, c.head_dim)
+        out = torch.empty(shape, device=self.k_pools[0].device, dtype=self.k_pools[0].dtype)
+        kernels.pack_kv(self.k_pools, self.v_pools, slot, rows, out.view(-1))
+        return out
+
+    def import_kv(self, slot: int, kv: torch.Tensor) -> None:
+        """Copy an ``export_kv`` tensor into ``slot``; rows past it are left as they are (never read)."""
+        rows = kv.shape[2]
+        flat = kv.to(device=self.k_pools[0].device, dtype=self.k_pools[0].dtype).contiguous().view(-1)
+        kernels.unpack_kv(flat, self.k_pools, self.v_pools, slot, rows)
+
+    def export_cross(self, slot: int) -> torch.Tensor:
+        """The slot's prompt K/V as [layers, 2, text_len, heads, head_dim]."""
+        return torch.stack([torch.stack([k[slot], v[slot]]) for k, v in zip(self.cross_k, self.cross_v, strict=True)])
+
+    def import_cross(self, slot: int, cross_kv: torch.Tensor, key_mask: torch.Tensor) -> None:
+        for layer, (k, v) in enumerate(zip(self.cross_k, self.cross_v, strict=True)):
+            k[slot].copy_(cross_kv[layer, 0])
+            v[slot].copy_(cross_kv[layer, 1])
+        self.cross_mask[slot].copy_(key_mask)

@@ -1,0 +1,88 @@
+"""The worker's only I/O: NATS subscriptions for control and credit, chunk publishing, heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from services.common import subjects
+from services.common.errors import ProtocolError, TurboServeError
+from services.common.messages import (
+    AttachSession, ChangePrompt, DetachSession, Reply, RequestChunks, WorkerGone, WorkerHeartbeat,
+)
+from services.common.wire import decode, encode
+from services.gpu_worker.engine import ChunkEngine
+from services.gpu_worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+class WorkerRunner:
+    def __init__(self, settings: WorkerSettings, nc: NatsClient, engine: ChunkEngine) -> None:
+        self._settings = settings
+        self._nc = nc
+        self._engine = engine
+        self._started_at_s = time.time()
+
+    async def _on_control(self, msg: Msg) -> None:
+        try:
+            request = decode(msg.data)
+            if isinstance(request, AttachSession):
+                await self._engine.attach(request)
+            elif isinstance(request, ChangePrompt):
+                self._engine.change_prompt(request)
+            elif isinstance(request, DetachSession):
+                await self._engine.detach(request)
+            else:
+                raise ProtocolError(f"{request.TYPE!r} is not a worker control message")
+            reply = Reply(ok=True)
+        except TurboServeError as exc:
+            log.info("event=control_refused worker=%s code=%s detail=%s", self._settings.worker_id, exc.code, exc)
+            reply = Reply(ok=False, code=exc.code, detail=str(exc))
+        if msg.reply:
+            await msg.respond(encode(reply))
+
+    async def _on_credit(self, msg: Msg) -> None:
+        try:
+            request = decode(msg.data, expect=RequestChunks)
+            assert isinstance(request, RequestChunks)
+            await self._engine.credit(request)
+        except TurboServeError as exc:
+            log.info("event=credit_refused worker=%s code=%s detail=%s", self._settings.worker_id, exc.code, exc)
+
+    def heartbeat(self) -> WorkerHeartbeat:
+        engine = self._engine
+        return WorkerHeartbeat(
+            worker_id=self._settings.worker_id, kind=self._settings.kind, model=self._settings.model,
+            capacity=self._settings.capacity, sessions=engine.chunks_produced(),
+            active_sessions=sum(1 for s in engine.sessions.values() if s.next_seq <= s.credit_up_to),
+            recent_batches=engine.drain_batch_samples(), started_at_s=self._started_at_s,
+        )
+
+    async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self._nc.publish(subjects.SCHED_HEARTBEAT, encode(self.heartbeat()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self._settings.heartbeat_interval_s)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        worker_id = self._settings.worker_id
+        control = await self._nc.subscribe(subjects.worker_control(worker_id), cb=self._on_control)
+        credit = await self._nc.subscribe(subjects.worker_credit(worker_id), cb=self._on_credit)
+        await self._nc.flush()
+        log.info("event=worker_ready worker=%s model=%s", worker_id, self._settings.model)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._engine.run(stop))
+                tasks.create_task(self._heartbeat_loop(stop))
+        finally:
+            await control.unsubscribe()
+            await credit.unsubscribe()
+            if self._nc.is_connected:
+                await self._nc.publish(subjects.SCHED_WORKER_GONE, encode(WorkerGone(worker_id=worker_id)))
+                await self._nc.flush()

@@ -1,0 +1,51 @@
+"""Worker settings, parsed once from the environment."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from services.common.config import env_float, env_int, env_str
+from services.common.subjects import check_token
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    worker_id: str
+    """Unique id; becomes a NATS subject token (TURBOSERVE_WORKER_ID, default host-pid)."""
+    model: str
+    """Model config to serve (TURBOSERVE_MODEL)."""
+    device: str
+    """torch device (TURBOSERVE_DEVICE): cpu, cuda, cuda:1 ..."""
+    kind: str
+    """GPU kind reported to the scheduler, which keeps a latency curve per kind (TURBOSERVE_WORKER_KIND)."""
+    capacity: int
+    """K: sessions per batch the scheduler may place here (TURBOSERVE_WORKER_CAPACITY, 1..64)."""
+    max_batch: int
+    """Most sessions in one forward (TURBOSERVE_MAX_BATCH, default K); 1 gives one-session-at-a-time serving."""
+    max_resident_sessions: int
+    """Sessions whose state the device holds, idle included (TURBOSERVE_MAX_RESIDENT, >= capacity)."""
+    heartbeat_interval_s: float
+    """Seconds between heartbeats (TURBOSERVE_HEARTBEAT_S); the scheduler's timeout must be a few of these."""
+    replay_chunks: int
+    """Encoded chunks kept per session to answer a resend without regenerating (TURBOSERVE_REPLAY_CHUNKS)."""
+    jpeg_quality: int
+    """JPEG quality of the frames sent to clients (TURBOSERVE_JPEG_QUALITY, 30..95)."""
+
+    @classmethod
+    def from_env(cls) -> WorkerSettings:
+        capacity = env_int("TURBOSERVE_WORKER_CAPACITY", 4, low=1, high=64)
+        device = env_str("TURBOSERVE_DEVICE", "cpu")
+        return cls(
+            worker_id=check_token("worker id", env_str("TURBOSERVE_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}")),
+            model=env_str("TURBOSERVE_MODEL", "tiny"),
+            device=device,
+            kind=env_str("TURBOSERVE_WORKER_KIND", device.split(":")[0]),
+            capacity=capacity,
+            max_batch=env_int("TURBOSERVE_MAX_BATCH", capacity, low=1, high=256),
+            max_resident_sessions=env_int("TURBOSERVE_MAX_RESIDENT", 4 * capacity, low=capacity, high=1024),
+            heartbeat_interval_s=env_float("TURBOSERVE_HEARTBEAT_S", 1.0, low=0.05, high=60.0),
+            replay_chunks=env_int("TURBOSERVE_REPLAY_CHUNKS", 4, low=1, high=64),
+            jpeg_quality=env_int("TURBOSERVE_JPEG_QUALITY", 85, low=30, high=95),
+        )

@@ -1,0 +1,98 @@
+"""Autoscale family: how many GPUs the pool should have, from the post-placement load.
+
+Each policy answers ``target_gpus(reading, active, capacity) -> (count, reason)``; the controller turns the
+difference with the current pool into AddGpus, or (after the level's hold time) into drains and removals.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+from services.scheduler.policy.detector import WorkloadReading
+
+
+class AutoscaleError(ValueError):
+    """Bad autoscaler bounds (min above max, a non-positive utilisation)."""
+
+
+class AutoscalePolicy(Protocol):
+    name: str
+    min_gpus: int
+    max_gpus: int
+    hold_s: float | None
+
+    def target_gpus(self, reading: WorkloadReading, capacity: int) -> tuple[int, str]: ...
+
+
+def _check_bounds(min_gpus: int, max_gpus: int) -> None:
+    if min_gpus < 0 or max_gpus < max(min_gpus, 1):
+        raise AutoscaleError(f"need 0 <= min_gpus <= max_gpus and max_gpus >= 1, got {min_gpus}, {max_gpus}")
+
+
+class FixedAllocation:
+    """A constant pool (sized offline for the peak, the mean, or a given cost): never scales."""
+
+    hold_s = None
+
+    def __init__(self, gpus: int) -> None:
+        _check_bounds(gpus, gpus)
+        self.name = f"fixed_{gpus}"
+        self.min_gpus = self.max_gpus = gpus
+
+    def target_gpus(self, reading: WorkloadReading, capacity: int) -> tuple[int, str]:
+        return self.min_gpus, f"fixed allocation of {self.min_gpus} GPUs"
+
+
+class ReactiveUtilisation:
+    """The paper's rule: ceil(N / (K rho)), never below ceil(N / K), clamped; a fixed hold before scale-in.
+
+    ``rho`` None takes the detector level's rho (the paper's per-level parameters).
+    """
+
+    def __init__(self, rho: float | None, min_gpus: int, max_gpus: int, hold_s: float = 5.0) -> None:
+        _check_bounds(min_gpus, max_gpus)
+        if rho is not None and not 0 < rho <= 1:
+            raise AutoscaleError(f"rho must be in (0, 1], got {rho}")
+        self.name = "reactive" if rho is None else f"reactive_rho{rho:g}"
+        self.rho = rho
+        self.min_gpus, self.max_gpus, self.hold_s = min_gpus, max_gpus, hold_s
+
+    def target_gpus(self, reading: WorkloadReading, capacity: int) -> tuple[int, str]:
+        rho = reading.level.rho if self.rho is None else self.rho
+        count = max(math.ceil(reading.active / (capacity * rho)), math.ceil(reading.active / capacity))
+        count = min(max(count, self.min_gpus), self.max_gpus)
+        return count, f"{reading.active} active at rho {rho:g} -> {count} GPUs"
+
+
+class AnticipatoryHeadroom:
+    """Ours: size for the load expected when a GPU asked for now would be ready, not for the load now.
+
+    Over the horizon h (provisioning delay plus one decision interval) sessions arrive or resume at the
+    windowed inflow rate; the pool covers N + h * max(0, inflow - outflow) + z * sqrt(h * inflow + 1) sessions,
+    z from the detector level (volatile load keeps more), never below ceil(N / K). ``hold_s`` None: the level's
+    hold before scale-in applies.
+    """
+
+    def __init__(self, provisioning_delay_s: float, decision_interval_s: float, min_gpus: int, max_gpus: int) -> None:
+        _check_bounds(min_gpus, max_gpus)
+        if provisioning_delay_s < 0 or decision_interval_s <= 0:
+            raise AutoscaleError(
+                f"bad horizon: provisioning_delay_s={provisioning_delay_s}, decision_interval_s={decision_interval_s}"
+            )
+        self.name = "anticipatory"
+        self.horizon_s = provisioning_delay_s + decision_interval_s
+        self.min_gpus, self.max_gpus = min_gpus, max_gpus
+        self.hold_s = None
+
+    def target_gpus(self, reading: WorkloadReading, capacity: int) -> tuple[int, str]:
+        horizon_s = self.horizon_s
+        drift = max(0.0, reading.inflow_per_s - reading.outflow_per_s) * horizon_s
+        spread = reading.level.headroom_z * math.sqrt(horizon_s * reading.inflow_per_s + 1.0)
+        expected = reading.active + drift + spread
+        count = max(math.ceil(expected / capacity), math.ceil(reading.active / capacity))
+        count = min(max(count, self.min_gpus), self.max_gpus)
+        return count, (
+            f"{reading.active} active, +{drift:.1f} drift +{spread:.1f} spread over {horizon_s:.0f} s "
+            f"({reading.level.name}) -> {count} GPUs"
+        )

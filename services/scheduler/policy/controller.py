@@ -1,0 +1,206 @@
+"""The closed-loop controller: one stateful object whose ``decide(snapshot, now_s)`` returns a Plan.
+
+It holds what must outlive a decision (the detector window, the scale-in hold timer, the fitted cost models, a
+placement cursor) and nothing else; for the same sequence of inputs it returns the same plans. Order inside a
+decision: offload idle residents, move sessions off draining GPUs, place waiting sessions, rebalance (at most
+every ``rebalance_interval_s``), then size the pool from the post-placement load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.scheduler.policy.actions import (
+    Action,
+    AddGpus,
+    DrainGpu,
+    Migrate,
+    Offload,
+    Place,
+    Plan,
+    RemoveGpu,
+    Restore,
+)
+from services.scheduler.policy.autoscale import AutoscalePolicy
+from services.scheduler.policy.cost_models import LatencyModel, TransferCostModel
+from services.scheduler.policy.detector import WorkloadDetector, WorkloadReading
+from services.scheduler.policy.placement import PlacementPolicy
+from services.scheduler.policy.rebalance import RebalancePolicy
+from services.scheduler.policy.snapshot import ClusterSnapshot
+from services.scheduler.policy.workspace import Workspace
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerConfig:
+    """``scale_kind``: the GPU kind AddGpus asks for; ``consolidate``: scale-in may migrate sessions off the
+    GPUs it releases (False: only empty GPUs are released, the no-migration ablation)."""
+
+    scale_kind: str
+    target_ms: float = 400.0
+    rebalance_interval_s: float = 10.0
+    consolidate: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Models:
+    """The fitted models a controller predicts with; the live system feeds them through ``observe_*``."""
+
+    latency: LatencyModel
+    migration: TransferCostModel
+    restore: TransferCostModel
+
+
+class ClosedLoopController:
+    """Placement, rebalancing and autoscaling policies composed into one decision."""
+
+    def __init__(
+        self,
+        name: str,
+        placement: PlacementPolicy,
+        rebalance: RebalancePolicy,
+        autoscale: AutoscalePolicy,
+        models: Models,
+        config: ControllerConfig,
+        detector: WorkloadDetector | None = None,
+    ) -> None:
+        self.name = name
+        self.placement = placement
+        self.rebalance_policy = rebalance
+        self.autoscale = autoscale
+        self.models = models
+        self.config = config
+        self.detector = detector or WorkloadDetector()
+        self._last_rebalance_s: float | None = None
+        self._below_since_s: float | None = None
+        self._hold_target = 0
+        self.capacity = models.latency.curve(config.scale_kind).capacity
+
+    @property
+    def initial_gpus(self) -> int:
+        return self.autoscale.min_gpus
+
+    def observe_chunk(self, kind: str, sessions: int, chunk_latency_ms: float) -> None:
+        self.models.latency.observe(kind, sessions, chunk_latency_ms)
+
+    def observe_migration(self, state_bytes: int, elapsed_ms: float) -> None:
+        self.models.migration.observe(state_bytes, elapsed_ms)
+
+    def observe_restore(self, state_bytes: int, elapsed_ms: float) -> None:
+        self.models.restore.observe(state_bytes, elapsed_ms)
+
+    def decide(self, snapshot: ClusterSnapshot, now_s: float) -> Plan:
+        reading = self.detector.update(
+            now_s,
+            snapshot.active_count,
+            snapshot.arrivals_total + snapshot.activations_total,
+            snapshot.deactivations_total,
+        )
+        workspace = Workspace(snapshot, self.models.latency, now_s)
+        actions: list[Action] = []
+        for session_id in snapshot.idle_resident:
+            gpu_id = snapshot.sessions[session_id].gpu_id
+            assert gpu_id is not None
+            workspace.discard(gpu_id, session_id)
+            actions.append(Offload(session_id, gpu_id, "idle: free its slot, keep its state in host memory"))
+        for gpu_id in snapshot.draining:
+            actions.extend(self._progress_drain(workspace, gpu_id))
+        actions.extend(self._place_waiting(workspace))
+        if self._last_rebalance_s is None or now_s - self._last_rebalance_s >= self.config.rebalance_interval_s:
+            self._last_rebalance_s = now_s
+            actions.extend(
+                self.rebalance_policy.rebalance(workspace, self.models.migration, reading.level.latency_weight)
+            )
+        target, scale_actions = self._scale(workspace, reading, now_s)
+        actions.extend(scale_actions)
+        return Plan(tuple(actions), reading.level.name, workspace.bottleneck_ms(), target)
+
+    def _place_waiting(self, workspace: Workspace) -> list[Action]:
+        actions: list[Action] = []
+        sessions = workspace.snapshot.sessions
+        for session_id in workspace.snapshot.waiting:
+            session = sessions[session_id]
+            restore_ms = self.models.restore.cost_ms(session.state_bytes) if session.offloaded else 0.0
+            choice = self.placement.choose(workspace, session, restore_ms)
+            if choice is None:
+                break
+            gpu_id, reason = choice
+            workspace.add(gpu_id, session_id)
+            if session.offloaded:
+                actions.append(Restore(session_id, gpu_id, f"resumed; {reason}"))
+            else:
+                actions.append(Place(session_id, gpu_id, f"new; {reason}"))
+        return actions
+
+    def _evacuate(self, workspace: Workspace, gpu_id: str, why: str) -> list[Migrate] | None:
+        """Move every session off ``gpu_id`` (already excluded from placement); None, undone, if any cannot go."""
+        sessions = workspace.snapshot.sessions
+        moves: list[Migrate] = []
+        for session_id in list(workspace.members(gpu_id)):
+            choice = self.placement.choose(workspace, sessions[session_id], 0.0)
+            if choice is None:
+                for move in moves:
+                    workspace.discard(move.target_gpu_id, move.session_id)
+                    workspace.add(gpu_id, move.session_id)
+                return None
+            workspace.discard(gpu_id, session_id)
+            workspace.add(choice[0], session_id)
+            moves.append(Migrate(session_id, gpu_id, choice[0], 0.0, f"{why}; {choice[1]}"))
+        return moves
+
+    def _progress_drain(self, workspace: Workspace, gpu_id: str) -> list[Action]:
+        if workspace.count(gpu_id) == 0:
+            workspace.mark_removed(gpu_id)
+            return [RemoveGpu(gpu_id, "drained: no session left")]
+        if not self.config.consolidate:
+            return []
+        return list(self._evacuate(workspace, gpu_id, "draining GPU") or [])
+
+    def _scale(self, workspace: Workspace, reading: WorkloadReading, now_s: float) -> tuple[int, list[Action]]:
+        snapshot = workspace.snapshot
+        pool = len(snapshot.gpus) - len(snapshot.draining) - len(workspace.removed - set(snapshot.draining))
+        target, reason = self.autoscale.target_gpus(reading, self.capacity)
+        if target >= pool:
+            self._below_since_s = None
+            if target == pool:
+                return target, []
+            return target, [AddGpus(self.config.scale_kind, target - pool, f"scale out: {reason}")]
+        if self._below_since_s is None:
+            self._below_since_s, self._hold_target = now_s, target
+            return target, []
+        self._hold_target = max(self._hold_target, target)
+        hold_s = self.autoscale.hold_s if self.autoscale.hold_s is not None else reading.level.scale_in_hold_s
+        if now_s - self._below_since_s < hold_s or self._hold_target >= pool:
+            return target, []
+        self._below_since_s = None
+        return target, self._scale_in(workspace, pool - self._hold_target, reason, now_s)
+
+    def _scale_in(self, workspace: Workspace, excess: int, reason: str, now_s: float) -> list[Action]:
+        """Release ``excess`` GPUs, cheapest first: still provisioning, then empty, then fewest bytes to move."""
+        snapshot = workspace.snapshot
+
+        def move_cost(gpu_id: str) -> tuple[int, int, int]:
+            members = workspace.members(gpu_id)
+            moved_bytes = sum(snapshot.sessions[s].state_bytes for s in members if s in snapshot.sessions)
+            return (int(snapshot.gpus[gpu_id].ready_at_s <= now_s), moved_bytes, len(members))
+
+        candidates = [g for g in snapshot.gpus if g not in snapshot.draining and g not in workspace.removed]
+        actions: list[Action] = []
+        for gpu_id in sorted(candidates, key=move_cost):
+            if excess == 0:
+                break
+            if workspace.count(gpu_id) == 0:
+                workspace.mark_removed(gpu_id)
+                actions.append(RemoveGpu(gpu_id, f"scale in (empty GPU): {reason}"))
+                excess -= 1
+                continue
+            if not self.config.consolidate:
+                continue
+            workspace.draining.add(gpu_id)
+            moves = self._evacuate(workspace, gpu_id, "scale in: consolidate")
+            if moves is None:
+                workspace.draining.discard(gpu_id)
+                continue
+            actions.append(DrainGpu(gpu_id, f"scale in: {reason}"))
+            actions.extend(moves)
+            excess -= 1
+        return actions

@@ -1,0 +1,133 @@
+"""Measured cost models: per-chunk latency l(n) per GPU kind, and migration / restore time per byte.
+
+Each is a small least-squares fit pulled toward a prior (the reference defaults), so a handful of noisy samples
+nudges it and thousands of samples dominate it. Fits keep only running sums: ``observe`` is O(1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+REFERENCE_BASE_MS = 180.0
+REFERENCE_PER_SESSION_MS = 55.0
+REFERENCE_QUADRATIC_MS = 18.0
+REFERENCE_CAPACITY = 4
+
+
+class CostModelError(ValueError):
+    """A sample or parameter that no model can use (negative latency, zero sessions, unknown kind)."""
+
+
+class _RidgeFit:
+    """Least squares on features with a Gaussian prior ``prior_weight`` samples strong around ``prior``."""
+
+    def __init__(self, prior: tuple[float, ...], prior_weight: float) -> None:
+        size = len(prior)
+        self._prior = np.asarray(prior, dtype=float)
+        self._gram = np.eye(size) * prior_weight
+        self._moment = self._prior * prior_weight
+        self.coefficients: tuple[float, ...] = tuple(prior)
+        self.samples = 0
+
+    def observe(self, features: tuple[float, ...], value: float) -> None:
+        row = np.asarray(features, dtype=float)
+        self._gram += np.outer(row, row)
+        self._moment += row * value
+        self.samples += 1
+        self.coefficients = tuple(float(c) for c in np.linalg.solve(self._gram, self._moment))
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyCurve:
+    """l(n) = base + per_session * (n - 1) + quadratic * (n / capacity)^2, in ms per chunk."""
+
+    base_ms: float = REFERENCE_BASE_MS
+    per_session_ms: float = REFERENCE_PER_SESSION_MS
+    quadratic_ms: float = REFERENCE_QUADRATIC_MS
+    capacity: int = REFERENCE_CAPACITY
+    table_ms: tuple[float, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.capacity < 1:
+            raise CostModelError(f"capacity must be at least 1, got {self.capacity}")
+        table = tuple(self._formula(n) for n in range(self.capacity + 2))
+        object.__setattr__(self, "table_ms", table)
+
+    def _formula(self, sessions: int) -> float:
+        if sessions <= 0:
+            return 0.0
+        return (
+            self.base_ms
+            + self.per_session_ms * (sessions - 1)
+            + self.quadratic_ms * (sessions / self.capacity) ** 2
+        )
+
+    def chunk_latency_ms(self, sessions: int) -> float:
+        """Predicted per-chunk latency with ``sessions`` batched together (0 for an empty GPU)."""
+        if sessions < len(self.table_ms):
+            return self.table_ms[sessions]
+        return self._formula(sessions)
+
+
+class LatencyModel:
+    """One fitted ``LatencyCurve`` per GPU kind (kind names may include the model size, e.g. ``h100/1.3b``)."""
+
+    def __init__(self, curves: dict[str, LatencyCurve], prior_weight: float = 20.0) -> None:
+        if not curves:
+            raise CostModelError("a latency model needs at least one GPU kind")
+        self._curves = dict(curves)
+        self._fits = {
+            kind: _RidgeFit((c.base_ms, c.per_session_ms, c.quadratic_ms), prior_weight)
+            for kind, c in curves.items()
+        }
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(self._curves)
+
+    def curve(self, kind: str) -> LatencyCurve:
+        curve = self._curves.get(kind)
+        if curve is None:
+            raise CostModelError(f"unknown GPU kind {kind!r}; known: {sorted(self._curves)}")
+        return curve
+
+    def observe(self, kind: str, sessions: int, chunk_latency_ms: float) -> None:
+        """Feed one measured batched chunk: ``sessions`` shared the batch and it took ``chunk_latency_ms``."""
+        curve = self.curve(kind)
+        if sessions < 1 or chunk_latency_ms < 0:
+            raise CostModelError(f"bad latency sample: sessions={sessions}, chunk_latency_ms={chunk_latency_ms}")
+        fit = self._fits[kind]
+        fit.observe((1.0, sessions - 1.0, (sessions / curve.capacity) ** 2), chunk_latency_ms)
+        base, per_session, quadratic = fit.coefficients
+        self._curves[kind] = LatencyCurve(base, per_session, quadratic, curve.capacity)
+
+
+class TransferCostModel:
+    """Time to move a session's state: ``alpha_ms + bytes / bytes_per_ms`` fitted from measured transfers.
+
+    Used twice: GPU-to-GPU migration (the rebalancer's kappa) and host-to-GPU restore (the resume penalty).
+    """
+
+    def __init__(self, alpha_ms: float, gigabytes_per_s: float, prior_weight: float = 5.0) -> None:
+        if alpha_ms < 0 or gigabytes_per_s <= 0:
+            raise CostModelError(f"bad transfer prior: alpha_ms={alpha_ms}, gigabytes_per_s={gigabytes_per_s}")
+        self._fit = _RidgeFit((alpha_ms, 1.0 / gigabytes_per_s), prior_weight)
+
+    @property
+    def alpha_ms(self) -> float:
+        return self._fit.coefficients[0]
+
+    @property
+    def ms_per_megabyte(self) -> float:
+        return self._fit.coefficients[1]
+
+    def cost_ms(self, state_bytes: int) -> float:
+        return self.alpha_ms + self.ms_per_megabyte * state_bytes / 1e6
+
+    def observe(self, state_bytes: int, elapsed_ms: float) -> None:
+        """Feed one measured transfer of ``state_bytes`` that took ``elapsed_ms`` end to end."""
+        if state_bytes < 0 or elapsed_ms < 0:
+            raise CostModelError(f"bad transfer sample: state_bytes={state_bytes}, elapsed_ms={elapsed_ms}")
+        self._fit.observe((1.0, state_bytes / 1e6), elapsed_ms)

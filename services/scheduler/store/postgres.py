@@ -1,0 +1,247 @@
+"""The PostgreSQL SchedulerStore: every decision the scheduler makes is one conditional statement here.
+
+Moves are ``UPDATE ... SET epoch = epoch + 1 WHERE id = :id AND epoch = :expected RETURNING ...``: of two
+schedulers racing to move one session, exactly one gets a row back; the other gets StaleEpoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import ColumnElement, and_, bindparam, func, literal_column, or_, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from services.common.config import normalize_database_url
+from services.common.errors import StaleEpoch, UnknownSession
+from services.common.messages import SessionStatus
+from services.scheduler.store.models import SessionRow, WorkerRow
+from services.scheduler.store.protocol import (
+    MAX_LATENCY_SAMPLES,
+    SessionExists,
+    SessionRecord,
+    StoreUnavailable,
+    WorkerRecord,
+    WorkerReport,
+    WorkerStatus,
+)
+
+_SESSION_COLUMNS = tuple(SessionRow.__table__.columns)
+_WORKER_COLUMNS = tuple(WorkerRow.__table__.columns)
+
+
+def _session(row: Any) -> SessionRecord:
+    return SessionRecord(
+        session_id=row.id,
+        owner=row.owner,
+        prompt=row.prompt,
+        seed=row.seed,
+        model=row.model,
+        status=row.status,
+        worker_id=row.worker_id,
+        epoch=row.epoch,
+        chunks_produced=row.chunks_produced,
+        next_seq=row.next_seq,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _worker(row: Any) -> WorkerRecord:
+    status: WorkerStatus = row.status
+    return WorkerRecord(
+        worker_id=row.id,
+        kind=row.kind,
+        model=row.model,
+        capacity=row.capacity,
+        status=status,
+        draining=row.draining,
+        active_sessions=row.active_sessions,
+        latency_samples=tuple((int(n), float(ms)) for n, ms in row.latency_samples),
+        started_at=row.started_at,
+        last_seen=row.last_seen,
+    )
+
+
+class PostgresStore:
+    """Sessions and workers in PostgreSQL through SQLAlchemy 2 async and psycopg 3; the schema comes from
+    ``services.scheduler.migrations.migrate``, never from ``create_all``."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    @classmethod
+    def connect(cls, database_url: str, *, pool_size: int = 5) -> PostgresStore:
+        engine = create_async_engine(normalize_database_url(database_url), pool_size=pool_size, pool_pre_ping=True)
+        return cls(engine)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
+        """One transaction; a lost or refused connection becomes StoreUnavailable, which callers may retry."""
+        try:
+            async with self._engine.begin() as conn:
+                yield conn
+        except (OperationalError, InterfaceError, PoolTimeout, OSError) as exc:
+            raise StoreUnavailable(f"database unavailable: {exc}") from exc
+
+    async def insert_session(self, session: SessionRecord) -> None:
+        values = {
+            "id": session.session_id,
+            "owner": session.owner,
+            "prompt": session.prompt,
+            "seed": session.seed,
+            "model": session.model,
+            "status": session.status,
+            "worker_id": session.worker_id,
+            "epoch": session.epoch,
+            "chunks_produced": session.chunks_produced,
+            "next_seq": session.next_seq,
+            "created_at": session.created_at,
+            "updated_at": session.updated_at,
+        }
+        statement = insert(SessionRow).values(values).on_conflict_do_nothing(index_elements=["id"])
+        async with self._transaction() as conn:
+            result = await conn.execute(statement)
+        if result.rowcount == 0:
+            raise SessionExists(f"session {session.session_id} already exists")
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        async with self._transaction() as conn:
+            row = (await conn.execute(select(*_SESSION_COLUMNS).where(SessionRow.id == session_id))).first()
+        return None if row is None else _session(row)
+
+    async def _fenced_update(self, session_id: str, expected_epoch: int, values: Mapping[str, Any]) -> SessionRecord:
+        statement = (
+            update(SessionRow)
+            .where(SessionRow.id == session_id, SessionRow.epoch == expected_epoch)
+            .values(dict(values))
+            .returning(*_SESSION_COLUMNS)
+        )
+        async with self._transaction() as conn:
+            row = (await conn.execute(statement)).first()
+            if row is not None:
+                return _session(row)
+            current = (await conn.execute(select(SessionRow.epoch).where(SessionRow.id == session_id))).scalar()
+        if current is None:
+            raise UnknownSession(f"session {session_id} does not exist")
+        raise StaleEpoch(f"session {session_id} is at epoch {current}, not the expected {expected_epoch}")
+
+    async def set_status(
+        self, session_id: str, *, expected_epoch: int, status: SessionStatus, next_seq: int | None, at: datetime
+    ) -> SessionRecord:
+        values: dict[str, Any] = {"status": status, "updated_at": at}
+        if next_seq is not None:
+            values["next_seq"] = next_seq
+        return await self._fenced_update(session_id, expected_epoch, values)
+
+    async def move_session(
+        self, session_id: str, *, expected_epoch: int, worker_id: str, status: SessionStatus, at: datetime
+    ) -> SessionRecord:
+        values = {"worker_id": worker_id, "epoch": SessionRow.epoch + 1, "status": status, "updated_at": at}
+        return await self._fenced_update(session_id, expected_epoch, values)
+
+    async def clear_placement(
+        self, session_id: str, *, expected_epoch: int, status: SessionStatus, at: datetime
+    ) -> SessionRecord:
+        return await self._fenced_update(
+            session_id, expected_epoch, {"worker_id": None, "status": status, "updated_at": at}
+        )
+
+    async def orphaned_sessions(self) -> list[SessionRecord]:
+        placed_on_dead: ColumnElement[bool] = and_(
+            SessionRow.worker_id.is_not(None), or_(WorkerRow.id.is_(None), WorkerRow.status != "live")
+        )
+        unplaced_active = and_(SessionRow.worker_id.is_(None), SessionRow.status == "active")
+        statement = (
+            select(*_SESSION_COLUMNS)
+            .outerjoin(WorkerRow, WorkerRow.id == SessionRow.worker_id)
+            .where(SessionRow.status != "closed", or_(unplaced_active, placed_on_dead))
+            .order_by(SessionRow.created_at, SessionRow.id)
+        )
+        async with self._transaction() as conn:
+            rows = (await conn.execute(statement)).all()
+        return [_session(row) for row in rows]
+
+    async def active_load(self) -> dict[str, int]:
+        statement = (
+            select(SessionRow.worker_id, func.count())
+            .where(SessionRow.status == "active", SessionRow.worker_id.is_not(None))
+            .group_by(SessionRow.worker_id)
+        )
+        async with self._transaction() as conn:
+            rows = (await conn.execute(statement)).all()
+        return {worker_id: int(count) for worker_id, count in rows}
+
+    async def record_chunks(self, worker_id: str, chunks: Mapping[str, int], at: datetime) -> int:
+        if not chunks:
+            return 0
+        table = SessionRow.__table__
+        statement = (
+            update(table)
+            .where(
+                table.c.id == bindparam("b_id"),
+                table.c.worker_id == worker_id,
+                table.c.chunks_produced < bindparam("b_produced"),
+            )
+            .values(chunks_produced=bindparam("b_produced"), updated_at=at)
+        )
+        rows = [{"b_id": session_id, "b_produced": produced} for session_id, produced in chunks.items()]
+        async with self._transaction() as conn:
+            result = await conn.execute(statement, rows)
+        return max(result.rowcount, 0)
+
+    async def upsert_worker(self, report: WorkerReport, at: datetime) -> WorkerRecord:
+        samples = [[n, ms] for n, ms in report.latency_samples][-MAX_LATENCY_SAMPLES:]
+        statement = insert(WorkerRow).values(
+            id=report.worker_id,
+            kind=report.kind,
+            model=report.model,
+            capacity=report.capacity,
+            status="live",
+            draining=report.draining,
+            active_sessions=report.active_sessions,
+            latency_samples=samples,
+            started_at=report.started_at,
+            last_seen=at,
+        )
+        newest_window = f"'$[last-{MAX_LATENCY_SAMPLES - 1} to last]'"
+        history = func.jsonb_path_query_array(
+            WorkerRow.latency_samples.op("||")(statement.excluded.latency_samples), literal_column(newest_window)
+        )
+        statement = statement.on_conflict_do_update(
+            index_elements=["id"],
+            set_={
+                "kind": statement.excluded.kind,
+                "model": statement.excluded.model,
+                "capacity": statement.excluded.capacity,
+                "status": "live",
+                "draining": statement.excluded.draining,
+                "active_sessions": statement.excluded.active_sessions,
+                "latency_samples": history,
+                "started_at": statement.excluded.started_at,
+                "last_seen": statement.excluded.last_seen,
+            },
+        ).returning(*_WORKER_COLUMNS)
+        async with self._transaction() as conn:
+            row = (await conn.execute(statement)).one()
+        return _worker(row)
+
+    async def retire_worker(self, worker_id: str, status: Literal["lost", "gone"]) -> bool:
+        allowed_from = ("live",) if status == "lost" else ("live", "lost")
+        statement = update(WorkerRow).where(WorkerRow.id == worker_id, WorkerRow.status.in_(allowed_from))
+        async with self._transaction() as conn:
+            result = await conn.execute(statement.values(status=status))
+        return result.rowcount == 1
+
+    async def list_workers(self) -> list[WorkerRecord]:
+        async with self._transaction() as conn:
+            rows = (await conn.execute(select(*_WORKER_COLUMNS).order_by(WorkerRow.id))).all()
+        return [_worker(row) for row in rows]
+
+    async def close(self) -> None:
+        await self._engine.dispose()

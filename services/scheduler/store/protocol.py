@@ -1,0 +1,149 @@
+"""What the scheduler keeps durably, behind one interface with an in-memory and a PostgreSQL implementation.
+
+Invariants every implementation keeps (tests/unit/test_scheduler_store_contract.py checks both):
+- a session's ``epoch`` grows by exactly one each time it is moved to a worker, and only through
+  ``move_session`` with the epoch the caller read, so two schedulers can never both move one session;
+- every write that depends on what the caller read is conditional on that epoch and raises StaleEpoch
+  when the row moved on, instead of overwriting a newer decision;
+- a worker's chunk counts only ever grow, and only the session's current worker can advance them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal, Protocol
+
+from services.common.errors import InvalidState, StaleEpoch, Unavailable, UnknownSession
+from services.common.messages import SessionStatus
+
+WorkerStatus = Literal["live", "lost", "gone"]
+MAX_LATENCY_SAMPLES = 64
+"""Recent (batch size, chunk latency ms) samples kept per worker for the latency model."""
+
+__all__ = [
+    "MAX_LATENCY_SAMPLES",
+    "SchedulerStore",
+    "SessionExists",
+    "SessionRecord",
+    "StaleEpoch",
+    "StoreUnavailable",
+    "UnknownSession",
+    "WorkerRecord",
+    "WorkerReport",
+    "WorkerStatus",
+]
+
+
+class SessionExists(InvalidState):
+    """A session with this id was already opened."""
+
+
+class StoreUnavailable(Unavailable):
+    """The database cannot be reached right now; the request may be retried."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """A session row. ``worker_id`` None means unplaced; ``epoch`` counts placements (1 after the first)."""
+
+    session_id: str
+    owner: str
+    prompt: str
+    seed: int
+    model: str
+    status: SessionStatus
+    worker_id: str | None
+    epoch: int
+    chunks_produced: int
+    next_seq: int
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReport:
+    """What one heartbeat says about a worker; ``latency_samples`` are appended to the stored history."""
+
+    worker_id: str
+    kind: str
+    model: str
+    capacity: int
+    active_sessions: int
+    draining: bool
+    started_at: datetime
+    latency_samples: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRecord:
+    """A worker row; ``last_seen`` is wall time (liveness itself is judged on a monotonic clock in memory)."""
+
+    worker_id: str
+    kind: str
+    model: str
+    capacity: int
+    status: WorkerStatus
+    draining: bool
+    active_sessions: int
+    latency_samples: tuple[tuple[int, float], ...]
+    started_at: datetime
+    last_seen: datetime
+
+
+class SchedulerStore(Protocol):
+    """Durable sessions and workers. Every method is one atomic step; errors are TurboServeError subclasses
+    (StoreUnavailable when the database is down)."""
+
+    async def insert_session(self, session: SessionRecord) -> None:
+        """Persist a new session; raises SessionExists if the id is taken."""
+        ...
+
+    async def get_session(self, session_id: str) -> SessionRecord | None: ...
+
+    async def set_status(
+        self, session_id: str, *, expected_epoch: int, status: SessionStatus, next_seq: int | None, at: datetime
+    ) -> SessionRecord:
+        """Change status (and the resume point when given) keeping the placement; conditional on the epoch."""
+        ...
+
+    async def move_session(
+        self, session_id: str, *, expected_epoch: int, worker_id: str, status: SessionStatus, at: datetime
+    ) -> SessionRecord:
+        """Place the session on ``worker_id`` with epoch + 1, only if its epoch is still ``expected_epoch``."""
+        ...
+
+    async def clear_placement(
+        self, session_id: str, *, expected_epoch: int, status: SessionStatus, at: datetime
+    ) -> SessionRecord:
+        """Unplace the session (closed, or its worker is gone), keeping the epoch so the next move bumps it."""
+        ...
+
+    async def orphaned_sessions(self) -> list[SessionRecord]:
+        """Sessions that need a placement decision: not closed and placed on a worker that is not live, or
+        active and unplaced. Oldest first, so waiting sessions are served in arrival order."""
+        ...
+
+    async def active_load(self) -> dict[str, int]:
+        """Active sessions placed on each worker (workers with none are absent)."""
+        ...
+
+    async def record_chunks(self, worker_id: str, chunks: Mapping[str, int], at: datetime) -> int:
+        """Raise chunk counts reported by the sessions' current worker; returns how many sessions advanced."""
+        ...
+
+    async def upsert_worker(self, report: WorkerReport, at: datetime) -> WorkerRecord:
+        """Record a heartbeat: the worker is live, seen ``at``; its newest samples are kept, oldest dropped."""
+        ...
+
+    async def retire_worker(self, worker_id: str, status: Literal["lost", "gone"]) -> bool:
+        """Mark a live worker lost, or any worker gone; returns whether its status changed."""
+        ...
+
+    async def list_workers(self) -> list[WorkerRecord]: ...
+
+    async def close(self) -> None:
+        """Release connections; calling it twice is harmless."""
+        ...
+
