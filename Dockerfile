@@ -10,7 +10,8 @@
 FROM python:3.11-slim
 
 ARG TORCH_VERSION=2.13.0
-# cpu, or a CUDA build of the PyTorch index: cu126, cu128, cu130 ... (must match the host driver).
+# cpu, or a CUDA build on the PyTorch index (cu128, cu130, ...; the host driver must support it). Or pass
+# TORCH_INDEX_URL=https://pypi.org/simple directly: PyPI's Linux x86_64 torch wheel is itself a CUDA build.
 ARG TORCH_VARIANT=cpu
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
 # pyproject extras: k8s (the scheduler's Kubernetes provisioner) always; add gpu (triton) for GPU images.

@@ -44,6 +44,8 @@ class ChunkFence(Generic[T]):
         self.next_seq = next_seq
         self.credit_chunks = credit_chunks
         self.granted_up_to = next_seq - 1
+        self.highest_requested = next_seq - 1
+        """The furthest seq the current owner was ever asked for; revoking credit does not lower it."""
         self._held: dict[int, T] = {}
 
     @property
@@ -76,6 +78,7 @@ class ChunkFence(Generic[T]):
         if up_to <= self.granted_up_to:
             return None
         self.granted_up_to = up_to
+        self.highest_requested = max(self.highest_requested, up_to)
         return up_to
 
     def rebase(self, epoch: int) -> None:
@@ -83,6 +86,7 @@ class ChunkFence(Generic[T]):
         self.epoch = epoch
         self._held.clear()
         self.granted_up_to = self.next_seq - 1
+        self.highest_requested = self.next_seq - 1
 
     def revoke_credit(self) -> None:
         """Forget credit for chunks we refused (queue overflow), so the next grant asks for them again."""

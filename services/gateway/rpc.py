@@ -6,7 +6,6 @@ refusal becomes ``PeerRefused`` carrying the peer's own error code, which the cl
 
 from __future__ import annotations
 
-import asyncio
 from typing import TypeVar
 
 from nats.aio.client import Client as NatsClient
@@ -32,7 +31,7 @@ async def request(nats: NatsClient, subject: str, msg: Message, expect: type[M],
     """Send ``msg`` and return the answer as ``expect``; a Reply(ok=False) raises PeerRefused."""
     try:
         answer = await nats.request(subject, encode(msg), timeout=timeout_s)
-    except (NatsTimeoutError, asyncio.TimeoutError):
+    except (TimeoutError, NatsTimeoutError):
         raise Unavailable(f"{subject} did not answer {msg.TYPE} within {timeout_s} s") from None
     except NoRespondersError:
         raise Unavailable(f"nobody serves {subject}") from None

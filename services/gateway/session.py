@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import collections.abc
+from collections.abc import Callable
 import logging
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
@@ -23,7 +24,12 @@ from nats.errors import Error as NatsError
 
 from services.common import subjects
 from services.common.chunk_frame import read_header
-from services.common.errors import InvalidState, ProtocolError, TurboServeError, Unavailable
+from services.common.errors import (
+    InvalidState,
+    ProtocolError,
+    TurboServeError,
+    Unavailable,
+)
 from services.common.messages import (
     AttachSession,
     ChangePrompt,
@@ -121,11 +127,11 @@ class GatewaySession:
             await self._open_credit()
 
     async def change_prompt(self, prompt: str) -> int:
-        """Use ``prompt`` from the first chunk not yet requested; returns that seq."""
+        """Use ``prompt`` from the first chunk the worker was never asked for; returns that seq."""
         async with self._lock:
             self._require("active", "idle")
             self._credit_open = False
-            from_seq = self.fence.granted_up_to + 1
+            from_seq = self.fence.highest_requested + 1
             try:
                 changed = ChangePrompt(self.session_id, self.epoch, from_seq, prompt)
                 await self._request(subjects.worker_control(self.worker_id), changed, Reply)
@@ -143,21 +149,26 @@ class GatewaySession:
             self._require("active")
             await self._go_idle()
 
-    async def suspend(self) -> None:
-        """The driving connection dropped: stop producing, keep the state for a resume."""
-        self.listener = None
+    def forget_listener(self, listener: SessionListener) -> None:
+        """The driving connection is gone; a connection that already took the session over stays its listener."""
+        if self.listener is listener:
+            self.listener = None
+
+    async def suspend(self, still_unclaimed: Callable[[], bool]) -> None:
+        """The driving connection dropped: stop producing and keep the state for a resume, unless another
+        connection took the session over while we waited for the lock."""
         async with self._lock:
-            if self.status == "active":
+            if self.status == "active" and still_unclaimed():
                 await self._go_idle()
 
     async def resume(self) -> None:
-        """Ask the scheduler for a placement (the session may have moved while idle) and restart the credit."""
+        """Tell the scheduler, re-attach if it answers with a newer placement (moved while idle), restart credit."""
         async with self._lock:
             self._require("idle")
             update = UpdateSession(self.session_id, "active", self.fence.next_seq)
-            placement = await self._request(subjects.SCHED_UPDATE, update, Placement)
-            if placement.epoch > self._attached_epoch:
-                await self._attach(placement)
+            answer = await self._request(subjects.SCHED_UPDATE, update, Message)
+            if isinstance(answer, Placement) and answer.epoch > self._attached_epoch:
+                await self._attach(answer)
             self.status = "active"
             await self._open_credit()
 
@@ -243,15 +254,15 @@ class GatewaySession:
             log.warning("session=%s could not report idle to the scheduler: %s", self.session_id, exc)
 
     async def _shutdown(self) -> None:
+        """Tear down in an order that a cancellation can interrupt and a second call can finish."""
         if self.status == "closed":
             return
-        self.status = "closed"
         self._credit_open = False
         self.listener = None
         self.outgoing.clear()
-        for subscription in self._subscriptions:
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for subscription in subscriptions:
             await _quietly(subscription.unsubscribe())
-        self._subscriptions = []
         if self._attached_epoch:
             await _quietly(self._detach(self.worker_id, self._attached_epoch))
         if self._persisted:
@@ -260,6 +271,7 @@ class GatewaySession:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        self.status = "closed"
 
     async def _detach(self, worker_id: str, epoch: int) -> None:
         try:

@@ -9,6 +9,9 @@ from services.common.config import ConfigError, env_float, env_int, env_str
 from services.common.messages import MAX_PROMPT_CHARS
 from services.gateway.auth import TokenTable, parse_tokens
 
+FRAME_SIZE_BY_MODEL: dict[str, tuple[int, int]] = {"tiny": (64, 64), "wan-1.3b": (832, 480)}
+"""Rendered (width, height) of the registered model configs, kept here so the gateway never imports torch."""
+
 
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
@@ -38,8 +41,17 @@ class GatewaySettings:
     """Deadline of one NATS request to the scheduler or a worker (TURBOSERVE_REQUEST_TIMEOUT_S, [0.05, 60])."""
     playback_fps: float = 16.0
     """Frames per second the viewer plays at; Wan2.1 models render 16 (TURBOSERVE_PLAYBACK_FPS, [1, 120])."""
+    frame_width_px: int = 64
+    """Width the model renders; a start asking for another size is refused (TURBOSERVE_FRAME_WIDTH)."""
+    frame_height_px: int = 64
+    """Height the model renders (TURBOSERVE_FRAME_HEIGHT); both default from the model name."""
 
     def __post_init__(self) -> None:
+        if not (16 <= self.frame_width_px <= 8192 and 16 <= self.frame_height_px <= 8192):
+            raise ConfigError(
+                f"frame size {self.frame_width_px}x{self.frame_height_px} of model {self.model!r} is unknown or out of "
+                "[16, 8192]: set TURBOSERVE_FRAME_WIDTH and TURBOSERVE_FRAME_HEIGHT"
+            )
         if not self.tokens:
             raise ConfigError("TURBOSERVE_TOKENS is empty: the gateway would admit nobody")
         if self.queue_chunks < self.credit_chunks:
@@ -61,9 +73,13 @@ class GatewaySettings:
         raw_tokens = env_str("TURBOSERVE_TOKENS", "")
         if not raw_tokens.strip():
             raise ConfigError("TURBOSERVE_TOKENS is not set: give at least one token (`turboserve up` prints one)")
+        model = env_str("TURBOSERVE_MODEL", "tiny")
+        default_width_px, default_height_px = FRAME_SIZE_BY_MODEL.get(model, (0, 0))
         return cls(
             tokens=parse_tokens(raw_tokens),
-            model=env_str("TURBOSERVE_MODEL", "tiny"),
+            model=model,
+            frame_width_px=env_int("TURBOSERVE_FRAME_WIDTH", default_width_px, low=16, high=8192),
+            frame_height_px=env_int("TURBOSERVE_FRAME_HEIGHT", default_height_px, low=16, high=8192),
             host=env_str("TURBOSERVE_GATEWAY_HOST", "127.0.0.1"),
             port=env_int("TURBOSERVE_GATEWAY_PORT", 8080, low=0, high=65535),
             max_message_bytes=env_int(

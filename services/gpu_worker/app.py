@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 
 import torch
 from nats.aio.client import Client as NatsClient
@@ -16,7 +14,6 @@ from services.gpu_worker.model import get_config, load_model
 from services.gpu_worker.runner import WorkerRunner
 from services.gpu_worker.settings import WorkerSettings
 
-log = logging.getLogger(__name__)
 
 
 async def run_worker(settings: WorkerSettings, nc: NatsClient, stop: asyncio.Event) -> None:
@@ -29,10 +26,9 @@ async def run_worker(settings: WorkerSettings, nc: NatsClient, stop: asyncio.Eve
     async def emit(session_id: str, payload: bytes) -> None:
         await nc.publish(subjects.chunks(session_id), payload)
 
-    with contextlib.closing(JpegEncoder(settings.jpeg_quality)) as encoder:
-        engine = ChunkEngine(
-            model, encoder, emit, worker_id=settings.worker_id, model_name=settings.model,
-            frame_size=(config.width_px, config.height_px), max_batch=settings.max_batch,
-            replay_depth=settings.replay_chunks,
-        )
-        await WorkerRunner(settings, nc, engine).run(stop)
+    engine = ChunkEngine(
+        model, JpegEncoder(settings.jpeg_quality), emit, worker_id=settings.worker_id, model_name=settings.model,
+        frame_size=(config.width_px, config.height_px), max_batch=settings.max_batch,
+        replay_depth=settings.replay_chunks,
+    )
+    await WorkerRunner(settings, nc, engine).run(stop)

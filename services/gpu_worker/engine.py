@@ -159,9 +159,10 @@ class ChunkEngine:
         t0 = time.perf_counter()
         outputs = self._model.generate([s.handle for s in batch])
         t1 = time.perf_counter()
-        to_send = [o.chunk_index >= s.silent_until for o, s in zip(outputs, batch, strict=True)]
-        encoded_sent = iter(self._encoder.encode_chunks([o.frames for o, send in zip(outputs, to_send) if send]))
-        encoded = [next(encoded_sent) if send else [] for send in to_send]
+        encoded = [
+            self._encoder.encode_frames(o.frames) if o.chunk_index >= s.silent_until else []
+            for o, s in zip(outputs, batch, strict=True)
+        ]
         t2 = time.perf_counter()
         return outputs, (t1 - t0) * 1e3, (t2 - t1) * 1e3, encoded
 

@@ -22,7 +22,8 @@ def reference_latency_ms(sessions: int, capacity: int) -> float:
     """The paper's reference model l(n) = 180 ms + 55 ms (n - 1) + 18 ms (n / K)^2."""
     if sessions < 1 or capacity < 1:
         raise ValueError(f"latency is defined for sessions >= 1 and capacity >= 1, got {sessions} and {capacity}")
-    return BASE_LATENCY_MS + PER_SESSION_LATENCY_MS * (sessions - 1) + CONTENTION_LATENCY_MS * (sessions / capacity) ** 2
+    contention_ms = CONTENTION_LATENCY_MS * (sessions / capacity) ** 2
+    return BASE_LATENCY_MS + PER_SESSION_LATENCY_MS * (sessions - 1) + contention_ms
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,8 +83,10 @@ def test_a_single_session_with_an_empty_window_attends_only_to_its_chunk() -> No
     generator = torch.Generator().manual_seed(1)
     q, k, v, k_pool, v_pool = _random_case(generator, 1, 17, 2, 16, 1, 8)
     actual = _triton_varlen_attention(q, k, v, k_pool, v_pool, torch.tensor([0]), torch.tensor([0]))
-    chunk_only = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    torch.testing.assert_close(actual, chunk_only.transpose(1, 2), atol=ATOL, rtol=RTOL)
+    chunk_only = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    ).transpose(1, 2)
+    torch.testing.assert_close(actual, chunk_only, atol=ATOL, rtol=RTOL)
 
 
 def test_rows_past_each_cache_length_and_other_slots_are_never_read() -> None:

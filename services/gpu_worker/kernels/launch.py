@@ -5,15 +5,9 @@ from __future__ import annotations
 import torch
 
 from services.gpu_worker.kernels.errors import KernelInputError
-from services.gpu_worker.kernels.selection import interpreter_enabled
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-def running_interpreted() -> bool:
-    """Whether kernels run on the host interpreter, where tile sizes only need to be correct, not fast."""
-    return interpreter_enabled()
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -35,12 +35,12 @@ def varlen_attention(
     k_pool, v_pool: [S, C, H, D]. slots, cache_lens: int tensors [B]. Returns [B, L, H, D].
     Padding to the longest cache plus a boolean mask is the reference; kernels must avoid the padding.
     """
-    batch, chunk_len, heads, head_dim = q.shape
+    chunk_len = q.shape[1]
     lens = [int(n) for n in cache_lens.tolist()]
     max_cache = max(lens) if lens else 0
     slot_index = slots.to(torch.long)
-    k_cache = k_pool.index_select(0, slot_index)[:, :max_cache]
-    v_cache = v_pool.index_select(0, slot_index)[:, :max_cache]
+    k_cache = k_pool[:, :max_cache].index_select(0, slot_index)  # gather only the rows any session can use
+    v_cache = v_pool[:, :max_cache].index_select(0, slot_index)
     keys = torch.cat([k_cache, k_chunk], dim=1)  # [B, max_cache + L, H, D]
     values = torch.cat([v_cache, v_chunk], dim=1)
     positions = torch.arange(max_cache + chunk_len, device=q.device)

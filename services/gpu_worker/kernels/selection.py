@@ -25,6 +25,8 @@ INTERPRET_ENV = "TRITON_INTERPRET"
 
 
 class KernelBackend(enum.StrEnum):
+    """The values ``TURBOSERVE_KERNELS`` accepts."""
+
     AUTO = "auto"
     TORCH = "torch"
     TRITON = "triton"
@@ -66,6 +68,6 @@ def use_triton(tensor: torch.Tensor) -> bool:
         raise KernelSelectionError(f"{BACKEND_ENV}=triton but the triton package is not installed")
     if not tensor.is_cuda and not interpreter_enabled():
         raise KernelSelectionError(
-            f"{BACKEND_ENV}=triton on {tensor.device.type} tensors needs {INTERPRET_ENV}=1 (set before triton is imported)"
+            f"{BACKEND_ENV}=triton on {tensor.device.type} tensors needs {INTERPRET_ENV}=1 before triton is imported"
         )
     return True

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from services.gpu_worker.kernels.errors import KernelInputError
-from services.gpu_worker.kernels.launch import FLOAT_DTYPES, dot_precision, host_checked_index, running_interpreted
+from services.gpu_worker.kernels.launch import FLOAT_DTYPES, dot_precision, host_checked_index
+from services.gpu_worker.kernels.selection import interpreter_enabled
 
 LOG2_E = 1.4426950408889634
 
@@ -44,7 +45,10 @@ def _varlen_attention_kernel(
     dims = tl.arange(0, BLOCK_D)
     keys_in_block = tl.arange(0, BLOCK_N)
     row_ok = rows < chunk_len
-    dim_ok = dims < HEAD_DIM
+    if HEAD_DIM == BLOCK_D:  # no padded lanes: a mask constant along D lets loads vectorise
+        dim_ok = tl.full([BLOCK_D], True, tl.int1)
+    else:
+        dim_ok = dims < HEAD_DIM
     q_ptrs = q_ptr + session * stride_qb + head * stride_qh + rows[:, None] * stride_ql + dims[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
 
@@ -101,7 +105,7 @@ def attention_tiles(head_dim: int, dtype: torch.dtype) -> AttentionTiles:
 
     Interpreted tiles are 16 so that the tiny test shapes still cross several key blocks and partial tails.
     """
-    if running_interpreted():
+    if interpreter_enabled():
         return AttentionTiles(block_m=16, block_n=16, num_warps=1, num_stages=1)
     if dtype == torch.float32 or head_dim > 128:
         return AttentionTiles(block_m=64, block_n=32, num_warps=4, num_stages=2)

@@ -21,15 +21,15 @@ def _rope_kernel(
     stride_xn, stride_xh, stride_xd,
     stride_cos_n, stride_cos_p,
     stride_sin_n, stride_sin_p,
-    heads, pairs,
-    BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+    heads,
+    PAIRS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     head_idx = tl.arange(0, BLOCK_H)
     dims = tl.arange(0, 2 * BLOCK_P)
     pair_idx = tl.arange(0, BLOCK_P)
-    pair_ok = pair_idx < pairs
-    mask = (head_idx[:, None] < heads) & (dims[None, :] < 2 * pairs)
+    pair_ok = pair_idx < PAIRS
+    mask = (head_idx[:, None] < heads) & (dims[None, :] < 2 * PAIRS)
     x_ptrs = x_ptr + token * stride_xn + head_idx[:, None] * stride_xh + dims[None, :] * stride_xd
     x = tl.load(x_ptrs, mask=mask, other=0.0)
     even, odd = tl.split(tl.reshape(x, (BLOCK_H, BLOCK_P, 2)))
@@ -66,7 +66,7 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     _rope_kernel[(tokens,)](
         x, cos, sin,
         *x.stride(), *cos.stride(), *sin.stride(),
-        heads, head_dim // 2,
-        BLOCK_H=block_h, BLOCK_P=block_p, num_warps=min(max(block_h * block_p // 256, 1), 8),
+        heads,
+        PAIRS=head_dim // 2, BLOCK_H=block_h, BLOCK_P=block_p, num_warps=min(max(block_h * block_p // 256, 1), 8),
     )
     return x

@@ -31,7 +31,7 @@ from services.gpu_worker.migration.frames import (
     encode,
 )
 from services.gpu_worker.migration.state_machine import MigrationPhase, MigrationStateMachine
-from services.gpu_worker.migration.transport import Allocate, PeerLink
+from services.gpu_worker.migration.transport import Allocate, FrameLink
 from services.gpu_worker.model.interface import SessionHandle, StreamingVideoModel
 from services.gpu_worker.state.packing import DEFAULT_OWN_BUFFER_MIN_BYTES, pack_for_send, plan_manifest, unpack
 
@@ -39,7 +39,6 @@ logger = logging.getLogger(__name__)
 
 KV_NAME = "kv"
 KV_ROW_DIM = 2  # exported kv is [layers, 2 (k|v), rows, heads, head_dim]
-INDEX_SLACK_BYTES = 1 << 20
 FrameT = TypeVar("FrameT", BulkFrame, FinalFrame, CommitFrame)
 
 
@@ -48,7 +47,7 @@ class SourceMigration:
 
     def __init__(
         self,
-        link: PeerLink,
+        link: FrameLink,
         model: StreamingVideoModel,
         handle: SessionHandle,
         machine: MigrationStateMachine,
@@ -138,7 +137,7 @@ class TargetMigration:
 
     def __init__(
         self,
-        link: PeerLink,
+        link: FrameLink,
         model: StreamingVideoModel,
         machine: MigrationStateMachine,
         *,
@@ -148,6 +147,8 @@ class TargetMigration:
         recycle: Callable[[torch.Tensor], None] | None = None,
         commit_landed: Callable[[], bool] | None = None,
     ) -> None:
+        if max_state_bytes < 0:
+            raise ValueError(f"max_state_bytes must be >= 0, got {max_state_bytes}")
         self._link = link
         self._model = model
         self._machine = machine
@@ -165,10 +166,10 @@ class TargetMigration:
         """
         with _RollbackOnError(self._machine, self._link):
             self._machine.advance(MigrationPhase.PRECOPYING)
-            bulk, bulk_buffers = self._recv(BulkFrame)
+            bulk, bulk_buffers = self._recv(BulkFrame, self._max_state_bytes)
             tensors = unpack(bulk.manifest, bulk_buffers)
             self._machine.advance(MigrationPhase.AWAITING_BOUNDARY)
-            final, final_parts = self._recv(FinalFrame)
+            final, final_parts = self._recv(FinalFrame, 2 * self._max_state_bytes)  # rows + their index + smalls
             self._machine.advance(MigrationPhase.FINAL_COPY)
             _apply_final(tensors, final, final_parts)
             handle = self._model.import_state(self._session_id, tensors)
@@ -180,7 +181,7 @@ class TargetMigration:
             self._send(AckFrame(ok=True, reason=""))
             self._machine.advance(MigrationPhase.COMMITTING)
             try:
-                self._recv(CommitFrame)
+                self._recv(CommitFrame, 0)
             except TransferFailed:
                 if self._commit_landed is None or not self._commit_landed():
                     raise
@@ -188,9 +189,9 @@ class TargetMigration:
         self._link.close()
         return handle
 
-    def _recv(self, expected: type[FrameT]) -> tuple[FrameT, list[torch.Tensor]]:
+    def _recv(self, expected: type[FrameT], max_payload_bytes: int) -> tuple[FrameT, list[torch.Tensor]]:
         header, tensors = self._link.recv_frame(self._allocate, timeout_s=self._machine.remaining_s(),
-                                                max_payload_bytes=self._max_state_bytes + INDEX_SLACK_BYTES)
+                                                max_payload_bytes=max_payload_bytes)
         frame = decode(self._machine.migration_id, header)
         if isinstance(frame, AbortFrame):
             raise MigrationAborted(f"source aborted: {frame.reason}")
@@ -235,7 +236,7 @@ def _refuse_tensors(dtype: torch.dtype, numel: int) -> torch.Tensor:
 class _RollbackOnError:
     """Any error inside: tell the peer (best effort), roll the state machine back, raise MigrationAborted."""
 
-    def __init__(self, machine: MigrationStateMachine, link: PeerLink) -> None:
+    def __init__(self, machine: MigrationStateMachine, link: FrameLink) -> None:
         self._machine = machine
         self._link = link
 

@@ -71,10 +71,14 @@ class MigrationStateMachine:
         return self._deadline - self._clock()
 
     def advance(self, phase: MigrationPhase) -> None:
-        """Move to the next phase; raises IllegalTransition out of order, MigrationAborted past the deadline."""
-        self._check_live()
+        """Move to the next phase; raises IllegalTransition out of order, MigrationAborted past the deadline.
+
+        DONE records a commit that already happened, so neither the deadline nor an abort request can undo it.
+        """
+        if phase is not MigrationPhase.DONE:
+            self._check_live()
         with self._lock:
-            if _FORWARD.get(self._phase) is not phase:
+            if _FORWARD.get(self._phase) is not phase:  # also refuses any step out of a terminal phase
                 raise IllegalTransition(f"migration {self.migration_id}: {self._phase.value} -> {phase.value}")
             self._phase = phase
             self.history.append((phase, self._clock()))

@@ -14,9 +14,10 @@ header (length-prefixed, size-limited, decoded before any tensor is allocated) f
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import torch
@@ -31,6 +32,21 @@ MAX_HEADER_BYTES = 1 << 20
 MAX_FRAME_TENSORS = 64
 
 Allocate = Callable[[torch.dtype, int], torch.Tensor]
+
+
+class FrameLink(Protocol):
+    """What a migration needs from a link; PeerLink is the real one, tests may pass an in-memory pair."""
+
+    def send_frame(self, header: Mapping[str, Any], tensors: Sequence[torch.Tensor], *, timeout_s: float) -> None:
+        ...
+
+    def recv_frame(
+        self, allocate: Allocate, *, timeout_s: float, max_payload_bytes: int
+    ) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        ...
+
+    def close(self) -> None:
+        ...
 
 
 def backend_for(device: torch.device) -> str:
@@ -106,7 +122,10 @@ class TransferListener:
     def __init__(self, host: str, port: int = 0, *, timeout_s: float) -> None:
         self.host = host
         self._timeout = datetime.timedelta(seconds=timeout_s)
-        self._store = dist.TCPStore(host, port, 2, is_master=True, wait_for_workers=False, timeout=self._timeout)
+        try:
+            self._store = dist.TCPStore(host, port, 2, is_master=True, wait_for_workers=False, timeout=self._timeout)
+        except (RuntimeError, OSError) as exc:
+            raise TransferFailed(f"cannot listen for a transfer on {host}:{port}: {exc}") from exc
 
     @property
     def port(self) -> int:
@@ -136,6 +155,10 @@ def _make_group(store: dist.Store, rank: int, device: torch.device, bind_host: s
                 timeout: datetime.timedelta) -> dist.ProcessGroup:
     try:
         if backend_for(device) == "nccl":
+            # A worker must survive a failed transfer: blocking wait makes ``work.wait(timeout)`` raise on the
+            # calling thread, and error handling 2 aborts only the communicator instead of killing the process.
+            os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
             nccl_options = dist.ProcessGroupNCCL.Options()
             nccl_options._timeout = timeout
             return dist.ProcessGroupNCCL(store, rank, 2, nccl_options)

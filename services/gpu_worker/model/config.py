@@ -101,6 +101,12 @@ class ModelConfig:
     def cache_capacity_tokens(self) -> int:
         return (self.sink_chunks + self.window_chunks) * self.chunk_tokens
 
+    def state_bytes(self, element_bytes: int) -> int:
+        """Bytes of one session's full exported state at ``element_bytes`` per value (2 for bf16): the window-full
+        self-attention KV plus the prompt's cross-attention KV; the small tensors are negligible."""
+        rows = self.cache_capacity_tokens + self.text_len
+        return self.layers * 2 * rows * self.dim * element_bytes
+
     @property
     def video_frames_per_chunk(self) -> int:
         return self.frames_per_chunk * VIDEO_FRAMES_PER_LATENT

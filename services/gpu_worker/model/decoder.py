@@ -32,7 +32,8 @@ class LatentDecoder(nn.Module):
         for conv in (self.up1, self.up2):
             x = F.silu(conv(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)))
         skip = F.interpolate(self.skip(latents), scale_factor=4, mode="bilinear", align_corners=False)
-        return self.to_rgb(x) + 1.5 * skip
+        logits: torch.Tensor = self.to_rgb(x) + 1.5 * skip
+        return logits
 
     def forward(self, latents: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """latents [B, C, F, h, w], previous [B, C, h, w] (last latent frame before this chunk) ->
@@ -44,8 +45,8 @@ class LatentDecoder(nn.Module):
         weights = torch.arange(1, VIDEO_FRAMES_PER_LATENT + 1, device=rgb.device, dtype=rgb.dtype)
         weights = (weights / VIDEO_FRAMES_PER_LATENT)[None, None, :, None, None, None]
         start, end = rgb[:, :-1, None], rgb[:, 1:, None]  # [B, F, 1, 3, H/2, W/2]
-        frames = (start + (end - start) * weights).flatten(0, 2)  # [B * 4F, 3, H/2, W/2]
-        frames = torch.sigmoid(F.interpolate(frames, scale_factor=2, mode="bilinear", align_corners=False))
+        levels = torch.sigmoid(start + (end - start) * weights).mul_(255.0).add_(0.5)  # +0.5: truncation rounds
+        # Bilinear is linear, so scaling to [0.5, 255.5] before the final 2x is the same and touches 4x fewer values.
+        frames = F.interpolate(levels.flatten(0, 2), scale_factor=2, mode="bilinear", align_corners=False)
         frames = frames.view(b, f * VIDEO_FRAMES_PER_LATENT, 3, frames.shape[-2], frames.shape[-1])
-        # +0.5 then truncation rounds half up; values are already in [0, 255.5) after the sigmoid
-        return frames.permute(0, 1, 3, 4, 2).mul(255.0).add_(0.5).to(torch.uint8)
+        return frames.permute(0, 1, 3, 4, 2).to(torch.uint8, memory_format=torch.contiguous_format)

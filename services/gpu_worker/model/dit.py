@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -63,18 +64,34 @@ class _SelfAttention(nn.Module):
                 write_cache: bool) -> torch.Tensor:
         b, length, dim = x.shape
         q = self.norm_q(self.q(x)).view(b * length, self.heads, -1)
-        k = self.norm_k(self.k(x)).view(b * length, self.heads, -1)
-        v = self.v(x).view(b * length, self.heads, -1)
         kernels.rope_(q, batch.rope_cos, batch.rope_sin)
-        kernels.rope_(k, batch.rope_cos, batch.rope_sin)
+        k, v = self._chunk_kv(x, batch)
         out = kernels.varlen_attention(
             q.view(b, length, self.heads, -1), k.view(b, length, self.heads, -1), v.view(b, length, self.heads, -1),
             k_pool, v_pool, batch.slots, batch.cache_lens,
         )
         if write_cache:  # after attention: the pass that writes sees the same cache as the denoising passes
-            k_pool.index_put_((batch.write_slots, batch.write_rows), k)
-            v_pool.index_put_((batch.write_slots, batch.write_rows), v)
-        return self.o(out.reshape(b, length, dim))
+            self._store(k, v, batch, k_pool, v_pool)
+        projected: torch.Tensor = self.o(out.reshape(b, length, dim))
+        return projected
+
+    def store_only(self, x: torch.Tensor, batch: ChunkBatch, k_pool: torch.Tensor, v_pool: torch.Tensor) -> None:
+        """Write the chunk's K/V without attending: all the last layer has to do in the cache-writing pass."""
+        k, v = self._chunk_kv(x, batch)
+        self._store(k, v, batch, k_pool, v_pool)
+
+    def _chunk_kv(self, x: torch.Tensor, batch: ChunkBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values [B * L, heads, head_dim] of the chunk's tokens."""
+        tokens = x.shape[0] * x.shape[1]
+        k = self.norm_k(self.k(x)).view(tokens, self.heads, -1)
+        kernels.rope_(k, batch.rope_cos, batch.rope_sin)
+        return k, self.v(x).view(tokens, self.heads, -1)
+
+    @staticmethod
+    def _store(k: torch.Tensor, v: torch.Tensor, batch: ChunkBatch, k_pool: torch.Tensor,
+               v_pool: torch.Tensor) -> None:
+        k_pool.index_put_((batch.write_slots, batch.write_rows), k)
+        v_pool.index_put_((batch.write_slots, batch.write_rows), v)
 
 
 class _CrossAttention(nn.Module):
@@ -97,7 +114,8 @@ class _CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         b, length, dim = x.shape
         q = self.norm_q(self.q(x)).view(b, length, self.heads, -1)
-        return self.o(masked_attention(q, k, v, key_mask).reshape(b, length, dim))
+        projected: torch.Tensor = self.o(masked_attention(q, k, v, key_mask).reshape(b, length, dim))
+        return projected
 
 
 class _Block(nn.Module):
@@ -113,9 +131,17 @@ class _Block(nn.Module):
                 write_cache: bool) -> torch.Tensor:
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation + time_mod).unbind(dim=1)
         attn_in = kernels.norm_modulate(x, shift_sa, scale_sa)
-        x = x + self.self_attn(attn_in, batch, pools.k_pools[layer], pools.v_pools[layer], write_cache) * gate_sa[:, None]
+        attended = self.self_attn(attn_in, batch, pools.k_pools[layer], pools.v_pools[layer], write_cache)
+        x = x + attended * gate_sa[:, None]
         x = x + self.cross_attn(self.norm_cross(x), batch.cross_k[layer], batch.cross_v[layer], batch.cross_mask)
-        return x + self.ffn(kernels.norm_modulate(x, shift_ff, scale_ff)) * gate_ff[:, None]
+        out: torch.Tensor = x + self.ffn(kernels.norm_modulate(x, shift_ff, scale_ff)) * gate_ff[:, None]
+        return out
+
+    def store_only(self, x: torch.Tensor, time_mod: torch.Tensor, batch: ChunkBatch, layer: int,
+                   pools: CachePools) -> None:
+        shift_sa, scale_sa = (self.modulation[:, :2] + time_mod[:, :2]).unbind(dim=1)
+        attn_in = kernels.norm_modulate(x, shift_sa, scale_sa)
+        self.self_attn.store_only(attn_in, batch, pools.k_pools[layer], pools.v_pools[layer])
 
 
 class CausalDiT(nn.Module):
@@ -136,11 +162,12 @@ class CausalDiT(nn.Module):
 
     def embed_prompt(self, text: torch.Tensor) -> torch.Tensor:
         """Text-encoder output [B, T, text_dim] -> DiT context [B, T, dim] (Wan's text_embedding)."""
-        return self.text_proj_out(F.gelu(self.text_proj_in(text), approximate="tanh"))
+        context: torch.Tensor = self.text_proj_out(F.gelu(self.text_proj_in(text), approximate="tanh"))
+        return context
 
     def prompt_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the cross-attention K, V of a prompt context: computed once per prompt, then cached."""
-        return [block.cross_attn.prompt_kv(context) for block in self.blocks]
+        return [self._block(layer).cross_attn.prompt_kv(context) for layer in range(self.config.layers)]
 
     def forward(self, latents: torch.Tensor, timestep: float, batch: ChunkBatch, pools: CachePools,
                 write_cache: bool = False) -> torch.Tensor | None:
@@ -149,19 +176,26 @@ class CausalDiT(nn.Module):
         The timestep embedding is computed for one row and broadcast: every session in a batched step shares
         it, and a one-row matmul gives the same bits whatever the batch size (a B-row one would not).
         With ``write_cache`` the chunk's K/V are stored into every layer's pool and nothing is predicted: the
-        head is skipped and None is returned.
+        last layer stops after its K/V, the head is skipped and None is returned.
         """
         x = self.patch_embed(self._patchify(latents))
         timesteps = torch.tensor([timestep], device=latents.device)
         time = self.time_out(F.silu(self.time_in(sinusoidal_embedding(timesteps).to(x.dtype))))
         time_mod = self.time_mod(F.silu(time)).unflatten(1, (6, -1)).expand(latents.shape[0], -1, -1)
         time = time.expand(latents.shape[0], -1)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, time_mod, batch, layer, pools, write_cache)
         if write_cache:
+            last = self.config.layers - 1
+            for layer in range(last):
+                x = self._block(layer)(x, time_mod, batch, layer, pools, True)
+            self._block(last).store_only(x, time_mod, batch, last, pools)
             return None
+        for layer in range(self.config.layers):
+            x = self._block(layer)(x, time_mod, batch, layer, pools, False)
         shift, scale = (self.head_modulation + time[:, None]).unbind(dim=1)
         return self._unpatchify(self.head(kernels.norm_modulate(x, shift, scale)), latents.shape)
+
+    def _block(self, layer: int) -> _Block:
+        return cast(_Block, self.blocks[layer])
 
     @staticmethod
     def _patchify(latents: torch.Tensor) -> torch.Tensor:

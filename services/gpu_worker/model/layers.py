@@ -42,7 +42,8 @@ class FeedForward(nn.Module):
         self.fc_out = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))
+        out: torch.Tensor = self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))
+        return out
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:

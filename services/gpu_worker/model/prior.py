@@ -32,7 +32,7 @@ class ColourFieldPrior(nn.Module):
         self.wave_params = nn.Linear(config.dim, config.latent_channels * WAVES_PER_CHANNEL * PARAMS_PER_WAVE)
 
     def waves(self, pooled: torch.Tensor) -> torch.Tensor:
-        """pooled prompt context [dim] -> float32 [C, waves, 4]: direction, cycles per image, cycles per frame, phase."""
+        """pooled prompt context [dim] -> float32 [C, waves, 4]: direction, cycles/image, cycles/frame, phase."""
         normed = F.layer_norm(pooled.float(), (pooled.shape[-1],))
         raw = self.wave_params(normed.to(self.wave_params.weight.dtype)[None]).float()
         raw = raw.view(self.config.latent_channels, WAVES_PER_CHANNEL, PARAMS_PER_WAVE)
@@ -57,4 +57,5 @@ class ColourFieldPrior(nn.Module):
         frame_cycles = (frame_indices.to(torch.float64)[:, None, None, :] * speed.to(torch.float64)[..., None]) % 1.0
         temporal = frame_cycles.float()[..., None, None]
         waves_value = torch.sin(2 * math.pi * (spatial + temporal) + phase[..., None, None, None])
-        return waves_value.sum(dim=2) * (2.0 / WAVES_PER_CHANNEL) ** 0.5
+        field: torch.Tensor = waves_value.sum(dim=2) * (2.0 / WAVES_PER_CHANNEL) ** 0.5
+        return field

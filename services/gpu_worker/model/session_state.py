@@ -2,7 +2,8 @@
 
 Names and layouts (L layers, R valid cache rows, T text tokens, H heads, D head dim, C latent channels):
 ``kv`` [L, 2, R, H, D] model dtype (``kernels.pack_kv`` layout, R = rows valid after ``chunk_index`` chunks);
-``cross_kv`` [L, 2, T, H, D] model dtype; ``prompt_tokens`` [T] int64; ``prompt_waves`` [C, waves, 4] float32 (the prompt's prior parameters);
+``cross_kv`` [L, 2, T, H, D] model dtype; ``prompt_tokens`` [T] int64;
+``prompt_waves`` [C, waves, 4] float32 (the prompt's prior parameters);
 ``decoder_latent`` [C, h, w] model dtype (last clean latent frame); ``chunk_index`` [] int64 (next chunk);
 ``rng_state`` uint8 (``torch.Generator.get_state()``, CPU); ``seed`` [] int64.
 """

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from services.gpu_worker.model.config import ModelConfig
 from services.gpu_worker.model.decoder import LatentDecoder
@@ -43,20 +44,32 @@ class _Session:
     decoder_latent: torch.Tensor
 
 
-class ReferenceStreamingModel(torch.nn.Module):
-    """Random-weight Wan2.1-shaped streaming DiT; see ``interface.StreamingVideoModel`` for the contract."""
+class ModelWeights(nn.Module):
+    """All networks of the model, so one seeded init and one dtype cast cover every parameter."""
 
-    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype, max_sessions: int) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        if max_sessions < 1:
-            raise ValueError(f"max_sessions={max_sessions} must be >= 1")
-        self.config = config
         self.text_encoder = TextEncoder(config)
         self.dit = CausalDiT(config)
         self.prior = ColourFieldPrior(config)
         self.decoder = LatentDecoder(config)
-        init_seeded_(self, config.weight_seed)
-        self.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+class ReferenceStreamingModel:
+    """Random-weight Wan2.1-shaped streaming DiT; see ``interface.StreamingVideoModel`` for the contract.
+
+    Not an ``nn.Module`` on purpose: weights and cache pools live on one device chosen at construction, and a
+    ``.to()`` that moved only the weights would split them.
+    """
+
+    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype, max_sessions: int) -> None:
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions={max_sessions} must be >= 1")
+        self.config = config
+        with torch.device(device):  # allocate on the target directly: a 1.3B model need not pass through host RAM
+            weights = ModelWeights(config)
+        init_seeded_(weights, config.weight_seed)
+        self.weights = weights.to(dtype=dtype).eval().requires_grad_(False)
         self.device = device
         self.dtype = dtype
         self.pools = CachePools(config, max_sessions, device, dtype)
@@ -74,16 +87,14 @@ class ReferenceStreamingModel(torch.nn.Module):
             raise ValueError(f"seed={seed} must be in [0, 2**63)")
         slot = self._claim_slot(session_id)
         c = self.config
-        session = _Session(
+        tokens = tokenize(prompt, c.text_vocab, c.text_len)
+        self._sessions[slot] = _Session(
             session_id=session_id, slot=slot, seed=seed,
-            generator=torch.Generator(device="cpu").manual_seed(seed), chunk_index=0,
-            prompt_tokens=tokenize(prompt, c.text_vocab, c.text_len),
-            prompt_waves=torch.zeros(0),
+            generator=torch.Generator(device="cpu").manual_seed(seed), chunk_index=0, prompt_tokens=tokens,
+            prompt_waves=self._cache_prompt(slot, tokens),
             decoder_latent=torch.zeros(c.latent_channels, c.latent_height, c.latent_width, device=self.device,
                                        dtype=self.dtype),
         )
-        session.prompt_waves = self._cache_prompt(slot, session.prompt_tokens)
-        self._sessions[slot] = session
         return SessionHandle(session_id, slot)
 
     def set_prompt(self, handle: SessionHandle, prompt: str) -> None:
@@ -102,7 +113,7 @@ class ReferenceStreamingModel(torch.nn.Module):
             previous = torch.stack([
                 latents[b, :, 0] if s.chunk_index == 0 else s.decoder_latent for b, s in enumerate(sessions)
             ])
-            frames = self.decoder(latents, previous).cpu()
+            frames = self.weights.decoder(latents, previous).cpu()
         outputs = []
         per_chunk = self.config.video_frames_per_chunk
         for b, session in enumerate(sessions):
@@ -168,14 +179,14 @@ class ReferenceStreamingModel(torch.nn.Module):
         """Encode a prompt, store its per-layer cross-attention K/V in ``slot``; return its prior's wave parameters."""
         with torch.inference_mode():
             key_mask = padding_mask(tokens).to(self.device)[None]
-            text = self.text_encoder(tokens.to(self.device)[None], key_mask)
-            context = self.dit.embed_prompt(text)
-            for layer, (k, v) in enumerate(self.dit.prompt_kv(context)):
+            text = self.weights.text_encoder(tokens.to(self.device)[None], key_mask)
+            context = self.weights.dit.embed_prompt(text)
+            for layer, (k, v) in enumerate(self.weights.dit.prompt_kv(context)):
                 self.pools.cross_k[layer][slot].copy_(k[0])
                 self.pools.cross_v[layer][slot].copy_(v[0])
             self.pools.cross_mask[slot].copy_(key_mask[0])
             weights = key_mask[0, :, None].to(context.dtype)
-            return self.prior.waves((context[0] * weights).sum(dim=0) / weights.sum())
+            return self.weights.prior.waves((context[0] * weights).sum(dim=0) / weights.sum())
 
     def _chunk_batch(self, sessions: list[_Session]) -> ChunkBatch:
         slots = [s.slot for s in sessions]
@@ -205,14 +216,14 @@ class ReferenceStreamingModel(torch.nn.Module):
             [[s.chunk_index * c.frames_per_chunk + f for f in range(c.frames_per_chunk)] for s in sessions],
             device=self.device,
         )
-        prior = self.prior.field(torch.stack([s.prompt_waves for s in sessions]), frame_indices).to(self.dtype)
+        prior = self.weights.prior.field(torch.stack([s.prompt_waves for s in sessions]), frame_indices).to(self.dtype)
         x = noise[:, 0]
         clean = x
         for step in range(steps):
-            residual = self.dit(x, self.schedule.model_timestep(step), batch, self.pools)
+            residual = self.weights.dit(x, self.schedule.model_timestep(step), batch, self.pools)
             clean = prior + c.prior_residual_scale * residual
             if step + 1 < steps:
                 sigma = self.schedule.sigmas[step + 1]
                 x = (1.0 - sigma) * clean + sigma * noise[:, step + 1]
-        self.dit(clean, 0.0, batch, self.pools, write_cache=True)
+        self.weights.dit(clean, 0.0, batch, self.pools, write_cache=True)
         return clean

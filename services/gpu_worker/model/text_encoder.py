@@ -23,7 +23,8 @@ class _EncoderLayer(nn.Module):
         batch, length, width = x.shape
         q, k, v = self.qkv(self.norm_attn(x)).view(batch, length, 3, self.heads, -1).unbind(dim=2)
         x = x + self.out(masked_attention(q, k, v, key_mask).reshape(batch, length, width))
-        return x + self.ffn(self.norm_ffn(x))
+        out: torch.Tensor = x + self.ffn(self.norm_ffn(x))
+        return out
 
 
 class TextEncoder(nn.Module):
@@ -32,7 +33,9 @@ class TextEncoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.table = nn.Parameter(torch.empty(config.text_vocab, config.text_dim))
-        self.layers = nn.ModuleList(_EncoderLayer(config.text_dim, config.text_heads) for _ in range(config.text_layers))
+        self.layers = nn.ModuleList(
+            _EncoderLayer(config.text_dim, config.text_heads) for _ in range(config.text_layers)
+        )
         self.norm_out = AffineLayerNorm(config.text_dim)
 
     def forward(self, tokens: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
@@ -40,4 +43,5 @@ class TextEncoder(nn.Module):
         x = self.table[tokens]
         for layer in self.layers:
             x = layer(x, key_mask)
-        return self.norm_out(x)
+        context: torch.Tensor = self.norm_out(x)
+        return context

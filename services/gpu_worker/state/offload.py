@@ -99,11 +99,13 @@ class SessionStateManager:
 
     @property
     def device_bytes(self) -> int:
-        return sum(self._device_bytes.values())
+        with self._lock:
+            return sum(self._device_bytes.values())
 
     @property
     def host_bytes(self) -> int:
-        return sum(s.nbytes for s in self._host_states.values() if s.residency is Residency.HOST)
+        with self._lock:
+            return sum(s.nbytes for s in self._host_states.values() if s.residency is Residency.HOST)
 
     def claim_device(self, session_id: str, state_bytes: int) -> None:
         """Count a session (new, or a migration's reservation) against the device budget, or raise."""

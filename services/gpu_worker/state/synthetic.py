@@ -66,6 +66,7 @@ class SyntheticStateModel:
         self._slots = slots
         self._adopt_on_import = adopt_on_import
         self._sessions: dict[int, _Session] = {}
+        self._spare_kv: dict[int, torch.Tensor] = {}  # a released slot's KV memory, reused like a KV pool
 
     @property
     def max_sessions(self) -> int:
@@ -112,24 +113,39 @@ class SyntheticStateModel:
         }
 
     def import_state(self, session_id: str, tensors: Mapping[str, torch.Tensor]) -> SessionHandle:
-        take = (lambda t: t.to(self.device)) if self._adopt_on_import else (lambda t: t.to(self.device, copy=True))
+        slot = self._free_slot(session_id)
+        kv = tensors["kv"]
+        spare = self._spare_kv.get(slot)
+        if self._adopt_on_import:
+            kv = kv.to(self.device)
+        elif spare is not None and spare.shape == kv.shape and spare.dtype == kv.dtype:
+            kv = spare.copy_(kv)
+        else:
+            kv = kv.to(self.device, copy=True)
         generator = torch.Generator(device="cpu")
         generator.set_state(tensors["rng"].to("cpu", copy=True))
-        session = _Session(take(tensors["kv"]), take(tensors["prompt_cache"]), take(tensors["cursor"]), generator)
-        return self._occupy(session_id, session)
+        prompt_cache = tensors["prompt_cache"].to(self.device, copy=True)
+        return self._occupy(session_id, _Session(kv, prompt_cache, tensors["cursor"].to(self.device, copy=True),
+                                                 generator))
 
     def kv_rows_written(self, first_chunk: int, last_chunk: int) -> list[int]:
         return [row for chunk in range(first_chunk, last_chunk + 1) for row in self.shape.rows_for_chunk(chunk)]
 
     def release(self, handle: SessionHandle) -> None:
-        self._sessions.pop(handle.slot, None)
+        session = self._sessions.pop(handle.slot, None)
+        if session is not None and not self._adopt_on_import:
+            self._spare_kv[handle.slot] = session.kv
 
-    def _occupy(self, session_id: str, session: _Session) -> SessionHandle:
+    def _free_slot(self, session_id: str) -> int:
         free = next((slot for slot in range(self._slots) if slot not in self._sessions), None)
         if free is None:
             raise SlotsExhausted(f"all {self._slots} slots are taken; cannot place session {session_id!r}")
-        self._sessions[free] = session
-        return SessionHandle(session_id, free)
+        return free
+
+    def _occupy(self, session_id: str, session: _Session) -> SessionHandle:
+        slot = self._free_slot(session_id)
+        self._sessions[slot] = session
+        return SessionHandle(session_id, slot)
 
     def _prompt_cache(self, prompt: str) -> torch.Tensor:
         s = self.shape

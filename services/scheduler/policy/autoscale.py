@@ -66,12 +66,12 @@ class ReactiveUtilisation:
 
 
 class AnticipatoryHeadroom:
-    """Ours: size for the load expected when a GPU asked for now would be ready, not for the load now.
+    """Ours: square-root staffing for the load expected when a GPU asked for now would be ready.
 
-    Over the horizon h (provisioning delay plus one decision interval) sessions arrive or resume at the
-    windowed inflow rate; the pool covers N + h * max(0, inflow - outflow) + z * sqrt(h * inflow + 1) sessions,
-    z from the detector level (volatile load keeps more), never below ceil(N / K). ``hold_s`` None: the level's
-    hold before scale-in applies.
+    The offered load a is the smoothed active count plus its drift over the horizon h (provisioning delay
+    plus one decision interval); the pool covers a + beta sqrt(a) sessions (the Halfin-Whitt rule that keeps
+    the chance of waiting for a slot small at any scale), beta from the detector level, and never fewer than
+    the sessions active now. ``hold_s`` None: the level's hold before scale-in applies.
     """
 
     def __init__(self, provisioning_delay_s: float, decision_interval_s: float, min_gpus: int, max_gpus: int) -> None:
@@ -86,13 +86,11 @@ class AnticipatoryHeadroom:
         self.hold_s = None
 
     def target_gpus(self, reading: WorkloadReading, capacity: int) -> tuple[int, str]:
-        horizon_s = self.horizon_s
-        drift = max(0.0, reading.inflow_per_s - reading.outflow_per_s) * horizon_s
-        spread = reading.level.headroom_z * math.sqrt(horizon_s * reading.inflow_per_s + 1.0)
-        expected = reading.active + drift + spread
-        count = max(math.ceil(expected / capacity), math.ceil(reading.active / capacity))
-        count = min(max(count, self.min_gpus), self.max_gpus)
+        drift = max(0.0, reading.inflow_per_s - reading.outflow_per_s) * self.horizon_s
+        offered = reading.smoothed_active + drift
+        slots = max(offered + reading.level.headroom_z * math.sqrt(offered), float(reading.active))
+        count = min(max(math.ceil(slots / capacity - 1e-9), self.min_gpus), self.max_gpus)
         return count, (
-            f"{reading.active} active, +{drift:.1f} drift +{spread:.1f} spread over {horizon_s:.0f} s "
-            f"({reading.level.name}) -> {count} GPUs"
+            f"{reading.active} active, offered {offered:.1f} (+{drift:.1f} drift over {self.horizon_s:.0f} s), "
+            f"{reading.level.name} beta {reading.level.headroom_z:g} -> {count} GPUs"
         )

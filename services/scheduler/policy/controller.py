@@ -8,6 +8,7 @@ every ``rebalance_interval_s``), then size the pool from the post-placement load
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from services.scheduler.policy.actions import (
@@ -33,12 +34,15 @@ from services.scheduler.policy.workspace import Workspace
 @dataclass(frozen=True, slots=True)
 class ControllerConfig:
     """``scale_kind``: the GPU kind AddGpus asks for; ``consolidate``: scale-in may migrate sessions off the
-    GPUs it releases (False: only empty GPUs are released, the no-migration ablation)."""
+    GPUs it releases (False: only empty GPUs are released, the no-migration ablation); ``landing_migrations``:
+    when a resuming session's first chunk would miss the target (restore time on top of a busy GPU), first move
+    one of that GPU's sessions to another GPU where its own migration pause still meets the target."""
 
     scale_kind: str
     target_ms: float = 400.0
     rebalance_interval_s: float = 10.0
     consolidate: bool = True
+    landing_migrations: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,12 +128,41 @@ class ClosedLoopController:
             if choice is None:
                 break
             gpu_id, reason = choice
+            if session.offloaded and self.config.landing_migrations:
+                actions.extend(self._make_landing(workspace, gpu_id, restore_ms))
             workspace.add(gpu_id, session_id)
             if session.offloaded:
                 actions.append(Restore(session_id, gpu_id, f"resumed; {reason}"))
             else:
                 actions.append(Place(session_id, gpu_id, f"new; {reason}"))
         return actions
+
+    def _make_landing(self, workspace: Workspace, gpu_id: str, restore_ms: float) -> list[Migrate]:
+        """One migration that lets a restore onto ``gpu_id`` meet the target, if one exists that itself does."""
+        kind = workspace.snapshot.gpus[gpu_id].kind
+        count = workspace.count(gpu_id)
+        if workspace.latency_ms(kind, count + 1) + restore_ms <= self.config.target_ms:
+            return []
+        if workspace.latency_ms(kind, count) + restore_ms > self.config.target_ms:
+            return []
+        sessions = workspace.snapshot.sessions
+        members = [s for s in workspace.members(gpu_id) if s in sessions]
+        if not members:
+            return []
+        mover = min(members, key=lambda s: sessions[s].state_bytes)
+        pause_ms = self.models.migration.cost_ms(sessions[mover].state_bytes)
+        for target_kind, target_count in workspace.open_levels():
+            target = workspace.first_usable(target_kind, target_count, excluding=gpu_id)
+            if target is None:
+                continue
+            after_ms = workspace.latency_ms(target_kind, target_count + 1)
+            if after_ms + pause_ms <= self.config.target_ms and target_count > 0:
+                workspace.discard(gpu_id, mover)
+                workspace.add(target, mover)
+                return [Migrate(mover, gpu_id, target, 0.0,
+                                f"make room for a resume: its GPU then meets {self.config.target_ms:.0f} ms "
+                                f"with the restore; this move pauses {pause_ms:.0f} ms, {after_ms:.0f} ms there")]
+        return []
 
     def _evacuate(self, workspace: Workspace, gpu_id: str, why: str) -> list[Migrate] | None:
         """Move every session off ``gpu_id`` (already excluded from placement); None, undone, if any cannot go."""
@@ -174,27 +207,34 @@ class ClosedLoopController:
         self._below_since_s = None
         return target, self._scale_in(workspace, pool - self._hold_target, reason, now_s)
 
-    def _scale_in(self, workspace: Workspace, excess: int, reason: str, now_s: float) -> list[Action]:
-        """Release ``excess`` GPUs, cheapest first: still provisioning, then empty, then fewest bytes to move."""
+    def _release_order(self, workspace: Workspace, now_s: float) -> Iterator[str]:
+        """GPUs cheapest to release first: still provisioning, then by resident count, fewest bytes within a
+        count. Walks the level index lightest first, so it stops early instead of sorting every GPU."""
         snapshot = workspace.snapshot
+        skip = set(snapshot.draining) | workspace.removed
+        yield from (g for g, gpu in snapshot.gpus.items() if gpu.ready_at_s > now_s and g not in skip)
+        for kind in self.models.latency.kinds:
+            for count in range(self.models.latency.curve(kind).capacity + 1):
+                level = [g for g in workspace.level_gpus(kind, count) if g not in skip and workspace.usable(g)]
+                if count > 0:
+                    level.sort(key=lambda g: sum(snapshot.sessions[s].state_bytes for s in workspace.members(g)))
+                yield from level
 
-        def move_cost(gpu_id: str) -> tuple[int, int, int]:
-            members = workspace.members(gpu_id)
-            moved_bytes = sum(snapshot.sessions[s].state_bytes for s in members if s in snapshot.sessions)
-            return (int(snapshot.gpus[gpu_id].ready_at_s <= now_s), moved_bytes, len(members))
-
-        candidates = [g for g in snapshot.gpus if g not in snapshot.draining and g not in workspace.removed]
+    def _scale_in(self, workspace: Workspace, excess: int, reason: str, now_s: float) -> list[Action]:
+        """Release ``excess`` GPUs, cheapest first (see ``_release_order``)."""
         actions: list[Action] = []
-        for gpu_id in sorted(candidates, key=move_cost):
+        for gpu_id in self._release_order(workspace, now_s):
             if excess == 0:
                 break
+            if gpu_id in workspace.removed:
+                continue
             if workspace.count(gpu_id) == 0:
                 workspace.mark_removed(gpu_id)
                 actions.append(RemoveGpu(gpu_id, f"scale in (empty GPU): {reason}"))
                 excess -= 1
                 continue
             if not self.config.consolidate:
-                continue
+                break
             workspace.draining.add(gpu_id)
             moves = self._evacuate(workspace, gpu_id, "scale in: consolidate")
             if moves is None:

@@ -1,6 +1,7 @@
 """Workload detector: a sliding window over the active count and the session inflow/outflow, bucketed into levels.
 
-Volatility is the rate of active/idle transitions per active session; the level picks how much headroom the
+Volatility is how far the inflow of the last ``recent_s`` strays from the window's rate, in Poisson standard
+deviations: steady traffic reads about 1, a burst reads several. The level picks how much headroom the
 autoscaler keeps and how long it waits before giving GPUs back. Levels are fixed offline, never fitted per trace.
 """
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 
 class DetectorError(ValueError):
-    """Bad detector configuration (empty level list, non-positive window)."""
+    """Bad detector configuration (empty level list, non-positive windows)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,13 +21,13 @@ class LevelParams:
     """What a workload level means to the controllers.
 
     ``latency_weight`` is the paper's lambda (larger: a rebalance pays off for smaller gains), ``rho`` the
-    target utilisation the paper's rule uses, ``headroom_z`` how many standard deviations of inflow over the
-    provisioning horizon our autoscaler keeps spare, ``scale_in_hold_s`` how long fewer GPUs must suffice before
-    any is released. ``max_volatility_per_min`` is the upper edge of the level.
+    target utilisation the paper's rule uses, ``headroom_z`` the square-root-staffing beta our autoscaler
+    keeps (slots = a + beta sqrt(a) for offered load a), ``scale_in_hold_s`` how long fewer GPUs must suffice
+    before any is released. ``max_volatility`` is the upper edge of the level.
     """
 
     name: str
-    max_volatility_per_min: float
+    max_volatility: float
     latency_weight: float
     rho: float
     headroom_z: float
@@ -34,51 +35,71 @@ class LevelParams:
 
 
 DEFAULT_LEVELS: tuple[LevelParams, ...] = (
-    LevelParams("stable", 0.5, 1.0, 0.95, 2.5, 60.0),
-    LevelParams("moderate", 2.0, 1.0, 0.9, 3.0, 90.0),
-    LevelParams("volatile", math.inf, 0.5, 0.8, 3.5, 120.0),
+    LevelParams("stable", 1.5, 1.0, 0.95, 2.0, 15.0),
+    LevelParams("moderate", 3.0, 1.0, 0.9, 2.3, 30.0),
+    LevelParams("volatile", math.inf, 0.5, 0.8, 2.6, 60.0),
 )
 
 
 @dataclass(frozen=True, slots=True)
 class WorkloadReading:
-    """The detector's view at one instant; rates are per second over the window."""
+    """The detector's view at one instant; rates are per second over the window, ``smoothed_active`` an
+    exponentially weighted time average of the active count."""
 
     level: LevelParams
     active: int
+    smoothed_active: float
     inflow_per_s: float
     outflow_per_s: float
-    volatility_per_min: float
-    peak_active: int
+    volatility: float
 
 
 class WorkloadDetector:
     """Feeds on the snapshot's monotonic counters, so it sees every transition even between decisions."""
 
-    def __init__(self, window_s: float = 300.0, levels: tuple[LevelParams, ...] = DEFAULT_LEVELS) -> None:
-        if window_s <= 0 or not levels:
-            raise DetectorError(f"window_s must be positive and levels non-empty (window_s={window_s})")
-        self.window_s = window_s
+    def __init__(
+        self,
+        window_s: float = 300.0,
+        recent_s: float = 30.0,
+        smoothing_s: float = 60.0,
+        levels: tuple[LevelParams, ...] = DEFAULT_LEVELS,
+    ) -> None:
+        if window_s <= 0 or recent_s <= 0 or smoothing_s <= 0 or not levels:
+            raise DetectorError(
+                f"windows must be positive and levels non-empty (window_s={window_s}, recent_s={recent_s}, "
+                f"smoothing_s={smoothing_s})"
+            )
+        self.window_s, self.recent_s, self.smoothing_s = window_s, recent_s, smoothing_s
         self.levels = levels
-        self._samples: deque[tuple[float, int, int, int]] = deque()
-        self._active_peaks: deque[tuple[float, int]] = deque()
-        self._active_area = 0.0
-        self._last_active: tuple[float, int] | None = None
+        self._window: deque[tuple[float, int, int]] = deque()
+        self._recent: deque[tuple[float, int, int]] = deque()
+        self._smoothed: float | None = None
+        self._last: tuple[float, int] | None = None
+
+    @staticmethod
+    def _rates(
+        samples: deque[tuple[float, int, int]], horizon_s: float, now_s: float, inflow_total: int, outflow_total: int
+    ) -> tuple[float, float]:
+        """Rates over ``horizon_s``, keeping one sample at or before its start so the span covers it."""
+        samples.append((now_s, inflow_total, outflow_total))
+        while len(samples) > 2 and samples[1][0] <= now_s - horizon_s:
+            samples.popleft()
+        first_s, first_in, first_out = samples[0]
+        span_s = max(now_s - first_s, 1.0)
+        return (inflow_total - first_in) / span_s, (outflow_total - first_out) / span_s
 
     def update(self, now_s: float, active: int, inflow_total: int, outflow_total: int) -> WorkloadReading:
-        """Record the counters at ``now_s`` (monotonic totals of arrivals+activations, deactivations)."""
-        self._samples.append((now_s, active, inflow_total, outflow_total))
-        while len(self._samples) > 1 and self._samples[1][0] <= now_s - self.window_s:
-            self._samples.popleft()
-        while self._active_peaks and self._active_peaks[-1][1] <= active:
-            self._active_peaks.pop()
-        self._active_peaks.append((now_s, active))
-        while self._active_peaks[0][0] <= now_s - self.window_s:
-            self._active_peaks.popleft()
-        first_s, _, first_in, first_out = self._samples[0]
-        span_s = max(now_s - first_s, 1.0)
-        inflow = (inflow_total - first_in) / span_s
-        outflow = (outflow_total - first_out) / span_s
-        volatility = 60.0 * (inflow + outflow) / max(active, 1)
-        level = next(lv for lv in self.levels if volatility <= lv.max_volatility_per_min)
-        return WorkloadReading(level, active, inflow, outflow, volatility, self._active_peaks[0][1])
+        """Record the counters at ``now_s`` (monotonic totals of arrivals+activations, and of deactivations)."""
+        if self._last is None or self._smoothed is None:
+            self._smoothed = float(active)
+        else:
+            last_s, last_active = self._last
+            weight = math.exp(-max(now_s - last_s, 0.0) / self.smoothing_s)
+            self._smoothed = weight * self._smoothed + (1.0 - weight) * last_active
+        self._last = (now_s, active)
+        inflow, outflow = self._rates(self._window, self.window_s, now_s, inflow_total, outflow_total)
+        recent_inflow, _ = self._rates(self._recent, self.recent_s, now_s, inflow_total, outflow_total)
+        expected = inflow * self.recent_s
+        volatility = abs(recent_inflow - inflow) * self.recent_s / math.sqrt(expected + 1.0)
+        level = next(lv for lv in self.levels if volatility <= lv.max_volatility)
+        return WorkloadReading(level, active, self._smoothed, inflow, outflow, volatility)

@@ -21,9 +21,11 @@ class PlacementPolicy(Protocol):
 class MinBottleneckPlacement:
     """The paper's rule: the feasible GPU giving the smallest resulting bottleneck, ties to the lighter GPU.
 
-    With ``restore_aware`` (ours), ties are broken differently: a resuming session goes where its first chunk
-    (restore time included) still meets ``target_ms``, lightest first; a new session goes to the fullest
-    tied GPU (best fit), which keeps light GPUs free for resumes and leaves GPUs empty for cheap scale-in.
+    With ``restore_aware`` (ours) the bottleneck counts only above the latency target (max(L, target)): any
+    latency that meets the target is as good as any other, so ties are common and broken by what matters
+    next: a resuming session goes where its first chunk (restore time included) still meets the target,
+    lightest first; a new session goes to the fullest tied GPU (best fit), which keeps light GPUs free for
+    resumes and leaves GPUs empty for cheap scale-in.
     """
 
     def __init__(self, restore_aware: bool, target_ms: float) -> None:
@@ -41,6 +43,7 @@ class MinBottleneckPlacement:
             after_ms = workspace.latency_ms(kind, count + 1)
             resulting_ms = max(current_ms, after_ms)
             if self.restore_aware:
+                resulting_ms = max(resulting_ms, self.target_ms)
                 misses_target = float(after_ms + restore_ms > self.target_ms)
                 fill = after_ms if restore_ms > 0 else -after_ms
                 score: tuple[float, ...] = (resulting_ms, misses_target, fill)

@@ -48,15 +48,17 @@ class _Move:
 class MinMaxRebalance:
     """The paper's min-max rule; ``cooldown_s`` > 0 (ours) never moves a session twice within that window.
 
-    The threshold is ``min_gain_ms / latency_weight``: a level that weighs latency more accepts smaller gains.
+    ``floor_ms`` > 0 (ours: the latency target) counts a bottleneck only above it, max(L, floor): a move that
+    lowers latencies already within target buys nothing and costs a pause. The threshold is ``min_gain_ms / latency_weight``: a level that weighs latency more accepts smaller gains.
     """
 
-    def __init__(self, eta: float, min_gain_ms: float, max_moves: int, cooldown_s: float) -> None:
+    def __init__(self, eta: float, min_gain_ms: float, max_moves: int, cooldown_s: float, floor_ms: float) -> None:
         self.name = "min_max_cooldown" if cooldown_s > 0 else "min_max"
         self.eta = eta
         self.min_gain_ms = min_gain_ms
         self.max_moves = max_moves
         self.cooldown_s = cooldown_s
+        self.floor_ms = floor_ms
 
     def rebalance(
         self, workspace: Workspace, migration: TransferCostModel, latency_weight: float
@@ -88,14 +90,16 @@ class MinMaxRebalance:
         if hottest is None:
             return None
         kind, count, ties = hottest
-        if ties > 1:
+        current_ms = workspace.latency_ms(kind, count)
+        if ties > 1 or current_ms <= self.floor_ms:
             return None
         source = next(iter(workspace.level_gpus(kind, count)))
         session_id, kappa_ms = self._cheapest_session(workspace, source, migration.cost_ms, moved)
         if session_id is None:
             return None
-        current_ms = workspace.latency_ms(kind, count)
-        rest_ms = max(workspace.bottleneck_ms(without=(kind, count)), workspace.latency_ms(kind, count - 1))
+        rest_ms = max(
+            workspace.bottleneck_ms(without=(kind, count)), workspace.latency_ms(kind, count - 1), self.floor_ms
+        )
         best: _Move | None = None
         for target_kind, target_count in workspace.open_levels():
             target = workspace.first_usable(target_kind, target_count, excluding=source)

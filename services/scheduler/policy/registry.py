@@ -69,8 +69,12 @@ PLACEMENTS: dict[str, Callable[[PolicySetting], PlacementPolicy]] = {
 
 REBALANCES: dict[str, Callable[[PolicySetting], RebalancePolicy]] = {
     "none": lambda s: NoRebalance(),
-    "min_max": lambda s: MinMaxRebalance(eta=1.0, min_gain_ms=5.0, max_moves=1_000_000, cooldown_s=0.0),
-    "min_max_cooldown": lambda s: MinMaxRebalance(eta=1.0, min_gain_ms=5.0, max_moves=8, cooldown_s=60.0),
+    "min_max": lambda s: MinMaxRebalance(
+        eta=1.0, min_gain_ms=5.0, max_moves=1_000_000, cooldown_s=0.0, floor_ms=0.0
+    ),
+    "min_max_cooldown": lambda s: MinMaxRebalance(
+        eta=1.0, min_gain_ms=5.0, max_moves=8, cooldown_s=60.0, floor_ms=s.target_ms
+    ),
 }
 
 AUTOSCALES: dict[str, Callable[[PolicySetting], AutoscalePolicy]] = {
@@ -92,18 +96,21 @@ class PolicyRecipe:
     autoscale: str
     consolidate: bool
     summary: str
+    landing_migrations: bool = False
 
 
 POLICIES: dict[str, PolicyRecipe] = {
     "ours": PolicyRecipe(
         "restore_aware", "min_max_cooldown", "anticipatory", True,
         "closed loop: restore-aware best-fit placement, min-max with cooldown, anticipatory autoscaling",
+        landing_migrations=True,
     ),
     "ours_no_migration": PolicyRecipe(
         "restore_aware", "none", "anticipatory", False, "ours without any migration (no rebalance, no consolidation)"
     ),
     "ours_no_autoscale": PolicyRecipe(
-        "restore_aware", "min_max_cooldown", "fixed", True, "ours on a fixed pool of fixed_gpus"
+        "restore_aware", "min_max_cooldown", "fixed", True, "ours on a fixed pool of fixed_gpus",
+        landing_migrations=True,
     ),
     "paper": PolicyRecipe(
         "min_bottleneck", "min_max", "reactive", True, "the paper's rule: min bottleneck, min-max, ceil(N/(K rho))"
@@ -136,5 +143,11 @@ def build_controller(name: str, setting: PolicySetting) -> ClosedLoopController:
         REBALANCES[recipe.rebalance](setting),
         AUTOSCALES[recipe.autoscale](setting),
         setting.models(),
-        ControllerConfig(setting.scale_kind, setting.target_ms, setting.rebalance_interval_s, recipe.consolidate),
+        ControllerConfig(
+            setting.scale_kind,
+            setting.target_ms,
+            setting.rebalance_interval_s,
+            recipe.consolidate,
+            recipe.landing_migrations,
+        ),
     )

@@ -1,1 +1,1 @@
-"""TurboServe: store."""
+"""Durable scheduler state: the SchedulerStore protocol, its in-memory and PostgreSQL implementations, the tables."""

@@ -76,7 +76,7 @@ class MemoryStore:
             s
             for s in self._sessions.values()
             if s.status != "closed"
-            and ((s.worker_id is None and s.status == "active") or (s.worker_id is not None and s.worker_id not in live))
+            and (s.status == "active" if s.worker_id is None else s.worker_id not in live)
         ]
         return sorted(orphans, key=lambda s: (s.created_at, s.session_id))
 

@@ -87,7 +87,7 @@ class PostgresStore:
             async with self._engine.begin() as conn:
                 yield conn
         except (OperationalError, InterfaceError, PoolTimeout, OSError) as exc:
-            raise StoreUnavailable(f"database unavailable: {exc}") from exc
+            raise StoreUnavailable(f"database unavailable: {getattr(exc, 'orig', None) or exc}") from exc
 
     async def insert_session(self, session: SessionRecord) -> None:
         values = {
@@ -106,8 +106,8 @@ class PostgresStore:
         }
         statement = insert(SessionRow).values(values).on_conflict_do_nothing(index_elements=["id"])
         async with self._transaction() as conn:
-            result = await conn.execute(statement)
-        if result.rowcount == 0:
+            inserted = (await conn.execute(statement.returning(SessionRow.id))).first()
+        if inserted is None:
             raise SessionExists(f"session {session.session_id} already exists")
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
@@ -175,18 +175,17 @@ class PostgresStore:
         )
         async with self._transaction() as conn:
             rows = (await conn.execute(statement)).all()
-        return {worker_id: int(count) for worker_id, count in rows}
+        return {worker_id: int(count) for worker_id, count in rows if worker_id is not None}
 
     async def record_chunks(self, worker_id: str, chunks: Mapping[str, int], at: datetime) -> int:
         if not chunks:
             return 0
-        table = SessionRow.__table__
         statement = (
-            update(table)
+            update(SessionRow)
             .where(
-                table.c.id == bindparam("b_id"),
-                table.c.worker_id == worker_id,
-                table.c.chunks_produced < bindparam("b_produced"),
+                SessionRow.id == bindparam("b_id"),
+                SessionRow.worker_id == worker_id,
+                SessionRow.chunks_produced < bindparam("b_produced"),
             )
             .values(chunks_produced=bindparam("b_produced"), updated_at=at)
         )
@@ -197,7 +196,7 @@ class PostgresStore:
 
     async def upsert_worker(self, report: WorkerReport, at: datetime) -> WorkerRecord:
         samples = [[n, ms] for n, ms in report.latency_samples][-MAX_LATENCY_SAMPLES:]
-        statement = insert(WorkerRow).values(
+        fresh = insert(WorkerRow).values(
             id=report.worker_id,
             kind=report.kind,
             model=report.model,
@@ -211,20 +210,20 @@ class PostgresStore:
         )
         newest_window = f"'$[last-{MAX_LATENCY_SAMPLES - 1} to last]'"
         history = func.jsonb_path_query_array(
-            WorkerRow.latency_samples.op("||")(statement.excluded.latency_samples), literal_column(newest_window)
+            WorkerRow.latency_samples.op("||")(fresh.excluded.latency_samples), literal_column(newest_window)
         )
-        statement = statement.on_conflict_do_update(
+        statement = fresh.on_conflict_do_update(
             index_elements=["id"],
             set_={
-                "kind": statement.excluded.kind,
-                "model": statement.excluded.model,
-                "capacity": statement.excluded.capacity,
+                "kind": fresh.excluded.kind,
+                "model": fresh.excluded.model,
+                "capacity": fresh.excluded.capacity,
                 "status": "live",
-                "draining": statement.excluded.draining,
-                "active_sessions": statement.excluded.active_sessions,
+                "draining": fresh.excluded.draining,
+                "active_sessions": fresh.excluded.active_sessions,
                 "latency_samples": history,
-                "started_at": statement.excluded.started_at,
-                "last_seen": statement.excluded.last_seen,
+                "started_at": fresh.excluded.started_at,
+                "last_seen": fresh.excluded.last_seen,
             },
         ).returning(*_WORKER_COLUMNS)
         async with self._transaction() as conn:

@@ -1,0 +1,128 @@
+"""Decision time per scheduling event at 4 to 1,024 GPUs (about K sessions per GPU): our indexed controller
+against the paper's rule as described (full rescans), in the same run, on the same event sequence.
+
+Each event turns one resident session idle and resumes one offloaded session, then decides (with rebalancing
+due, the worst case) and applies the plan. The first ``warmup`` events are not timed: there our controller
+consolidates the deliberately loose starting cluster once (a one-off, proportional to the moves). Writes bench/results/scheduler_speed.json.
+
+    .venv/bin/python bench/scheduler_speed.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from services.scheduler.policy.actions import AddGpus, DrainGpu, Migrate, Offload, Place, Plan, RemoveGpu, Restore  # noqa: E402
+from services.scheduler.policy.naive_paper import NaivePaperScheduler  # noqa: E402
+from services.scheduler.policy.registry import PolicySetting, build_controller  # noqa: E402
+from services.scheduler.policy.snapshot import ClusterSnapshot, GpuView, SessionView  # noqa: E402
+
+STATE_BYTES = 3_500_000_000
+CAPACITY = 4
+
+
+def build_cluster(gpus: int, seed: int) -> ClusterSnapshot:
+    """``gpus`` ready GPUs holding 3 or 4 active sessions each, and as many offloaded idle sessions."""
+    rng = random.Random(seed)
+    snapshot = ClusterSnapshot()
+    for index in range(gpus):
+        snapshot.upsert_gpu(GpuView(f"g{index:05d}", "h100", CAPACITY, 0.0))
+    counter = 0
+    for index in range(gpus):
+        for _ in range(rng.choice((3, 4))):
+            snapshot.upsert_session(SessionView(f"s{counter}", STATE_BYTES, True, f"g{index:05d}"))
+            counter += 1
+    for _ in range(gpus * CAPACITY):
+        snapshot.upsert_session(SessionView(f"s{counter}", STATE_BYTES, False, None, None, True))
+        counter += 1
+    return snapshot
+
+
+def apply(snapshot: ClusterSnapshot, plan: Plan, now_s: float, new_gpus: list[int]) -> None:
+    for action in plan.actions:
+        if isinstance(action, Offload):
+            s = snapshot.sessions[action.session_id]
+            snapshot.upsert_session(SessionView(s.session_id, s.state_bytes, False, None, s.last_migrated_at_s, True))
+        elif isinstance(action, (Place, Restore)):
+            s = snapshot.sessions[action.session_id]
+            snapshot.upsert_session(SessionView(s.session_id, s.state_bytes, True, action.gpu_id, s.last_migrated_at_s))
+        elif isinstance(action, Migrate):
+            s = snapshot.sessions[action.session_id]
+            snapshot.upsert_session(SessionView(s.session_id, s.state_bytes, s.active, action.target_gpu_id, now_s))
+        elif isinstance(action, AddGpus):
+            for _ in range(action.count):
+                new_gpus[0] += 1
+                snapshot.upsert_gpu(GpuView(f"n{new_gpus[0]:05d}", action.kind, CAPACITY, now_s))
+        elif isinstance(action, DrainGpu):
+            g = snapshot.gpus[action.gpu_id]
+            snapshot.upsert_gpu(GpuView(g.gpu_id, g.kind, g.capacity, g.ready_at_s, True))
+        elif isinstance(action, RemoveGpu):
+            snapshot.remove_gpu(action.gpu_id)
+
+
+def measure(impl: str, gpus: int, events: int, seed: int, warmup: int) -> dict[str, float | int | str]:
+    snapshot = build_cluster(gpus, seed)
+    setting = PolicySetting(provisioning_delay_s=30.0, max_gpus=100_000)
+    if impl == "ours":
+        decider = build_controller("ours", setting)
+    else:
+        models = setting.models()
+        decider = NaivePaperScheduler(models.latency, models.migration, setting.scale_kind)
+    rng = random.Random(seed + 1)
+    sessions = snapshot.sessions
+    durations_ms: list[float] = []
+    new_gpus = [0]
+    for event in range(warmup + events):
+        now_s = 10.0 * (event + 1)
+        resident = rng.choice([g for g in snapshot.residents if snapshot.residents[g]][:64])
+        victim = next(iter(snapshot.residents[resident]))
+        v = sessions[victim]
+        snapshot.upsert_session(SessionView(victim, v.state_bytes, False, v.gpu_id, v.last_migrated_at_s))
+        idle = [s for s in list(sessions)[-64:] if not sessions[s].active and sessions[s].gpu_id is None]
+        if idle:
+            r = sessions[rng.choice(idle)]
+            snapshot.upsert_session(SessionView(r.session_id, r.state_bytes, True, None, r.last_migrated_at_s, True))
+        started = time.perf_counter()
+        plan = decider.decide(snapshot, now_s)
+        if event >= warmup:
+            durations_ms.append((time.perf_counter() - started) * 1000.0)
+        apply(snapshot, plan, now_s, new_gpus)
+    durations_ms.sort()
+    return {
+        "gpus": gpus,
+        "sessions": snapshot.active_count,
+        "impl": impl,
+        "events": events,
+        "median_ms": round(statistics.median(durations_ms), 4),
+        "p99_ms": round(durations_ms[min(len(durations_ms) - 1, int(0.99 * len(durations_ms)))], 4),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer events per size")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "scheduler_speed.json")
+    args = parser.parse_args()
+    rows = []
+    for gpus in (4, 16, 64, 256, 1024):
+        for impl in ("ours", "paper"):
+            budget = 40_000 if impl == "paper" else 400_000
+            events = max(5, min(300 if not args.quick else 60, budget // gpus))
+            row = measure(impl, gpus, events, seed=gpus, warmup=10 if impl == "ours" else 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""All sessions of one gateway: creation with the per-token limit, ownership checks, and the linger after a drop.
+
+A session outlives the connection that started it: when a connection drops, its sessions pause and linger for
+``linger_s``, still owned by the token, so a reconnecting client resumes them by id; after that they are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import uuid
+
+from nats.aio.client import Client as NatsClient
+
+from services.common.client_messages import Start
+from services.common.errors import InvalidField
+from services.gateway.registry import SessionRegistry
+from services.gateway.session import GatewaySession, SessionLimits, SessionListener, SessionSpec
+from services.gateway.settings import GatewaySettings
+
+log = logging.getLogger("turboserve.gateway.hub")
+
+
+def check_prompt_length(prompt: str, max_prompt_chars: int) -> None:
+    if len(prompt) > max_prompt_chars:
+        raise InvalidField(f"prompt of {len(prompt)} characters exceeds the limit of {max_prompt_chars}")
+
+
+class SessionHub:
+    """Creates, finds, lingers and closes sessions on behalf of the connections."""
+
+    def __init__(self, settings: GatewaySettings, nats: NatsClient) -> None:
+        self.settings = settings
+        self.registry: SessionRegistry[GatewaySession] = SessionRegistry(settings.max_sessions_per_token)
+        self._nats = nats
+        self._limits = SessionLimits(settings.credit_chunks, settings.queue_chunks, settings.request_timeout_s)
+        self._lingering: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def lingering_count(self) -> int:
+        return len(self._lingering)
+
+    def dropped_chunks(self) -> dict[str, int]:
+        """Chunks the fences dropped, by reason (duplicate, stale_epoch, ...), over the live sessions."""
+        total: collections.Counter[str] = collections.Counter()
+        for session in self.registry.sessions():
+            total.update(session.dropped)
+        return dict(total)
+
+    async def start(self, owner: str, connection_id: int, start: Start) -> GatewaySession:
+        """Admit (or refuse with limit_exceeded) and open a new session for ``owner``."""
+        check_prompt_length(start.prompt, self.settings.max_prompt_chars)
+        served = (self.settings.frame_width_px, self.settings.frame_height_px)
+        if (start.width, start.height) not in ((None, None), served):
+            raise InvalidField(
+                f"size {start.width}x{start.height} is not served; model {self.settings.model!r} renders "
+                f"{served[0]}x{served[1]}"
+            )
+        spec = SessionSpec(uuid.uuid4().hex, owner, start.prompt, start.seed, self.settings.model)
+        session = GatewaySession(spec, self._limits, self._nats)
+        self.registry.admit(owner, spec.session_id, session, connection_id)
+        try:
+            await session.open()
+        except BaseException:
+            self.registry.remove(spec.session_id)
+            raise
+        return session
+
+    def get(self, owner: str, session_id: str, connection_id: int) -> GatewaySession:
+        return self.registry.get(owner, session_id, connection_id)
+
+    def adopt(self, owner: str, session_id: str, connection_id: int) -> GatewaySession:
+        """Take over a lingering session of the same token (or keep driving our own)."""
+        session = self.registry.adopt(owner, session_id, connection_id)
+        timer = self._lingering.pop(session_id, None)
+        if timer is not None:
+            timer.cancel()
+        return session
+
+    async def close(self, session: GatewaySession) -> None:
+        timer = self._lingering.pop(session.session_id, None)
+        if timer is not None and timer is not asyncio.current_task():
+            timer.cancel()
+        await session.close()
+        self.registry.remove(session.session_id)
+
+    async def release_connection(self, connection_id: int, listener: SessionListener) -> None:
+        """A connection ended: pause its sessions and let them linger for a resume by the same token."""
+        detached = self.registry.detach_connection(connection_id)
+        for _, session in detached:
+            session.forget_listener(listener)
+        for session_id, session in detached:
+            unclaimed = functools.partial(self.registry.is_detached, session_id)
+            await session.suspend(unclaimed)
+            if unclaimed() and session_id not in self._lingering:
+                self._lingering[session_id] = asyncio.create_task(self._linger(session))
+
+    async def aclose(self) -> None:
+        """Gateway shutdown: close every session so no worker keeps state for a client that cannot come back."""
+        timers = list(self._lingering.values())
+        self._lingering.clear()
+        for timer in timers:
+            timer.cancel()
+        await asyncio.gather(*timers, return_exceptions=True)
+        await asyncio.gather(*(self.close(session) for session in self.registry.sessions()), return_exceptions=True)
+
+    async def _linger(self, session: GatewaySession) -> None:
+        await asyncio.sleep(self.settings.linger_s)
+        log.info("session=%s closed after lingering %.1f s without a connection", session.session_id,
+                 self.settings.linger_s)
+        await self.close(session)

@@ -1,0 +1,157 @@
+"""The scheduler's only NATS code: decode what arrives, hand it to the Coordinator, send back what it decided.
+
+Requests (open, update) are answered in a queue group, so several schedulers share them; reports (heartbeats,
+worker gone) reach every scheduler, so each keeps its own view of liveness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import TracebackType
+from typing import TypeVar, cast
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from services.common import subjects
+from services.common.errors import TurboServeError
+from services.common.messages import OpenSession, Placement, Reply, UpdateSession, WorkerGone, WorkerHeartbeat
+from services.common.wire import Message, decode, encode
+from services.scheduler.coordinator import Coordinator
+from services.scheduler.migrations import migrate
+from services.scheduler.settings import SchedulerSettings
+from services.scheduler.store.postgres import PostgresStore
+
+log = logging.getLogger("turboserve.scheduler")
+
+QUEUE_GROUP = "turboserve-scheduler"
+M = TypeVar("M", bound=Message)
+
+
+class SchedulerRunner:
+    """Subscriptions and the periodic sweep of one scheduler; entering it means it is serving, leaving it
+    unsubscribes and stops the sweep (``close`` is idempotent)."""
+
+    def __init__(self, nats: NatsClient, coordinator: Coordinator, *, sweep_interval_s: float) -> None:
+        self._nats = nats
+        self._coordinator = coordinator
+        self._sweep_interval_s = sweep_interval_s
+        self._subscriptions: list[Subscription] = []
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> SchedulerRunner:
+        await self._coordinator.start()
+        self._subscriptions = [
+            await self._nats.subscribe(subjects.SCHED_OPEN, queue=QUEUE_GROUP, cb=self._on_open),
+            await self._nats.subscribe(subjects.SCHED_UPDATE, queue=QUEUE_GROUP, cb=self._on_update),
+            await self._nats.subscribe(subjects.SCHED_HEARTBEAT, cb=self._on_heartbeat),
+            await self._nats.subscribe(subjects.SCHED_WORKER_GONE, cb=self._on_worker_gone),
+        ]
+        await self._nats.flush()  # the server has the subscriptions once this returns: we are serving
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="scheduler-sweep")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for subscription in subscriptions:
+            if not self._nats.is_closed:
+                await subscription.unsubscribe()
+
+    async def _on_open(self, msg: Msg) -> None:
+        await self._answer(msg, OpenSession, self._coordinator.open_session)
+
+    async def _on_update(self, msg: Msg) -> None:
+        await self._answer(msg, UpdateSession, self._coordinator.update_session)
+
+    async def _answer(self, msg: Msg, kind: type[M], handle: Callable[[M], Awaitable[Placement | Reply]]) -> None:
+        """Every request gets exactly one answer: the decision, or a Reply whose code says what went wrong."""
+        response: Message
+        try:
+            response = await handle(cast(M, decode(msg.data, expect=kind)))
+        except asyncio.CancelledError:
+            raise
+        except TurboServeError as exc:
+            log.info("event=refused subject=%s code=%s detail=%r", msg.subject, exc.code, str(exc))
+            response = Reply(ok=False, code=exc.code, detail=str(exc))
+        except Exception:
+            log.exception("event=handler_failed subject=%s", msg.subject)
+            response = Reply(ok=False, code="internal", detail="the scheduler failed to handle the request")
+        if msg.reply:
+            await msg.respond(encode(response))
+        else:
+            log.warning("event=no_reply_subject subject=%s: a request was published without a reply inbox", msg.subject)
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        await self._consume(msg, WorkerHeartbeat, self._coordinator.observe_heartbeat)
+
+    async def _on_worker_gone(self, msg: Msg) -> None:
+        async def handle(notice: WorkerGone) -> None:
+            await self._publish(await self._coordinator.worker_gone(notice))
+
+        await self._consume(msg, WorkerGone, handle)
+
+    async def _consume(self, msg: Msg, kind: type[M], handle: Callable[[M], Awaitable[None]]) -> None:
+        """Reports have nobody to answer to: a bad one is logged and dropped, the next one may be good."""
+        try:
+            await handle(cast(M, decode(msg.data, expect=kind)))
+        except asyncio.CancelledError:
+            raise
+        except TurboServeError as exc:
+            log.warning("event=report_dropped subject=%s code=%s detail=%r", msg.subject, exc.code, str(exc))
+        except Exception:
+            log.exception("event=report_failed subject=%s", msg.subject)
+
+    async def _sweep_forever(self) -> None:
+        """The periodic scheduling event; a failed round (database down) is logged and the next one retries."""
+        while True:
+            await asyncio.sleep(self._sweep_interval_s)
+            try:
+                placements = await self._coordinator.sweep()
+            except asyncio.CancelledError:
+                raise
+            except TurboServeError as exc:
+                log.warning("event=sweep_failed code=%s detail=%r", exc.code, str(exc))
+                continue
+            except Exception:
+                log.exception("event=sweep_failed")
+                continue
+            await self._publish(placements)
+
+    async def _publish(self, placements: list[Placement]) -> None:
+        for placement in placements:
+            await self._nats.publish(subjects.placement(placement.session_id), encode(placement))
+
+
+@contextlib.asynccontextmanager
+async def open_scheduler(settings: SchedulerSettings, nats: NatsClient) -> AsyncIterator[SchedulerRunner]:
+    """Migrate the schema, then serve on ``nats`` until the block exits; serving once this yields."""
+    await migrate(settings.database_url)
+    async with contextlib.AsyncExitStack() as stack:
+        store = PostgresStore.connect(settings.database_url)
+        stack.push_async_callback(store.close)
+        coordinator = Coordinator(store, worker_timeout_s=settings.worker_timeout_s)
+        yield await stack.enter_async_context(
+            SchedulerRunner(nats, coordinator, sweep_interval_s=settings.sweep_interval_s)
+        )
+
+
+async def run_scheduler(settings: SchedulerSettings, nats: NatsClient, stop: asyncio.Event) -> None:
+    """Serve until ``stop`` is set (the entry point for ``turboserve scheduler`` and ``turboserve up``)."""
+    async with open_scheduler(settings, nats):
+        log.info("event=serving worker_timeout_s=%s sweep_s=%s", settings.worker_timeout_s, settings.sweep_interval_s)
+        await stop.wait()
+

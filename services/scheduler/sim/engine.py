@@ -1,0 +1,308 @@
+"""Event-level simulator: replays a session trace through a controller, the same object the live scheduler runs.
+
+Between two events every GPU's per-chunk latency is constant, so chunks are counted analytically per interval
+(GPUs holding n sessions produce n / chunk_interval_s chunks per second at l(n)) instead of one by one. A chunk's
+latency includes the time its session waited for a slot or for a GPU still provisioning (the chunks owed
+during a wait of W are late by 0..W), the restore time for the first chunk after a resume, and the migration
+time for the first chunk after a move. Offloads free the slot at once (the copy to host runs in the
+background). GPUs are billed from the moment they are asked for until they are released.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.scheduler.policy.actions import AddGpus, DrainGpu, Migrate, Offload, Place, Plan, RemoveGpu, Restore
+from services.scheduler.policy.controller import ClosedLoopController
+from services.scheduler.policy.cost_models import LatencyModel, TransferCostModel
+from services.scheduler.policy.snapshot import ClusterSnapshot, GpuView, SessionView
+from services.scheduler.sim.distribution import LatencyDistribution
+from services.scheduler.sim.results import SimResult, TimeSeries
+from services.scheduler.sim.trace import EventKind, Trace
+
+
+class SimulationError(RuntimeError):
+    """A plan the cluster cannot execute (a policy bug): placing on a full or missing GPU, removing a busy one."""
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """Ground truth of the simulated cluster. The transfer models here are the truth the controller's fitted
+    models are compared against; ``sample_s`` is the resolution of the time series."""
+
+    provisioning_delay_s: float = 30.0
+    chunk_interval_s: float = 0.75
+    target_ms: float = 400.0
+    tick_s: float = 10.0
+    sample_s: float = 60.0
+    gpu_kind: str = "h100"
+    gpu_capacity: int = 4
+    min_gpus: int = 1
+
+
+_TICK, _SAMPLE, _READY = 10, 11, 12
+
+
+class Simulator:
+    """One replay. ``progress`` is called with the simulated time now and then (for a progress bar)."""
+
+    def __init__(
+        self,
+        trace: Trace,
+        controller: ClosedLoopController,
+        config: SimConfig,
+        latency: LatencyModel,
+        migration: TransferCostModel,
+        restore: TransferCostModel,
+        progress: Callable[[float], None] | None = None,
+    ) -> None:
+        self.trace, self.controller, self.config = trace, controller, config
+        self.latency, self.migration, self.restore = latency, migration, restore
+        self.progress = progress
+        self.snapshot = ClusterSnapshot()
+        self.distribution = LatencyDistribution()
+        self.series = TimeSeries()
+        self._wait_since: dict[str, float] = {}
+        self._state_bytes = {s.session_id: s.state_bytes for s in trace.sessions}
+        self._gpu_ids = itertools.count()
+        self._dynamic: list[tuple[float, int, str]] = []
+        self._now_s = 0.0
+        self._gpu_seconds = 0.0
+        self._window_worst_ms = 0.0
+        self._window_chunks = 0.0
+        self._window_late = 0.0
+        self._counters = dict.fromkeys(
+            ("migrations", "migrated_bytes", "offloads", "restores", "placements", "scale_out_events",
+             "gpus_added", "scale_in_events", "gpus_removed", "decisions"), 0
+        )
+        self._decide_s: list[float] = []
+
+    def _in_window(self, time_s: float) -> bool:
+        return self.trace.window_start_s <= time_s <= self.trace.window_end_s
+
+    def _add_chunks(self, latency_ms: float, chunks: float, at_s: float) -> None:
+        if not self._in_window(at_s):
+            return
+        self.distribution.add_point(latency_ms, chunks)
+        self._note_window(latency_ms, latency_ms, chunks)
+
+    def _note_window(self, low_ms: float, high_ms: float, chunks: float) -> None:
+        self._window_chunks += chunks
+        if high_ms > self.config.target_ms and chunks > 0:
+            self._window_worst_ms = max(self._window_worst_ms, high_ms)
+            share = 1.0 if high_ms == low_ms else min(1.0, (high_ms - self.config.target_ms) / (high_ms - low_ms))
+            self._window_late += chunks * share
+        elif chunks > 0:
+            self._window_worst_ms = max(self._window_worst_ms, high_ms)
+
+    def _advance(self, to_s: float) -> None:
+        """Account the chunks every GPU produced since the last event, at its (constant) latency."""
+        low_s, high_s = max(self._now_s, self.trace.window_start_s), min(to_s, self.trace.window_end_s)
+        span_s = high_s - low_s
+        if span_s > 0:
+            self._gpu_seconds += span_s * len(self.snapshot.gpus)
+            per_session = span_s / self.config.chunk_interval_s
+            for (kind, count), gpus in self.snapshot.levels.items():
+                if count and gpus:
+                    value_ms = self.latency.curve(kind).chunk_latency_ms(count)
+                    chunks = per_session * count * len(gpus)
+                    self.distribution.add_point(value_ms, chunks)
+                    self._note_window(value_ms, value_ms, chunks)
+        self._now_s = to_s
+
+    def _settle_wait(self, session_id: str, first_chunk_ms: float) -> None:
+        """Account the chunks a session owed while it waited W: late by 0..W on top of its first chunk's latency."""
+        since_s = self._wait_since.pop(session_id, None)
+        if since_s is None or self._now_s <= since_s or not self._in_window(self._now_s):
+            return
+        waited_s = self._now_s - since_s
+        owed = waited_s / self.config.chunk_interval_s
+        low_ms, high_ms = first_chunk_ms, first_chunk_ms + waited_s * 1000.0
+        self.distribution.add_range(low_ms, high_ms, owed)
+        self._note_window(low_ms, high_ms, owed)
+
+    def _session(self, session_id: str) -> SessionView:
+        session = self.snapshot.sessions.get(session_id)
+        if session is None:
+            raise SimulationError(f"plan names unknown session {session_id!r}")
+        return session
+
+    def _chunk_ms_on(self, gpu_id: str) -> float:
+        gpu = self.snapshot.gpus[gpu_id]
+        return self.latency.curve(gpu.kind).chunk_latency_ms(len(self.snapshot.residents[gpu_id]))
+
+    def _put(self, session: SessionView, gpu_id: str, restored: bool) -> None:
+        gpu = self.snapshot.gpus.get(gpu_id)
+        if gpu is None or gpu.draining or gpu.ready_at_s > self._now_s:
+            raise SimulationError(f"cannot place {session.session_id!r} on unusable GPU {gpu_id!r}")
+        if not session.active or session.gpu_id is not None:
+            raise SimulationError(f"session {session.session_id!r} is not an active unplaced session")
+        self.snapshot.upsert_session(
+            SessionView(session.session_id, session.state_bytes, True, gpu_id, session.last_migrated_at_s, False)
+        )
+        steady_ms = self._chunk_ms_on(gpu_id)
+        extra_ms = self.restore.cost_ms(session.state_bytes) if restored else 0.0
+        self._settle_wait(session.session_id, steady_ms + extra_ms)
+        if extra_ms:
+            self._add_chunks(steady_ms, -1.0, self._now_s)
+            self._add_chunks(steady_ms + extra_ms, 1.0, self._now_s)
+        self._counters["restores" if restored else "placements"] += 1
+
+    def _apply(self, plan: Plan) -> bool:
+        """Execute a plan; True when it started a drain, so the caller decides again at once."""
+        drained = False
+        for action in plan.actions:
+            if isinstance(action, Offload):
+                session = self._session(action.session_id)
+                if session.active or session.gpu_id != action.gpu_id:
+                    raise SimulationError(f"offload of {action.session_id!r} which is active or elsewhere")
+                self.snapshot.upsert_session(SessionView(session.session_id, session.state_bytes, False, None,
+                                                         session.last_migrated_at_s, True))
+                self._counters["offloads"] += 1
+            elif isinstance(action, (Place, Restore)):
+                self._put(self._session(action.session_id), action.gpu_id, isinstance(action, Restore))
+            elif isinstance(action, Migrate):
+                self._migrate(action)
+            elif isinstance(action, AddGpus):
+                self._add_gpus(action)
+            elif isinstance(action, DrainGpu):
+                gpu = self.snapshot.gpus[action.gpu_id]
+                self.snapshot.upsert_gpu(GpuView(gpu.gpu_id, gpu.kind, gpu.capacity, gpu.ready_at_s, True))
+                self._counters["scale_in_events"] += 1
+                drained = True
+            elif isinstance(action, RemoveGpu):
+                self._remove_gpu(action.gpu_id)
+        return drained
+
+    def _migrate(self, action: Migrate) -> None:
+        session = self._session(action.session_id)
+        target = self.snapshot.gpus.get(action.target_gpu_id)
+        if session.gpu_id != action.source_gpu_id or target is None or target.ready_at_s > self._now_s:
+            raise SimulationError(f"bad migration {action}")
+        self.snapshot.upsert_session(SessionView(session.session_id, session.state_bytes, session.active,
+                                                 action.target_gpu_id, self._now_s, False))
+        steady_ms = self._chunk_ms_on(action.target_gpu_id)
+        self._add_chunks(steady_ms, -1.0, self._now_s)
+        self._add_chunks(steady_ms + self.migration.cost_ms(session.state_bytes), 1.0, self._now_s)
+        self._counters["migrations"] += 1
+        self._counters["migrated_bytes"] += session.state_bytes
+
+    def _add_gpus(self, action: AddGpus) -> None:
+        if action.count < 1:
+            raise SimulationError(f"AddGpus with count {action.count}")
+        ready_s = self._now_s + self.config.provisioning_delay_s
+        for _ in range(action.count):
+            gpu_id = f"gpu{next(self._gpu_ids):05d}"
+            capacity = self.latency.curve(action.kind).capacity
+            self.snapshot.upsert_gpu(GpuView(gpu_id, action.kind, capacity, ready_s))
+            heapq.heappush(self._dynamic, (ready_s, _READY, gpu_id))
+        self._counters["scale_out_events"] += 1
+        self._counters["gpus_added"] += action.count
+
+    def _remove_gpu(self, gpu_id: str) -> None:
+        if gpu_id not in self.snapshot.gpus:
+            raise SimulationError(f"remove of unknown GPU {gpu_id!r}")
+        self.snapshot.remove_gpu(gpu_id)
+        self._counters["gpus_removed"] += 1
+
+    def _decide(self) -> None:
+        for _ in range(4):
+            started = time.perf_counter()
+            plan = self.controller.decide(self.snapshot, self._now_s)
+            self._decide_s.append(time.perf_counter() - started)
+            self._counters["decisions"] += 1
+            if not self._apply(plan):
+                return
+
+    def _handle_trace_event(self, kind: int, session_id: str) -> None:
+        snapshot = self.snapshot
+        if kind == EventKind.ARRIVE:
+            snapshot.upsert_session(SessionView(session_id, self._state_bytes[session_id], True, None))
+            self._wait_since[session_id] = self._now_s
+            return
+        session = snapshot.sessions[session_id]
+        if kind == EventKind.ACTIVE:
+            snapshot.upsert_session(SessionView(session_id, session.state_bytes, True, session.gpu_id,
+                                                session.last_migrated_at_s, session.offloaded))
+            if session.gpu_id is None:
+                self._wait_since[session_id] = self._now_s
+        elif kind == EventKind.IDLE:
+            self._settle_wait(session_id, 0.0)
+            snapshot.upsert_session(SessionView(session_id, session.state_bytes, False, session.gpu_id,
+                                                session.last_migrated_at_s, session.offloaded or session.gpu_id is None))
+        else:
+            snapshot.remove_session(session_id)
+
+    def run(self) -> SimResult:
+        config = self.config
+        events = self.trace.events()
+        start_s = min(events[0][0], self.trace.window_start_s) if events else self.trace.window_start_s
+        self._now_s = start_s
+        for index in range(self.controller.initial_gpus):
+            self.snapshot.upsert_gpu(GpuView(f"init{index:05d}", config.gpu_kind, config.gpu_capacity, start_s))
+        end_s = max(self.trace.window_end_s, events[-1][0] if events else start_s)
+        heapq.heappush(self._dynamic, (start_s + config.tick_s, _TICK, ""))
+        first_sample_s = self.trace.window_start_s + config.sample_s
+        heapq.heappush(self._dynamic, (first_sample_s, _SAMPLE, ""))
+        next_report_s = start_s
+        index = 0
+        while index < len(events) or self._dynamic:
+            if self._dynamic and (index >= len(events) or self._dynamic[0][0] < events[index][0]):
+                time_s, kind, key = heapq.heappop(self._dynamic)
+                if time_s > end_s:
+                    break
+                self._advance(time_s)
+                if kind == _TICK:
+                    heapq.heappush(self._dynamic, (time_s + config.tick_s, _TICK, ""))
+                elif kind == _SAMPLE:
+                    self._sample()
+                    heapq.heappush(self._dynamic, (time_s + config.sample_s, _SAMPLE, ""))
+                    continue
+                elif key not in self.snapshot.gpus:
+                    continue
+            else:
+                time_s, kind, key = events[index]
+                index += 1
+                self._advance(time_s)
+                self._handle_trace_event(kind, key)
+            self._decide()
+            if self.progress is not None and time_s >= next_report_s:
+                self.progress(time_s - start_s)
+                next_report_s = time_s + 600.0
+        self._advance(end_s)
+        for session_id in list(self._wait_since):
+            self._settle_wait(session_id, 0.0)
+        return self._result()
+
+    def _sample(self) -> None:
+        if not self._in_window(self._now_s):
+            return
+        self.series.append(
+            self._now_s - self.trace.window_start_s,
+            self.snapshot.active_count,
+            len(self.snapshot.gpus),
+            self._window_worst_ms,
+            self._window_late / self._window_chunks if self._window_chunks > 0 else 0.0,
+        )
+        self._window_worst_ms = self._window_chunks = self._window_late = 0.0
+
+    def _result(self) -> SimResult:
+        decide_ms = sorted(s * 1000.0 for s in self._decide_s) or [0.0]
+        return SimResult(
+            policy=self.controller.name,
+            trace=self.trace.name,
+            gpu_hours=self._gpu_seconds / 3600.0,
+            worst_latency_ms=self.distribution.worst_ms,
+            p99_latency_ms=self.distribution.quantile_ms(0.99),
+            over_target_frac=self.distribution.fraction_above(self.config.target_ms),
+            total_chunks=self.distribution.total_chunks,
+            counters=dict(self._counters),
+            decide_median_ms=decide_ms[len(decide_ms) // 2],
+            decide_p99_ms=decide_ms[min(len(decide_ms) - 1, math.ceil(0.99 * len(decide_ms)) - 1)],
+            series=self.series,
+        )

@@ -1,0 +1,75 @@
+"""PNG pictures of simulated runs (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+
+from services.scheduler.sim.results import SimResult  # noqa: E402
+
+
+def plot_timelines(results: Sequence[SimResult], title: str, path: Path) -> Path:
+    """Active sessions and GPU count over time per policy (top), worst chunk latency per sample (bottom)."""
+    figure, (load_axis, latency_axis) = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
+    if results:
+        first = results[0].series
+        load_axis.plot([t / 3600 for t in first.time_s], first.active, color="black", lw=1, label="active sessions")
+    for result in results:
+        hours = [t / 3600 for t in result.series.time_s]
+        capacity = [g * 4 for g in result.series.gpus]
+        load_axis.step(hours, capacity, where="post", lw=1, label=f"{result.policy}: GPU slots (4 x GPUs)")
+        latency_axis.plot(hours, [max(w, 1.0) for w in result.series.worst_ms], lw=0.8, label=result.policy)
+    latency_axis.axhline(400, color="red", ls="--", lw=0.8, label="target 400 ms")
+    latency_axis.set_yscale("log")
+    latency_axis.set_ylabel("worst chunk latency per sample (ms)")
+    latency_axis.set_xlabel("hours into the window")
+    load_axis.set_ylabel("sessions / slots")
+    load_axis.set_title(title)
+    load_axis.legend(fontsize=7, loc="upper left")
+    latency_axis.legend(fontsize=7, loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_cost_vs_latency(
+    points: Sequence[tuple[str, float, float, float]],
+    sweep: Sequence[tuple[float, float, float]],
+    title: str,
+    path: Path,
+) -> Path:
+    """Left: GPU-hours against worst-case latency for every policy. Right: the paper's rule swept over rho
+    (cost against fraction of chunks over target) with ours marked. ``points``: (policy, gpu_hours, worst_ms,
+    over_frac); ``sweep``: (rho, gpu_hours, over_frac)."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for policy, gpu_hours, worst_ms, _ in points:
+        left.scatter(gpu_hours, worst_ms, s=30)
+        left.annotate(policy, (gpu_hours, worst_ms), fontsize=7)
+    left.set_yscale("log")
+    left.set_xlabel("GPU-hours")
+    left.set_ylabel("worst-case chunk latency (ms)")
+    left.set_title("cost vs worst-case latency")
+    if sweep:
+        right.plot([s[1] for s in sweep], [max(s[2], 1e-7) for s in sweep], "o-", label="paper's rule, rho sweep")
+        for rho, gpu_hours, over in sweep:
+            right.annotate(f"{rho:g}", (gpu_hours, max(over, 1e-7)), fontsize=7)
+    for policy, gpu_hours, _, over in points:
+        if policy.startswith("ours"):
+            right.scatter([gpu_hours], [max(over, 1e-7)], marker="*", s=120, label=policy)
+    right.axhline(1e-3, color="red", ls="--", lw=0.8, label="0.1% budget")
+    right.set_yscale("log")
+    right.set_xlabel("GPU-hours")
+    right.set_ylabel("fraction of chunks over target (1e-7 = none)")
+    right.set_title("cost vs violations")
+    right.legend(fontsize=7)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -1,0 +1,56 @@
+"""What one simulated run measured: the headline figures, the counters, and a per-sample time series."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class TimeSeries:
+    """One row per sample interval: active sessions and GPUs at its end, worst chunk latency and the share of
+    chunks over target within it."""
+
+    time_s: list[float] = field(default_factory=list)
+    active: list[int] = field(default_factory=list)
+    gpus: list[int] = field(default_factory=list)
+    worst_ms: list[float] = field(default_factory=list)
+    over_target_frac: list[float] = field(default_factory=list)
+
+    def append(self, time_s: float, active: int, gpus: int, worst_ms: float, over_target_frac: float) -> None:
+        self.time_s.append(time_s)
+        self.active.append(active)
+        self.gpus.append(gpus)
+        self.worst_ms.append(worst_ms)
+        self.over_target_frac.append(over_target_frac)
+
+
+@dataclass(slots=True)
+class SimResult:
+    """Headline figures of one replay; ``counters`` holds migrations, migrated_bytes, offloads, restores,
+    placements, scale events and decisions."""
+
+    policy: str
+    trace: str
+    gpu_hours: float
+    worst_latency_ms: float
+    p99_latency_ms: float
+    over_target_frac: float
+    total_chunks: float
+    counters: dict[str, int]
+    decide_median_ms: float
+    decide_p99_ms: float
+    series: TimeSeries
+
+    def summary(self) -> dict[str, float | int | str]:
+        return {
+            "policy": self.policy,
+            "trace": self.trace,
+            "gpu_hours": round(self.gpu_hours, 3),
+            "worst_latency_ms": round(self.worst_latency_ms, 1),
+            "p99_latency_ms": round(self.p99_latency_ms, 1),
+            "over_target_frac": self.over_target_frac,
+            "total_chunks": round(self.total_chunks),
+            "decide_median_ms": round(self.decide_median_ms, 4),
+            "decide_p99_ms": round(self.decide_p99_ms, 4),
+            **self.counters,
+        }

@@ -1,0 +1,142 @@
+"""Snapshot bytes as JetStream objects in the standard object store layout (ADR-20: chunks on ``$O.<bucket>.C.<nuid>``,
+then one meta message on ``$O.<bucket>.M.<base64 name>``), so any object store client can still list and read them.
+
+Why not nats-py's ``ObjectStore.put`` and ``get``: ``put`` waits for one acknowledgement per chunk and gives the
+chunks a random nuid, so chunks of a writer killed before its meta can never be traced back to a session; ``get``
+concatenates bytes chunk by chunk (quadratic on multi-GB states) and waits forever on chunks purged under it. Here
+the nuid is ``<session>.<snapshot>``, chunks are published with a window of acknowledgements outstanding, and reads
+land in one preallocated buffer with a per-chunk timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+
+import nats.errors
+from nats.js import JetStreamContext, api
+from nats.js.kv import MSG_ROLLUP_SUBJECT
+from nats.js.object_store import (
+    OBJ_ALL_CHUNKS_PRE_TEMPLATE,
+    OBJ_CHUNKS_PRE_TEMPLATE,
+    OBJ_DIGEST_TEMPLATE,
+    OBJ_META_PRE_TEMPLATE,
+    OBJ_STREAM_TEMPLATE,
+)
+
+from services.state_store.errors import SnapshotCorrupt, SnapshotGone
+from services.state_store.protocol import Buffer, StagedBlob, byte_view
+
+WINDOW_CHUNKS = 16
+"""Chunks published ahead of their acknowledgements: enough to hide the round trip, bounded to cap memory."""
+
+
+def nuid_of(session_id: str, snapshot_id: str) -> str:
+    """Two subject tokens; ids never contain dots, so the pair parses back unambiguously."""
+    return f"{session_id}.{snapshot_id}"
+
+
+async def upload(
+    js: JetStreamContext,
+    bucket: str,
+    name: str,
+    nuid: str,
+    buffers: Sequence[Buffer],
+    *,
+    chunk_bytes: int,
+    ack_timeout_s: float,
+) -> StagedBlob:
+    """Publish the buffers back to back as chunks, then the meta; the object exists only once the meta is stored."""
+    subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid)
+    digest, total, count = hashlib.sha256(), 0, 0
+    acks: collections.deque[asyncio.Future[api.PubAck]] = collections.deque()
+    try:
+        for chunk in _chunks(buffers, chunk_bytes):
+            if len(acks) >= WINDOW_CHUNKS:
+                await asyncio.wait_for(acks.popleft(), ack_timeout_s)
+            digest.update(chunk)
+            acks.append(await js.publish_async(subject, chunk))  # type: ignore[arg-type]  # any buffer works
+            total += chunk.nbytes
+            count += 1
+        while acks:
+            await asyncio.wait_for(acks.popleft(), ack_timeout_s)
+    finally:
+        for ack in acks:  # only left on failure; their chunks are swept with the rest of this nuid
+            ack.cancel()
+    raw = digest.digest()
+    info = api.ObjectInfo(
+        name=name,
+        bucket=bucket,
+        nuid=nuid,
+        size=total,
+        chunks=count,
+        digest=OBJ_DIGEST_TEMPLATE.format(digest=base64.urlsafe_b64encode(raw).decode()),
+        mtime=datetime.now(UTC).isoformat(),
+        options=api.ObjectMetaOptions(max_chunk_size=chunk_bytes),
+    )
+    await js.publish(
+        meta_subject(bucket, name), json.dumps(info.as_dict()).encode(), headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT}
+    )
+    return StagedBlob(total_bytes=total, digest=f"sha256:{raw.hex()}")
+
+
+async def download(
+    js: JetStreamContext, bucket: str, nuid: str, data: bytearray, *, chunk_timeout_s: float, what: str
+) -> None:
+    """Fill ``data`` with the object's chunks; a chunk that does not come in time means they were purged."""
+    sub = await js.subscribe(
+        OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid),
+        stream=OBJ_STREAM_TEMPLATE.format(bucket=bucket),
+        ordered_consumer=True,
+        pending_bytes_limit=WINDOW_CHUNKS * 16 * (1 << 20),
+    )
+    offset = 0
+    try:
+        while offset < len(data):
+            try:
+                msg = await sub.next_msg(timeout=chunk_timeout_s)
+            except nats.errors.TimeoutError:
+                raise SnapshotGone(
+                    f"{what}: no chunk for {chunk_timeout_s} s after {offset} of {len(data)} bytes (superseded)"
+                ) from None
+            end = offset + len(msg.data)
+            if end > len(data):
+                raise SnapshotCorrupt(f"{what} has more than {len(data)} bytes")
+            data[offset:end] = msg.data
+            offset = end
+    finally:
+        await sub.unsubscribe()
+
+
+async def purge(js: JetStreamContext, bucket: str, name: str, nuid: str) -> None:
+    """Remove an object without a tombstone (names are never reused). Chunks first: a crash in between leaves a
+    meta without chunks, which readers report as gone and the next sweep purges again."""
+    stream = OBJ_STREAM_TEMPLATE.format(bucket=bucket)
+    await js.purge_stream(stream, subject=OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid))
+    await js.purge_stream(stream, subject=meta_subject(bucket, name))
+
+
+async def chunk_nuids(js: JetStreamContext, bucket: str) -> set[str]:
+    """The nuids that have chunks stored, with or without a meta."""
+    info = await js.stream_info(
+        OBJ_STREAM_TEMPLATE.format(bucket=bucket), subjects_filter=OBJ_ALL_CHUNKS_PRE_TEMPLATE.format(bucket=bucket)
+    )
+    prefix = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj="")
+    return {subject[len(prefix) :] for subject in (info.state.subjects or {})}
+
+
+def meta_subject(bucket: str, name: str) -> str:
+    return OBJ_META_PRE_TEMPLATE.format(bucket=bucket, obj=base64.urlsafe_b64encode(name.encode()).decode())
+
+
+def _chunks(buffers: Sequence[Buffer], chunk_bytes: int) -> Iterator[memoryview]:
+    """Slices of at most ``chunk_bytes`` of each buffer, without copying; readers only concatenate chunks."""
+    for buf in buffers:
+        view = byte_view(buf)
+        for start in range(0, view.nbytes, chunk_bytes):
+            yield view[start : start + chunk_bytes]

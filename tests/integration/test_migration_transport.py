@@ -1,0 +1,147 @@
+"""Live migration between two real processes over gloo on localhost: free ports, no global process group."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from services.gpu_worker.migration.errors import MigrationAborted, TransferFailed
+from services.gpu_worker.migration.precopy import SourceMigration, TargetMigration
+from services.gpu_worker.migration.state_machine import MigrationPhase, MigrationStateMachine
+from services.gpu_worker.migration.transport import TransferListener, connect
+from services.gpu_worker.state.synthetic import SyntheticShape, SyntheticStateModel
+
+CPU = torch.device("cpu")
+HOST = "127.0.0.1"
+SHAPE = SyntheticShape(layers=4, heads=4, head_dim=32, rows=2048, sink_rows=4, rows_per_chunk=8)  # 4 MiB of KV
+SESSIONS = ("a", "b")
+TIMEOUT_S = 60.0
+
+
+def _frames_digest(frames: torch.Tensor) -> int:
+    return int(frames.to(torch.int64).sum())
+
+
+def _receive(conn: Connection, model: SyntheticStateModel, session_id: str, timeout_s: float) -> dict[str, Any]:
+    listener = TransferListener(HOST, 0, timeout_s=timeout_s)
+    conn.send((session_id, listener.port))
+    machine = MigrationStateMachine(session_id, timeout_s=timeout_s)
+    released: list[str] = []
+    machine.on_rollback(lambda: released.append("reservation"))
+    started = time.monotonic()
+    try:
+        link = listener.accept(session_id, CPU)
+        target = TargetMigration(link, model, machine, session_id=session_id, max_state_bytes=1 << 30,
+                                 allocate=lambda dtype, numel: torch.empty(numel, dtype=dtype))
+        handle = target.receive()
+    except MigrationAborted as exc:
+        return {"phase": machine.phase.value, "released": released, "error": str(exc),
+                "elapsed_s": time.monotonic() - started}
+    return {"phase": machine.phase.value, "released": released,
+            "frames": [_frames_digest(model.generate([handle])[0].frames) for _ in range(4)]}
+
+
+def target_process(conn: Connection, sessions: tuple[str, ...], timeout_s: float) -> None:
+    """Receive every named session at once, each over its own private group, then report."""
+    model = SyntheticStateModel(SHAPE, slots=len(sessions), device=CPU)
+    with ThreadPoolExecutor(max_workers=len(sessions)) as executor:
+        reports = list(executor.map(lambda sid: _receive(conn, model, sid, timeout_s), sessions))
+    conn.send({"reports": reports, "default_group": dist.is_initialized()})
+
+
+def dying_source_process(port: int) -> None:
+    """Send the bulk copy, then die without a word, as a crashed worker would."""
+    model = SyntheticStateModel(SHAPE, slots=1, device=CPU)
+    handle = model.new_session("a", "a fox", seed=5)
+    link = connect(HOST, port, transfer_id="a", device=CPU, timeout_s=TIMEOUT_S)
+    migration = SourceMigration(link, model, handle, MigrationStateMachine("a", timeout_s=TIMEOUT_S),
+                                chunks_done=lambda: 0)
+    migration.begin()
+    migration.send_bulk()
+    os._exit(17)
+
+
+def _unmigrated_frames(session_id: str, seed: int, chunks_before: int) -> list[int]:
+    model = SyntheticStateModel(SHAPE, slots=1, device=CPU)
+    handle = model.new_session(session_id, f"prompt {session_id}", seed=seed)
+    for _ in range(chunks_before):
+        model.generate([handle])
+    return [_frames_digest(model.generate([handle])[0].frames) for _ in range(4)]
+
+
+def _migrate(session_id: str, seed: int, port: int) -> int:
+    model = SyntheticStateModel(SHAPE, slots=1, device=CPU)
+    handle = model.new_session(session_id, f"prompt {session_id}", seed=seed)
+    done = 0
+
+    def generate(chunks: int) -> None:
+        nonlocal done
+        for _ in range(chunks):
+            model.generate([handle])
+            done += 1
+
+    generate(3)
+    link = connect(HOST, port, transfer_id=session_id, device=CPU, timeout_s=TIMEOUT_S)
+    machine = MigrationStateMachine(session_id, timeout_s=TIMEOUT_S)
+    migration = SourceMigration(link, model, handle, machine, chunks_done=lambda: done)
+    migration.begin()
+    generate(2)
+    migration.send_bulk()
+    generate(3)
+    migration.finish(commit=lambda: None)
+    assert machine.phase is MigrationPhase.DONE
+    return done
+
+
+def test_two_sessions_migrate_at_once_mid_stream_and_continue_with_the_frames_of_an_unmigrated_run() -> None:
+    context = mp.get_context("spawn")
+    ours, theirs = context.Pipe()
+    target = context.Process(target=target_process, args=(theirs, SESSIONS, TIMEOUT_S), daemon=True)
+    target.start()
+    try:
+        ports = dict(ours.recv() for _ in SESSIONS)
+        seeds = {"a": 1, "b": 2}
+        with ThreadPoolExecutor(max_workers=len(SESSIONS)) as executor:
+            chunks = dict(zip(SESSIONS, executor.map(lambda sid: _migrate(sid, seeds[sid], ports[sid]), SESSIONS),
+                              strict=True))
+        result = ours.recv()
+    finally:
+        target.join(timeout=TIMEOUT_S)
+    assert result["default_group"] is False and not dist.is_initialized()
+    for session_id, report in zip(SESSIONS, result["reports"], strict=True):
+        assert report["phase"] == "done" and report["released"] == []
+        assert report["frames"] == _unmigrated_frames(session_id, seeds[session_id], chunks[session_id])
+
+
+def test_the_target_frees_its_reservation_soon_after_the_source_process_dies() -> None:
+    context = mp.get_context("spawn")
+    ours, theirs = context.Pipe()
+    target = context.Process(target=target_process, args=(theirs, ("a",), TIMEOUT_S), daemon=True)
+    target.start()
+    try:
+        _, port = ours.recv()
+        source = context.Process(target=dying_source_process, args=(port,), daemon=True)
+        source.start()
+        source.join(timeout=TIMEOUT_S)
+        assert source.exitcode == 17
+        report = ours.recv()["reports"][0]
+    finally:
+        target.join(timeout=TIMEOUT_S)
+    assert report["phase"] == "rolled_back" and report["released"] == ["reservation"]
+    assert report["elapsed_s"] < TIMEOUT_S / 2  # noticed by the broken connection, not by running out the clock
+
+
+def test_a_source_that_cannot_reach_the_target_fails_with_a_typed_error() -> None:
+    listener = TransferListener(HOST, 0, timeout_s=1.0)
+    port = listener.port
+    del listener  # nothing listens there any more
+    with pytest.raises(TransferFailed, match=str(port)):
+        connect(HOST, port, transfer_id="x", device=CPU, timeout_s=1.0)

@@ -1,0 +1,202 @@
+"""The state_store service on a real nats-server with JetStream: snapshots go in through the client and come back
+bit-exact, newer ones supersede, closed sessions expire, readers never see a half-written snapshot, and a restarted
+service still serves what was stored."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import nats
+import pytest
+import torch
+from nats.aio.client import Client as NatsClient
+
+from services.common.errors import Unavailable
+from services.common.snapshots import SnapshotHead
+from services.state_store.client import SnapshotClient
+from services.state_store.errors import SessionClosed, SnapshotGone, StaleSnapshot
+from services.state_store.jetstream_store import JetStreamSnapshotStore
+from services.state_store.protocol import new_head
+from services.state_store.service import run_state_store
+from services.state_store.settings import StateStoreSettings
+
+pytestmark = pytest.mark.integration
+MB = 1 << 20
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now_s = time.time()
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def settings_for(bucket: str, **changes: object) -> StateStoreSettings:
+    base = StateStoreSettings(
+        backend="jetstream",
+        bucket=bucket,
+        directory=Path("/nonexistent"),
+        retention_s=60.0,
+        sweep_interval_s=0.05,
+        staging_timeout_s=600.0,
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    settings: StateStoreSettings, nc: NatsClient, clock: Callable[[], float] = time.time
+) -> AsyncIterator[SnapshotClient]:
+    """Run the service until the block ends; yields a client once the service answers (retried, not slept)."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_state_store(settings, nc, stop, clock=clock))
+    client = SnapshotClient(nc, request_timeout_s=2.0)
+    try:
+        await wait_until(lambda: _answers(client), timeout_s=10.0)
+        yield client
+    finally:
+        stop.set()
+        await task
+
+
+async def _answers(client: SnapshotClient) -> bool:
+    try:
+        return await client.get_latest("probe") is None
+    except Unavailable:  # not subscribed yet: no responders
+        return False
+
+
+async def wait_until(condition: Callable[[], object], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await condition():  # type: ignore[misc]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[NatsClient]:
+    client = await nats.connect(nats_url)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def bucket() -> str:
+    return f"snap_{uuid.uuid4().hex[:12]}"
+
+
+def state(seed: int, total_bytes: int) -> list[torch.Tensor]:
+    """A KV-cache-like state: one big bf16 tensor and a small int64 cursor, as uint8 views."""
+    gen = torch.Generator().manual_seed(seed)
+    kv = torch.randn(total_bytes // 2, generator=gen).to(torch.bfloat16)
+    cursor = torch.tensor([seed, 7, 9], dtype=torch.int64)
+    return [kv, cursor]
+
+
+def as_buffers(tensors: list[torch.Tensor]) -> list[memoryview]:
+    return [memoryview(t.view(torch.uint8).numpy()) for t in tensors]
+
+
+MANIFEST: dict[str, object] = {"views": [["kv", "bfloat16", [-1], 0, 0], ["cursor", "int64", [3], 1, 0]]}
+
+
+async def test_a_multi_megabyte_snapshot_comes_back_bit_exact(nc: NatsClient, bucket: str) -> None:
+    tensors = state(1, 24 * MB)
+    async with serving(settings_for(bucket), nc) as client:
+        head = await client.put("s1", 1, 41, MANIFEST, as_buffers(tensors))
+        snap = await client.get_latest("s1")
+    assert snap is not None and (snap.session_id, snap.epoch, snap.chunk_seq) == ("s1", 1, 41)
+    assert snap.manifest == MANIFEST and snap.created_at == head.created_at
+    kv = torch.frombuffer(snap.buffers[0], dtype=torch.bfloat16)
+    cursor = torch.frombuffer(snap.buffers[1], dtype=torch.int64)
+    assert torch.equal(kv, tensors[0]) and torch.equal(cursor, tensors[1])
+
+
+async def test_a_newer_snapshot_supersedes_and_only_the_latest_is_kept(nc: NatsClient, bucket: str) -> None:
+    async with serving(settings_for(bucket), nc) as client:
+        await client.put("s1", 1, 3, {}, [os.urandom(2 * MB)])
+        newest = os.urandom(3 * MB)
+        await client.put("s1", 1, 6, {}, [newest])
+        with pytest.raises(StaleSnapshot):
+            await client.put("s1", 1, 5, {}, [b"late writer"])
+        snap = await client.get_latest("s1")
+        store = await JetStreamSnapshotStore.open(nc, bucket, create=False)
+        blobs = await store.blobs()
+    assert snap is not None and snap.chunk_seq == 6 and bytes(snap.buffers[0]) == newest
+    assert len(blobs) == 1, "the superseded and the refused snapshots' bytes are removed"
+
+
+async def test_a_closed_session_refuses_snapshots_and_expires_after_its_retention(nc: NatsClient, bucket: str) -> None:
+    clock = FakeClock()
+    async with serving(settings_for(bucket, retention_s=30.0), nc, clock) as client:
+        await client.put("s1", 2, 8, {}, [os.urandom(MB)])
+        await client.mark_closed("s1")
+        with pytest.raises(SessionClosed):
+            await client.put("s1", 2, 9, {}, [b"after close"])
+        assert await client.get_latest("s1") is not None, "kept during the retention time"
+        clock.now_s += 31.0
+        await wait_until(lambda: _is_gone(client, "s1"), timeout_s=10.0)
+
+
+async def _is_gone(client: SnapshotClient, session_id: str) -> bool:
+    return await client.get_latest(session_id) is None
+
+
+async def test_a_reader_during_a_write_sees_the_old_snapshot_whole(nc: NatsClient, bucket: str) -> None:
+    old, new = os.urandom(4 * MB), os.urandom(16 * MB)
+    async with serving(settings_for(bucket), nc) as client:
+        await client.put("s1", 1, 1, {}, [old])
+        store = await JetStreamSnapshotStore.open(nc, bucket, create=False)
+        staged = await store.stage("s1", "pending", [new])  # the bytes are in the bucket, the head is not yet
+        during = await client.get_latest("s1")
+        await store.commit(new_head("s1", "pending", 1, 2, {}, [new], staged))
+        after = await client.get_latest("s1")
+
+        writer = asyncio.create_task(client.put("s1", 1, 3, {}, [old]))
+        concurrent = await client.get_latest("s1")
+        await writer
+    assert during is not None and bytes(during.buffers[0]) == old
+    assert after is not None and bytes(after.buffers[0]) == new
+    assert concurrent is not None and bytes(concurrent.buffers[0]) in (old, new)
+
+
+async def test_a_reader_holding_a_superseded_head_is_told_so_instead_of_hanging(nc: NatsClient, bucket: str) -> None:
+    async with serving(settings_for(bucket), nc) as client:
+        await client.put("s1", 1, 1, {}, [b"first"])
+        store = await JetStreamSnapshotStore.open(nc, bucket, create=False, read_timeout_s=0.5)
+        first = await store.head("s1")
+        await client.put("s1", 2, 0, {}, [b"second"])
+        assert isinstance(first, SnapshotHead)
+        with pytest.raises(SnapshotGone):
+            await store.read(first)
+
+
+async def test_a_restarted_service_still_serves_what_was_stored(nc: NatsClient, bucket: str) -> None:
+    payload = os.urandom(6 * MB)
+    async with serving(settings_for(bucket), nc) as client:
+        await client.put("s1", 3, 12, {"views": []}, [payload, b"rng"])
+    async with serving(settings_for(bucket), nc) as restarted:
+        snap = await restarted.get_latest("s1")
+        await restarted.delete("s1")
+        assert await restarted.get_latest("s1") is None
+    assert snap is not None and (snap.epoch, snap.chunk_seq) == (3, 12)
+    assert [bytes(b) for b in snap.buffers] == [payload, b"rng"]
+
+
+async def test_the_directory_backend_serves_clients_through_a_shared_path(nc: NatsClient, tmp_path: Path) -> None:
+    settings = settings_for("unused", backend="directory", directory=tmp_path)
+    payload = os.urandom(2 * MB)
+    async with serving(settings, nc) as client:
+        await client.put("s1", 1, 0, {}, [payload])
+        snap = await client.get_latest("s1")
+    assert snap is not None and bytes(snap.buffers[0]) == payload
+    assert list((tmp_path / "heads").iterdir()) == [tmp_path / "heads" / "s1.head"]

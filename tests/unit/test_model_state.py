@@ -1,0 +1,92 @@
+"""Export/import of a session's state, the rolling cache's layout, and prompt changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.gpu_worker.model import ReferenceStreamingModel, SessionHandle, load_model
+
+
+def _run(model: ReferenceStreamingModel, handle: SessionHandle, chunks: int) -> list[torch.Tensor]:
+    return [model.generate([handle])[0].frames for _ in range(chunks)]
+
+
+def test_an_exported_session_continues_identically_in_another_model_instance() -> None:
+    source = load_model("tiny")
+    handle = source.new_session("s", "violet storm", 9)
+    _run(source, handle, 4)
+    state = source.export_state(handle)
+    target = load_model("tiny")
+    target.new_session("other", "something else", 1)  # the session lands in a different slot
+    moved = target.import_state("s", {name: tensor.clone() for name, tensor in state.items()})
+    assert moved.slot != handle.slot
+    expected = _run(source, handle, 3)
+    got = _run(target, moved, 3)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+
+
+def test_export_names_the_documented_tensors_with_kv_in_pack_layout() -> None:
+    model = load_model("tiny")
+    config = model.config
+    handle = model.new_session("s", "x", 0)
+    _run(model, handle, 2)
+    state = model.export_state(handle)
+    assert state["kv"].shape == (config.layers, 2, 2 * config.chunk_tokens, config.heads, config.head_dim)
+    assert state["cross_kv"].shape == (config.layers, 2, config.text_len, config.heads, config.head_dim)
+    assert int(state["chunk_index"]) == 2 and int(state["seed"]) == 0
+    assert state["rng_state"].dtype == torch.uint8 and state["prompt_tokens"].dtype == torch.int64
+    assert torch.equal(state["kv"][1, 1], model.pools.v_pools[1][handle.slot, : 2 * config.chunk_tokens])
+
+
+def _changed_rows(before: torch.Tensor, after: torch.Tensor) -> set[int]:
+    common = before.shape[2]
+    differs = (before != after[:, :, :common]).flatten(3).any(dim=-1).any(dim=0).any(dim=0)
+    return {int(r) for r in differs.nonzero().flatten()} | set(range(common, after.shape[2]))
+
+
+@pytest.mark.parametrize(("first_chunk", "last_chunk"), [(0, 0), (1, 2), (2, 2), (3, 3), (2, 6), (4, 5)])
+def test_kv_rows_written_names_exactly_the_rows_that_change(first_chunk: int, last_chunk: int) -> None:
+    model = load_model("tiny")
+    handle = model.new_session("s", "ring", 5)
+    _run(model, handle, first_chunk)
+    before = model.export_state(handle)["kv"]
+    _run(model, handle, last_chunk - first_chunk + 1)
+    after = model.export_state(handle)["kv"]
+    assert _changed_rows(before, after) == set(model.kv_rows_written(first_chunk, last_chunk))
+
+
+def test_the_cache_wraps_after_many_chunks_keeping_sink_rows_and_capacity() -> None:
+    model = load_model("tiny")
+    config = model.config
+    handle = model.new_session("s", "long stream", 6)
+    _run(model, handle, config.sink_chunks)
+    sink_before = model.export_state(handle)["kv"][:, :, : config.sink_tokens].clone()
+    chunks = config.sink_chunks + 3 * config.window_chunks + 1
+    frames = _run(model, handle, chunks)
+    state = model.export_state(handle)
+    assert state["kv"].shape[2] == config.cache_capacity_tokens
+    assert torch.equal(state["kv"][:, :, : config.sink_tokens], sink_before)
+    assert int(state["chunk_index"]) == config.sink_chunks + chunks
+    assert model.kv_rows_written(config.sink_chunks, config.sink_chunks) == model.kv_rows_written(
+        config.sink_chunks + config.window_chunks, config.sink_chunks + config.window_chunks
+    )
+    assert (frames[-1].float() - frames[-2].float()).abs().mean() > 1.0
+
+
+def test_kv_rows_written_spanning_the_whole_ring_names_every_ring_row_once() -> None:
+    model = load_model("tiny")
+    config = model.config
+    rows = model.kv_rows_written(config.sink_chunks, config.sink_chunks + 10 * config.window_chunks)
+    assert rows == list(range(config.sink_tokens, config.cache_capacity_tokens))
+
+
+def test_a_prompt_change_alters_later_frames_and_leaves_earlier_ones_alone() -> None:
+    model = load_model("tiny")
+    steady = model.new_session("steady", "a quiet blue lake", 11)
+    switched = model.new_session("switched", "a quiet blue lake", 11)
+    early = model.generate([steady, switched])
+    assert torch.equal(early[0].frames, early[1].frames)
+    model.set_prompt(switched, "fire and molten gold")
+    later = model.generate([steady, switched])
+    assert (later[0].frames.float() - later[1].frames.float()).abs().mean() > 10.0

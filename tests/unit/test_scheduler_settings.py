@@ -1,0 +1,36 @@
+"""Scheduler settings come from the environment with bounds, and errors name the variable and the value."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.config import ConfigError
+from services.scheduler.settings import SchedulerSettings
+
+
+def test_settings_default_to_a_three_second_worker_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TURBOSERVE_WORKER_TIMEOUT_S", raising=False)
+    monkeypatch.delenv("TURBOSERVE_SCHED_SWEEP_S", raising=False)
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u@db:5432/ts")
+    settings = SchedulerSettings.from_env()
+    assert settings.worker_timeout_s == 3.0 and settings.sweep_interval_s == 0.5
+    assert settings.database_url == "postgresql+psycopg://u@db:5432/ts"
+
+
+def test_the_worker_timeout_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TURBOSERVE_WORKER_TIMEOUT_S", "1.5")
+    monkeypatch.setenv("TURBOSERVE_SCHED_SWEEP_S", "0.25")
+    settings = SchedulerSettings.from_env()
+    assert (settings.worker_timeout_s, settings.sweep_interval_s) == (1.5, 0.25)
+
+
+def test_an_out_of_bounds_timeout_is_refused_with_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TURBOSERVE_WORKER_TIMEOUT_S", "0")
+    with pytest.raises(ConfigError, match="TURBOSERVE_WORKER_TIMEOUT_S=0.0"):
+        SchedulerSettings.from_env()
+
+
+def test_a_sweep_slower_than_the_timeout_is_refused() -> None:
+    with pytest.raises(ConfigError, match="exceeds the worker timeout"):
+        SchedulerSettings(nats_url="nats://x", database_url="postgresql+psycopg://x/y", worker_timeout_s=1.0,
+                          sweep_interval_s=2.0)

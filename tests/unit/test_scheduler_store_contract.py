@@ -1,0 +1,143 @@
+"""The SchedulerStore contract, run against the in-memory store here and against PostgreSQL in
+tests/integration/test_scheduler_postgres.py (which subclasses StoreContract)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from services.common.errors import StaleEpoch, UnknownSession
+from services.common.messages import SessionStatus
+from services.scheduler.store.memory import MemoryStore
+from services.scheduler.store.protocol import (
+    MAX_LATENCY_SAMPLES,
+    SchedulerStore,
+    SessionExists,
+    SessionRecord,
+    WorkerReport,
+)
+
+T0 = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
+
+
+def a_session(
+    session_id: str, *, worker_id: str | None = "w1", status: SessionStatus = "active", minute: int = 0
+) -> SessionRecord:
+    at = T0 + timedelta(minutes=minute)
+    return SessionRecord(
+        session_id=session_id, owner="owner", prompt="a red fox", seed=7, model="tiny", status=status,
+        worker_id=worker_id, epoch=1, chunks_produced=0, next_seq=0, created_at=at, updated_at=at,
+    )
+
+
+def a_report(worker_id: str, samples: tuple[tuple[int, float], ...] = (), *, draining: bool = False) -> WorkerReport:
+    return WorkerReport(
+        worker_id=worker_id, kind="cpu", model="tiny", capacity=4, active_sessions=1, draining=draining,
+        started_at=T0, latency_samples=samples,
+    )
+
+
+class StoreContract:
+    """Subclasses provide a ``store`` fixture yielding an empty store."""
+
+    async def test_an_inserted_session_reads_back_equal(self, store: SchedulerStore) -> None:
+        session = a_session("s1")
+        await store.insert_session(session)
+        assert await store.get_session("s1") == session
+        assert await store.get_session("nope") is None
+
+    async def test_inserting_a_session_id_twice_is_refused(self, store: SchedulerStore) -> None:
+        await store.insert_session(a_session("s1"))
+        with pytest.raises(SessionExists):
+            await store.insert_session(a_session("s1", worker_id="w2"))
+
+    async def test_a_move_bumps_the_epoch_by_one_and_a_second_move_from_the_same_epoch_is_refused(
+        self, store: SchedulerStore
+    ) -> None:
+        await store.insert_session(a_session("s1"))
+        moved = await store.move_session("s1", expected_epoch=1, worker_id="w2", status="active", at=T0)
+        assert (moved.worker_id, moved.epoch) == ("w2", 2)
+        with pytest.raises(StaleEpoch):
+            await store.move_session("s1", expected_epoch=1, worker_id="w3", status="active", at=T0)
+        assert await store.get_session("s1") == moved
+
+    async def test_status_changes_keep_the_placement_and_are_fenced_by_the_epoch(self, store: SchedulerStore) -> None:
+        await store.insert_session(a_session("s1"))
+        later = T0 + timedelta(seconds=5)
+        idle = await store.set_status("s1", expected_epoch=1, status="idle", next_seq=12, at=later)
+        assert (idle.status, idle.worker_id, idle.epoch, idle.next_seq, idle.updated_at) == ("idle", "w1", 1, 12, later)
+        with pytest.raises(StaleEpoch):
+            await store.set_status("s1", expected_epoch=2, status="active", next_seq=None, at=later)
+        with pytest.raises(UnknownSession):
+            await store.set_status("nope", expected_epoch=1, status="active", next_seq=None, at=later)
+
+    async def test_clearing_a_placement_keeps_the_epoch_so_the_next_move_bumps_it(self, store: SchedulerStore) -> None:
+        await store.insert_session(a_session("s1"))
+        cleared = await store.clear_placement("s1", expected_epoch=1, status="closed", at=T0)
+        assert (cleared.worker_id, cleared.epoch, cleared.status) == (None, 1, "closed")
+
+    async def test_orphans_are_open_sessions_on_dead_workers_and_unplaced_active_ones_oldest_first(
+        self, store: SchedulerStore
+    ) -> None:
+        await store.upsert_worker(a_report("w1"), T0)
+        await store.upsert_worker(a_report("w2"), T0)
+        await store.insert_session(a_session("on-live", worker_id="w1", minute=0))
+        await store.insert_session(a_session("on-lost-idle", worker_id="w2", status="idle", minute=3))
+        await store.insert_session(a_session("on-lost-active", worker_id="w2", minute=2))
+        await store.insert_session(a_session("unplaced-active", worker_id=None, minute=1))
+        await store.insert_session(a_session("unplaced-idle", worker_id=None, status="idle", minute=4))
+        await store.insert_session(a_session("closed", worker_id="w2", status="closed", minute=5))
+        await store.insert_session(a_session("unknown-worker", worker_id="w9", minute=6))
+        assert await store.retire_worker("w2", "lost")
+        orphans = [s.session_id for s in await store.orphaned_sessions()]
+        assert orphans == ["unplaced-active", "on-lost-active", "on-lost-idle", "unknown-worker"]
+
+    async def test_active_load_counts_only_active_placed_sessions(self, store: SchedulerStore) -> None:
+        await store.insert_session(a_session("a", worker_id="w1"))
+        await store.insert_session(a_session("b", worker_id="w1"))
+        await store.insert_session(a_session("c", worker_id="w1", status="idle"))
+        await store.insert_session(a_session("d", worker_id="w2"))
+        await store.insert_session(a_session("e", worker_id=None))
+        assert await store.active_load() == {"w1": 2, "w2": 1}
+
+    async def test_chunk_counts_only_grow_and_only_from_the_sessions_worker(self, store: SchedulerStore) -> None:
+        await store.insert_session(a_session("s1", worker_id="w1"))
+        await store.insert_session(a_session("s2", worker_id="w2"))
+        assert await store.record_chunks("w1", {"s1": 5, "s2": 9, "ghost": 3}, T0) == 1
+        assert await store.record_chunks("w1", {"s1": 4}, T0) == 0
+        counts = [await store.get_session(session_id) for session_id in ("s1", "s2")]
+        assert [session.chunks_produced if session else None for session in counts] == [5, 0]
+
+    async def test_a_heartbeat_revives_a_lost_worker_and_keeps_only_the_newest_samples(
+        self, store: SchedulerStore
+    ) -> None:
+        first = tuple((1, float(i)) for i in range(MAX_LATENCY_SAMPLES - 4))
+        await store.upsert_worker(a_report("w1", first), T0)
+        assert await store.retire_worker("w1", "lost")
+        later = T0 + timedelta(seconds=9)
+        worker = await store.upsert_worker(a_report("w1", ((2, 500.0),) * 8, draining=True), later)
+        assert (worker.status, worker.draining, worker.last_seen) == ("live", True, later)
+        assert len(worker.latency_samples) == MAX_LATENCY_SAMPLES
+        assert worker.latency_samples[0] == (1, 4.0) and worker.latency_samples[-1] == (2, 500.0)
+        assert await store.list_workers() == [worker]
+
+    async def test_a_worker_is_lost_only_from_live_and_gone_is_final_until_it_beats_again(
+        self, store: SchedulerStore
+    ) -> None:
+        await store.upsert_worker(a_report("w1"), T0)
+        assert await store.retire_worker("w1", "lost")
+        assert not await store.retire_worker("w1", "lost")
+        assert await store.retire_worker("w1", "gone")
+        assert not await store.retire_worker("w1", "lost")
+        assert not await store.retire_worker("nope", "gone")
+        assert [w.status for w in await store.list_workers()] == ["gone"]
+
+
+class TestMemoryStore(StoreContract):
+    @pytest.fixture
+    async def store(self) -> AsyncIterator[SchedulerStore]:
+        store = MemoryStore()
+        yield store
+        await store.close()

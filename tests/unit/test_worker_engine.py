@@ -1,0 +1,141 @@
+"""The worker's batch loop on the real tiny model, with emission captured in memory instead of NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections import defaultdict
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from services.common.chunk_frame import ChunkHeader, unpack_chunk
+from services.common.errors import StaleEpoch, UnknownSession
+from services.common.messages import AttachSession, ChangePrompt, DetachSession, RequestChunks
+from services.gpu_worker.engine import ChunkEngine
+from services.gpu_worker.frames import JpegEncoder
+from services.gpu_worker.model import StreamingVideoModel, get_config, load_model
+
+CONFIG = get_config("tiny")
+
+
+class Captured:
+    def __init__(self) -> None:
+        self.chunks: dict[str, list[tuple[ChunkHeader, list[bytes]]]] = defaultdict(list)
+        self.arrived = asyncio.Condition()
+
+    async def emit(self, session_id: str, payload: bytes) -> None:
+        async with self.arrived:
+            self.chunks[session_id].append(unpack_chunk(payload))
+            self.arrived.notify_all()
+
+    async def wait_for(self, session_id: str, count: int, timeout_s: float = 30.0) -> list[tuple[ChunkHeader, list[bytes]]]:
+        async with self.arrived:
+            await asyncio.wait_for(self.arrived.wait_for(lambda: len(self.chunks[session_id]) >= count), timeout_s)
+        return self.chunks[session_id]
+
+
+@pytest.fixture(scope="module")
+def model() -> StreamingVideoModel:
+    return load_model("tiny", max_sessions=8)
+
+
+@pytest.fixture
+async def running(model: StreamingVideoModel) -> AsyncIterator[tuple[ChunkEngine, Captured]]:
+    captured = Captured()
+    engine = ChunkEngine(
+        model, JpegEncoder(90), captured.emit, worker_id="w1", model_name="tiny",
+        frame_size=(CONFIG.width_px, CONFIG.height_px), max_batch=4, replay_depth=3,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(engine.run(stop))
+    yield engine, captured
+    stop.set()
+    await task
+    for session in list(engine.sessions.values()):
+        await engine.detach(DetachSession(session_id=session.session_id, epoch=session.epoch))
+
+
+def attach(session_id: str, *, seed: int = 1, epoch: int = 1, next_seq: int = 0, prompts=((0, "red tide"),)) -> AttachSession:
+    return AttachSession(session_id=session_id, epoch=epoch, seed=seed, model="tiny", next_seq=next_seq, prompts=prompts)
+
+
+def pixels(frames: list[bytes]) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(io.BytesIO(f))) for f in frames]).astype(np.int16)
+
+
+async def test_ready_sessions_share_one_batched_forward(running: tuple[ChunkEngine, Captured]) -> None:
+    engine, captured = running
+    for sid in ("a", "b", "c"):
+        await engine.attach(attach(sid))
+    for sid in ("a", "b", "c"):
+        await engine.credit(RequestChunks(session_id=sid, epoch=1, up_to_seq=1))
+    chunks = [await captured.wait_for(sid, 2) for sid in ("a", "b", "c")]
+    assert max(header.timings_ms["batch"] for per_session in chunks for header, _ in per_session) >= 2
+    assert all([h.seq for h, _ in per_session] == [0, 1] for per_session in chunks)
+
+
+async def test_no_chunk_is_generated_or_sent_beyond_the_credit(running: tuple[ChunkEngine, Captured]) -> None:
+    engine, captured = running
+    await engine.attach(attach("a"))
+    await engine.credit(RequestChunks(session_id="a", epoch=1, up_to_seq=0))
+    await captured.wait_for("a", 1)
+    await engine.credit(RequestChunks(session_id="a", epoch=1, up_to_seq=0))
+    assert engine.chunks_produced()["a"] == 1 and len(captured.chunks["a"]) == 1
+
+
+async def test_a_session_attached_mid_stream_on_a_fresh_worker_continues_with_identical_frames(
+    running: tuple[ChunkEngine, Captured],
+) -> None:
+    engine, captured = running
+    await engine.attach(attach("original", seed=9))
+    await engine.credit(RequestChunks(session_id="original", epoch=1, up_to_seq=3))
+    reference = await captured.wait_for("original", 4)
+    await engine.attach(attach("moved", seed=9, epoch=2, next_seq=2))
+    await engine.credit(RequestChunks(session_id="moved", epoch=2, up_to_seq=3))
+    moved = await captured.wait_for("moved", 2)
+    assert [h.seq for h, _ in moved] == [2, 3] and all(h.epoch == 2 for h, _ in moved)
+    for (_, want), (_, got) in zip(reference[2:], moved, strict=True):
+        assert np.abs(pixels(want) - pixels(got)).max() <= CONFIG.batch_tolerance + 6  # + JPEG requantisation
+
+
+async def test_a_resend_replays_the_same_bytes_without_regenerating(running: tuple[ChunkEngine, Captured]) -> None:
+    engine, captured = running
+    await engine.attach(attach("a"))
+    await engine.credit(RequestChunks(session_id="a", epoch=1, up_to_seq=2))
+    first = list(await captured.wait_for("a", 3))
+    await engine.credit(RequestChunks(session_id="a", epoch=1, up_to_seq=2, resend_from_seq=1))
+    replayed = (await captured.wait_for("a", 5))[3:]
+    assert [h.seq for h, _ in replayed] == [1, 2]
+    assert [f for _, f in replayed] == [f for _, f in first[1:]]
+    assert engine.chunks_produced()["a"] == 3
+
+
+async def test_a_prompt_change_takes_effect_exactly_at_its_chunk(running: tuple[ChunkEngine, Captured]) -> None:
+    engine, captured = running
+    for sid in ("same", "changed"):
+        await engine.attach(attach(sid, seed=5))
+    engine.change_prompt(ChangePrompt(session_id="changed", epoch=1, from_seq=2, prompt="blue forest"))
+    for sid in ("same", "changed"):
+        await engine.credit(RequestChunks(session_id=sid, epoch=1, up_to_seq=2))
+    same, changed = await captured.wait_for("same", 3), await captured.wait_for("changed", 3)
+    for seq in (0, 1):
+        assert np.abs(pixels(same[seq][1]) - pixels(changed[seq][1])).max() <= CONFIG.batch_tolerance + 6
+    assert np.abs(pixels(same[2][1]) - pixels(changed[2][1])).mean() > 1.0
+
+
+async def test_messages_of_an_older_epoch_or_an_unknown_session_are_refused(
+    running: tuple[ChunkEngine, Captured],
+) -> None:
+    engine, _ = running
+    await engine.attach(attach("a", epoch=3))
+    with pytest.raises(StaleEpoch):
+        await engine.credit(RequestChunks(session_id="a", epoch=2, up_to_seq=5))
+    with pytest.raises(StaleEpoch):
+        await engine.attach(attach("a", epoch=2))
+    with pytest.raises(UnknownSession):
+        await engine.detach(DetachSession(session_id="nobody", epoch=1))
+    await engine.detach(DetachSession(session_id="a", epoch=3))
+    assert "a" not in engine.sessions
