@@ -100,9 +100,9 @@ def target_main(conn: Connection) -> None:
 def _serve_raw(conn: Connection, nbytes: int) -> None:
     store = dist.TCPStore(HOST, 0, 2, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=LINK_TIMEOUT_S))
+    buffer = torch.zeros(nbytes, dtype=torch.uint8)  # warm before the sender starts its clock
     conn.send(store.port)
     group = _raw_group(store, rank=0)
-    buffer = torch.zeros(nbytes, dtype=torch.uint8)
     group.recv([buffer], 1, 0).wait()
     conn.send(time.monotonic())
     group.shutdown()
@@ -124,9 +124,8 @@ def _serve_migration(conn: Connection, shape: dict[str, Any], migration_id: str)
 
 def _reserved_allocator(model: SyntheticStateModel) -> Callable[[torch.dtype, int], torch.Tensor]:
     """Receive buffers made and touched before the migration (the target's reservation), by (dtype, numel)."""
-    probe = model.new_session("probe", "a prompt", seed=0)
-    manifest = plan_manifest(model.export_state(probe))
-    model.release(probe)
+    layout_only = SyntheticStateModel(model.shape, slots=1, device=torch.device("meta"))
+    manifest = plan_manifest(layout_only.export_state(layout_only.new_session("probe", "a prompt", seed=0)))
     reserved: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
     for spec in manifest.buffers:
         reserved.setdefault((spec.dtype, spec.numel), []).append(torch.zeros(spec.numel, dtype=spec.dtype))

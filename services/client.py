@@ -83,16 +83,18 @@ class TurboServeClient:
     def pending_chunks(self, session_id: str) -> int:
         return self._routes.chunks[session_id].qsize()
 
-    async def set_prompt(self, session_id: str, prompt: str) -> None:
+    async def set_prompt(self, session_id: str, prompt: str) -> dict[str, Any]:
         await self.send({"type": "prompt", "session_id": session_id, "prompt": prompt})
+        return await self.expect("prompt_set")
 
     async def pause(self, session_id: str) -> dict[str, Any]:
+        """Returns the state message; chunks before its ``next_seq`` were already requested and still arrive."""
         await self.send({"type": "pause", "session_id": session_id})
-        return await self.expect("paused")
+        return await self.expect("state")
 
     async def resume(self, session_id: str) -> dict[str, Any]:
         await self.send({"type": "resume", "session_id": session_id})
-        return await self.expect("resumed")
+        return await self.expect("state")
 
     async def close_session(self, session_id: str) -> dict[str, Any]:
         await self.send({"type": "close", "session_id": session_id})

@@ -26,8 +26,8 @@ from services.common.client_messages import (
     parse_client_message,
     server_message,
 )
-from services.common.errors import MessageTooLarge, TurboServeError
-from services.gateway.hub import SessionHub, check_prompt_length
+from services.common.errors import InvalidField, MessageTooLarge, TurboServeError
+from services.gateway.hub import SessionHub
 from services.gateway.outgoing import SlowConsumer
 from services.gateway.session import GatewaySession
 
@@ -38,10 +38,12 @@ NOTICE_SEND_TIMEOUT_S = 1.0
 """How long a last notice to a client that is not reading may take before we close anyway."""
 
 
-def state_message(session: GatewaySession, reason: str) -> str:
+def state_message(session: GatewaySession, reason: str, next_seq: int | None = None) -> str:
+    """``next_seq`` is where a pause stops the stream; otherwise the next chunk the gateway will hand over."""
     return server_message(
         "state", session_id=session.session_id, status=session.status, epoch=session.epoch,
-        worker_id=session.worker_id, next_seq=session.fence.next_seq, reason=reason,
+        worker_id=session.worker_id, next_seq=session.fence.next_seq if next_seq is None else next_seq,
+        reason=reason,
     )
 
 
@@ -83,13 +85,16 @@ class ClientConnection:
             msg = self._parse(data)
             await self._dispatch(msg)
         except TurboServeError as exc:
-            await self._send(error_message(exc, msg.TYPE if msg else None, getattr(msg, "session_id", None)))
+            await self._send_error(exc, msg)
         except ConnectionClosed:
             raise
         except Exception as exc:  # a bug of ours must cost this request, not the connection
             log.exception("connection=%d failed on %s", self.connection_id, msg.TYPE if msg else "a message")
-            internal = TurboServeError(f"internal error ({type(exc).__name__}); the request had no effect")
-            await self._send(error_message(internal, msg.TYPE if msg else None, getattr(msg, "session_id", None)))
+            await self._send_error(TurboServeError(f"internal error ({type(exc).__name__}); no effect"), msg)
+
+    async def _send_error(self, error: TurboServeError, msg: ClientMessage | None) -> None:
+        request = msg.TYPE if msg is not None else None
+        await self._send(error_message(error, request, getattr(msg, "session_id", None)))
 
     def _parse(self, data: str | bytes) -> ClientMessage:
         size_bytes = len(data.encode() if isinstance(data, str) else data)
@@ -97,8 +102,9 @@ class ClientConnection:
         if size_bytes > limit_bytes:
             raise MessageTooLarge(f"message of {size_bytes} bytes exceeds the limit of {limit_bytes} bytes")
         msg = parse_client_message(data)
-        if isinstance(msg, (Start, SetPrompt)):
-            check_prompt_length(msg.prompt, self.hub.settings.max_prompt_chars)
+        limit_chars = self.hub.settings.max_prompt_chars
+        if isinstance(msg, (Start, SetPrompt)) and len(msg.prompt) > limit_chars:
+            raise InvalidField(f"prompt of {len(msg.prompt)} characters exceeds the limit of {limit_chars}")
         return msg
 
     async def _dispatch(self, msg: ClientMessage) -> None:
@@ -111,8 +117,8 @@ class ClientConnection:
                 await self._send(server_message("prompt_set", session_id=session_id, from_seq=from_seq))
             case Pause(session_id=session_id):
                 session = self.hub.get(self.owner, session_id, self.connection_id)
-                await session.pause()
-                await self._send(state_message(session, "paused"))
+                stops_at_seq = await session.pause()
+                await self._send(state_message(session, "paused", stops_at_seq))
             case Resume(session_id=session_id):
                 session = self.hub.adopt(self.owner, session_id, self.connection_id)
                 self._drive(session)

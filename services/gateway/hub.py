@@ -17,15 +17,15 @@ from nats.aio.client import Client as NatsClient
 from services.common.client_messages import Start
 from services.common.errors import InvalidField
 from services.gateway.registry import SessionRegistry
-from services.gateway.session import GatewaySession, SessionLimits, SessionListener, SessionSpec
+from services.gateway.session import (
+    GatewaySession,
+    SessionLimits,
+    SessionListener,
+    SessionSpec,
+)
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger("turboserve.gateway.hub")
-
-
-def check_prompt_length(prompt: str, max_prompt_chars: int) -> None:
-    if len(prompt) > max_prompt_chars:
-        raise InvalidField(f"prompt of {len(prompt)} characters exceeds the limit of {max_prompt_chars}")
 
 
 class SessionHub:
@@ -51,7 +51,6 @@ class SessionHub:
 
     async def start(self, owner: str, connection_id: int, start: Start) -> GatewaySession:
         """Admit (or refuse with limit_exceeded) and open a new session for ``owner``."""
-        check_prompt_length(start.prompt, self.settings.max_prompt_chars)
         served = (self.settings.frame_width_px, self.settings.frame_height_px)
         if (start.width, start.height) not in ((None, None), served):
             raise InvalidField(

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import collections.abc
-from collections.abc import Callable
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
@@ -144,10 +144,13 @@ class GatewaySession:
                 self.prompts.append((from_seq, prompt))
             return from_seq
 
-    async def pause(self) -> None:
+    async def pause(self) -> int:
+        """Stop the credit; returns the seq the stream stops at: every chunk before it was requested and still
+        arrives, none from it on until a resume."""
         async with self._lock:
             self._require("active")
             await self._go_idle()
+            return self.fence.highest_requested + 1
 
     def forget_listener(self, listener: SessionListener) -> None:
         """The driving connection is gone; a connection that already took the session over stays its listener."""
@@ -247,7 +250,7 @@ class GatewaySession:
     async def _go_idle(self) -> None:
         self.status = "idle"
         self._credit_open = False
-        update = UpdateSession(self.session_id, "idle", self.fence.next_seq)
+        update = UpdateSession(self.session_id, "idle", self.fence.highest_requested + 1)
         try:
             await self._request(subjects.SCHED_UPDATE, update, Message)
         except TurboServeError as exc:  # the pause holds locally; the scheduler reconciles from heartbeats

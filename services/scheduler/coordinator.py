@@ -128,7 +128,8 @@ class Coordinator:
                 raise InvalidState(f"session {request.session_id} is closed and cannot become {request.status}")
             if request.status == "closed":
                 await self._store.clear_placement(
-                    session.session_id, expected_epoch=session.epoch, status="closed", at=self._wall_clock()
+                    session.session_id, expected_epoch=session.epoch, status="closed", at=self._wall_clock(),
+                    next_seq=request.next_seq,
                 )
                 log_decision("close", session.session_id, "closed by its client", worker=session.worker_id)
                 return Reply(ok=True)

@@ -99,22 +99,21 @@ class Sweeper:
                     removed.append(blob)
         return SweepReport(tuple(expired), tuple(removed))
 
-    async def run(self, stop: asyncio.Event, interval_s: float) -> None:
-        """Sweep every ``interval_s`` until ``stop`` is set; a failed sweep is logged and retried next period."""
-        while not stop.is_set():
+    async def run(self, interval_s: float) -> None:
+        """Sweep every ``interval_s`` until cancelled; a failed sweep is logged and retried next period."""
+        while True:
             try:
                 report = await self.sweep_once()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception:  # JetStream away or a damaged entry: the next period tries again
                 log.exception("event=sweep_failed")
             else:
                 if report.expired_sessions or report.orphans_removed:
                     log.info(
                         "event=swept expired=%d orphans=%d", len(report.expired_sessions), len(report.orphans_removed)
                     )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=interval_s)
+            await asyncio.sleep(interval_s)
 
     async def _candidates(self, now_s: float) -> list[BlobRef]:
         blobs = [blob for blob in await self._store.blobs() if now_s - blob.written_at_s >= self._staging_timeout_s]

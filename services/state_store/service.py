@@ -18,10 +18,8 @@ from nats import micro
 from nats.aio.client import Client as NatsClient
 from nats.micro.request import Request
 
-from services.common.config import CommonSettings
 from services.common.errors import TurboServeError, UnknownSession
 from services.common.messages import Reply
-from services.common.service import nats_connection, run_service
 from services.common.snapshots import (
     MAX_HEAD_BYTES,
     STATE_CLOSE,
@@ -141,19 +139,9 @@ async def run_state_store(
         await service.add_endpoint(name="close", subject=STATE_CLOSE, handler=_endpoint(SnapshotQuery, handlers.close))
         log.info("event=state_store_ready backend=%s name=%s", store.location.backend, store.location.name)
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(sweeper.run(stop, settings.sweep_interval_s))
+            sweeping = tasks.create_task(sweeper.run(settings.sweep_interval_s))
             await stop.wait()
+            sweeping.cancel()  # a sweep stuck on an unreachable JetStream must not hold up shutdown
     finally:
         await service.stop()
 
-
-def main() -> int:
-    """Entry point: settings from the environment, one NATS connection, serve until SIGTERM/SIGINT."""
-    common = CommonSettings.from_env()
-    settings = StateStoreSettings.from_env()
-
-    async def serve(stop: asyncio.Event) -> None:
-        async with nats_connection(common.nats_url, "state_store") as nc:
-            await run_state_store(settings, nc, stop)
-
-    return run_service("state_store", serve)

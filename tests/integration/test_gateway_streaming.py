@@ -63,11 +63,14 @@ async def test_a_session_streams_changes_prompt_pauses_resumes_and_closes(nats_u
         await client.send(type="pause", session_id=session_id)
         paused = await client.next_message()
         assert (paused["type"], paused["status"], paused["reason"]) == ("state", "idle", "paused")
-        await stack.scheduler.recorder.wait_for(UpdateSession, session_id=session_id, status="idle")
+        stops_at_seq = int(str(paused["next_seq"]))
+        idle = await stack.scheduler.recorder.wait_for(UpdateSession, session_id=session_id, status="idle")
+        assert idle.next_seq == stops_at_seq
+        await client.chunks_until(stops_at_seq)  # what was requested before the pause still arrives
         await client.send(type="resume", session_id=session_id)
         resumed = await client.next_message()
         assert (resumed["type"], resumed["status"]) == ("state", "active")
-        await client.chunks_until(int(str(resumed["next_seq"])) + 3)
+        await client.chunks_until(stops_at_seq + 3)
         await client.send(type="close", session_id=session_id)
         closed = await client.next_message()
         assert closed == {"type": "closed", "session_id": session_id, "reason": "client"}

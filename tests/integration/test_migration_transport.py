@@ -145,3 +145,21 @@ def test_a_source_that_cannot_reach_the_target_fails_with_a_typed_error() -> Non
     del listener  # nothing listens there any more
     with pytest.raises(TransferFailed, match=str(port)):
         connect(HOST, port, transfer_id="x", device=CPU, timeout_s=1.0)
+
+
+def test_a_frame_with_a_header_past_the_fixed_block_and_mixed_dtypes_arrives_whole() -> None:
+    listener = TransferListener(HOST, 0, timeout_s=TIMEOUT_S)
+    header = {"note": "x" * 40_000}  # larger than the fixed header block, so it takes the overflow message
+    tensors = [torch.arange(10, dtype=torch.bfloat16), torch.tensor([True, False]), torch.arange(3)]
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        accepted = executor.submit(listener.accept, "frames", CPU)
+        source = connect(HOST, listener.port, transfer_id="frames", device=CPU, timeout_s=TIMEOUT_S)
+        target = accepted.result(timeout=TIMEOUT_S)
+        sent = executor.submit(source.send_frame, header, tensors, timeout_s=TIMEOUT_S)
+        received_header, received = target.recv_frame(lambda dtype, numel: torch.empty(numel, dtype=dtype),
+                                                      timeout_s=TIMEOUT_S, max_payload_bytes=1 << 20)
+        sent.result(timeout=TIMEOUT_S)
+    source.close()
+    target.close()
+    assert received_header == header
+    assert all(torch.equal(got, want) for got, want in zip(received, tensors, strict=True))

@@ -17,11 +17,14 @@ import nats
 import pytest
 import torch
 from nats.aio.client import Client as NatsClient
+from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE
 
 from services.common.errors import Unavailable
 from services.common.snapshots import SnapshotHead
 from services.state_store.client import SnapshotClient
 from services.state_store.errors import SessionClosed, SnapshotGone, StaleSnapshot
+from services.state_store.expiry import KeyedLocks, Sweeper
+from services.state_store.jetstream_blobs import chunk_nuids, nuid_of
 from services.state_store.jetstream_store import JetStreamSnapshotStore
 from services.state_store.protocol import new_head
 from services.state_store.service import run_state_store
@@ -172,12 +175,37 @@ async def test_a_reader_during_a_write_sees_the_old_snapshot_whole(nc: NatsClien
 async def test_a_reader_holding_a_superseded_head_is_told_so_instead_of_hanging(nc: NatsClient, bucket: str) -> None:
     async with serving(settings_for(bucket), nc) as client:
         await client.put("s1", 1, 1, {}, [b"first"])
-        store = await JetStreamSnapshotStore.open(nc, bucket, create=False, read_timeout_s=0.5)
+        store = await JetStreamSnapshotStore.open(nc, bucket, create=False, timeout_s=0.3)
         first = await store.head("s1")
         await client.put("s1", 2, 0, {}, [b"second"])
         assert isinstance(first, SnapshotHead)
         with pytest.raises(SnapshotGone):
             await store.read(first)
+
+        second = await store.head("s1")
+        assert isinstance(second, SnapshotHead)
+        chunks = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid_of("s1", second.snapshot_id))
+        await nc.jetstream().purge_stream(f"OBJ_{bucket}", subject=chunks)  # the chunks go, the meta is still there
+        with pytest.raises(SnapshotGone, match="no chunk"):
+            await store.read(second)
+
+
+async def test_bytes_of_a_writer_that_died_mid_upload_are_swept_after_the_staging_timeout(
+    nc: NatsClient, bucket: str
+) -> None:
+    clock = FakeClock()
+    async with serving(settings_for(bucket), nc):
+        store = await JetStreamSnapshotStore.open(nc, bucket, create=True)
+        js = nc.jetstream()
+        for _ in range(3):  # chunks published, meta never written: the writer was killed
+            await js.publish(OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid_of("s1", "dead")), b"x" * 1000)
+        await store.stage("s2", "uncommitted", [os.urandom(MB)])
+        sweeper = Sweeper(store, KeyedLocks(), retention_s=60.0, staging_timeout_s=300.0, clock=clock)
+        assert (await sweeper.sweep_once()).orphans_removed == ()
+        clock.now_s += 301.0
+        removed = (await sweeper.sweep_once()).orphans_removed
+        assert sorted(blob.snapshot_id for blob in removed) == ["dead", "uncommitted"]
+        assert await chunk_nuids(js, bucket) == set() and await store.blobs() == []
 
 
 async def test_a_restarted_service_still_serves_what_was_stored(nc: NatsClient, bucket: str) -> None:

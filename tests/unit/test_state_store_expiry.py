@@ -72,11 +72,20 @@ async def test_the_sweeper_removes_a_dead_writers_bytes_only_after_the_staging_t
     assert [blob.snapshot_id for blob in await store.blobs()] == ["kept"]
 
 
-async def test_the_sweep_loop_stops_promptly_when_asked(tmp_path: Path) -> None:
-    sweeper = Sweeper(DirectorySnapshotStore(tmp_path), KeyedLocks(), retention_s=1.0, staging_timeout_s=10.0)
-    stop = asyncio.Event()
-    stop.set()
-    await asyncio.wait_for(sweeper.run(stop, interval_s=3600.0), timeout=5.0)
+async def test_the_sweep_loop_sweeps_at_once_and_stops_when_cancelled(tmp_path: Path) -> None:
+    store = DirectorySnapshotStore(tmp_path)
+    clock = FakeClock(time.time())
+    await commit(store, "closed", "a", 1)
+    await store.mark_closed("closed", clock() - 10.0)
+    sweeper = Sweeper(store, KeyedLocks(), retention_s=1.0, staging_timeout_s=10.0, clock=clock)
+    sweeping = asyncio.create_task(sweeper.run(interval_s=3600.0))
+    deadline = time.monotonic() + 5.0
+    while await store.head("closed") is not None and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)  # polling for the first sweep's effect, bounded
+    sweeping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sweeping
+    assert await store.head("closed") is None
 
 
 async def test_per_session_locks_serialise_one_session_and_are_forgotten_when_free() -> None:

@@ -65,6 +65,8 @@ def _copy_slot(k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor],
         return
     first = pools[0]
     _check_pools(pools, buf)
+    if interpreter_enabled() and first.is_cuda:
+        raise KernelInputError("the Triton interpreter runs on the host and cannot follow device pool addresses")
     pool_slots, capacity, heads, head_dim = first.shape
     if not 0 <= slot < pool_slots:
         raise KernelInputError(f"slot {slot} is outside [0, {pool_slots})")

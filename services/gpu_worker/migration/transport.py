@@ -9,6 +9,8 @@ and need no default group; point-to-point ``send``/``recv`` on them return works
 Ranks are fixed: the target (rank 0) hosts the store and learns its port first (``TransferListener``), the
 worker's NATS code sends that port to the source, and the source (rank 1) ``connect``s. A frame is a msgpack
 header (length-prefixed, size-limited, decoded before any tensor is allocated) followed by its tensors as bytes.
+The header travels in one fixed-size block (plus an overflow message only when it is larger), because each
+message the receiver waits for in turn costs a round trip: that is what a pause at a chunk boundary is made of.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from services.gpu_worker.state.packing import DTYPES_BY_NAME, NAMES_BY_DTYPE
 TARGET_RANK = 0
 SOURCE_RANK = 1
 MAX_HEADER_BYTES = 1 << 20
+HEADER_BLOCK_BYTES = 16 << 10  # one fixed-size message holds a typical header: one exchange per control frame
+LENGTH_BYTES = 8
 MAX_FRAME_TENSORS = 64
 
 Allocate = Callable[[torch.dtype, int], torch.Tensor]
@@ -73,9 +77,14 @@ class PeerLink:
         payload = msgpack.packb({"header": dict(header), "tensors": specs}, use_bin_type=True)
         if len(payload) > MAX_HEADER_BYTES:
             raise FrameTooLarge(f"frame header of {len(payload)} B passes the {MAX_HEADER_BYTES} B limit")
-        length = torch.tensor([len(payload)], dtype=torch.int64, device=self.device)
-        encoded = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device)
-        parts = [length, encoded, *(_as_bytes(t) for t in tensors)]
+        framed = len(payload).to_bytes(LENGTH_BYTES, "little") + payload
+        block = bytearray(max(HEADER_BLOCK_BYTES, len(framed)))
+        block[: len(framed)] = framed
+        encoded = torch.frombuffer(block, dtype=torch.uint8).to(self.device)
+        parts = [encoded[:HEADER_BLOCK_BYTES]]
+        if len(framed) > HEADER_BLOCK_BYTES:
+            parts.append(encoded[HEADER_BLOCK_BYTES:])
+        parts.extend(_as_bytes(t) for t in tensors)
         self._wait([self._group.send([part], self.peer_rank, 0) for part in parts], timeout_s, "send")
 
     def recv_frame(
@@ -85,14 +94,18 @@ class PeerLink:
 
         ``max_payload_bytes`` bounds what a peer can make us allocate (e.g. the reservation's size).
         """
-        length = torch.empty(1, dtype=torch.int64, device=self.device)
-        self._wait([self._group.recv([length], self.peer_rank, 0)], timeout_s, "recv")
-        size = int(length.item())
+        block = torch.empty(HEADER_BLOCK_BYTES, dtype=torch.uint8, device=self.device)
+        self._wait([self._group.recv([block], self.peer_rank, 0)], timeout_s, "recv")
+        framed = block.cpu().numpy().tobytes()
+        size = int.from_bytes(framed[:LENGTH_BYTES], "little")
         if not 0 < size <= MAX_HEADER_BYTES:
             raise FrameTooLarge(f"peer announced a {size} B frame header; the limit is {MAX_HEADER_BYTES} B")
-        encoded = torch.empty(size, dtype=torch.uint8, device=self.device)
-        self._wait([self._group.recv([encoded], self.peer_rank, 0)], timeout_s, "recv")
-        header, specs = _decode_header(encoded.cpu().numpy().tobytes())
+        overflow_bytes = LENGTH_BYTES + size - HEADER_BLOCK_BYTES
+        if overflow_bytes > 0:
+            overflow = torch.empty(overflow_bytes, dtype=torch.uint8, device=self.device)
+            self._wait([self._group.recv([overflow], self.peer_rank, 0)], timeout_s, "recv")
+            framed += overflow.cpu().numpy().tobytes()
+        header, specs = _decode_header(framed[LENGTH_BYTES : LENGTH_BYTES + size])
         payload_bytes = sum(numel * dtype.itemsize for dtype, numel in specs)
         if payload_bytes > max_payload_bytes:
             raise FrameTooLarge(f"peer announced {payload_bytes} B of tensors; at most {max_payload_bytes} B allowed")

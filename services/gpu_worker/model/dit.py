@@ -1,8 +1,9 @@
 """The causal chunked video DiT (Wan2.1 block structure) running one chunk for a batch of sessions.
 
 Each block: adaLN-modulated self-attention with 3D RoPE over the session's cached K/V plus the chunk itself,
-cross-attention to the prompt's cached K/V, adaLN-modulated FFN. Per-session quantities (timestep, cache length,
-positions, prompt) are rows of the batch, so a session's math never mixes with another's.
+cross-attention to the prompt's cached K/V, adaLN-modulated FFN. Per-session quantities (cache length, positions,
+prompt) are rows of the batch and every op is row-wise or per session, so a session's math never mixes with
+another's; the timestep is shared by the whole batched step.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ def _draw(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
 
 
 def init_seeded_(module: nn.Module, seed: int) -> None:
-    """Fill every parameter in place: matrices ~ N(0, 1/fan_in), norm weights 1, biases 0, embeddings and
-    other tensors N(0, 1) scaled by ``1/sqrt(last dim)`` when they are modulation tables."""
+    """Fill every parameter in place by its name: biases 0, ``norm_weight`` 1, embedding ``table`` N(0, 1),
+    adaLN ``modulation`` N(0, 1/dim) (as Wan initialises it), every other matrix N(0, 1/fan_in)."""
     with torch.no_grad():
         for name, param in module.named_parameters():
             leaf = name.rsplit(".", 1)[-1]

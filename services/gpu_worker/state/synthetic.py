@@ -78,7 +78,7 @@ class SyntheticStateModel:
         kv = torch.empty((s.layers, 2, s.rows, s.heads, s.head_dim), dtype=s.dtype, device=self.device)
         row_pattern = torch.arange(s.rows, device=self.device).view(1, 1, -1, 1, 1)
         lane_pattern = torch.arange(s.heads * s.head_dim, device=self.device).view(s.heads, s.head_dim)
-        kv.copy_((row_pattern + lane_pattern) % 251)  # cheap to make at 1 GB, deterministic, varied
+        kv.copy_(((row_pattern + lane_pattern) % 251).to(s.dtype))  # one broadcast copy: cheap even at 1 GB
         session = _Session(kv, self._prompt_cache(prompt), torch.zeros(2, dtype=torch.int64, device=self.device),
                            generator)
         return self._occupy(session_id, session)

@@ -61,10 +61,11 @@ class MemoryStore:
         )
 
     async def clear_placement(
-        self, session_id: str, *, expected_epoch: int, status: SessionStatus, at: datetime
+        self, session_id: str, *, expected_epoch: int, status: SessionStatus, at: datetime, next_seq: int | None = None
     ) -> SessionRecord:
         session = self._fenced(session_id, expected_epoch)
-        return self._save(dataclasses.replace(session, worker_id=None, status=status, updated_at=at))
+        seq = session.next_seq if next_seq is None else next_seq
+        return self._save(dataclasses.replace(session, worker_id=None, status=status, next_seq=seq, updated_at=at))
 
     def _save(self, session: SessionRecord) -> SessionRecord:
         self._sessions[session.session_id] = session

@@ -146,11 +146,12 @@ class PostgresStore:
         return await self._fenced_update(session_id, expected_epoch, values)
 
     async def clear_placement(
-        self, session_id: str, *, expected_epoch: int, status: SessionStatus, at: datetime
+        self, session_id: str, *, expected_epoch: int, status: SessionStatus, at: datetime, next_seq: int | None = None
     ) -> SessionRecord:
-        return await self._fenced_update(
-            session_id, expected_epoch, {"worker_id": None, "status": status, "updated_at": at}
-        )
+        values: dict[str, object] = {"worker_id": None, "status": status, "updated_at": at}
+        if next_seq is not None:
+            values["next_seq"] = next_seq
+        return await self._fenced_update(session_id, expected_epoch, values)
 
     async def orphaned_sessions(self) -> list[SessionRecord]:
         placed_on_dead: ColumnElement[bool] = and_(

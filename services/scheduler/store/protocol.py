@@ -115,9 +115,10 @@ class SchedulerStore(Protocol):
         ...
 
     async def clear_placement(
-        self, session_id: str, *, expected_epoch: int, status: SessionStatus, at: datetime
+        self, session_id: str, *, expected_epoch: int, status: SessionStatus, at: datetime, next_seq: int | None = None
     ) -> SessionRecord:
-        """Unplace the session (closed, or its worker is gone), keeping the epoch so the next move bumps it."""
+        """Unplace the session (closed, or its worker is gone), keeping the epoch so the next move bumps it;
+        ``next_seq`` records how far its client got when the client closed it."""
         ...
 
     async def orphaned_sessions(self) -> list[SessionRecord]:
