@@ -87,8 +87,9 @@ def measure_offload_restore(state_mb: int, repeats: int) -> dict[str, float]:
 # ---- the target process ------------------------------------------------------------------------------------
 
 
-def target_main(conn: Connection) -> None:
+def target_main(conn: Connection, threads: int) -> None:
     """Serve commands from the bench: raw receives, or whole migrations into a fresh model."""
+    torch.set_num_threads(threads)
     while (command := conn.recv()) is not None:
         kind, args = command
         if kind == "raw":
@@ -245,14 +246,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="throughput repeats (interleaved with the raw)")
     parser.add_argument("--pause-repeats", type=int, default=3)
     parser.add_argument("--chunk-ms", type=float, default=50.0, help="simulated compute time of one chunk")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads in both processes; more lets OpenMP barriers in small ops wait "
+                             "for threads descheduled by other load on a small shared box, swamping short pauses")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     started = time.monotonic()
     copies = measure_offload_restore(args.throughput_mb, args.repeats)
     context = mp.get_context("spawn")
     ours, theirs = context.Pipe()
-    target = context.Process(target=target_main, args=(theirs,), daemon=True)
+    target = context.Process(target=target_main, args=(theirs, args.threads), daemon=True)
     target.start()
     try:
         transfer = measure_migration(ours, args.throughput_mb, args.repeats)

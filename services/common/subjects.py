@@ -12,6 +12,7 @@ SCHED_OPEN = f"{PREFIX}.sched.open"  # OpenSession -> Placement | Reply
 SCHED_UPDATE = f"{PREFIX}.sched.update"  # UpdateSession -> Placement | Reply
 SCHED_HEARTBEAT = f"{PREFIX}.sched.heartbeat"  # WorkerHeartbeat (publish)
 SCHED_WORKER_GONE = f"{PREFIX}.sched.worker_gone"  # WorkerGone (publish)
+SCHED_MIGRATION_REPORT = f"{PREFIX}.sched.migration_report"  # MigrationReport (publish, source worker)
 PLACEMENTS = f"{PREFIX}.placement.*"  # Placement (publish) when the scheduler moves a session on its own
 
 
@@ -20,7 +21,8 @@ def placement(session_id: str) -> str:
 
 
 def worker_control(worker_id: str) -> str:
-    """AttachSession | ChangePrompt | DetachSession -> Reply."""
+    """AttachSession | ChangePrompt | DetachSession | OffloadSession | StartMigration | DrainWorker -> Reply;
+    PrepareMigration -> MigrationTicket | Reply (services.common.control)."""
     return f"{PREFIX}.worker.{worker_id}.control"
 
 

@@ -150,7 +150,7 @@ class GatewaySession:
         async with self._lock:
             self._require("active")
             await self._go_idle()
-            return self.fence.highest_requested + 1
+            return self.fence.granted_up_to + 1
 
     def forget_listener(self, listener: SessionListener) -> None:
         """The driving connection is gone; a connection that already took the session over stays its listener."""
@@ -206,13 +206,15 @@ class GatewaySession:
             return
         assert isinstance(placement, Placement)
         async with self._lock:
-            if self.status in ("starting", "closed") or placement.epoch <= self._attached_epoch:
-                return
+            if self.status == "closed" or placement.epoch <= self._attached_epoch:
+                return  # open() holds the lock, so a placement racing it is judged against open's epoch
             log.info("session=%s moves to worker=%s epoch=%d reason=%r next_seq=%d", self.session_id,
                      placement.worker_id, placement.epoch, placement.reason, self.fence.next_seq)
             try:
                 await self._attach(placement)
-            except TurboServeError as exc:
+            except TurboServeError as exc:  # idle, so a resume asks the scheduler again and retries the attach
+                if self.status == "active":
+                    await self._go_idle()
                 if self.listener is not None:
                     self.listener.session_failed(self, exc)
                 return
@@ -237,20 +239,19 @@ class GatewaySession:
         self._credit_open = False
         self._resend_from = None
         self.fence.rebase(placement.epoch)
-        self.worker_id = placement.worker_id
         spec = self.spec
         attach = AttachSession(
             self.session_id, placement.epoch, spec.seed, spec.model, self.fence.next_seq, tuple(self.prompts)
         )
         await self._request(subjects.worker_control(placement.worker_id), attach, Reply)
-        self._attached_epoch = placement.epoch
+        self.worker_id, self._attached_epoch = placement.worker_id, placement.epoch
         if old_worker and old_worker != placement.worker_id:
             self._in_background(self._detach(old_worker, old_epoch))
 
     async def _go_idle(self) -> None:
         self.status = "idle"
         self._credit_open = False
-        update = UpdateSession(self.session_id, "idle", self.fence.highest_requested + 1)
+        update = UpdateSession(self.session_id, "idle", self.fence.granted_up_to + 1)
         try:
             await self._request(subjects.SCHED_UPDATE, update, Message)
         except TurboServeError as exc:  # the pause holds locally; the scheduler reconciles from heartbeats

@@ -29,6 +29,7 @@ from nats.js.object_store import (
     OBJ_STREAM_TEMPLATE,
 )
 
+from services.common.errors import Unavailable
 from services.state_store.errors import SnapshotCorrupt, SnapshotGone
 from services.state_store.protocol import Buffer, StagedBlob, byte_view
 
@@ -65,6 +66,8 @@ async def upload(
             count += 1
         while acks:
             await asyncio.wait_for(acks.popleft(), ack_timeout_s)
+    except TimeoutError:
+        raise Unavailable(f"JetStream did not acknowledge a chunk of {name} within {ack_timeout_s} s") from None
     finally:
         for ack in acks:  # only left on failure; their chunks are swept with the rest of this nuid
             ack.cancel()

@@ -144,4 +144,3 @@ async def run_state_store(
             sweeping.cancel()  # a sweep stuck on an unreachable JetStream must not hold up shutdown
     finally:
         await service.stop()
-

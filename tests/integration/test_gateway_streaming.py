@@ -104,6 +104,24 @@ async def test_a_placement_change_mid_stream_reattaches_at_the_next_seq_with_the
         assert [c.seq for c in chunks] == list(range(len(chunks)))
 
 
+async def test_a_move_to_an_unreachable_worker_idles_the_session_until_a_resume_finds_it(nats_url: str) -> None:
+    async with gateway_stack(nats_url) as stack, stack.client() as client:
+        session_id = await start_session(client)
+        await client.chunks_until(2)
+        await stack.scheduler.move(session_id, "w9")
+        failed = await client.next_message()
+        assert (failed["type"], failed["code"], failed["session_id"]) == ("error", "unavailable", session_id)
+        await stack.scheduler.recorder.wait_for(UpdateSession, session_id=session_id, status="idle")
+        w9 = await stack.second_worker("w9")
+        await client.send(type="resume", session_id=session_id)
+        resumed = await client.next_message()
+        assert (resumed["status"], resumed["worker_id"], resumed["epoch"]) == ("active", "w9", 2)
+        attach = await w9.recorder.wait_for(AttachSession, session_id=session_id, epoch=2)
+        seqs = [chunk.seq for chunk in await client.chunks_until(attach.next_seq + 2)]
+        assert seqs == list(range(len(seqs)))
+        await stack.worker.recorder.wait_for(DetachSession, session_id=session_id, epoch=1)
+
+
 async def test_a_dropped_connection_lingers_and_only_the_same_token_can_resume_it(nats_url: str) -> None:
     async with gateway_stack(nats_url) as stack:
         async with stack.client() as first:

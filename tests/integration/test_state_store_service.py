@@ -106,7 +106,7 @@ def state(seed: int, total_bytes: int) -> list[torch.Tensor]:
 
 
 def as_buffers(tensors: list[torch.Tensor]) -> list[memoryview]:
-    return [memoryview(t.view(torch.uint8).numpy()) for t in tensors]
+    return [t.view(torch.uint8).numpy().data for t in tensors]
 
 
 MANIFEST: dict[str, object] = {"views": [["kv", "bfloat16", [-1], 0, 0], ["cursor", "int64", [3], 1, 0]]}
