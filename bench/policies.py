@@ -198,7 +198,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="loads 16 and 64, three rho values, delay 30 s only")
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "bench" / "results")
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=150)
     try:
         directory = traces_dir(REPO_ROOT)
     except TracesMissingError as error:
@@ -211,6 +211,7 @@ def main() -> int:
                    if k not in ("source", "target_mean_active")}
     console.print("assumptions: " + ", ".join(f"{k}={v}" for k, v in sorted(assumptions.items())))
     jobs = plan_jobs(directory, loads, rhos, delays)
+    jobs.sort(key=lambda job: -job.load * (3 if job.trace == "ragpulse" else 1))
     done = run_all(jobs, directory, console)
     done += run_all(same_cost_jobs(done, directory), directory, console)
     rows = []

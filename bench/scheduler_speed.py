@@ -11,6 +11,7 @@ consolidates the deliberately loose starting cluster once (a one-off, proportion
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -21,7 +22,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from services.scheduler.policy.actions import AddGpus, DrainGpu, Migrate, Offload, Place, Plan, RemoveGpu, Restore  # noqa: E402
+from services.scheduler.policy.apply import apply_plan  # noqa: E402
 from services.scheduler.policy.naive_paper import NaivePaperScheduler  # noqa: E402
 from services.scheduler.policy.registry import PolicySetting, build_controller  # noqa: E402
 from services.scheduler.policy.snapshot import ClusterSnapshot, GpuView, SessionView  # noqa: E402
@@ -47,28 +48,6 @@ def build_cluster(gpus: int, seed: int) -> ClusterSnapshot:
     return snapshot
 
 
-def apply(snapshot: ClusterSnapshot, plan: Plan, now_s: float, new_gpus: list[int]) -> None:
-    for action in plan.actions:
-        if isinstance(action, Offload):
-            s = snapshot.sessions[action.session_id]
-            snapshot.upsert_session(SessionView(s.session_id, s.state_bytes, False, None, s.last_migrated_at_s, True))
-        elif isinstance(action, (Place, Restore)):
-            s = snapshot.sessions[action.session_id]
-            snapshot.upsert_session(SessionView(s.session_id, s.state_bytes, True, action.gpu_id, s.last_migrated_at_s))
-        elif isinstance(action, Migrate):
-            s = snapshot.sessions[action.session_id]
-            snapshot.upsert_session(SessionView(s.session_id, s.state_bytes, s.active, action.target_gpu_id, now_s))
-        elif isinstance(action, AddGpus):
-            for _ in range(action.count):
-                new_gpus[0] += 1
-                snapshot.upsert_gpu(GpuView(f"n{new_gpus[0]:05d}", action.kind, CAPACITY, now_s))
-        elif isinstance(action, DrainGpu):
-            g = snapshot.gpus[action.gpu_id]
-            snapshot.upsert_gpu(GpuView(g.gpu_id, g.kind, g.capacity, g.ready_at_s, True))
-        elif isinstance(action, RemoveGpu):
-            snapshot.remove_gpu(action.gpu_id)
-
-
 def measure(impl: str, gpus: int, events: int, seed: int, warmup: int) -> dict[str, float | int | str]:
     snapshot = build_cluster(gpus, seed)
     setting = PolicySetting(provisioning_delay_s=30.0, max_gpus=100_000)
@@ -80,7 +59,8 @@ def measure(impl: str, gpus: int, events: int, seed: int, warmup: int) -> dict[s
     rng = random.Random(seed + 1)
     sessions = snapshot.sessions
     durations_ms: list[float] = []
-    new_gpus = [0]
+    new_ids = (f"n{n:05d}" for n in itertools.count())
+    latency = setting.models().latency
     for event in range(warmup + events):
         now_s = 10.0 * (event + 1)
         resident = rng.choice([g for g in snapshot.residents if snapshot.residents[g]][:64])
@@ -95,7 +75,7 @@ def measure(impl: str, gpus: int, events: int, seed: int, warmup: int) -> dict[s
         plan = decider.decide(snapshot, now_s)
         if event >= warmup:
             durations_ms.append((time.perf_counter() - started) * 1000.0)
-        apply(snapshot, plan, now_s, new_gpus)
+        apply_plan(snapshot, plan, now_s, 0.0, latency, new_ids)
     durations_ms.sort()
     return {
         "gpus": gpus,

@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
         "throughput": {k: round(v, 3) for k, v in {**copies, **transfer}.items()},
         "setup": {"backend": "gloo", "device": "cpu", "throughput_state_mb": args.throughput_mb,
                   "repeats": args.repeats, "pause_repeats": args.pause_repeats, "chunk_ms": args.chunk_ms,
-                  "torch": torch.__version__, "threads": torch.get_num_threads(), "wall_s": round(time.monotonic() - started, 1)},
+                  "torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "wall_s": round(time.monotonic() - started, 1)},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -122,7 +122,9 @@ def run_up(*, workers: int, model: str, port: int) -> int:
                 nats_url = nats.url
             postgres = locate_postgres()
             database_url = _database_for_up(postgres)
-        token = os.environ.get("TURBOSERVE_TOKENS", "").split(",")[0] or secrets.token_urlsafe(16)
+        first_entry = os.environ.get("TURBOSERVE_TOKENS", "").split(",")[0]
+        token = first_entry.partition("=")[2] if "=" in first_entry else first_entry
+        token = token or secrets.token_urlsafe(16)
         env = {
             **os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url, "TURBOSERVE_MODEL": model,
             "TURBOSERVE_TOKENS": os.environ.get("TURBOSERVE_TOKENS", token), "TURBOSERVE_GATEWAY_PORT": str(port),

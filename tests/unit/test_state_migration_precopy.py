@@ -27,6 +27,7 @@ class InMemoryLink:
 
     def __init__(self, inbox: queue.Queue[Any], outbox: queue.Queue[Any], drop_kinds: frozenset[str]) -> None:
         self._inbox, self._outbox, self._drop_kinds = inbox, outbox, drop_kinds
+        self.sent_headers: list[dict[str, Any]] = []
 
     @classmethod
     def pair(cls, drop_from_source: frozenset[str] = frozenset()) -> tuple[InMemoryLink, InMemoryLink]:
@@ -35,6 +36,7 @@ class InMemoryLink:
         return cls(to_source, to_target, drop_from_source), cls(to_target, to_source, frozenset())
 
     def send_frame(self, header: Mapping[str, Any], tensors: Sequence[torch.Tensor], *, timeout_s: float) -> None:
+        self.sent_headers.append(dict(header))
         if header["kind"] not in self._drop_kinds:
             self._outbox.put((msgpack.packb(dict(header)), [t.clone() for t in tensors]))
 
@@ -207,3 +209,21 @@ def test_a_bulk_frame_larger_than_the_reservation_is_refused_before_allocating()
         with pytest.raises(MigrationAborted, match="FrameTooLarge"):
             received.result(timeout=30)
     assert target_machine.phase is MigrationPhase.ABORTED
+
+
+def test_tensors_the_caller_vouches_for_are_not_re_sent_at_the_boundary() -> None:
+    source, target_model = Source(), SyntheticStateModel(SHAPE, slots=1, device=CPU)
+    source_link, target_link = InMemoryLink.pair()
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        received = _start_target(executor, target_link, target_model, MigrationStateMachine("m", timeout_s=30))
+        migration = SourceMigration(source_link, source.model, source.handle, MigrationStateMachine("m", timeout_s=30),
+                                    chunks_done=lambda: source.chunks_done, unchanged_names=frozenset({"prompt_cache"}))
+        migration.begin()
+        migration.send_bulk()
+        source.generate(2)
+        migration.finish(commit=lambda: None)
+        handle = received.result(timeout=30)
+    final = next(header for header in source_link.sent_headers if header["kind"] == "final")
+    assert sorted(view[0] for view in final["manifest"]["views"]) == ["cursor", "rng"]
+    reference, unmoved = _reference(2)
+    assert torch.equal(target_model.generate([handle])[0].frames, reference.generate([unmoved])[0].frames)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from services.gpu_worker.model.interface import SessionHandle
-from services.gpu_worker.state.errors import DeviceBudgetExceeded, HostBudgetExceeded, NoHostState
+from services.gpu_worker.state.errors import DeviceBudgetExceeded, HostBudgetExceeded, NoHostState, StateError
 from services.gpu_worker.state.host_pool import HostBufferPool
 from services.gpu_worker.state.offload import Residency, SessionStateManager
 from services.gpu_worker.state.packing import StateManifest
@@ -129,3 +129,13 @@ def test_an_offloaded_state_is_readable_for_a_snapshot_until_it_spills() -> None
     manager.spill("s")
     with pytest.raises(NoHostState, match="spilled"):
         state.readable_buffers()
+
+
+def test_offloading_a_session_that_already_has_offloaded_state_is_refused() -> None:
+    model = SyntheticStateModel(SHAPE, slots=2, device=CPU)
+    manager = _manager(model)
+    manager.offload(model.new_session("s", "x", seed=1))
+    duplicate = model.new_session("s", "x", seed=1)
+    with pytest.raises(StateError, match="already has offloaded state"):
+        manager.offload(duplicate)
+    assert model.export_state(duplicate)["kv"].numel() > 0

@@ -1,7 +1,8 @@
 """Errors of a live migration; every one of them ends the migration with the session still owned by the source.
 
 TransferFailed and FrameTooLarge come from the link (peer gone, timeout, garbage); MigrationAborted is what the
-state machine raises once it has rolled back; IllegalTransition is a bug in the caller's sequencing.
+state machine raises once it has rolled back (PeerAborted when the peer asked); IllegalTransition is a bug in
+the caller's sequencing.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ class MigrationAborted(MigrationError):
     """The migration was aborted (by a peer, a timeout or a request) and its rollback has run."""
 
     code = "migration_aborted"
+
+
+class PeerAborted(MigrationAborted):
+    """The peer sent ABORT; it already knows, so nobody tells it back."""
+
+    code = "migration_peer_aborted"
 
 
 class IllegalTransition(MigrationError):

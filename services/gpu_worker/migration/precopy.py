@@ -13,13 +13,19 @@ state machine's deadline, and suit ``asyncio.to_thread``. Every failure rolls ba
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
 
-from services.gpu_worker.migration.errors import MigrationAborted, MigrationProtocolError, TransferFailed
+from services.gpu_worker.migration.errors import (
+    MigrationAborted,
+    MigrationProtocolError,
+    PeerAborted,
+    TransferFailed,
+)
 from services.gpu_worker.migration.frames import (
     AbortFrame,
     AckFrame,
@@ -39,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 KV_NAME = "kv"
 KV_ROW_DIM = 2  # exported kv is [layers, 2 (k|v), rows, heads, head_dim]
+ABORT_NOTICE_TIMEOUT_S = 1.0
 FrameT = TypeVar("FrameT", BulkFrame, FinalFrame, CommitFrame)
 
 
@@ -125,14 +132,15 @@ class SourceMigration:
                                           max_payload_bytes=0)
         return decode(self._machine.migration_id, header)
 
-    def _rollback_on_error(self) -> _RollbackOnError:
-        return _RollbackOnError(self._machine, self._link)
+    def _rollback_on_error(self) -> contextlib.AbstractContextManager[None]:
+        return _rollback_on_error(self._machine, self._link)
 
 
 class TargetMigration:
     """The receiving half; the caller has claimed the device reservation and registered its undo.
 
-    Received buffers come from ``allocate`` and, once imported, go back through ``recycle`` (e.g. a host pool).
+    Received buffers come from ``allocate`` and go back through ``recycle`` (e.g. a host pool) as soon as
+    ``import_state`` returns, so an import that copies asynchronously must have synchronised by then.
     """
 
     def __init__(
@@ -164,7 +172,7 @@ class TargetMigration:
         ``commit_landed`` (reads the epoch in Postgres) settles the one ambiguous case: the target acked but the
         COMMIT frame never came, because the source died right after committing.
         """
-        with _RollbackOnError(self._machine, self._link):
+        with _rollback_on_error(self._machine, self._link):
             self._machine.advance(MigrationPhase.PRECOPYING)
             bulk, bulk_buffers = self._recv(BulkFrame, self._max_state_bytes)
             tensors = unpack(bulk.manifest, bulk_buffers)
@@ -194,7 +202,7 @@ class TargetMigration:
                                                 max_payload_bytes=max_payload_bytes)
         frame = decode(self._machine.migration_id, header)
         if isinstance(frame, AbortFrame):
-            raise MigrationAborted(f"source aborted: {frame.reason}")
+            raise PeerAborted(f"source aborted: {frame.reason}")
         if not isinstance(frame, expected):
             raise MigrationProtocolError(f"expected a {expected.__name__}, got {type(frame).__name__}")
         return frame, tensors
@@ -233,31 +241,25 @@ def _refuse_tensors(dtype: torch.dtype, numel: int) -> torch.Tensor:
     raise MigrationProtocolError(f"unexpected tensor payload ({dtype}[{numel}]) in a control frame")
 
 
-class _RollbackOnError:
-    """Any error inside: tell the peer (best effort), roll the state machine back, raise MigrationAborted."""
-
-    def __init__(self, machine: MigrationStateMachine, link: FrameLink) -> None:
-        self._machine = machine
-        self._link = link
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, _tb: object) -> bool:
-        if exc is None:
-            return False
+@contextlib.contextmanager
+def _rollback_on_error(machine: MigrationStateMachine, link: FrameLink) -> Iterator[None]:
+    """Any error inside: tell the peer (unless the link or the peer is gone), roll back, raise MigrationAborted."""
+    try:
+        yield
+    except BaseException as exc:
         reason = f"{type(exc).__name__}: {exc}"
         link_broken = isinstance(exc, TransferFailed) and not isinstance(exc, MigrationProtocolError)
-        if not link_broken:
-            self._tell_peer(reason)
-        self._machine.fail(reason)
-        self._link.close()
+        if not link_broken and not isinstance(exc, PeerAborted):
+            _tell_peer(machine.migration_id, link, reason)
+        machine.fail(reason)
+        link.close()
         if isinstance(exc, Exception) and not isinstance(exc, MigrationAborted):
-            raise MigrationAborted(f"migration {self._machine.migration_id} rolled back: {reason}") from exc
-        return False
+            raise MigrationAborted(f"migration {machine.migration_id} rolled back: {reason}") from exc
+        raise
 
-    def _tell_peer(self, reason: str) -> None:
-        try:
-            self._link.send_frame(encode(self._machine.migration_id, AbortFrame(reason)), [], timeout_s=1.0)
-        except TransferFailed as exc:
-            logger.info("migration %s: could not tell the peer about the abort: %s", self._machine.migration_id, exc)
+
+def _tell_peer(migration_id: str, link: FrameLink, reason: str) -> None:
+    try:
+        link.send_frame(encode(migration_id, AbortFrame(reason)), [], timeout_s=ABORT_NOTICE_TIMEOUT_S)
+    except TransferFailed as exc:
+        logger.info("migration %s: could not tell the peer about the abort: %s", migration_id, exc)

@@ -16,8 +16,10 @@ message the receiver waits for in turn costs a round trip: that is what a pause 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -27,6 +29,8 @@ import torch.distributed as dist
 
 from services.gpu_worker.migration.errors import FrameTooLarge, TransferFailed
 from services.gpu_worker.state.packing import DTYPES_BY_NAME, NAMES_BY_DTYPE
+
+logger = logging.getLogger(__name__)
 
 TARGET_RANK = 0
 SOURCE_RANK = 1
@@ -85,7 +89,7 @@ class PeerLink:
         if len(framed) > HEADER_BLOCK_BYTES:
             parts.append(encoded[HEADER_BLOCK_BYTES:])
         parts.extend(_as_bytes(t) for t in tensors)
-        self._wait([self._group.send([part], self.peer_rank, 0) for part in parts], timeout_s, "send")
+        self._exchange(self._group.send, parts, timeout_s)
 
     def recv_frame(
         self, allocate: Allocate, *, timeout_s: float, max_payload_bytes: int
@@ -95,7 +99,7 @@ class PeerLink:
         ``max_payload_bytes`` bounds what a peer can make us allocate (e.g. the reservation's size).
         """
         block = torch.empty(HEADER_BLOCK_BYTES, dtype=torch.uint8, device=self.device)
-        self._wait([self._group.recv([block], self.peer_rank, 0)], timeout_s, "recv")
+        self._exchange(self._group.recv, [block], timeout_s)
         framed = block.cpu().numpy().tobytes()
         size = int.from_bytes(framed[:LENGTH_BYTES], "little")
         if not 0 < size <= MAX_HEADER_BYTES:
@@ -103,14 +107,14 @@ class PeerLink:
         overflow_bytes = LENGTH_BYTES + size - HEADER_BLOCK_BYTES
         if overflow_bytes > 0:
             overflow = torch.empty(overflow_bytes, dtype=torch.uint8, device=self.device)
-            self._wait([self._group.recv([overflow], self.peer_rank, 0)], timeout_s, "recv")
+            self._exchange(self._group.recv, [overflow], timeout_s)
             framed += overflow.cpu().numpy().tobytes()
         header, specs = _decode_header(framed[LENGTH_BYTES : LENGTH_BYTES + size])
         payload_bytes = sum(numel * dtype.itemsize for dtype, numel in specs)
         if payload_bytes > max_payload_bytes:
             raise FrameTooLarge(f"peer announced {payload_bytes} B of tensors; at most {max_payload_bytes} B allowed")
         tensors = [allocate(dtype, numel) for dtype, numel in specs]
-        self._wait([self._group.recv([_as_bytes(t)], self.peer_rank, 0) for t in tensors], timeout_s, "recv")
+        self._exchange(self._group.recv, [_as_bytes(t) for t in tensors], timeout_s)
         return header, tensors
 
     def close(self) -> None:
@@ -118,15 +122,20 @@ class PeerLink:
         if self._closed:
             return
         self._closed = True
-        self._group.shutdown()
-
-    def _wait(self, works: list[dist.Work], timeout_s: float, what: str) -> None:
-        timeout = datetime.timedelta(seconds=max(timeout_s, 0.001))
         try:
+            self._group.shutdown()
+        except RuntimeError as exc:  # already broken by the peer: nothing left to tear down
+            logger.info("transfer group of rank %d was already broken at close: %s", self.rank, exc)
+
+    def _exchange(self, operation: Callable[..., dist.Work], parts: Sequence[torch.Tensor], timeout_s: float) -> None:
+        """Post every part at once (they pipeline), then wait for all within one shared deadline."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            works = [operation([part], self.peer_rank, 0) for part in parts]
             for work in works:
-                work.wait(timeout)
+                work.wait(datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
         except RuntimeError as exc:
-            raise TransferFailed(f"{what} with rank {self.peer_rank} failed: {exc}") from exc
+            raise TransferFailed(f"{operation.__name__} with rank {self.peer_rank} failed: {exc}") from exc
 
 
 class TransferListener:

@@ -12,14 +12,14 @@ import enum
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from services.gpu_worker.model.interface import SessionHandle, StreamingVideoModel
 from services.gpu_worker.state.copies import CopyTicket, StreamCopier
-from services.gpu_worker.state.errors import DeviceBudgetExceeded, HostBudgetExceeded, NoHostState
+from services.gpu_worker.state.errors import DeviceBudgetExceeded, HostBudgetExceeded, NoHostState, StateError
 from services.gpu_worker.state.host_pool import HostBufferPool
 from services.gpu_worker.state.packing import (
     DEFAULT_OWN_BUFFER_MIN_BYTES,
@@ -55,7 +55,7 @@ class HostState:
     manifest: StateManifest
     buffers: list[torch.Tensor]
     ticket: CopyTicket
-    residency: Residency = field(default=Residency.HOST)
+    residency: Residency = Residency.HOST
 
     @property
     def nbytes(self) -> int:
@@ -133,6 +133,9 @@ class SessionStateManager:
     def offload(self, handle: SessionHandle) -> HostState:
         """Copy the session's state to host buffers and free its slot; spills older states to make room."""
         with self._lock:
+            if handle.session_id in self._host_states:
+                raise StateError(f"session {handle.session_id!r} already has offloaded state here; restore or "
+                                 "discard it first")
             tensors = self._model.export_state(handle)
             manifest = plan_manifest(tensors, own_buffer_min_bytes=self._own_buffer_min_bytes)
             self._make_host_room(manifest.nbytes)

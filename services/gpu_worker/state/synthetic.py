@@ -56,7 +56,9 @@ class _Session:
 class SyntheticStateModel:
     """Implements StreamingVideoModel over synthetic state on ``device``; not thread-safe, like a real model."""
 
-    def __init__(self, shape: SyntheticShape, *, slots: int, device: torch.device, adopt_on_import: bool = False):
+    def __init__(
+        self, shape: SyntheticShape, *, slots: int, device: torch.device, adopt_on_import: bool = False
+    ) -> None:
         """``adopt_on_import`` keeps imported tensors instead of copying them: on a GPU that copy is a device
         copy at HBM speed (~1 ms per GB); on this CPU stand-in it would be the dominant cost and hide the
         transfer being measured. The caller must then not reuse the imported buffers.
