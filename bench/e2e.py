@@ -3,6 +3,8 @@
 Per chunk: e2e = client receipt - the moment the chunk became ready at the worker (same host, wall clocks);
 model = the batched forward that produced it; overhead = e2e - model. Coalesced throughput at 8 sessions is
 measured against the same worker serving one session at a time (TURBOSERVE_MAX_BATCH=1), in the same run.
+Tracing overhead: 8 sessions with tracing off and on (exporting by OTLP/HTTP to a local receiver, as to Jaeger),
+alternating over a few fresh systems so drift hits both; ``tracing_overhead_frac`` compares their median e2e.
 Writes bench/results/e2e.json.
 """
 
@@ -28,6 +30,7 @@ from services.client import ReceivedChunk, ServerError, TurboServeClient  # noqa
 from services.common.nats_server import free_port, start_nats_server  # noqa: E402
 from services.common.postgres_server import locate_postgres  # noqa: E402
 from services.launcher import Child, start_services, stop_children, wait_http_ok  # noqa: E402
+from tests.otlp_receiver import OtlpReceiver  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "e2e.json"
 TOKEN = "bench-token"
@@ -62,6 +65,33 @@ async def stream_sessions(ws_url: str, sessions: int, warmup: int, measured: int
     return [chunk for chunks in per_session for chunk in chunks]
 
 
+def tracing_env(otlp_endpoint: str) -> dict[str, str]:
+    return {
+        "TURBOSERVE_TRACING": "1", "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
+    }
+
+
+def compare_tracing(nats_url: str, database_url: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """8 sessions with tracing off and on, ``args.tracing_rounds`` pairs, the order flipped every round so a
+    drifting machine favours neither; latencies pool every chunk of a condition (chunks/s would span several
+    systems, so it is left out)."""
+    pooled: dict[str, list[ReceivedChunk]] = {"off": [], "on": []}
+    with OtlpReceiver() as receiver:
+        conditions = [("off", {}), ("on", tracing_env(receiver.endpoint))]
+        for _ in range(args.tracing_rounds):
+            for condition, env in conditions:
+                with System(nats_url, database_url, env) as system:
+                    pooled[condition] += asyncio.run(stream_sessions(system.ws_url, 8, args.warmup, args.chunks))
+            conditions.reverse()
+        spans = len(receiver.spans)
+    summaries = {condition: summarize(chunks) for condition, chunks in pooled.items()}
+    for summary in summaries.values():
+        del summary["chunks_per_s"]
+    summaries["on"]["spans_received"] = float(spans)
+    return summaries
+
+
 def summarize(chunks: list[ReceivedChunk]) -> dict[str, float]:
     e2e = np.array([c.received_at_unix_ms - c.header.timings_ms["ready_at_unix_ms"] for c in chunks])
     model = np.array([c.header.timings_ms["model_ms"] for c in chunks])
@@ -89,6 +119,8 @@ class System:
             "TURBOSERVE_MAX_RESIDENT": "64", "TURBOSERVE_MAX_SESSIONS_PER_TOKEN": "64", "PYTHONUNBUFFERED": "1",
             **extra_env,
         }
+        if "TURBOSERVE_TRACING" not in extra_env:
+            self.env["TURBOSERVE_TRACING"] = "0"
         self.children: list[Child] = []
 
     def __enter__(self) -> System:
@@ -109,6 +141,7 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--chunks", type=int, default=20, help="measured chunks per session")
+    parser.add_argument("--tracing-rounds", type=int, default=3, help="off/on pairs in the tracing comparison")
     args = parser.parse_args()
 
     nats = start_nats_server()
@@ -116,7 +149,7 @@ def main() -> int:
     results: dict[str, dict[int, dict[str, float]]] = {}
     try:
         with Progress(console=console) as progress:
-            task = progress.add_task("e2e benchmark", total=len(args.sessions) + 1)
+            task = progress.add_task("e2e benchmark", total=len(args.sessions) + 2)
             with System(nats.url, postgres.url, {}) as system:
                 for count in args.sessions:
                     chunks = asyncio.run(stream_sessions(system.ws_url, count, args.warmup, args.chunks))
@@ -126,6 +159,8 @@ def main() -> int:
                 chunks = asyncio.run(stream_sessions(system.ws_url, 8, args.warmup, args.chunks))
                 results["one_at_a_time"] = {8: summarize(chunks)}
                 progress.advance(task)
+            tracing = compare_tracing(nats.url, postgres.url, args)
+            progress.advance(task)
     finally:
         nats.stop()
         postgres.stop()
@@ -144,6 +179,10 @@ def main() -> int:
     if speedup is not None:
         console.print(f"coalesced throughput at 8 sessions: {batched[8]['chunks_per_s']:.1f} chunks/s vs "
                       f"{results['one_at_a_time'][8]['chunks_per_s']:.1f} one at a time = {speedup:.2f}x")
+    off_ms, on_ms = tracing["off"]["e2e_p50_ms"], tracing["on"]["e2e_p50_ms"]
+    overhead_frac = on_ms / off_ms - 1
+    console.print(f"tracing at 8 sessions: e2e p50 {off_ms:.1f} ms off, {on_ms:.1f} ms on = {overhead_frac:+.1%} "
+                  "(target: at most +5%)")
     payload = {
         "sessions": list(batched),
         "e2e_p50_ms": {n: r["e2e_p50_ms"] for n, r in batched.items()},
@@ -151,6 +190,8 @@ def main() -> int:
         "model_ms": {n: r["model_ms"] for n, r in batched.items()},
         "overhead_p99_ms": {n: r["overhead_p99_ms"] for n, r in batched.items()},
         "coalesced_speedup": speedup,
+        "tracing_overhead_frac": overhead_frac,
+        "tracing": tracing,
         "detail": results,
         "measured_at_unix_s": time.time(),
     }

@@ -3,7 +3,8 @@ against the paper's rule as described (full rescans), in the same run, on the sa
 
 Each event turns one resident session idle and resumes one offloaded session, then decides (with rebalancing
 due, the worst case) and applies the plan. The first ``warmup`` events are not timed: there our controller
-consolidates the deliberately loose starting cluster once (a one-off, proportional to the moves). Writes bench/results/scheduler_speed.json.
+consolidates the deliberately loose starting cluster once (a one-off, proportional to the moves).
+Writes bench/results/scheduler_speed.json.
 
     .venv/bin/python bench/scheduler_speed.py [--quick]
 """

@@ -29,13 +29,18 @@ def _gateway(_: argparse.Namespace) -> int:
 def _scheduler(_: argparse.Namespace) -> int:
     from services.common.config import CommonSettings
     from services.common.service import nats_connection, run_service
+    from services.common.telemetry.fleet import FleetObserver
     from services.scheduler.runner import run_scheduler
     from services.scheduler.settings import SchedulerSettings
 
     async def main(stop: asyncio.Event) -> None:
         common = CommonSettings.from_env()
-        async with nats_connection(common.nats_url, "scheduler") as nc:
-            await run_scheduler(SchedulerSettings.from_env(), nc, stop)
+        settings = SchedulerSettings.from_env()
+        async with (
+            nats_connection(common.nats_url, "scheduler") as nc,
+            FleetObserver(nc, settings.worker_timeout_s).running(),
+        ):
+            await run_scheduler(settings, nc, stop)
 
     return run_service("scheduler", main)
 

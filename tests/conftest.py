@@ -3,6 +3,12 @@ and a fresh PostgreSQL database per test session (the local server, DATABASE_URL
 
 from __future__ import annotations
 
+import os
+
+# One intra-op thread for torch here and in every process the tests start: the CI machine has 2 cores, and
+# oversubscribed torch threads make the model many times slower, not faster.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import uuid
 from collections.abc import Iterator
 

@@ -12,15 +12,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import nats
 from nats.aio.client import Client as NatsClient
 
+from services.common.telemetry.logs import configure_logging
+from services.common.telemetry.metrics import metrics_endpoint
+from services.common.telemetry.tracing import tracing_from_env
+
 log = logging.getLogger("turboserve")
-
-
-def configure_logging(service: str, level: str = "INFO") -> None:
-    """One line per event, key=value, so logs grep and parse."""
-    logging.basicConfig(
-        level=level,
-        format=f"%(asctime)s level=%(levelname)s service={service} logger=%(name)s %(message)s",
-    )
 
 
 @contextlib.asynccontextmanager
@@ -47,11 +43,13 @@ def shutdown_event() -> asyncio.Event:
 
 
 def run_service(name: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
-    """Run `main(stop_event)` until it returns; returns a process exit code."""
+    """Run `main(stop_event)` until it returns, with its telemetry (logs, tracing, /metrics) around it;
+    returns a process exit code. Tracing is shut down last, so spans of the drain are exported too."""
     configure_logging(name)
 
     async def runner() -> None:
-        await main(shutdown_event())
+        with tracing_from_env(name), metrics_endpoint(name):
+            await main(shutdown_event())
 
     try:
         asyncio.run(runner())

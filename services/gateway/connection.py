@@ -27,6 +27,7 @@ from services.common.client_messages import (
     server_message,
 )
 from services.common.errors import InvalidField, MessageTooLarge, TurboServeError
+from services.common.telemetry.metrics import WEBSOCKET_CONNECTIONS
 from services.gateway.hub import SessionHub
 from services.gateway.outgoing import SlowConsumer
 from services.gateway.session import GatewaySession
@@ -64,6 +65,7 @@ class ClientConnection:
 
     async def run(self) -> None:
         """Serve until the client goes; then stop the writers and let the sessions linger."""
+        WEBSOCKET_CONNECTIONS.inc()
         try:
             async for data in self.ws:
                 await self._handle(data)
@@ -75,6 +77,7 @@ class ClientConnection:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._writers.clear()
+            WEBSOCKET_CONNECTIONS.dec()
             await self.hub.release_connection(self.connection_id, self)
 
     # --- requests ------------------------------------------------------------------------------------------
@@ -154,6 +157,7 @@ class ClientConnection:
                 chunk = await session.outgoing.head()
                 await self.ws.send(chunk.frame)
                 session.outgoing.pop(chunk)
+                session.traces.delivered(chunk.seq)
         except ConnectionClosed:
             return
 

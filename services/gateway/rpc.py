@@ -14,6 +14,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from services.common.errors import TurboServeError, Unavailable
 from services.common.messages import Reply
+from services.common.telemetry.tracing import inject_current
 from services.common.wire import Message, decode, encode
 
 M = TypeVar("M", bound=Message)
@@ -28,9 +29,10 @@ class PeerRefused(TurboServeError):
 
 
 async def request(nats: NatsClient, subject: str, msg: Message, expect: type[M], *, timeout_s: float) -> M:
-    """Send ``msg`` and return the answer as ``expect``; a Reply(ok=False) raises PeerRefused."""
+    """Send ``msg`` and return the answer as ``expect``; a Reply(ok=False) raises PeerRefused. The current
+    trace context rides along in the headers (none when tracing is off)."""
     try:
-        answer = await nats.request(subject, encode(msg), timeout=timeout_s)
+        answer = await nats.request(subject, encode(msg), timeout=timeout_s, headers=inject_current())
     except (TimeoutError, NatsTimeoutError):
         raise Unavailable(f"{subject} did not answer {msg.TYPE} within {timeout_s} s") from None
     except NoRespondersError:
@@ -48,9 +50,9 @@ async def request(nats: NatsClient, subject: str, msg: Message, expect: type[M],
     return reply
 
 
-async def publish(nats: NatsClient, subject: str, msg: Message) -> None:
+async def publish(nats: NatsClient, subject: str, msg: Message, headers: dict[str, str] | None = None) -> None:
     """Fire and forget; the receiver fences by epoch, so a lost or late message is harmless."""
     try:
-        await nats.publish(subject, encode(msg))
+        await nats.publish(subject, encode(msg), headers=headers)
     except ConnectionClosedError:
         raise Unavailable("the gateway's NATS connection is closed") from None

@@ -40,6 +40,7 @@ from services.common.messages import (
     RequestChunks,
     UpdateSession,
 )
+from services.common.telemetry.chunks import GatewayChunkSpans
 from services.common.wire import Message, decode
 from services.gateway.fencing import ChunkFence, Verdict
 from services.gateway.outgoing import OutgoingChunk, OutgoingChunks, SlowConsumer
@@ -100,6 +101,7 @@ class GatewaySession:
         self._persisted = False
         self._subscriptions: list[Subscription] = []
         self._background: set[asyncio.Task[None]] = set()
+        self.traces = GatewayChunkSpans(spec.session_id)
 
     @property
     def epoch(self) -> int:
@@ -109,7 +111,8 @@ class GatewaySession:
 
     async def open(self) -> None:
         """Persist and place the session, attach it on its worker and start the credit; closes it on failure."""
-        async with self._lock:
+        self.traces.start_session(self.spec.model)
+        async with self._lock, self.traces.operation("open"):
             try:
                 self._subscriptions = [
                     await self._nats.subscribe(subjects.chunks(self.session_id), cb=self._on_chunk),
@@ -124,11 +127,12 @@ class GatewaySession:
                 await self._shutdown()
                 raise
             self.status = "active"
+            log.info("event=session_open worker=%s epoch=%d", self.worker_id, self.epoch)
             await self._open_credit()
 
     async def change_prompt(self, prompt: str) -> int:
         """Use ``prompt`` from the first chunk the worker was never asked for; returns that seq."""
-        async with self._lock:
+        async with self._lock, self.traces.operation("change_prompt"):
             self._require("active", "idle")
             self._credit_open = False
             from_seq = self.fence.highest_requested + 1
@@ -147,7 +151,7 @@ class GatewaySession:
     async def pause(self) -> int:
         """Stop the credit; returns the seq the stream stops at: every chunk before it was requested and still
         arrives, none from it on until a resume."""
-        async with self._lock:
+        async with self._lock, self.traces.operation("pause"):
             self._require("active")
             await self._go_idle()
             return self.fence.granted_up_to + 1
@@ -160,13 +164,13 @@ class GatewaySession:
     async def suspend(self, still_unclaimed: Callable[[], bool]) -> None:
         """The driving connection dropped: stop producing and keep the state for a resume, unless another
         connection took the session over while we waited for the lock."""
-        async with self._lock:
+        async with self._lock, self.traces.operation("suspend"):
             if self.status == "active" and still_unclaimed():
                 await self._go_idle()
 
     async def resume(self) -> None:
         """Tell the scheduler, re-attach if it answers with a newer placement (moved while idle), restart credit."""
-        async with self._lock:
+        async with self._lock, self.traces.operation("resume"):
             self._require("idle")
             update = UpdateSession(self.session_id, "active", self.fence.next_seq)
             answer = await self._request(subjects.SCHED_UPDATE, update, Message)
@@ -177,7 +181,7 @@ class GatewaySession:
 
     async def close(self) -> None:
         """Detach from the worker and mark the session closed; idempotent."""
-        async with self._lock:
+        async with self._lock, self.traces.operation("close"):
             await self._shutdown()
 
     # --- NATS callbacks ------------------------------------------------------------------------------------
@@ -195,6 +199,7 @@ class GatewaySession:
         if verdict not in (Verdict.READY, Verdict.HELD):
             self._drop(verdict.value, f"chunk epoch={header.epoch} seq={header.seq} (at epoch={self.epoch})")
             return
+        self.traces.arrived(header.seq, msg.headers)
         self._deliver_ready()
         await self._grant_credit()
 
@@ -205,7 +210,7 @@ class GatewaySession:
             log.warning("session=%s unreadable placement: %s", self.session_id, exc)
             return
         assert isinstance(placement, Placement)
-        async with self._lock:
+        async with self._lock, self.traces.operation("move"):
             if self.status == "closed" or placement.epoch <= self._attached_epoch:
                 return  # open() holds the lock, so a placement racing it is judged against open's epoch
             log.info("session=%s moves to worker=%s epoch=%d reason=%r next_seq=%d", self.session_id,
@@ -276,6 +281,8 @@ class GatewaySession:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self.status = "closed"
+        log.info("event=session_closed next_seq=%d", self.fence.next_seq)
+        self.traces.close("closed")
 
     async def _detach(self, worker_id: str, epoch: int) -> None:
         try:
@@ -313,8 +320,9 @@ class GatewaySession:
             return
         resend_from, self._resend_from = self._resend_from, None
         credit = RequestChunks(self.session_id, self.epoch, up_to, resend_from)
+        headers = self.traces.credit_headers(self.fence.next_seq, up_to, self.epoch, self.worker_id)
         try:
-            await publish(self._nats, subjects.worker_credit(self.worker_id), credit)
+            await publish(self._nats, subjects.worker_credit(self.worker_id), credit, headers)
         except Unavailable as exc:
             log.warning("session=%s credit up to seq=%d not sent: %s", self.session_id, up_to, exc)
 

@@ -8,6 +8,7 @@ import torch
 from nats.aio.client import Client as NatsClient
 
 from services.common import subjects
+from services.common.telemetry.chunks import worker_chunk_traces
 from services.gpu_worker.engine import ChunkEngine
 from services.gpu_worker.frames import JpegEncoder
 from services.gpu_worker.model import get_config, load_model
@@ -18,13 +19,15 @@ from services.gpu_worker.settings import WorkerSettings
 
 async def run_worker(settings: WorkerSettings, nc: NatsClient, stop: asyncio.Event) -> None:
     config = get_config(settings.model)
+    torch.set_num_threads(settings.torch_threads)
     dtype = torch.bfloat16 if settings.device.startswith("cuda") else torch.float32
     model = await asyncio.to_thread(
         load_model, settings.model, device=settings.device, dtype=dtype, max_sessions=settings.max_resident_sessions
     )
 
     async def emit(session_id: str, payload: bytes) -> None:
-        await nc.publish(subjects.chunks(session_id), payload)
+        headers = worker_chunk_traces.published(session_id, payload)
+        await nc.publish(subjects.chunks(session_id), payload, headers=headers)
 
     engine = ChunkEngine(
         model, JpegEncoder(settings.jpeg_quality), emit, worker_id=settings.worker_id, model_name=settings.model,

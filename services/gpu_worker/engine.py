@@ -16,6 +16,9 @@ from collections.abc import Awaitable, Callable
 from services.common.chunk_frame import ChunkHeader, pack_chunk
 from services.common.errors import InvalidField, StaleEpoch, Unavailable, UnknownSession
 from services.common.messages import AttachSession, ChangePrompt, DetachSession, RequestChunks
+from services.common.telemetry.chunks import worker_chunk_traces
+from services.common.telemetry.metrics import worker_series
+from services.common.telemetry.tracing import span
 from services.gpu_worker.frames import JpegEncoder
 from services.gpu_worker.model.interface import ChunkOutput, SlotsExhausted, StreamingVideoModel
 from services.gpu_worker.session import EncodedChunk, ResidentSession
@@ -135,11 +138,15 @@ class ChunkEngine:
     async def _step(self, batch: list[ResidentSession]) -> None:
         started = self._clock()
         started_wall_ms = time.time() * 1e3
-        async with self._model_lock:
-            outputs, model_ms, encode_ms, encoded = await asyncio.to_thread(self._generate_and_encode, batch)
+        with worker_chunk_traces.batch(self._worker_id, batch):
+            async with self._model_lock:
+                outputs, model_ms, encode_ms, encoded = await asyncio.to_thread(self._generate_and_encode, batch)
         self._batch_samples.append((len(batch), model_ms + encode_ms))
+        series = worker_series(self._worker_id, self._model_name)
+        series.observe_batch(len(batch))
         for session, output, frames in zip(batch, outputs, encoded, strict=True):
             queue_ms = (started - (session.ready_since_s or started)) * 1e3
+            series.observe_chunk(queue_ms / 1e3, self._clock() - (session.ready_since_s or started))
             timings = {
                 "ready_at_unix_ms": started_wall_ms - queue_ms, "queue_ms": queue_ms, "model_ms": model_ms,
                 "encode_ms": encode_ms, "batch": float(len(batch)),
@@ -157,12 +164,14 @@ class ChunkEngine:
                 self._model.set_prompt(session.handle, prompt)
                 session.active_prompt = prompt
         t0 = time.perf_counter()
-        outputs = self._model.generate([s.handle for s in batch])
+        with span("model.forward"):
+            outputs = self._model.generate([s.handle for s in batch])
         t1 = time.perf_counter()
-        encoded = [
-            self._encoder.encode_frames(o.frames) if o.chunk_index >= s.silent_until else []
-            for o, s in zip(outputs, batch, strict=True)
-        ]
+        with span("encode"):
+            encoded = [
+                self._encoder.encode_frames(o.frames) if o.chunk_index >= s.silent_until else []
+                for o, s in zip(outputs, batch, strict=True)
+            ]
         t2 = time.perf_counter()
         return outputs, (t1 - t0) * 1e3, (t2 - t1) * 1e3, encoded
 

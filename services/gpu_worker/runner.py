@@ -15,6 +15,8 @@ from services.common.errors import ProtocolError, TurboServeError
 from services.common.messages import (
     AttachSession, ChangePrompt, DetachSession, Reply, RequestChunks, WorkerGone, WorkerHeartbeat,
 )
+from services.common.telemetry.chunks import worker_chunk_traces
+from services.common.telemetry.metrics import set_sessions
 from services.common.wire import decode, encode
 from services.gpu_worker.engine import ChunkEngine
 from services.gpu_worker.settings import WorkerSettings
@@ -51,6 +53,7 @@ class WorkerRunner:
         try:
             request = decode(msg.data, expect=RequestChunks)
             assert isinstance(request, RequestChunks)
+            worker_chunk_traces.credited(request.session_id, msg.headers)
             await self._engine.credit(request)
         except TurboServeError as exc:
             log.info("event=credit_refused worker=%s code=%s detail=%s", self._settings.worker_id, exc.code, exc)
@@ -66,7 +69,10 @@ class WorkerRunner:
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await self._nc.publish(subjects.SCHED_HEARTBEAT, encode(self.heartbeat()))
+            beat = self.heartbeat()
+            idle = len(beat.sessions) - beat.active_sessions
+            set_sessions(beat.worker_id, {"active": beat.active_sessions, "idle": idle})
+            await self._nc.publish(subjects.SCHED_HEARTBEAT, encode(beat))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self._settings.heartbeat_interval_s)
 

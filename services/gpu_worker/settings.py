@@ -32,6 +32,9 @@ class WorkerSettings:
     """Encoded chunks kept per session to answer a resend without regenerating (TURBOSERVE_REPLAY_CHUNKS)."""
     jpeg_quality: int
     """JPEG quality of the frames sent to clients (TURBOSERVE_JPEG_QUALITY, 30..95)."""
+    torch_threads: int
+    """Intra-op CPU threads (TURBOSERVE_TORCH_THREADS, default 1): several workers share a small CPU, and
+    oversubscribed torch threads made a tiny-model chunk 30x slower on the 2-core CI machine."""
 
     @classmethod
     def from_env(cls) -> WorkerSettings:
@@ -48,4 +51,5 @@ class WorkerSettings:
             heartbeat_interval_s=env_float("TURBOSERVE_HEARTBEAT_S", 1.0, low=0.05, high=60.0),
             replay_chunks=env_int("TURBOSERVE_REPLAY_CHUNKS", 4, low=1, high=64),
             jpeg_quality=env_int("TURBOSERVE_JPEG_QUALITY", 85, low=30, high=95),
+            torch_threads=env_int("TURBOSERVE_TORCH_THREADS", 1, low=1, high=256),
         )

@@ -20,6 +20,8 @@ from nats.aio.subscription import Subscription
 from services.common import subjects
 from services.common.errors import TurboServeError
 from services.common.messages import OpenSession, Placement, Reply, UpdateSession, WorkerGone, WorkerHeartbeat
+from services.common.telemetry.db import traced_store
+from services.common.telemetry.tracing import consumer_span
 from services.common.wire import Message, decode, encode
 from services.scheduler.coordinator import Coordinator
 from services.scheduler.migrations import migrate
@@ -81,7 +83,8 @@ class SchedulerRunner:
         """Every request gets exactly one answer: the decision, or a Reply whose code says what went wrong."""
         response: Message
         try:
-            response = await handle(cast(M, decode(msg.data, expect=kind)))
+            with consumer_span(f"scheduler.{kind.TYPE}", msg.headers):
+                response = await handle(cast(M, decode(msg.data, expect=kind)))
         except asyncio.CancelledError:
             raise
         except TurboServeError as exc:
@@ -107,7 +110,8 @@ class SchedulerRunner:
     async def _consume(self, msg: Msg, kind: type[M], handle: Callable[[M], Awaitable[None]]) -> None:
         """Reports have nobody to answer to: a bad one is logged and dropped, the next one may be good."""
         try:
-            await handle(cast(M, decode(msg.data, expect=kind)))
+            with consumer_span(f"scheduler.{kind.TYPE}", msg.headers):
+                await handle(cast(M, decode(msg.data, expect=kind)))
         except asyncio.CancelledError:
             raise
         except TurboServeError as exc:
@@ -120,7 +124,8 @@ class SchedulerRunner:
         while True:
             await asyncio.sleep(self._sweep_interval_s)
             try:
-                placements = await self._coordinator.sweep()
+                with consumer_span("scheduler.sweep", None):
+                    placements = await self._coordinator.sweep()
             except asyncio.CancelledError:
                 raise
             except TurboServeError as exc:
@@ -141,7 +146,7 @@ async def open_scheduler(settings: SchedulerSettings, nats: NatsClient) -> Async
     """Migrate the schema, then serve on ``nats`` until the block exits; serving once this yields."""
     await migrate(settings.database_url)
     async with contextlib.AsyncExitStack() as stack:
-        store = PostgresStore.connect(settings.database_url)
+        store = traced_store(PostgresStore.connect(settings.database_url))
         stack.push_async_callback(store.close)
         coordinator = Coordinator(store, worker_timeout_s=settings.worker_timeout_s)
         yield await stack.enter_async_context(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing as mp
 import os
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
@@ -13,10 +16,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from services.gpu_worker.migration.errors import MigrationAborted, TransferFailed
+from services.gpu_worker.migration.errors import FrameTooLarge, MigrationAborted, TransferFailed
 from services.gpu_worker.migration.precopy import SourceMigration, TargetMigration
 from services.gpu_worker.migration.state_machine import MigrationPhase, MigrationStateMachine
-from services.gpu_worker.migration.transport import TransferListener, connect
+from services.gpu_worker.migration.transport import PeerLink, TransferListener, connect
+from services.gpu_worker.model.interface import StreamingVideoModel
+from services.gpu_worker.model.loader import load_model
 from services.gpu_worker.state.synthetic import SyntheticShape, SyntheticStateModel
 
 CPU = torch.device("cpu")
@@ -26,11 +31,45 @@ SESSIONS = ("a", "b")
 TIMEOUT_S = 60.0
 
 
-def _frames_digest(frames: torch.Tensor) -> int:
-    return int(frames.to(torch.int64).sum())
+def _frames_digest(frames: torch.Tensor) -> str:
+    return hashlib.sha256(frames.contiguous().numpy().tobytes()).hexdigest()
 
 
-def _receive(conn: Connection, model: SyntheticStateModel, session_id: str, timeout_s: float) -> dict[str, Any]:
+class SerialModel:
+    """Serialises every call into a model, as the worker's model thread does; models are not thread-safe."""
+
+    def __init__(self, model: StreamingVideoModel) -> None:
+        self._model = model
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._model, name)
+        if not callable(attribute):
+            return attribute
+
+        def serialised(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attribute(*args, **kwargs)
+
+        return serialised
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread() -> Iterator[None]:
+    """Tiny tensors on a shared 2-core box: OpenMP fan-out only adds barrier waits (child processes do the same)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_model(kind: str, slots: int) -> StreamingVideoModel:
+    if kind == "tiny":
+        return load_model("tiny", max_sessions=slots)
+    return SyntheticStateModel(SHAPE, slots=slots, device=CPU)
+
+
+def _receive(conn: Connection, model: StreamingVideoModel, session_id: str, timeout_s: float) -> dict[str, Any]:
     listener = TransferListener(HOST, 0, timeout_s=timeout_s)
     conn.send((session_id, listener.port))
     machine = MigrationStateMachine(session_id, timeout_s=timeout_s)
@@ -49,9 +88,10 @@ def _receive(conn: Connection, model: SyntheticStateModel, session_id: str, time
             "frames": [_frames_digest(model.generate([handle])[0].frames) for _ in range(4)]}
 
 
-def target_process(conn: Connection, sessions: tuple[str, ...], timeout_s: float) -> None:
+def target_process(conn: Connection, sessions: tuple[str, ...], timeout_s: float, kind: str) -> None:
     """Receive every named session at once, each over its own private group, then report."""
-    model = SyntheticStateModel(SHAPE, slots=len(sessions), device=CPU)
+    torch.set_num_threads(1)
+    model = SerialModel(make_model(kind, len(sessions)))
     with ThreadPoolExecutor(max_workers=len(sessions)) as executor:
         reports = list(executor.map(lambda sid: _receive(conn, model, sid, timeout_s), sessions))
     conn.send({"reports": reports, "default_group": dist.is_initialized()})
@@ -59,7 +99,8 @@ def target_process(conn: Connection, sessions: tuple[str, ...], timeout_s: float
 
 def dying_source_process(port: int) -> None:
     """Send the bulk copy, then die without a word, as a crashed worker would."""
-    model = SyntheticStateModel(SHAPE, slots=1, device=CPU)
+    torch.set_num_threads(1)
+    model = make_model("synthetic", 1)
     handle = model.new_session("a", "a fox", seed=5)
     link = connect(HOST, port, transfer_id="a", device=CPU, timeout_s=TIMEOUT_S)
     migration = SourceMigration(link, model, handle, MigrationStateMachine("a", timeout_s=TIMEOUT_S),
@@ -69,16 +110,16 @@ def dying_source_process(port: int) -> None:
     os._exit(17)
 
 
-def _unmigrated_frames(session_id: str, seed: int, chunks_before: int) -> list[int]:
-    model = SyntheticStateModel(SHAPE, slots=1, device=CPU)
+def _unmigrated_frames(kind: str, session_id: str, seed: int, chunks_before: int) -> list[str]:
+    model = make_model(kind, 1)
     handle = model.new_session(session_id, f"prompt {session_id}", seed=seed)
     for _ in range(chunks_before):
         model.generate([handle])
     return [_frames_digest(model.generate([handle])[0].frames) for _ in range(4)]
 
 
-def _migrate(session_id: str, seed: int, port: int) -> int:
-    model = SyntheticStateModel(SHAPE, slots=1, device=CPU)
+def _migrate(kind: str, session_id: str, seed: int, port: int) -> int:
+    model = make_model(kind, 1)
     handle = model.new_session(session_id, f"prompt {session_id}", seed=seed)
     done = 0
 
@@ -101,16 +142,17 @@ def _migrate(session_id: str, seed: int, port: int) -> int:
     return done
 
 
-def test_two_sessions_migrate_at_once_mid_stream_and_continue_with_the_frames_of_an_unmigrated_run() -> None:
+@pytest.mark.parametrize("kind", ["synthetic", "tiny"])
+def test_two_sessions_migrate_at_once_mid_stream_and_continue_with_the_frames_of_an_unmigrated_run(kind: str) -> None:
     context = mp.get_context("spawn")
     ours, theirs = context.Pipe()
-    target = context.Process(target=target_process, args=(theirs, SESSIONS, TIMEOUT_S), daemon=True)
+    target = context.Process(target=target_process, args=(theirs, SESSIONS, TIMEOUT_S, kind), daemon=True)
     target.start()
     try:
         ports = dict(ours.recv() for _ in SESSIONS)
         seeds = {"a": 1, "b": 2}
         with ThreadPoolExecutor(max_workers=len(SESSIONS)) as executor:
-            chunks = dict(zip(SESSIONS, executor.map(lambda sid: _migrate(sid, seeds[sid], ports[sid]), SESSIONS),
+            chunks = dict(zip(SESSIONS, executor.map(lambda sid: _migrate(kind, sid, seeds[sid], ports[sid]), SESSIONS),
                               strict=True))
         result = ours.recv()
     finally:
@@ -118,13 +160,13 @@ def test_two_sessions_migrate_at_once_mid_stream_and_continue_with_the_frames_of
     assert result["default_group"] is False and not dist.is_initialized()
     for session_id, report in zip(SESSIONS, result["reports"], strict=True):
         assert report["phase"] == "done" and report["released"] == []
-        assert report["frames"] == _unmigrated_frames(session_id, seeds[session_id], chunks[session_id])
+        assert report["frames"] == _unmigrated_frames(kind, session_id, seeds[session_id], chunks[session_id])
 
 
 def test_the_target_frees_its_reservation_soon_after_the_source_process_dies() -> None:
     context = mp.get_context("spawn")
     ours, theirs = context.Pipe()
-    target = context.Process(target=target_process, args=(theirs, ("a",), TIMEOUT_S), daemon=True)
+    target = context.Process(target=target_process, args=(theirs, ("a",), TIMEOUT_S, "synthetic"), daemon=True)
     target.start()
     try:
         _, port = ours.recv()
@@ -147,19 +189,41 @@ def test_a_source_that_cannot_reach_the_target_fails_with_a_typed_error() -> Non
         connect(HOST, port, transfer_id="x", device=CPU, timeout_s=1.0)
 
 
-def test_a_frame_with_a_header_past_the_fixed_block_and_mixed_dtypes_arrives_whole() -> None:
+def _linked_pair(transfer_id: str) -> tuple[PeerLink, PeerLink]:
+    """A source and a target link inside this process (two threads stand in for two workers)."""
     listener = TransferListener(HOST, 0, timeout_s=TIMEOUT_S)
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        accepted = executor.submit(listener.accept, transfer_id, CPU)
+        source = connect(HOST, listener.port, transfer_id=transfer_id, device=CPU, timeout_s=TIMEOUT_S)
+        return source, accepted.result(timeout=TIMEOUT_S)
+
+
+def _allocate(dtype: torch.dtype, numel: int) -> torch.Tensor:
+    return torch.empty(numel, dtype=dtype)
+
+
+def test_a_frame_with_a_header_past_the_fixed_block_and_mixed_dtypes_arrives_whole() -> None:
+    source, target = _linked_pair("frames")
     header = {"note": "x" * 40_000}  # larger than the fixed header block, so it takes the overflow message
     tensors = [torch.arange(10, dtype=torch.bfloat16), torch.tensor([True, False]), torch.arange(3)]
     with ThreadPoolExecutor(max_workers=1) as executor:
-        accepted = executor.submit(listener.accept, "frames", CPU)
-        source = connect(HOST, listener.port, transfer_id="frames", device=CPU, timeout_s=TIMEOUT_S)
-        target = accepted.result(timeout=TIMEOUT_S)
         sent = executor.submit(source.send_frame, header, tensors, timeout_s=TIMEOUT_S)
-        received_header, received = target.recv_frame(lambda dtype, numel: torch.empty(numel, dtype=dtype),
-                                                      timeout_s=TIMEOUT_S, max_payload_bytes=1 << 20)
+        received_header, received = target.recv_frame(_allocate, timeout_s=TIMEOUT_S, max_payload_bytes=1 << 20)
         sent.result(timeout=TIMEOUT_S)
     source.close()
     target.close()
     assert received_header == header
     assert all(torch.equal(got, want) for got, want in zip(received, tensors, strict=True))
+
+
+def test_a_frame_carrying_more_than_the_receiver_allows_is_refused_before_allocating() -> None:
+    source, target = _linked_pair("oversized")
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        pending = executor.submit(source.send_frame, {"kind": "bulk"}, [torch.zeros(1000)], timeout_s=0.5)
+        with pytest.raises(FrameTooLarge, match="4000 B"):
+            target.recv_frame(lambda dtype, numel: pytest.fail("allocated"), timeout_s=TIMEOUT_S,
+                              max_payload_bytes=3999)
+        with pytest.raises(TransferFailed):  # nobody takes the tensor: the sender gets a typed error, not a hang
+            pending.result(timeout=TIMEOUT_S)
+    target.close()
+    source.close()

@@ -90,3 +90,13 @@ def test_a_prompt_change_alters_later_frames_and_leaves_earlier_ones_alone() -> 
     model.set_prompt(switched, "fire and molten gold")
     later = model.generate([steady, switched])
     assert (later[0].frames.float() - later[1].frames.float()).abs().mean() > 10.0
+
+
+def test_a_session_exported_before_its_first_chunk_imports_and_runs_like_the_original() -> None:
+    source = load_model("tiny")
+    handle = source.new_session("s", "dawn", 4)
+    state = source.export_state(handle)
+    assert state["kv"].shape[2] == 0
+    target = load_model("tiny")
+    moved = target.import_state("s", state)
+    assert torch.equal(_run(source, handle, 2)[1], _run(target, moved, 2)[1])

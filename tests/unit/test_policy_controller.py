@@ -9,6 +9,7 @@ from services.scheduler.policy.apply import apply_plan
 from services.scheduler.policy.autoscale import AutoscaleError, ReactiveUtilisation
 from services.scheduler.policy.cost_models import LatencyCurve
 from services.scheduler.policy.detector import WorkloadDetector
+from services.scheduler.policy.naive_paper import NaivePaperScheduler
 from services.scheduler.policy.registry import PolicySetting, UnknownPolicyError, build_controller
 from services.scheduler.policy.snapshot import ClusterSnapshot, GpuView, SessionView, SnapshotError
 
@@ -148,3 +149,12 @@ def test_bad_inputs_raise_typed_errors() -> None:
         snapshot.upsert_session(SessionView("extra", GB, True, "g0"))
     with pytest.raises(SnapshotError):
         snapshot.remove_gpu("g0")
+
+
+def test_the_full_rescan_paper_rule_reaches_the_same_bottleneck_as_the_indexed_one() -> None:
+    setting = PolicySetting(rho=0.9)
+    models = setting.models()
+    for loads in ([4, 1, 2], [3, 3, 0, 2], [4, 4, 1, 0, 3]):
+        indexed = build_controller("paper", setting).decide(cluster(loads, waiting=2), 100.0)
+        naive = NaivePaperScheduler(models.latency, models.migration, "h100").decide(cluster(loads, waiting=2), 100.0)
+        assert naive.bottleneck_ms == pytest.approx(indexed.bottleneck_ms)

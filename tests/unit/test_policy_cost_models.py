@@ -21,7 +21,8 @@ def test_latency_model_converges_to_a_slower_gpu_from_measured_samples() -> None
         for sessions in range(1, 5):
             model.observe("slow", sessions, truth.chunk_latency_ms(sessions))
     for sessions in range(1, 5):
-        assert model.curve("slow").chunk_latency_ms(sessions) == pytest.approx(truth.chunk_latency_ms(sessions), rel=0.02)
+        fitted_ms = model.curve("slow").chunk_latency_ms(sessions)
+        assert fitted_ms == pytest.approx(truth.chunk_latency_ms(sessions), rel=0.02)
 
 
 def test_a_few_samples_only_nudge_the_prior() -> None:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+from pathlib import Path
+
 import pytest
 
 from services.scheduler.policy.registry import PolicySetting, build_controller
+from services.scheduler.sim.cli import add_simulate_parser, run_simulate
 from services.scheduler.sim.engine import SimConfig, Simulator
 from services.scheduler.sim.results import SimResult
 from services.scheduler.sim.scenario import Scenario, run_scenario
@@ -60,3 +65,29 @@ def test_ours_keeps_synthetic_bursty_load_within_target_for_less_than_a_peak_siz
     fixed = run_scenario(trace, Scenario("fixed", 30.0, fixed_gpus=peak_gpus))
     assert ours.over_target_frac < 0.002
     assert ours.gpu_hours < fixed.gpu_hours
+
+
+def test_the_simulate_command_prints_a_table_and_writes_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser()
+    add_simulate_parser(parser.add_subparsers())
+    out = tmp_path / "rows.json"
+    args = parser.parse_args(["simulate", "--trace", "synthetic", "--load", "4", "--policy", "ours",
+                              "--policy", "fixed_peak", "--json", str(out), "--plot", str(tmp_path / "t.png")])
+    assert run_simulate(args) == 0
+    rows = json.loads(out.read_text())
+    assert [r["policy"] for r in rows] == ["ours", "fixed_peak"]
+    assert rows[0]["gpu_hours"] < rows[1]["gpu_hours"]
+    assert (tmp_path / "t.png").stat().st_size > 0
+    assert "lower bound" in capsys.readouterr().out
+
+
+def test_the_simulate_command_says_clearly_when_traces_are_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TURBOSERVE_TRACES", str(tmp_path / "nowhere"))
+    parser = argparse.ArgumentParser()
+    add_simulate_parser(parser.add_subparsers())
+    assert run_simulate(parser.parse_args(["simulate", "--trace", "mooncake"])) == 2
+    assert "TURBOSERVE_TRACES" in capsys.readouterr().out

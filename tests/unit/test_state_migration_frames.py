@@ -24,7 +24,7 @@ MANIFEST = plan_manifest({"kv": torch.zeros(2, 2, 3, 1, 4), "cursor": torch.zero
 
 @pytest.mark.parametrize(
     "frame",
-    [BulkFrame(MANIFEST, 7), FinalFrame(7, 9, 12, MANIFEST), AckFrame(True, ""), CommitFrame(), AbortFrame("x")],
+    [BulkFrame(MANIFEST, 7), FinalFrame(7, 9, 12, 40, MANIFEST), AckFrame(True, ""), CommitFrame(), AbortFrame("x")],
 )
 def test_every_frame_kind_survives_msgpack_unchanged(frame: Frame) -> None:
     wire = msgpack.unpackb(msgpack.packb(encode("m1", frame)))
@@ -43,7 +43,7 @@ def test_a_frame_of_another_migration_is_refused() -> None:
         {"v": 1, "migration_id": "m1", "kind": "teleport"},
         {"v": 1, "migration_id": "m1", "kind": "bulk", "chunks_done": 3},
         {"v": 1, "migration_id": "m1", "kind": "bulk", "chunks_done": "3", "manifest": MANIFEST.to_wire()},
-        {"v": 1, "migration_id": "m1", "kind": "final", "first_chunk": 0, "last_chunk": 1, "rows": 2,
+        {"v": 1, "migration_id": "m1", "kind": "final", "first_chunk": 0, "last_chunk": 1, "rows": 2, "kv_rows": 4,
          "manifest": {"buffers": [], "views": [["x", "bfloat16", [2], 0, 0]]}},
     ],
 )

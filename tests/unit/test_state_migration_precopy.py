@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import queue
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -15,9 +15,19 @@ from services.gpu_worker.migration.errors import FrameTooLarge, MigrationAborted
 from services.gpu_worker.migration.precopy import SourceMigration, TargetMigration
 from services.gpu_worker.migration.state_machine import MigrationPhase, MigrationStateMachine
 from services.gpu_worker.model.interface import SessionHandle
+from services.gpu_worker.model.loader import load_model
 from services.gpu_worker.state.synthetic import SyntheticShape, SyntheticStateModel
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread() -> Iterator[None]:
+    """The tensors here are tiny: OpenMP fan-out only adds barrier waits (30x slower on a loaded 2-core box)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 SHAPE = SyntheticShape(layers=2, heads=2, head_dim=16, rows=200, sink_rows=4, rows_per_chunk=3)
 Allocate = Callable[[torch.dtype, int], torch.Tensor]
 
@@ -227,3 +237,38 @@ def test_tensors_the_caller_vouches_for_are_not_re_sent_at_the_boundary() -> Non
     assert sorted(view[0] for view in final["manifest"]["views"]) == ["cursor", "rng"]
     reference, unmoved = _reference(2)
     assert torch.equal(target_model.generate([handle])[0].frames, reference.generate([unmoved])[0].frames)
+
+
+@pytest.mark.parametrize(("chunks_before", "chunks_during_bulk", "chunks_after_bulk"), [(1, 0, 1), (4, 1, 3)])
+def test_a_reference_model_session_continues_identically_after_a_precopy_migration(
+    chunks_before: int, chunks_during_bulk: int, chunks_after_bulk: int
+) -> None:
+    """(1, 0, 1): the cache is still filling, so the target must widen the bulk kv; (4, 1, 3): the ring wraps."""
+    source_model, target_model, reference = (load_model("tiny", max_sessions=1) for _ in range(3))
+    handle = source_model.new_session("s", "a red fox", seed=9)
+    unmoved = reference.new_session("s", "a red fox", seed=9)
+    done = 0
+
+    def generate(chunks: int) -> None:
+        nonlocal done
+        for _ in range(chunks):
+            source_model.generate([handle])
+            reference.generate([unmoved])
+            done += 1
+
+    generate(chunks_before)
+    source_link, target_link = InMemoryLink.pair()
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        target = TargetMigration(target_link, target_model, MigrationStateMachine("m", timeout_s=30), session_id="s",
+                                 max_state_bytes=1 << 26, allocate=lambda dtype, numel: torch.empty(numel, dtype=dtype))
+        received = executor.submit(target.receive)
+        migration = SourceMigration(source_link, source_model, handle, MigrationStateMachine("m", timeout_s=30),
+                                    chunks_done=lambda: done)
+        migration.begin()
+        generate(chunks_during_bulk)
+        migration.send_bulk()
+        generate(chunks_after_bulk)
+        migration.finish(commit=lambda: None)
+        moved = received.result(timeout=30)
+    for _ in range(3):
+        assert torch.equal(target_model.generate([moved])[0].frames, reference.generate([unmoved])[0].frames)

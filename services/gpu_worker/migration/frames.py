@@ -29,13 +29,15 @@ class BulkFrame:
 class FinalFrame:
     """At the boundary: KV rows written by chunks first_chunk..last_chunk plus the re-sent small tensors.
 
-    Tensors: [row index int64 [rows], kv rows [layers, 2, rows, heads, head_dim]] when rows > 0, then the
-    buffers of ``manifest`` (the re-sent tensors).
+    ``kv_rows`` is the kv tensor's row count now: it exceeds the bulk's while the cache is still filling, and the
+    new rows are among the written ones. Tensors: [row index int64 [rows], kv rows [layers, 2, rows, heads,
+    head_dim]] when rows > 0, then the buffers of ``manifest`` (the re-sent tensors).
     """
 
     first_chunk: int
     last_chunk: int
     rows: int
+    kv_rows: int
     manifest: StateManifest
 
 
@@ -68,8 +70,8 @@ def encode(migration_id: str, frame: Frame) -> dict[str, Any]:
     match frame:
         case BulkFrame(manifest, chunks_done):
             header.update(kind="bulk", manifest=manifest.to_wire(), chunks_done=chunks_done)
-        case FinalFrame(first_chunk, last_chunk, rows, manifest):
-            header.update(kind="final", first_chunk=first_chunk, last_chunk=last_chunk, rows=rows,
+        case FinalFrame(first_chunk, last_chunk, rows, kv_rows, manifest):
+            header.update(kind="final", first_chunk=first_chunk, last_chunk=last_chunk, rows=rows, kv_rows=kv_rows,
                           manifest=manifest.to_wire())
         case AckFrame(ok, reason):
             header.update(kind="ack", ok=ok, reason=reason)
@@ -93,7 +95,7 @@ def decode(migration_id: str, header: Mapping[str, Any]) -> Frame:
                 return BulkFrame(StateManifest.from_wire(header["manifest"]), _int(header, "chunks_done"))
             case "final":
                 return FinalFrame(_int(header, "first_chunk"), _int(header, "last_chunk"), _int(header, "rows"),
-                                  StateManifest.from_wire(header["manifest"]))
+                                  _int(header, "kv_rows"), StateManifest.from_wire(header["manifest"]))
             case "ack":
                 return AckFrame(bool(header["ok"]), str(header["reason"]))
             case "commit":

@@ -104,7 +104,8 @@ class SourceMigration:
             if rows:
                 index = torch.tensor(rows, dtype=torch.int64, device=tensors[KV_NAME].device)
                 parts = [index, tensors[KV_NAME].index_select(KV_ROW_DIM, index).contiguous(), *parts]
-            self._send(FinalFrame(self._bulk_chunk, last_chunk, len(rows), manifest), parts)
+            kv_rows = tensors[KV_NAME].shape[KV_ROW_DIM] if KV_NAME in tensors else -1
+            self._send(FinalFrame(self._bulk_chunk, last_chunk, len(rows), kv_rows, manifest), parts)
             self._machine.advance(MigrationPhase.COMMITTING)
             reply = self._recv()
             if not isinstance(reply, AckFrame) or not reply.ok:
@@ -179,12 +180,13 @@ class TargetMigration:
             self._machine.advance(MigrationPhase.AWAITING_BOUNDARY)
             final, final_parts = self._recv(FinalFrame, 2 * self._max_state_bytes)  # rows + their index + smalls
             self._machine.advance(MigrationPhase.FINAL_COPY)
+            grown = _grow_kv(tensors, final.kv_rows, self._allocate)
             _apply_final(tensors, final, final_parts)
             handle = self._model.import_state(self._session_id, tensors)
             self._machine.on_rollback(lambda: self._model.release(handle))
             if self._recycle is not None:  # import copied the state in, so the received buffers are free
                 tensors.clear()
-                for buffer in (*bulk_buffers, *final_parts):
+                for buffer in (*bulk_buffers, *final_parts, *grown):
                     self._recycle(buffer)
             self._send(AckFrame(ok=True, reason=""))
             self._machine.advance(MigrationPhase.COMMITTING)
@@ -209,6 +211,25 @@ class TargetMigration:
 
     def _send(self, frame: Frame) -> None:
         self._link.send_frame(encode(self._machine.migration_id, frame), [], timeout_s=self._machine.remaining_s())
+
+
+def _grow_kv(tensors: dict[str, torch.Tensor], kv_rows: int, allocate: Allocate) -> list[torch.Tensor]:
+    """If the cache was still filling, widen the bulk kv to the boundary's row count (new rows come as delta).
+
+    Returns the new buffer (to recycle) or nothing. The copy is O(state) but only happens while a session's
+    cache is not yet full, which is also when it is small.
+    """
+    kv = tensors.get(KV_NAME)
+    if kv is None or kv_rows == kv.shape[KV_ROW_DIM]:
+        return []
+    if kv_rows < kv.shape[KV_ROW_DIM]:
+        raise MigrationProtocolError(f"kv shrank from {kv.shape[KV_ROW_DIM]} to {kv_rows} rows since the bulk")
+    shape = (*kv.shape[:KV_ROW_DIM], kv_rows, *kv.shape[KV_ROW_DIM + 1:])
+    buffer = allocate(kv.dtype, _numel(shape))
+    grown = buffer.view(shape)
+    grown.narrow(KV_ROW_DIM, 0, kv.shape[KV_ROW_DIM]).copy_(kv)
+    tensors[KV_NAME] = grown
+    return [buffer]
 
 
 def _apply_final(tensors: dict[str, torch.Tensor], final: FinalFrame, parts: list[torch.Tensor]) -> None:

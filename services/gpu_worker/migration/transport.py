@@ -165,11 +165,11 @@ def connect(host: str, port: int, *, transfer_id: str, device: torch.device, tim
     """The source's side: join the target's store at host:port and build the group."""
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
+        bind_host = _local_address_towards(host, port)
         store = dist.TCPStore(host, port, 2, is_master=False, timeout=timeout)
     except (RuntimeError, OSError) as exc:
         raise TransferFailed(f"cannot reach the transfer store at {host}:{port}: {exc}") from exc
-    group = _make_group(dist.PrefixStore(f"transfer/{transfer_id}", store), SOURCE_RANK, device,
-                        _local_address_towards(host, port), timeout)
+    group = _make_group(dist.PrefixStore(f"transfer/{transfer_id}", store), SOURCE_RANK, device, bind_host, timeout)
     return PeerLink(group, store, SOURCE_RANK, device)
 
 

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from services.common.telemetry.metrics import record_state_bytes
 from services.gpu_worker.model.interface import SessionHandle, StreamingVideoModel
 from services.gpu_worker.state.copies import CopyTicket, StreamCopier
 from services.gpu_worker.state.errors import DeviceBudgetExceeded, HostBudgetExceeded, NoHostState, StateError
@@ -151,6 +152,7 @@ class SessionStateManager:
             self._device_bytes.pop(handle.session_id, None)
             state = HostState(handle.session_id, manifest, buffers, ticket)
             self._host_states[handle.session_id] = state
+            record_state_bytes("offload", manifest.nbytes)
             return state
 
     def restore(self, state: HostState) -> SessionHandle:
@@ -165,6 +167,7 @@ class SessionStateManager:
                 self._device_bytes.pop(state.session_id, None)
                 raise
             self._forget(state)
+            record_state_bytes("restore", state.nbytes)
             return handle
 
     def discard(self, session_id: str) -> None:

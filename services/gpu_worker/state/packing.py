@@ -7,6 +7,7 @@ aligned to ``ALIGN_BYTES``. Offsets and sizes are in elements of the buffer's dt
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -138,8 +139,7 @@ def plan_manifest(
         raise ValueError(f"own_buffer_min_bytes must be >= 1, got {own_buffer_min_bytes}")
     buffers: list[BufferSpec] = []
     views: list[TensorView] = []
-    packed_index: dict[torch.dtype, int] = {}
-    packed_numel: dict[torch.dtype, int] = {}
+    packed_numel: dict[torch.dtype, int] = {}  # per dtype, in first-seen order
     for name, tensor in tensors.items():
         if tensor.dtype not in NAMES_BY_DTYPE:
             raise ManifestError(f"tensor {name!r} has unsupported dtype {tensor.dtype}")
@@ -148,20 +148,16 @@ def plan_manifest(
             views.append(TensorView(name, tensor.dtype, shape, len(buffers), 0))
             buffers.append(BufferSpec(tensor.dtype, tensor.numel()))
             continue
-        if tensor.dtype not in packed_index:
-            packed_index[tensor.dtype] = -1  # placed after the large buffers, below
-            packed_numel[tensor.dtype] = 0
         align = max(1, ALIGN_BYTES // tensor.element_size())
-        offset = -(-packed_numel[tensor.dtype] // align) * align
-        views.append(TensorView(name, tensor.dtype, shape, -1, offset))
+        offset = -(-packed_numel.get(tensor.dtype, 0) // align) * align
+        views.append(TensorView(name, tensor.dtype, shape, -1, offset))  # its buffer index is known below
         packed_numel[tensor.dtype] = offset + tensor.numel()
-    for dtype in packed_index:
+    packed_index: dict[torch.dtype, int] = {}
+    for dtype, numel in packed_numel.items():
         packed_index[dtype] = len(buffers)
-        buffers.append(BufferSpec(dtype, packed_numel[dtype]))
+        buffers.append(BufferSpec(dtype, numel))
     placed = tuple(
-        view if view.buffer >= 0 else TensorView(view.name, view.dtype, view.shape, packed_index[view.dtype],
-                                                 view.offset)
-        for view in views
+        view if view.buffer >= 0 else dataclasses.replace(view, buffer=packed_index[view.dtype]) for view in views
     )
     return StateManifest(placed, tuple(buffers))
 

@@ -33,7 +33,7 @@ def _check_bounds(min_gpus: int, max_gpus: int) -> None:
 class FixedAllocation:
     """A constant pool (sized offline for the peak, the mean, or a given cost): never scales."""
 
-    hold_s = None
+    hold_s: float | None = None
 
     def __init__(self, gpus: int) -> None:
         _check_bounds(gpus, gpus)
@@ -56,7 +56,8 @@ class ReactiveUtilisation:
             raise AutoscaleError(f"rho must be in (0, 1], got {rho}")
         self.name = "reactive" if rho is None else f"reactive_rho{rho:g}"
         self.rho = rho
-        self.min_gpus, self.max_gpus, self.hold_s = min_gpus, max_gpus, hold_s
+        self.min_gpus, self.max_gpus = min_gpus, max_gpus
+        self.hold_s: float | None = hold_s
 
     def target_gpus(self, reading: WorkloadReading, capacity: int) -> tuple[int, str]:
         rho = reading.level.rho if self.rho is None else self.rho
@@ -83,7 +84,7 @@ class AnticipatoryHeadroom:
         self.name = "anticipatory"
         self.horizon_s = provisioning_delay_s + decision_interval_s
         self.min_gpus, self.max_gpus = min_gpus, max_gpus
-        self.hold_s = None
+        self.hold_s: float | None = None
 
     def target_gpus(self, reading: WorkloadReading, capacity: int) -> tuple[int, str]:
         drift = max(0.0, reading.inflow_per_s - reading.outflow_per_s) * self.horizon_s

@@ -27,7 +27,7 @@ from services.scheduler.policy.cost_models import LatencyModel, TransferCostMode
 from services.scheduler.policy.detector import WorkloadDetector, WorkloadReading
 from services.scheduler.policy.placement import PlacementPolicy
 from services.scheduler.policy.rebalance import RebalancePolicy
-from services.scheduler.policy.snapshot import ClusterSnapshot
+from services.scheduler.policy.snapshot import ClusterSnapshot, SessionView
 from services.scheduler.policy.workspace import Workspace
 
 
@@ -36,13 +36,15 @@ class ControllerConfig:
     """``scale_kind``: the GPU kind AddGpus asks for; ``consolidate``: scale-in may migrate sessions off the
     GPUs it releases (False: only empty GPUs are released, the no-migration ablation); ``landing_migrations``:
     when a resuming session's first chunk would miss the target (restore time on top of a busy GPU), first move
-    one of that GPU's sessions to another GPU where its own migration pause still meets the target."""
+    one of that GPU's sessions to another GPU where its own migration pause still meets the target, never one
+    migrated less than ``migration_cooldown_s`` ago."""
 
     scale_kind: str
     target_ms: float = 400.0
     rebalance_interval_s: float = 10.0
     consolidate: bool = True
     landing_migrations: bool = False
+    migration_cooldown_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +148,8 @@ class ClosedLoopController:
         if workspace.latency_ms(kind, count) + restore_ms > self.config.target_ms:
             return []
         sessions = workspace.snapshot.sessions
-        members = [s for s in workspace.members(gpu_id) if s in sessions]
+        resident = workspace.snapshot.residents[gpu_id]
+        members = [s for s in workspace.members(gpu_id) if s in resident and self._may_move(sessions[s], workspace)]
         if not members:
             return []
         mover = min(members, key=lambda s: sessions[s].state_bytes)
@@ -163,6 +166,10 @@ class ClosedLoopController:
                                 f"make room for a resume: its GPU then meets {self.config.target_ms:.0f} ms "
                                 f"with the restore; this move pauses {pause_ms:.0f} ms, {after_ms:.0f} ms there")]
         return []
+
+    def _may_move(self, session: SessionView, workspace: Workspace) -> bool:
+        moved_at = session.last_migrated_at_s
+        return moved_at is None or workspace.now_s - moved_at >= self.config.migration_cooldown_s
 
     def _evacuate(self, workspace: Workspace, gpu_id: str, why: str) -> list[Migrate] | None:
         """Move every session off ``gpu_id`` (already excluded from placement); None, undone, if any cannot go."""

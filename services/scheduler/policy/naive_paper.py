@@ -45,7 +45,8 @@ class NaivePaperScheduler:
                 if counts[gpu_id] >= snapshot.gpus[gpu_id].capacity:
                     continue
                 counts[gpu_id] += 1
-                score = (self._bottleneck(counts, kinds), self.latency.curve(kinds[gpu_id]).chunk_latency_ms(counts[gpu_id]), gpu_id)
+                own_ms = self.latency.curve(kinds[gpu_id]).chunk_latency_ms(counts[gpu_id])
+                score = (self._bottleneck(counts, kinds), own_ms, gpu_id)
                 counts[gpu_id] -= 1
                 if best is None or score < best:
                     best = score
@@ -58,7 +59,8 @@ class NaivePaperScheduler:
         actions.extend(self._rebalance(snapshot, counts, members, kinds, usable))
         pool = len(snapshot.gpus) - len(snapshot.draining)
         capacity = self.latency.curve(self.scale_kind).capacity
-        target = max(math.ceil(snapshot.active_count / (capacity * self.rho)), math.ceil(snapshot.active_count / capacity))
+        active = snapshot.active_count
+        target = max(math.ceil(active / (capacity * self.rho)), math.ceil(active / capacity))
         if target > pool:
             actions.append(AddGpus(self.scale_kind, target - pool, f"ceil(N / (K rho)) = {target}"))
         return Plan(tuple(actions), "naive", self._bottleneck(counts, kinds), target)

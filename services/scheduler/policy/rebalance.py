@@ -49,7 +49,8 @@ class MinMaxRebalance:
     """The paper's min-max rule; ``cooldown_s`` > 0 (ours) never moves a session twice within that window.
 
     ``floor_ms`` > 0 (ours: the latency target) counts a bottleneck only above it, max(L, floor): a move that
-    lowers latencies already within target buys nothing and costs a pause. The threshold is ``min_gain_ms / latency_weight``: a level that weighs latency more accepts smaller gains.
+    lowers latencies already within target buys nothing and costs a pause. The threshold is
+    ``min_gain_ms / latency_weight``: a level that weighs latency more accepts smaller gains.
     """
 
     def __init__(self, eta: float, min_gain_ms: float, max_moves: int, cooldown_s: float, floor_ms: float) -> None:

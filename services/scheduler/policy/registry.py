@@ -26,6 +26,8 @@ from services.scheduler.policy.placement import (
 )
 from services.scheduler.policy.rebalance import MinMaxRebalance, NoRebalance, RebalancePolicy
 
+MIGRATION_COOLDOWN_S = 60.0
+
 
 class UnknownPolicyError(KeyError):
     """A policy or family member name that is not registered; the message lists the known ones."""
@@ -73,7 +75,10 @@ REBALANCES: dict[str, Callable[[PolicySetting], RebalancePolicy]] = {
         eta=1.0, min_gain_ms=5.0, max_moves=1_000_000, cooldown_s=0.0, floor_ms=0.0
     ),
     "min_max_cooldown": lambda s: MinMaxRebalance(
-        eta=1.0, min_gain_ms=5.0, max_moves=8, cooldown_s=60.0, floor_ms=s.target_ms
+        eta=1.0, min_gain_ms=5.0, max_moves=8, cooldown_s=MIGRATION_COOLDOWN_S, floor_ms=s.target_ms
+    ),
+    "min_max_target": lambda s: MinMaxRebalance(
+        eta=1.0, min_gain_ms=5.0, max_moves=8, cooldown_s=0.0, floor_ms=s.target_ms
     ),
 }
 
@@ -97,6 +102,7 @@ class PolicyRecipe:
     consolidate: bool
     summary: str
     landing_migrations: bool = False
+    migration_cooldown_s: float = 0.0
 
 
 POLICIES: dict[str, PolicyRecipe] = {
@@ -104,6 +110,23 @@ POLICIES: dict[str, PolicyRecipe] = {
         "restore_aware", "min_max_cooldown", "anticipatory", True,
         "closed loop: restore-aware best-fit placement, min-max with cooldown, anticipatory autoscaling",
         landing_migrations=True,
+        migration_cooldown_s=MIGRATION_COOLDOWN_S,
+    ),
+    "ours_reactive": PolicyRecipe(
+        "restore_aware", "min_max_cooldown", "reactive", True,
+        "ours with the paper's reactive ceil(N/(K rho)) autoscaler (isolates the anticipatory headroom)",
+        landing_migrations=True,
+        migration_cooldown_s=MIGRATION_COOLDOWN_S,
+    ),
+    "ours_no_cooldown": PolicyRecipe(
+        "restore_aware", "min_max_target", "anticipatory", True,
+        "ours without the migration cooldown (isolates it)",
+        landing_migrations=True,
+    ),
+    "ours_no_landing": PolicyRecipe(
+        "restore_aware", "min_max_cooldown", "anticipatory", True,
+        "ours without the migrations that make room for resumes (isolates them)",
+        migration_cooldown_s=MIGRATION_COOLDOWN_S,
     ),
     "ours_no_migration": PolicyRecipe(
         "restore_aware", "none", "anticipatory", False, "ours without any migration (no rebalance, no consolidation)"
@@ -111,6 +134,7 @@ POLICIES: dict[str, PolicyRecipe] = {
     "ours_no_autoscale": PolicyRecipe(
         "restore_aware", "min_max_cooldown", "fixed", True, "ours on a fixed pool of fixed_gpus",
         landing_migrations=True,
+        migration_cooldown_s=MIGRATION_COOLDOWN_S,
     ),
     "paper": PolicyRecipe(
         "min_bottleneck", "min_max", "reactive", True, "the paper's rule: min bottleneck, min-max, ceil(N/(K rho))"
@@ -122,21 +146,11 @@ POLICIES: dict[str, PolicyRecipe] = {
 }
 
 
-def _member(family: Mapping[str, Callable[[PolicySetting], object]], name: str, family_name: str) -> object:
-    factory = family.get(name)
-    if factory is None:
-        raise UnknownPolicyError(f"unknown {family_name} policy {name!r}; known: {sorted(family)}")
-    return factory
-
-
 def build_controller(name: str, setting: PolicySetting) -> ClosedLoopController:
     """A fresh controller for the named policy; each call gets its own state and its own fitted models."""
     recipe = POLICIES.get(name)
     if recipe is None:
         raise UnknownPolicyError(f"unknown policy {name!r}; known: {sorted(POLICIES)}")
-    _member(PLACEMENTS, recipe.placement, "placement")
-    _member(REBALANCES, recipe.rebalance, "rebalance")
-    _member(AUTOSCALES, recipe.autoscale, "autoscale")
     return ClosedLoopController(
         name,
         PLACEMENTS[recipe.placement](setting),
@@ -149,5 +163,6 @@ def build_controller(name: str, setting: PolicySetting) -> ClosedLoopController:
             setting.rebalance_interval_s,
             recipe.consolidate,
             recipe.landing_migrations,
+            recipe.migration_cooldown_s,
         ),
     )

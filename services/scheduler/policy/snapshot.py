@@ -39,8 +39,8 @@ class GpuView:
 
 
 class ClusterSnapshot:
-    """Sessions and GPUs with incremental indexes (``levels``: GPUs by kind and resident count); ``*_total`` counters let a detector see arrivals and
-    transitions between two decisions without diffing the whole session table."""
+    """Sessions and GPUs with incremental indexes (``levels``: GPUs by kind and resident count); ``*_total``
+    counters let a detector see arrivals and transitions between two decisions without diffing the session table."""
 
     def __init__(self) -> None:
         self.sessions: dict[str, SessionView] = {}

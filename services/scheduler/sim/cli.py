@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from services.scheduler.policy.registry import POLICIES
@@ -31,7 +32,9 @@ POLICY_CHOICES = sorted({*POLICIES, "fixed_peak", "fixed_mean"} - {"fixed"})
 
 
 def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
-    parser = subparsers.add_parser("simulate", help="replay a session trace through scheduling policies")
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "simulate", help="replay a session trace through scheduling policies"
+    )
     parser.add_argument("--trace", choices=TRACE_NAMES, default="mooncake")
     parser.add_argument("--load", type=float, default=64.0, help="time-averaged active sessions after scaling")
     parser.add_argument("--policy", action="append", choices=POLICY_CHOICES, help="repeatable; default: ours, paper")
@@ -44,6 +47,13 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     parser.add_argument("--json", type=Path, default=None, help="write the result rows here")
     parser.set_defaults(handler=run_simulate)
     return parser
+
+
+def _progress_callback(progress: Progress, task: TaskID) -> Callable[[float], None]:
+    def advance(simulated_s: float) -> None:
+        progress.update(task, completed=simulated_s)
+
+    return advance
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -66,7 +76,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             task = progress.add_task(policy, total=trace.window_s)
             name = "fixed" if policy in sizes else policy
             scenario = Scenario(name, args.delay_s, args.rho, sizes.get(policy, sizes["fixed_peak"]))
-            result = run_scenario(trace, scenario, lambda t, task=task: progress.update(task, completed=t))
+            result = run_scenario(trace, scenario, _progress_callback(progress, task))
             result.policy = policy
             results.append(result)
             progress.update(task, completed=trace.window_s)

@@ -47,7 +47,8 @@ def _sessions_from_requests(
         periods: list[list[float]] = []
         part = 0
         for start_s, output_tokens in sorted(items):
-            length_s = max(1, math.ceil(output_tokens / assumptions.output_tokens_per_chunk)) * assumptions.chunk_interval_s
+            chunks = max(1, math.ceil(output_tokens / assumptions.output_tokens_per_chunk))
+            length_s = chunks * assumptions.chunk_interval_s
             if periods and start_s - periods[-1][1] > assumptions.session_split_gap_s:
                 sessions.append(_session(f"{name}:{key}:{part}", periods, assumptions))
                 periods, part = [], part + 1
@@ -97,7 +98,10 @@ def load_mooncake(path: Path, assumptions: ConversionAssumptions = ConversionAss
     chain_of: list[int] = []
     requests: dict[str, list[tuple[float, int]]] = {}
     for index, record in enumerate(records):
-        blocks = [int(b) for b in record["hash_ids"]]  # type: ignore[union-attr]
+        hash_ids = record["hash_ids"]
+        if not isinstance(hash_ids, list):
+            raise TraceError(f"record {index} of {path} has no hash_ids list")
+        blocks = [int(b) for b in hash_ids]
         node, parent = trie, -1
         for depth, block in enumerate(blocks, start=1):
             child = node.children.get(block)

@@ -233,8 +233,9 @@ class Simulator:
                 self._wait_since[session_id] = self._now_s
         elif kind == EventKind.IDLE:
             self._settle_wait(session_id, 0.0)
+            offloaded = session.offloaded or session.gpu_id is None
             snapshot.upsert_session(SessionView(session_id, session.state_bytes, False, session.gpu_id,
-                                                session.last_migrated_at_s, session.offloaded or session.gpu_id is None))
+                                                session.last_migrated_at_s, offloaded))
         else:
             snapshot.remove_session(session_id)
 

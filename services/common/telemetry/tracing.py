@@ -1,0 +1,156 @@
+"""OpenTelemetry tracing for every service: set up from the environment, off by default, and the W3C trace
+context carried in NATS message headers.
+
+Off (the default; ``TURBOSERVE_TRACING=1`` turns it on) means no SDK provider is installed and every helper here
+returns before touching OpenTelemetry, so the chunk path pays one boolean test. On, spans go by OTLP with the
+exporter configured by the standard ``OTEL_*`` variables (endpoint, protocol headers, ``OTEL_BSP_*`` batching,
+``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``); ``OTEL_TRACES_EXPORTER=none`` keeps spans in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, Span, SpanKind, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+log = logging.getLogger("turboserve.telemetry")
+
+TRACING_ENV = "TURBOSERVE_TRACING"
+TRACER_NAME = "turboserve"
+_PROPAGATOR = TraceContextTextMapPropagator()
+_TRACEPARENT = "traceparent"
+_NO_SPAN = contextlib.nullcontext()
+
+
+class _Switch:
+    """Whether this process traces; flipped only by ``tracing_from_env`` (and tests that install a provider)."""
+
+    enabled = False
+
+
+switch = _Switch()
+_cause_links: ContextVar[tuple[Link, ...]] = ContextVar("turboserve_cause_links", default=())
+
+
+def tracing_requested(environ: Mapping[str, str] = os.environ) -> bool:
+    return environ.get(TRACING_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def tracing_from_env(service: str, environ: Mapping[str, str] = os.environ) -> Iterator[bool]:
+    """Install an SDK tracer provider when tracing is requested; on exit flush what is buffered and shut it
+    down. Yields whether tracing is on. The SDK is imported only when it is needed."""
+    if not tracing_requested(environ):
+        yield False
+        return
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    name = environ.get("OTEL_SERVICE_NAME") or f"turboserve-{service}"
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))
+    exporter_name = environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
+    if exporter_name == "otlp":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter,
+        )
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    elif exporter_name != "none":
+        raise ValueError(f"OTEL_TRACES_EXPORTER={exporter_name!r}: TurboServe exports by otlp (or none)")
+    install(provider)
+    log.info("event=tracing_on service_name=%s exporter=%s", name, exporter_name)
+    try:
+        yield True
+    finally:
+        provider.shutdown()
+        switch.enabled = False
+
+
+def install(provider: trace.TracerProvider) -> None:
+    """Make ``provider`` this process's tracer provider and turn the helpers on (tests pass in-memory ones)."""
+    trace.set_tracer_provider(provider)
+    switch.enabled = True
+
+
+def tracer() -> Tracer:
+    return trace.get_tracer(TRACER_NAME)
+
+
+def span(
+    name: str, *, kind: SpanKind = SpanKind.INTERNAL, attributes: Mapping[str, str | float] | None = None
+) -> contextlib.AbstractContextManager[Span | None]:
+    """A child of the current span, made current for the block; a shared no-op when tracing is off."""
+    if not switch.enabled:
+        return _NO_SPAN
+    return tracer().start_as_current_span(name, kind=kind, attributes=attributes)
+
+
+@contextlib.contextmanager
+def consumer_span(name: str, headers: Mapping[str, str] | None, **attributes: str | float) -> Iterator[None]:
+    """A new trace for handling one NATS message, *linked* to the sender's context (not its child: one
+    message may cause work that outlives the sender's span). Decisions made inside carry the same link."""
+    if not switch.enabled:
+        yield
+        return
+    cause = extract(headers)
+    links = (Link(cause),) if cause is not None else ()
+    with tracer().start_as_current_span(
+        name, context=Context(), kind=SpanKind.CONSUMER, links=links, attributes=attributes
+    ):
+        token = _cause_links.set(links)
+        try:
+            yield
+        finally:
+            _cause_links.reset(token)
+
+
+def record_decision(decision: str, session_id: str, reason: str, **attributes: object) -> None:
+    """A finished decision as a zero-length child span, reason attached and linked to the message that caused
+    it, so an operator finds why a session went where it went from the request's trace. None values are left
+    out; values other than str, int and float are recorded as text."""
+    if not switch.enabled:
+        return
+    values: dict[str, str | int | float] = {
+        f"decision.{name}": value if isinstance(value, (str, int, float)) else str(value)
+        for name, value in attributes.items()
+        if value is not None
+    }
+    values.update({"decision": decision, "decision.reason": reason, "session.id": session_id})
+    tracer().start_span(f"decision.{decision}", links=_cause_links.get(), attributes=values).end()
+
+
+def inject_current() -> dict[str, str] | None:
+    """Headers carrying the current span's context, or None (no headers at all) when tracing is off."""
+    if not switch.enabled:
+        return None
+    headers: dict[str, str] = {}
+    _PROPAGATOR.inject(headers)
+    return headers or None
+
+
+def context_header(span_context: trace.SpanContext) -> str:
+    """The W3C traceparent of one span, for headers that carry several contexts (one per chunk seq)."""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(trace.NonRecordingSpan(span_context)))
+    return carrier[_TRACEPARENT]
+
+
+def extract(headers: Mapping[str, str] | None, key: str = _TRACEPARENT) -> trace.SpanContext | None:
+    """The sender's span context from ``headers[key]`` (a W3C traceparent), or None if absent or malformed."""
+    if not headers or key not in headers:
+        return None
+    context = _PROPAGATOR.extract({_TRACEPARENT: headers[key]})
+    span_context = trace.get_current_span(context).get_span_context()
+    return span_context if span_context.is_valid else None
+
+
+def links_to(contexts: Sequence[trace.SpanContext | None]) -> list[Link]:
+    return [Link(c) for c in contexts if c is not None]
