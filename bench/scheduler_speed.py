@@ -3,8 +3,9 @@ against the paper's rule as described (full rescans), in the same run, on the sa
 
 Each event turns one resident session idle and resumes one offloaded session, then decides (with rebalancing
 due, the worst case) and applies the plan. The first ``warmup`` events are not timed: there our controller
-consolidates the deliberately loose starting cluster once (a one-off, proportional to the moves).
-Writes bench/results/scheduler_speed.json.
+consolidates the deliberately loose starting cluster once (a one-off, proportional to the moves). Times are
+CPU time of the deciding process (``time.process_time_ns``), so other load on a shared machine does not
+inflate them. Writes bench/results/scheduler_speed.json.
 
     .venv/bin/python bench/scheduler_speed.py [--quick]
 """
@@ -49,6 +50,13 @@ def build_cluster(gpus: int, seed: int) -> ClusterSnapshot:
     return snapshot
 
 
+def _take(items: list[str], rng: random.Random) -> str:
+    """Remove and return a random element in O(1) (swap with the last)."""
+    index = rng.randrange(len(items))
+    items[index], items[-1] = items[-1], items[index]
+    return items.pop()
+
+
 def measure(impl: str, gpus: int, events: int, seed: int, warmup: int) -> dict[str, float | int | str]:
     snapshot = build_cluster(gpus, seed)
     setting = PolicySetting(provisioning_delay_s=30.0, max_gpus=100_000)
@@ -59,23 +67,25 @@ def measure(impl: str, gpus: int, events: int, seed: int, warmup: int) -> dict[s
         decider = NaivePaperScheduler(models.latency, models.migration, setting.scale_kind)
     rng = random.Random(seed + 1)
     sessions = snapshot.sessions
+    actives = [sid for sid, s in sessions.items() if s.active]
+    idles = [sid for sid, s in sessions.items() if not s.active]
     durations_ms: list[float] = []
     new_ids = (f"n{n:05d}" for n in itertools.count())
     latency = setting.models().latency
     for event in range(warmup + events):
         now_s = 10.0 * (event + 1)
-        resident = rng.choice([g for g in snapshot.residents if snapshot.residents[g]][:64])
-        victim = next(iter(snapshot.residents[resident]))
-        v = sessions[victim]
-        snapshot.upsert_session(SessionView(victim, v.state_bytes, False, v.gpu_id, v.last_migrated_at_s))
-        idle = [s for s in list(sessions)[-64:] if not sessions[s].active and sessions[s].gpu_id is None]
-        if idle:
-            r = sessions[rng.choice(idle)]
-            snapshot.upsert_session(SessionView(r.session_id, r.state_bytes, True, None, r.last_migrated_at_s, True))
-        started = time.perf_counter()
+        resumed = _take(idles, rng)
+        r = sessions[resumed]
+        snapshot.upsert_session(SessionView(resumed, r.state_bytes, True, None, r.last_migrated_at_s, True))
+        paused = _take(actives, rng)
+        p = sessions[paused]
+        snapshot.upsert_session(SessionView(paused, p.state_bytes, False, p.gpu_id, p.last_migrated_at_s, p.offloaded))
+        actives.append(resumed)
+        idles.append(paused)
+        started = time.process_time_ns()
         plan = decider.decide(snapshot, now_s)
         if event >= warmup:
-            durations_ms.append((time.perf_counter() - started) * 1000.0)
+            durations_ms.append((time.process_time_ns() - started) / 1e6)
         apply_plan(snapshot, plan, now_s, 0.0, latency, new_ids)
     durations_ms.sort()
     return {

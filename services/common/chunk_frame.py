@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+import msgpack
 
 from services.common.errors import InvalidField, MalformedMessage
 from services.common.wire import Message, decode, encode, message
@@ -60,6 +62,14 @@ def read_header(data: bytes | memoryview) -> tuple[ChunkHeader, int]:
     if frames_at + sum(header.frame_sizes) != len(data):
         raise MalformedMessage("chunk frame length does not match its frame sizes")
     return header, frames_at
+
+
+def peek_header_fields(data: bytes) -> dict[str, Any]:
+    """The header's fields as packed, unvalidated and about ten times cheaper than ``read_header``: only for the
+    producer looking at a frame it just packed itself (the worker's tracing), never for frames from the network."""
+    _, head_len = _PREFIX.unpack_from(data, 0)
+    fields: dict[str, Any] = msgpack.unpackb(data[_PREFIX.size : _PREFIX.size + head_len], raw=False)
+    return fields
 
 
 def unpack_chunk(data: bytes) -> tuple[ChunkHeader, list[bytes]]:

@@ -201,6 +201,8 @@ class WorkerHeartbeat(Message):
     recent_batches: tuple[tuple[int, float], ...] = ()  # (batch size, chunk latency ms)
     started_at_s: float = 0.0
     draining: bool = False
+    offloaded: tuple[str, ...] = ()  # sessions whose state is in host memory or the state store, slot freed
+    state_bytes: dict[str, int] = field(default_factory=dict)  # session_id -> bytes a move of its state carries
 
     def check(self) -> None:
         if self.capacity < 1:

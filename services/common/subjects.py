@@ -13,6 +13,8 @@ SCHED_UPDATE = f"{PREFIX}.sched.update"  # UpdateSession -> Placement | Reply
 SCHED_HEARTBEAT = f"{PREFIX}.sched.heartbeat"  # WorkerHeartbeat (publish)
 SCHED_WORKER_GONE = f"{PREFIX}.sched.worker_gone"  # WorkerGone (publish)
 SCHED_MIGRATION_REPORT = f"{PREFIX}.sched.migration_report"  # MigrationReport (publish, source worker)
+SCHED_ADMIN_MIGRATE = f"{PREFIX}.sched.admin.migrate"  # MigrateSession -> MigrationReport | Reply (operators, tests)
+SCHED_ADMIN_OFFLOAD = f"{PREFIX}.sched.admin.offload"  # OffloadRequest -> Reply (operators, tests)
 PLACEMENTS = f"{PREFIX}.placement.*"  # Placement (publish) when the scheduler moves a session on its own
 
 

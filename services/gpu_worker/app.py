@@ -9,7 +9,13 @@ from nats.aio.client import Client as NatsClient
 
 from services.common import subjects
 from services.common.telemetry.chunks import worker_chunk_traces
+from services.common.control import MigrationReport
+from services.common.wire import encode
 from services.gpu_worker.engine import ChunkEngine
+from services.gpu_worker.migration_agent import MigrationAgent
+from services.gpu_worker.residency import SessionResidency, StoreSpill
+from services.gpu_worker.state.offload import SessionStateManager
+from services.state_store.client import SnapshotClient
 from services.gpu_worker.frames import JpegEncoder
 from services.gpu_worker.model import get_config, load_model
 from services.gpu_worker.runner import WorkerRunner
@@ -34,4 +40,24 @@ async def run_worker(settings: WorkerSettings, nc: NatsClient, stop: asyncio.Eve
         frame_size=(config.width_px, config.height_px), max_batch=settings.max_batch,
         replay_depth=settings.replay_chunks,
     )
-    await WorkerRunner(settings, nc, engine).run(stop)
+    snapshots = SnapshotClient(nc)
+    manager = SessionStateManager(
+        model, device=torch.device(settings.device), device_budget_bytes=settings.device_state_bytes,
+        host_budget_bytes=settings.host_state_bytes,
+        spill_target=StoreSpill(engine, snapshots, asyncio.get_running_loop()),
+    )
+    residency = SessionResidency(engine, model, manager, snapshots, every_chunks=settings.snapshot_every_chunks)
+    engine.hooks = residency
+
+    async def report(migration: MigrationReport) -> None:
+        await nc.publish(subjects.SCHED_MIGRATION_REPORT, encode(migration))
+
+    migrations = MigrationAgent(
+        engine, model, report, worker_id=settings.worker_id, host=settings.migration_host,
+        device=torch.device(settings.device), max_state_bytes=settings.device_state_bytes,
+    )
+    try:
+        await WorkerRunner(settings, nc, engine, residency=residency, migrations=migrations).run(stop)
+    finally:
+        await migrations.close()
+        await residency.close()

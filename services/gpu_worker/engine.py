@@ -11,7 +11,11 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
 
 from services.common.chunk_frame import ChunkHeader, pack_chunk
 from services.common.errors import InvalidField, StaleEpoch, Unavailable, UnknownSession
@@ -25,6 +29,34 @@ from services.gpu_worker.session import EncodedChunk, ResidentSession
 
 log = logging.getLogger(__name__)
 Emit = Callable[[str, bytes], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ImportedState:
+    """A session's state from elsewhere (a snapshot), taken after ``chunks_done`` chunks."""
+
+    tensors: Mapping[str, torch.Tensor]
+    chunks_done: int
+
+
+class ResidencyHooks(Protocol):
+    """Where state lives beyond the device slot (services.gpu_worker.residency); None means device only."""
+
+    async def ensure_resident(self, session: ResidentSession) -> None:
+        """Bring an offloaded session's state back into a slot before it generates."""
+        ...
+
+    async def fetch_state(self, msg: AttachSession) -> ImportedState | None:
+        """The newest stored state at or before ``msg.next_seq``, or None (regenerate from chunk 0)."""
+        ...
+
+    def after_batch(self, batch: Sequence[ResidentSession]) -> None:
+        """Called once per batch after its chunks are recorded; must stay O(batch) when nothing is due."""
+        ...
+
+    async def discard(self, session: ResidentSession) -> None:
+        """Drop the offloaded state of a session that leaves this worker."""
+        ...
 
 
 class ChunkEngine:
@@ -54,6 +86,12 @@ class ChunkEngine:
         self._work = asyncio.Event()
         self.sessions: dict[str, ResidentSession] = {}
         self._batch_samples: deque[tuple[int, float]] = deque(maxlen=64)
+        self.hooks: ResidencyHooks | None = None
+
+    @property
+    def model_lock(self) -> asyncio.Lock:
+        """Held while the model runs; whoever holds it sees every session at a chunk boundary."""
+        return self._model_lock
 
     # --- control, called by the runner ----------------------------------------------------------------------
 
@@ -64,6 +102,7 @@ class ChunkEngine:
         if current is not None and msg.epoch < current.epoch:
             raise StaleEpoch(f"attach of {msg.session_id} at epoch {msg.epoch} < resident epoch {current.epoch}")
         if current is not None and current.seed == msg.seed and current.can_replay_from(msg.next_seq):
+            await self._ensure_resident(current)
             current.epoch = msg.epoch
             current.prompts = list(msg.prompts)
             current.silent_until = max(current.silent_until, msg.next_seq)
@@ -72,9 +111,13 @@ class ChunkEngine:
             return
         if current is not None:
             await self._release(current)
+        imported = await self.hooks.fetch_state(msg) if self.hooks is not None else None
         async with self._model_lock:
             try:
-                handle = await asyncio.to_thread(self._model.new_session, msg.session_id, msg.prompts[0][1], msg.seed)
+                if imported is None:
+                    handle = await asyncio.to_thread(self._model.new_session, msg.session_id, msg.prompts[0][1], msg.seed)
+                else:
+                    handle = await asyncio.to_thread(self._model.import_state, msg.session_id, imported.tensors)
             except SlotsExhausted as exc:
                 raise Unavailable(f"worker {self._worker_id} has no free session slot: {exc}") from None
         session = ResidentSession(
@@ -82,6 +125,9 @@ class ChunkEngine:
             prompts=list(msg.prompts), replay_depth=self._replay_depth, silent_until=msg.next_seq,
             next_send_seq=msg.next_seq,
         )
+        if imported is not None:
+            session.next_seq = imported.chunks_done
+            session.active_prompt = session.prompt_for(imported.chunks_done - 1)
         self.sessions[msg.session_id] = session
         self._wake(session)
 
@@ -90,6 +136,7 @@ class ChunkEngine:
 
     async def credit(self, msg: RequestChunks) -> None:
         session = self._fenced(msg.session_id, msg.epoch)
+        await self._ensure_resident(session)
         resend_from = msg.resend_from_seq
         if resend_from is not None and not session.can_replay_from(resend_from):
             await self._rewind(session, resend_from)
@@ -153,6 +200,9 @@ class ChunkEngine:
             }
             session.record(EncodedChunk(output.chunk_index, output.first_frame, frames, timings))
             session.ready_since_s = self._clock() if session.wants_generation() else None
+        if self.hooks is not None:  # every chunk of the batch is recorded: a boundary for all of them
+            self.hooks.after_batch(batch)
+        for session in batch:
             await self._flush(session)
 
     def _generate_and_encode(
@@ -209,7 +259,14 @@ class ChunkEngine:
         await self._release(session)
         await self.attach(msg)
 
+    async def _ensure_resident(self, session: ResidentSession) -> None:
+        if session.offloaded and self.hooks is not None:
+            await self.hooks.ensure_resident(session)
+
     async def _release(self, session: ResidentSession) -> None:
         self.sessions.pop(session.session_id, None)
+        if session.offloaded and self.hooks is not None:
+            await self.hooks.discard(session)
+            return
         async with self._model_lock:
             await asyncio.to_thread(self._model.release, session.handle)

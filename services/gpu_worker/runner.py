@@ -12,26 +12,33 @@ from nats.aio.msg import Msg
 
 from services.common import subjects
 from services.common.errors import ProtocolError, TurboServeError
+from services.common.control import OffloadSession, PrepareMigration, StartMigration
 from services.common.messages import (
     AttachSession, ChangePrompt, DetachSession, Reply, RequestChunks, WorkerGone, WorkerHeartbeat,
 )
 from services.common.telemetry.chunks import worker_chunk_traces
 from services.common.telemetry.metrics import set_sessions
-from services.common.wire import decode, encode
+from services.common.wire import Message, decode, encode
 from services.gpu_worker.engine import ChunkEngine
+from services.gpu_worker.migration_agent import MigrationAgent
+from services.gpu_worker.residency import SessionResidency
 from services.gpu_worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
 
 class WorkerRunner:
-    def __init__(self, settings: WorkerSettings, nc: NatsClient, engine: ChunkEngine) -> None:
+    def __init__(self, settings: WorkerSettings, nc: NatsClient, engine: ChunkEngine, *,
+                 residency: SessionResidency | None = None, migrations: MigrationAgent | None = None) -> None:
         self._settings = settings
         self._nc = nc
         self._engine = engine
+        self._residency = residency
+        self._migrations = migrations
         self._started_at_s = time.time()
 
     async def _on_control(self, msg: Msg) -> None:
+        reply: Message = Reply(ok=True)
         try:
             request = decode(msg.data)
             if isinstance(request, AttachSession):
@@ -40,9 +47,14 @@ class WorkerRunner:
                 self._engine.change_prompt(request)
             elif isinstance(request, DetachSession):
                 await self._engine.detach(request)
+            elif isinstance(request, OffloadSession) and self._residency is not None:
+                await self._residency.offload(request)
+            elif isinstance(request, PrepareMigration) and self._migrations is not None:
+                reply = await self._migrations.prepare(request)
+            elif isinstance(request, StartMigration) and self._migrations is not None:
+                await self._migrations.start(request)
             else:
                 raise ProtocolError(f"{request.TYPE!r} is not a worker control message")
-            reply = Reply(ok=True)
         except TurboServeError as exc:
             log.info("event=control_refused worker=%s code=%s detail=%s", self._settings.worker_id, exc.code, exc)
             reply = Reply(ok=False, code=exc.code, detail=str(exc))
@@ -65,6 +77,8 @@ class WorkerRunner:
             capacity=self._settings.capacity, sessions=engine.chunks_produced(),
             active_sessions=sum(1 for s in engine.sessions.values() if s.next_seq <= s.credit_up_to),
             recent_batches=engine.drain_batch_samples(), started_at_s=self._started_at_s,
+            offloaded=self._residency.offloaded() if self._residency is not None else (),
+            state_bytes=dict(self._residency.state_bytes) if self._residency is not None else {},
         )
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:

@@ -37,6 +37,8 @@ class ResidentSession:
     credit_up_to: int = -1
     silent_until: int = 0
     ready_since_s: float | None = None
+    offloaded: bool = False
+    """The state is in host memory or the state store, not in ``handle``'s slot; restore before generating."""
     replay: deque[EncodedChunk] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
@@ -44,7 +46,7 @@ class ResidentSession:
 
     def wants_generation(self) -> bool:
         """Ready for the next batch: credited by the gateway, or still catching up silently."""
-        return self.next_seq <= self.credit_up_to or self.next_seq < self.silent_until
+        return not self.offloaded and (self.next_seq <= self.credit_up_to or self.next_seq < self.silent_until)
 
     def prompt_for(self, seq: int) -> str:
         index = bisect.bisect_right([start for start, _ in self.prompts], seq) - 1

@@ -32,6 +32,14 @@ class WorkerSettings:
     """Encoded chunks kept per session to answer a resend without regenerating (TURBOSERVE_REPLAY_CHUNKS)."""
     jpeg_quality: int
     """JPEG quality of the frames sent to clients (TURBOSERVE_JPEG_QUALITY, 30..95)."""
+    snapshot_every_chunks: int
+    """An active session's state goes to the state store every this many chunks (TURBOSERVE_SNAPSHOT_EVERY_CHUNKS)."""
+    host_state_bytes: int
+    """Host memory for offloaded state; past it, state spills to the state store (TURBOSERVE_HOST_STATE_MB)."""
+    device_state_bytes: int
+    """Device memory for restored session state (TURBOSERVE_DEVICE_STATE_MB)."""
+    migration_host: str
+    """Address this worker listens on for a migration's rendezvous (TURBOSERVE_MIGRATION_HOST)."""
     torch_threads: int
     """Intra-op CPU threads (TURBOSERVE_TORCH_THREADS, default 1): several workers share a small CPU, and
     oversubscribed torch threads made a tiny-model chunk 30x slower on the 2-core CI machine."""
@@ -51,5 +59,9 @@ class WorkerSettings:
             heartbeat_interval_s=env_float("TURBOSERVE_HEARTBEAT_S", 1.0, low=0.05, high=60.0),
             replay_chunks=env_int("TURBOSERVE_REPLAY_CHUNKS", 4, low=1, high=64),
             jpeg_quality=env_int("TURBOSERVE_JPEG_QUALITY", 85, low=30, high=95),
+            snapshot_every_chunks=env_int("TURBOSERVE_SNAPSHOT_EVERY_CHUNKS", 16, low=1, high=1_000_000),
+            host_state_bytes=env_int("TURBOSERVE_HOST_STATE_MB", 8192, low=1, high=1 << 22) << 20,
+            device_state_bytes=env_int("TURBOSERVE_DEVICE_STATE_MB", 65536, low=1, high=1 << 22) << 20,
+            migration_host=env_str("TURBOSERVE_MIGRATION_HOST", "127.0.0.1"),
             torch_threads=env_int("TURBOSERVE_TORCH_THREADS", 1, low=1, high=256),
         )

@@ -25,7 +25,9 @@ from services.common.telemetry.tracing import consumer_span
 from services.common.wire import Message, decode, encode
 from services.scheduler.coordinator import Coordinator
 from services.scheduler.migrations import migrate
+from services.scheduler.mobility import MobilityService
 from services.scheduler.settings import SchedulerSettings
+from services.scheduler.state_mover import NatsStateMover
 from services.scheduler.store.postgres import PostgresStore
 
 log = logging.getLogger("turboserve.scheduler")
@@ -149,6 +151,10 @@ async def open_scheduler(settings: SchedulerSettings, nats: NatsClient) -> Async
         store = traced_store(PostgresStore.connect(settings.database_url))
         stack.push_async_callback(store.close)
         coordinator = Coordinator(store, worker_timeout_s=settings.worker_timeout_s)
+        mover = NatsStateMover(nats, store)  # the StateMover the control loop acts through
+        await stack.enter_async_context(
+            MobilityService(nats, store, mover, offload_after_s=settings.offload_after_s)
+        )
         yield await stack.enter_async_context(
             SchedulerRunner(nats, coordinator, sweep_interval_s=settings.sweep_interval_s)
         )

@@ -19,6 +19,8 @@ class SchedulerSettings:
     """A worker not heard from for this long is lost and its sessions move (TURBOSERVE_WORKER_TIMEOUT_S, 0.1-300)."""
     sweep_interval_s: float = 0.5
     """How often liveness is checked and unplaced active sessions are retried (TURBOSERVE_SCHED_SWEEP_S, 0.01-60)."""
+    offload_after_s: float = 10.0
+    """An idle session that produced nothing for this long is offloaded (TURBOSERVE_OFFLOAD_AFTER_S, 0.1-86400)."""
 
     def __post_init__(self) -> None:
         if self.sweep_interval_s > self.worker_timeout_s:
@@ -35,4 +37,5 @@ class SchedulerSettings:
             database_url=common.database_url,
             worker_timeout_s=env_float("TURBOSERVE_WORKER_TIMEOUT_S", 3.0, low=0.1, high=300.0),
             sweep_interval_s=env_float("TURBOSERVE_SCHED_SWEEP_S", 0.5, low=0.01, high=60.0),
+            offload_after_s=env_float("TURBOSERVE_OFFLOAD_AFTER_S", 10.0, low=0.1, high=86400.0),
         )

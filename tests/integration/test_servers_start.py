@@ -21,8 +21,8 @@ async def test_the_nats_server_fixture_answers_requests(nats_url: str) -> None:
     await client.close()
 
 
-def test_the_database_fixture_is_a_fresh_postgres_database(database_url: str) -> None:
+def test_the_database_fixture_is_a_postgres_database_of_this_test_session(database_url: str) -> None:
     with psycopg.connect(database_url) as conn:
         (version,) = conn.execute("select version()").fetchone()
-        (tables,) = conn.execute("select count(*) from pg_tables where schemaname = 'public'").fetchone()
-    assert version.startswith("PostgreSQL") and tables == 0
+        (name,) = conn.execute("select current_database()").fetchone()
+    assert version.startswith("PostgreSQL") and name.startswith("turboserve_test_")

@@ -23,8 +23,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind
 
-from services.common.chunk_frame import read_header
-from services.common.errors import ProtocolError
+from services.common.chunk_frame import peek_header_fields
 from services.common.telemetry.logs import bind_session
 from services.common.telemetry.tracing import (
     context_header,
@@ -56,6 +55,7 @@ class GatewayChunkSpans:
         self._session: Span | None = None
         self._chunks: dict[int, Span] = {}
         self._deliveries: dict[int, Span] = {}
+        self._announced: tuple[str, int, int] = ("", 0, -1)  # (worker, epoch, highest seq) the worker was told
 
     def start_session(self, model: str) -> None:
         if not switch.enabled or self._session is not None:
@@ -81,9 +81,13 @@ class GatewayChunkSpans:
                 yield
 
     def credit_headers(self, first_seq: int, up_to_seq: int, epoch: int, worker_id: str) -> dict[str, str] | None:
-        """Headers for a credit covering ``first_seq..up_to_seq``; starts the chunk span of each new seq."""
+        """Headers for a credit covering ``first_seq..up_to_seq``; starts the chunk span of each new seq. A seq
+        already announced to the same worker at the same epoch is not sent again (the worker keeps it)."""
         if self._session is None:
             return None
+        if self._announced[:2] == (worker_id, epoch):
+            first_seq = max(first_seq, self._announced[2] + 1)
+        self._announced = (worker_id, epoch, max(up_to_seq, first_seq - 1))
         headers: dict[str, str] = {}
         session_link = (Link(self._session.get_span_context()),)
         for seq in range(first_seq, up_to_seq + 1):
@@ -95,7 +99,7 @@ class GatewayChunkSpans:
                                 "worker.id": worker_id},
                 )
             headers[chunk_header(seq)] = context_header(chunk.get_span_context())
-        return headers
+        return headers or None
 
     def arrived(self, seq: int, headers: Mapping[str, str] | None) -> None:
         """The chunk frame reached the gateway: its delivery span starts under the worker's span."""
@@ -192,20 +196,17 @@ class WorkerChunkTraces:
         """Record the chunk's worker span (ready to published) and return the headers that carry it on."""
         if not switch.enabled:
             return None
-        try:
-            header, _ = read_header(frame)
-        except ProtocolError:
-            return None
-        key = (session_id, header.seq)
+        header = peek_header_fields(frame)
+        key = (session_id, header["seq"])
         request = self._requests.pop(key, None)
         batch = self._batches.pop(key, None)
         if request is None:
             return None
-        timings = header.timings_ms
+        timings: dict[str, float] = header["timings_ms"]
         ready_ns = int(timings.get("ready_at_unix_ms", time.time() * 1e3) * 1e6)
-        attributes: dict[str, str | int | float] = {
-            "session.id": session_id, "chunk.seq": header.seq, "epoch": header.epoch, "worker.id": header.worker_id,
-            **{f"timing.{name}": value for name, value in timings.items()},
+        attributes: dict[str, str | float] = {
+            "session.id": session_id, "chunk.seq": header["seq"], "epoch": header["epoch"],
+            "worker.id": header["worker_id"], **{f"timing.{name}": value for name, value in timings.items()},
         }
         span = tracer().start_span(
             "worker.chunk", context=trace.set_span_in_context(trace.NonRecordingSpan(request)),
@@ -214,6 +215,8 @@ class WorkerChunkTraces:
         )
         with trace.use_span(span, end_on_exit=True):
             return inject_current()
+
+
 worker_chunk_traces = WorkerChunkTraces()
 """The worker process's one book of chunk contexts: the credit handler fills it, the batch loop and the
 publisher read it (like the tracer provider, one per process)."""

@@ -3,8 +3,8 @@ context carried in NATS message headers.
 
 Off (the default; ``TURBOSERVE_TRACING=1`` turns it on) means no SDK provider is installed and every helper here
 returns before touching OpenTelemetry, so the chunk path pays one boolean test. On, spans go by OTLP with the
-exporter configured by the standard ``OTEL_*`` variables (endpoint, protocol headers, ``OTEL_BSP_*`` batching,
-``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``); ``OTEL_TRACES_EXPORTER=none`` keeps spans in-process.
+exporter configured by the standard ``OTEL_*`` variables (endpoint, protocol, headers, ``OTEL_BSP_*`` batching,
+``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``); ``OTEL_TRACES_EXPORTER=none`` records spans, exports none.
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ _NO_SPAN = contextlib.nullcontext()
 
 
 class _Switch:
-    """Whether this process traces; flipped only by ``tracing_from_env`` (and tests that install a provider)."""
+    """Whether this process traces, and its tracer (looked up once: the lookup costs more than a span); set only
+    by ``install`` (``tracing_from_env``, and tests that install an in-memory provider)."""
 
     enabled = False
+    tracer: Tracer = trace.get_tracer(TRACER_NAME)
 
 
 switch = _Switch()
@@ -77,11 +79,12 @@ def tracing_from_env(service: str, environ: Mapping[str, str] = os.environ) -> I
 def install(provider: trace.TracerProvider) -> None:
     """Make ``provider`` this process's tracer provider and turn the helpers on (tests pass in-memory ones)."""
     trace.set_tracer_provider(provider)
+    switch.tracer = provider.get_tracer(TRACER_NAME)
     switch.enabled = True
 
 
 def tracer() -> Tracer:
-    return trace.get_tracer(TRACER_NAME)
+    return switch.tracer
 
 
 def span(

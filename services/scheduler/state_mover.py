@@ -1,0 +1,173 @@
+"""actuation.StateMover over NATS: offload, and live migration whose ownership change is PostgreSQL's epoch bump.
+
+Migration follows the handshake in services.common.control. The commit order is what makes it safe: the source
+has stopped the session and dropped it before it reports "copied"; only then is the epoch bumped (conditionally,
+so a session that another decision moved meanwhile is left alone) and the new placement published. A session
+whose state is offloaded has nothing live to copy: it moves by snapshot (epoch bump, and the target restores it
+from the state store when the gateway attaches it there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from services.common import subjects
+from services.common.control import MigrationReport, MigrationTicket, OffloadSession, PrepareMigration, StartMigration
+from services.common.errors import StaleEpoch, TurboServeError
+from services.common.messages import DetachSession, Placement, Reply, WorkerHeartbeat
+from services.common.wire import Message, decode, encode
+from services.scheduler.store.protocol import SchedulerStore
+
+log = logging.getLogger("turboserve.scheduler.state_mover")
+MAX_PENDING_MIGRATIONS = 256
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class NatsStateMover:
+    """One per scheduler process; ``start`` subscribes to migration reports, ``close`` unsubscribes (idempotent)."""
+
+    def __init__(
+        self,
+        nats: NatsClient,
+        store: SchedulerStore,
+        *,
+        request_timeout_s: float = 10.0,
+        migration_timeout_s: float = 30.0,
+        wall_clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self._nats = nats
+        self._store = store
+        self._request_timeout_s = request_timeout_s
+        self._migration_timeout_s = migration_timeout_s
+        self._wall_clock = wall_clock
+        self._pending: dict[tuple[str, int], asyncio.Future[MigrationReport]] = {}
+        self._offloaded: dict[str, frozenset[str]] = {}
+        self._subscription: Subscription | None = None
+
+    async def start(self) -> None:
+        self._subscription = await self._nats.subscribe(subjects.SCHED_MIGRATION_REPORT, cb=self._on_report)
+
+    async def close(self) -> None:
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None and not self._nats.is_closed:
+            await subscription.unsubscribe()
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+
+    def observe(self, beat: WorkerHeartbeat) -> None:
+        """Which sessions each worker holds offloaded: those move by snapshot, not by live transfer."""
+        self._offloaded[beat.worker_id] = frozenset(beat.offloaded)
+
+    def is_offloaded(self, session_id: str, worker_id: str) -> bool:
+        return session_id in self._offloaded.get(worker_id, frozenset())
+
+    async def offload(self, session_id: str, worker_id: str, epoch: int, reason: str) -> bool:
+        answer = await self._request(worker_id, OffloadSession(session_id, epoch, reason))
+        ok = isinstance(answer, Reply) and answer.ok
+        log.info("decision=offload session=%s worker=%s ok=%s reason=%r detail=%r", session_id, worker_id, ok,
+                 reason, getattr(answer, "detail", ""))
+        if ok:
+            self._offloaded[worker_id] = self._offloaded.get(worker_id, frozenset()) | {session_id}
+        return ok
+
+    async def migrate(self, session_id: str, source: str, target: str, epoch: int, reason: str) -> MigrationReport:
+        if source == target:
+            return _failed(session_id, epoch, source, target, "source and target are the same worker")
+        if self.is_offloaded(session_id, source):
+            report = MigrationReport(session_id, epoch, source, target, "copied", detail="offloaded: by snapshot")
+        else:
+            report = await self._live(session_id, source, target, epoch, reason)
+        if report.outcome == "copied":
+            report = await self._commit(report, reason)
+        log.info("decision=migrate session=%s source=%s target=%s outcome=%s pause_ms=%.1f reason=%r detail=%r",
+                 session_id, source, target, report.outcome, report.pause_ms, reason, report.detail)
+        return report
+
+    async def _live(self, session_id: str, source: str, target: str, epoch: int, reason: str) -> MigrationReport:
+        key = (session_id, epoch)
+        if key in self._pending or len(self._pending) >= MAX_PENDING_MIGRATIONS:
+            return _failed(session_id, epoch, source, target, "a migration of this session is already running")
+        prepare = PrepareMigration(session_id, epoch, source, timeout_s=self._migration_timeout_s)
+        ticket = await self._request(target, prepare)
+        if not isinstance(ticket, MigrationTicket):
+            return _failed(session_id, epoch, source, target, f"target refused: {_detail(ticket)}")
+        future: asyncio.Future[MigrationReport] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        try:
+            start = StartMigration(session_id, epoch, target, ticket.host, ticket.port, reason)
+            answer = await self._request(source, start)
+            if not (isinstance(answer, Reply) and answer.ok):  # the target's deadline frees its reservation
+                return _failed(session_id, epoch, source, target, f"source refused: {_detail(answer)}")
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), self._migration_timeout_s + 5.0)
+            except TimeoutError:
+                return _failed(session_id, epoch, source, target, "no report from the source in time")
+        finally:
+            self._pending.pop(key, None)
+
+    async def _commit(self, report: MigrationReport, reason: str) -> MigrationReport:
+        """Move ownership: conditional epoch bump, placement for the gateway, then let the source forget it."""
+        session_id, target = report.session_id, report.target_worker
+        session = await self._store.get_session(session_id)
+        try:
+            if session is None or session.status == "closed":
+                raise StaleEpoch(f"session {session_id} is gone or closed")
+            moved = await self._store.move_session(
+                session_id, expected_epoch=report.epoch, worker_id=target, status=session.status,
+                at=self._wall_clock(),
+            )
+        except StaleEpoch as exc:  # another decision moved or closed it: the copy on the target is an orphan
+            await self._request(target, DetachSession(session_id, report.epoch))
+            return _failed(session_id, report.epoch, report.source_worker, target, f"not committed: {exc}")
+        placement = Placement(session_id, target, moved.epoch, f"migrated: {reason}")
+        await self._nats.publish(subjects.placement(session_id), encode(placement))
+        await self._request(report.source_worker, DetachSession(session_id, report.epoch))
+        self._offloaded[report.source_worker] = self._offloaded.get(report.source_worker, frozenset()) - {session_id}
+        return report
+
+    async def _on_report(self, msg: Msg) -> None:
+        try:
+            report = decode(msg.data, expect=MigrationReport)
+        except TurboServeError as exc:
+            log.warning("event=report_dropped detail=%s", exc)
+            return
+        assert isinstance(report, MigrationReport)
+        future = self._pending.get((report.session_id, report.epoch))
+        if future is None or future.done():
+            log.info("event=report_unawaited session=%s outcome=%s", report.session_id, report.outcome)
+            return
+        future.set_result(report)
+
+    async def _request(self, worker_id: str, request: Message) -> Message | None:
+        """A worker's answer, or None when it did not answer (the caller treats that as a refusal)."""
+        try:
+            msg = await self._nats.request(subjects.worker_control(worker_id), encode(request),
+                                           timeout=self._request_timeout_s)
+            return decode(msg.data)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, TurboServeError) as exc:
+            log.info("event=worker_request_failed worker=%s request=%s detail=%s", worker_id, request.TYPE, exc)
+            return None
+
+
+def _failed(session_id: str, epoch: int, source: str, target: str, detail: str) -> MigrationReport:
+    return MigrationReport(session_id, epoch, source, target, "failed", detail=detail)
+
+
+def _detail(answer: Message | None) -> str:
+    if answer is None:
+        return "no answer"
+    if isinstance(answer, Reply):
+        return f"{answer.code}: {answer.detail}"
+    return f"unexpected {answer.TYPE}"

@@ -1,0 +1,189 @@
+"""Session state that outlives its slot and its worker, end to end: live migration between worker processes, offload
+and resume elsewhere from the state store, and a kill -9 of a worker under load, all on real NATS and PostgreSQL.
+
+The worker kill runs last in this module: it leaves one worker standing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import numpy as np
+import pytest
+import pytest_asyncio
+from nats.aio.client import Client as NatsClient
+
+from services.client import ReceivedChunk, TurboServeClient
+from services.common import subjects
+from services.common.admin import MigrateSession, OffloadRequest
+from services.common.control import MigrationReport
+from services.common.messages import Reply
+from services.common.nats_server import free_port
+from services.common.wire import Message, decode, encode
+from services.launcher import start_services, stop_children, wait_http_ok
+from tests.e2e.conftest import TOKENS, RunningSystem
+from tests.e2e.test_streaming import decoded, receive, start_when_workers_registered
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+FRAME_TOLERANCE = 8
+"""JPEG levels two runs of the same seed may differ by (batched sums reorder; the encoder rounds)."""
+RECOVERY_BOUND_S = 12.0
+"""After kill -9: worker timeout 1.5 s + sweep + re-attach + regeneration from the latest snapshot (<= 4 chunks)."""
+
+
+@pytest.fixture(scope="module")
+def mobile(nats_url: str, database_url: str) -> Iterator[RunningSystem]:
+    """Two workers that each fit all 8 sessions, snapshots every 4 chunks, idle offload after 2 s."""
+    port = free_port()
+    log_dir = Path(tempfile.mkdtemp(prefix="turboserve-mobility-"))
+    env = {
+        **os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url, "TURBOSERVE_MODEL": "tiny",
+        "TURBOSERVE_TOKENS": ",".join(TOKENS), "TURBOSERVE_GATEWAY_PORT": str(port),
+        "TURBOSERVE_HEARTBEAT_S": "0.25", "TURBOSERVE_WORKER_TIMEOUT_S": "1.5", "TURBOSERVE_WORKER_CAPACITY": "8",
+        "TURBOSERVE_SNAPSHOT_EVERY_CHUNKS": "4", "TURBOSERVE_OFFLOAD_AFTER_S": "2",
+        "TURBOSERVE_STATE_DIR": str(log_dir / "state"), "PYTHONUNBUFFERED": "1",
+    }
+    children = start_services(env, workers=2, log_dir=log_dir)
+    running = RunningSystem(
+        ws_url=f"ws://127.0.0.1:{port}/ws", http_url=f"http://127.0.0.1:{port}", database_url=database_url,
+        nats_url=nats_url, children=children, env=env,
+    )
+    try:
+        wait_http_ok(f"{running.http_url}/healthz", children, timeout_s=90)
+        yield running
+    except BaseException:
+        print(running.logs())
+        raise
+    finally:
+        stop_children(children)
+
+
+@pytest_asyncio.fixture
+async def operator(mobile: RunningSystem) -> AsyncIterator[NatsClient]:
+    nc = await nats.connect(mobile.nats_url)
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+async def ask(nc: NatsClient, subject: str, request: Message) -> Message:
+    return decode((await nc.request(subject, encode(request), timeout=60)).data)
+
+
+async def reference_run(system: RunningSystem, prompt: str, seed: int, count: int) -> list[ReceivedChunk]:
+    client = await TurboServeClient.connect(system.ws_url, TOKENS[0])
+    try:
+        started = await start_when_workers_registered(client, prompt, seed)
+        chunks = await receive(client, str(started["session_id"]), count)
+        await client.close_session(str(started["session_id"]))
+        return chunks
+    finally:
+        await client.close()
+
+
+def assert_contiguous(chunks: list[ReceivedChunk], label: str) -> None:
+    seqs = [c.header.seq for c in chunks]
+    assert seqs == list(range(len(chunks))), f"{label}: gap, duplicate or reorder in {seqs}"
+
+
+async def test_a_session_migrated_mid_stream_has_no_gap_and_the_frames_of_an_unmigrated_run(
+    mobile: RunningSystem, operator: NatsClient
+) -> None:
+    reference = await reference_run(mobile, "lanterns drifting on a river", 777, 14)
+    client = await TurboServeClient.connect(mobile.ws_url, TOKENS[1])
+    try:
+        started = await client.start("lanterns drifting on a river", 777)
+        session_id = str(started["session_id"])
+        chunks = await receive(client, session_id, 5)
+        source = chunks[-1].header.worker_id
+        asked_at_ms = time.time() * 1e3
+        moving = asyncio.create_task(ask(operator, subjects.SCHED_ADMIN_MIGRATE, MigrateSession(session_id)))
+        chunks += await receive(client, session_id, 9)
+        report = await moving
+        await client.close_session(session_id)
+    finally:
+        await client.close()
+    assert isinstance(report, MigrationReport) and report.outcome == "copied", report
+    assert_contiguous(chunks, "migrated session")
+    assert chunks[-1].header.worker_id == report.target_worker != source
+    difference = np.abs(decoded(reference) - decoded(chunks)).max()
+    assert difference <= FRAME_TOLERANCE, f"migrated frames differ by up to {difference} levels"
+    gaps_ms = [b.received_at_unix_ms - a.received_at_unix_ms for a, b in zip(chunks, chunks[1:], strict=False)]
+    around = [g for c, g in zip(chunks[1:], gaps_ms, strict=True) if c.received_at_unix_ms >= asked_at_ms]
+    print(f"\nmigration: worker pause {report.pause_ms:.1f} ms, transfer {report.transfer_ms:.1f} ms, "
+          f"state {report.state_bytes} B; client gap around it {max(around):.0f} ms vs median inter-chunk "
+          f"{statistics.median(gaps_ms):.0f} ms")
+
+
+async def test_a_paused_session_offloaded_and_resumed_on_the_other_worker_continues_identically(
+    mobile: RunningSystem, operator: NatsClient
+) -> None:
+    reference = await reference_run(mobile, "snow falling on a quiet town", 31337, 10)
+    client = await TurboServeClient.connect(mobile.ws_url, TOKENS[0])
+    try:
+        started = await client.start("snow falling on a quiet town", 31337)
+        session_id = str(started["session_id"])
+        chunks = await receive(client, session_id, 4)
+        paused = await client.pause(session_id)
+        chunks += await receive(client, session_id, int(paused["next_seq"]) - len(chunks))
+        source = chunks[-1].header.worker_id
+        offloaded = await ask(operator, subjects.SCHED_ADMIN_OFFLOAD, OffloadRequest(session_id))
+        assert isinstance(offloaded, Reply) and offloaded.ok, offloaded
+        moved = await ask(operator, subjects.SCHED_ADMIN_MIGRATE, MigrateSession(session_id))
+        assert isinstance(moved, MigrationReport) and moved.outcome == "copied", moved
+        await client.resume(session_id)
+        chunks += await receive(client, session_id, 10 - len(chunks))
+        await client.close_session(session_id)
+    finally:
+        await client.close()
+    assert_contiguous(chunks, "offloaded session")
+    assert chunks[-1].header.worker_id == moved.target_worker != source
+    difference = np.abs(decoded(reference) - decoded(chunks)).max()
+    assert difference <= FRAME_TOLERANCE, f"resumed frames differ by up to {difference} levels"
+
+
+async def stream(client: TurboServeClient, session_id: str, count: int) -> list[ReceivedChunk]:
+    return await receive(client, session_id, count)
+
+
+async def test_after_kill_9_of_a_worker_every_one_of_8_streaming_sessions_continues_on_the_other_in_bounded_time(
+    mobile: RunningSystem,
+) -> None:
+    clients = [await TurboServeClient.connect(mobile.ws_url, TOKENS[i % 2]) for i in range(8)]
+    try:
+        starts = [await start_when_workers_registered(c, f"a kite over dunes {i}", 500 + i)
+                  for i, c in enumerate(clients)]
+        ids = [str(s["session_id"]) for s in starts]
+        before = await asyncio.gather(*(stream(c, sid, 6) for c, sid in zip(clients, ids, strict=True)))
+        victim = before[0][-1].header.worker_id
+        killed_at_ms = time.time() * 1e3
+        mobile.child(victim).process.send_signal(signal.SIGKILL)
+        after = await asyncio.gather(*(stream(c, sid, 10) for c, sid in zip(clients, ids, strict=True)))
+        for client, session_id in zip(clients, ids, strict=True):
+            await client.close_session(session_id)
+    finally:
+        for client in clients:
+            await client.close()
+    moved = 0
+    for session_id, first, second in zip(ids, before, after, strict=True):
+        chunks = first + second
+        assert_contiguous(chunks, session_id)
+        assert all(c.header.worker_id != victim for c in second[-5:]), f"{session_id} still served by {victim}"
+        if first[-1].header.worker_id == victim:
+            moved += 1
+            resumed = next(c for c in second if c.header.worker_id != victim)
+            waited_s = (resumed.received_at_unix_ms - killed_at_ms) / 1e3
+            assert waited_s <= RECOVERY_BOUND_S, f"{session_id} waited {waited_s:.1f} s for the other worker"
+    assert moved >= 1
+    survivor_log = next(c for c in mobile.children if c.name.startswith("worker") and c.name != victim).log_path
+    assert "event=state_from_snapshot" in survivor_log.read_text(errors="replace"), "regenerated from chunk 0"
