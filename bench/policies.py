@@ -17,6 +17,7 @@ import multiprocessing
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -39,6 +40,7 @@ from services.scheduler.sim.scenario import (  # noqa: E402
 from services.scheduler.sim.trace import Trace, lower_bound_gpu_hours, scale_to_mean_active  # noqa: E402
 
 TRACES = ("ragpulse", "mooncake")
+Row = dict[str, Any]
 OVER_TARGET_BUDGET = 0.001
 COST_TARGETS = {16: 1.5, 64: 1.3, 256: 1.2}
 BASELINES = ("round_robin", "least_loaded", "by_memory", "ours_no_migration", "ours_reactive", "ours_no_cooldown",
@@ -89,7 +91,7 @@ def plan_jobs(directory: Path, loads: tuple[int, ...], rhos: tuple[float, ...], 
     return jobs
 
 
-def row(job: Job, result: SimResult, lower_bound: float) -> dict[str, object]:
+def row(job: Job, result: SimResult, lower_bound: float) -> Row:
     return {
         "trace": job.trace,
         "load": job.load,
@@ -131,11 +133,11 @@ def same_cost_jobs(done: list[tuple[Job, SimResult]], directory: Path) -> list[J
     return jobs
 
 
-def report(rows: list[dict[str, object]], console: Console) -> list[str]:
+def report(rows: list[Row], console: Console) -> list[str]:
     """Print a table per trace and load; return one verdict line per target."""
     verdicts = []
     for name in TRACES:
-        for load in sorted({r["load"] for r in rows if r["trace"] == name}):  # type: ignore[type-var]
+        for load in sorted({r["load"] for r in rows if r["trace"] == name}):
             group = [r for r in rows if r["trace"] == name and r["load"] == load]
             by = {(r["policy"], r["delay_s"], r["rho"]): r for r in group}
             peak, mean = by[("fixed_peak", 30.0, None)], by[("fixed_mean", 30.0, None)]
@@ -143,7 +145,7 @@ def report(rows: list[dict[str, object]], console: Console) -> list[str]:
             for column in ("policy", "delay", "rho", "GPU-h", "x LB", "x peak", "x mean", "worst ms", "p99 ms",
                            "over target", "migr."):
                 table.add_column(column)
-            for r in sorted(group, key=lambda r: (str(r["policy"]), float(r["delay_s"]), r["rho"] or 0)):  # type: ignore[arg-type]
+            for r in sorted(group, key=lambda r: (str(r["policy"]), float(r["delay_s"]), r["rho"] or 0)):
                 table.add_row(str(r["policy"]), f"{r['delay_s']:g}", "" if r["rho"] is None else f"{r['rho']:g}",
                               f"{r['gpu_hours']:.1f}", f"{r['cost_vs_lower_bound']:.2f}",
                               f"{r['gpu_hours'] / peak['gpu_hours']:.2f}", f"{r['gpu_hours'] / mean['gpu_hours']:.2f}",
@@ -154,19 +156,19 @@ def report(rows: list[dict[str, object]], console: Console) -> list[str]:
     return verdicts
 
 
-def targets(name: str, load: int, by: dict[tuple[object, object, object], dict[str, object]]) -> list[str]:
+def targets(name: str, load: int, by: dict[tuple[object, object, object], Row]) -> list[str]:
     ours = by[("ours", 30.0, None)]
     lines = []
-    over = float(ours["over_target_frac"])  # type: ignore[arg-type]
+    over = float(ours["over_target_frac"])
     verdict = "met" if over <= OVER_TARGET_BUDGET else "MISSED"
     lines.append(f"{name} {load}: over target {over:.4%} (<= 0.1%: {verdict})")
-    ratio, bound = float(ours["cost_vs_lower_bound"]), COST_TARGETS.get(load, 1.2)  # type: ignore[arg-type]
+    ratio, bound = float(ours["cost_vs_lower_bound"]), COST_TARGETS.get(load, 1.2)
     lines.append(f"{name} {load}: cost {ratio:.2f}x lower bound (<= {bound}x: {'met' if ratio <= bound else 'MISSED'})")
     sweep = [r for (p, d, rho), r in by.items() if p == "paper" and d == 30.0 and rho is not None]
-    feasible = [r for r in sweep if float(r["over_target_frac"]) <= OVER_TARGET_BUDGET]  # type: ignore[arg-type]
+    feasible = [r for r in sweep if float(r["over_target_frac"]) <= OVER_TARGET_BUDGET]
     if feasible:
-        best = min(feasible, key=lambda r: float(r["gpu_hours"]))  # type: ignore[arg-type]
-        cheaper = float(ours["gpu_hours"]) < float(best["gpu_hours"])  # type: ignore[arg-type]
+        best = min(feasible, key=lambda r: float(r["gpu_hours"]))
+        cheaper = float(ours["gpu_hours"]) < float(best["gpu_hours"])
         lines.append(f"{name} {load}: paper's cheapest rho within budget = {best['rho']} at {best['gpu_hours']} GPU-h; "
                      f"ours {ours['gpu_hours']} ({'met' if cheaper else 'MISSED'})")
     else:
@@ -174,22 +176,22 @@ def targets(name: str, load: int, by: dict[tuple[object, object, object], dict[s
                      f"(ours within: {over <= OVER_TARGET_BUDGET})")
     same = by.get(("fixed_same_cost", 30.0, None))
     if same is not None:
-        cut = 1.0 - float(ours["worst_latency_ms"]) / float(same["worst_latency_ms"])  # type: ignore[arg-type]
+        cut = 1.0 - float(ours["worst_latency_ms"]) / float(same["worst_latency_ms"])
         lines.append(f"{name} {load}: worst latency {cut:.0%} below a fixed pool of equal cost "
                      f"({same['fixed_gpus']} GPUs) (>= 35%: {'met' if cut >= 0.35 else 'MISSED'})")
     return lines
 
 
-def plots(done: list[tuple[Job, SimResult]], rows: list[dict[str, object]], out_dir: Path) -> None:
+def plots(done: list[tuple[Job, SimResult]], rows: list[Row], out_dir: Path) -> None:
     for name in TRACES:
         for load in sorted({job.load for job, _ in done if job.trace == name}):
             shown = [r for j, r in done if j.trace == name and j.load == load and j.scenario.delay_s == 30.0
                      and j.scenario.rho is None and j.label in ("ours", "paper", "fixed_peak", "fixed_mean")]
             plot_timelines(shown, f"{name}, load {load}, delay 30 s", out_dir / f"policies_{name}_{load}_timeline.png")
             group = [r for r in rows if r["trace"] == name and r["load"] == load and r["delay_s"] == 30.0]
-            points = [(str(r["policy"]) + ("" if r["rho"] is None else f" rho {r['rho']}"), float(r["gpu_hours"]),  # type: ignore[arg-type]
-                       float(r["worst_latency_ms"]), float(r["over_target_frac"])) for r in group]  # type: ignore[arg-type]
-            sweep = sorted((float(r["rho"]), float(r["gpu_hours"]), float(r["over_target_frac"]))  # type: ignore[arg-type]
+            points = [(str(r["policy"]) + ("" if r["rho"] is None else f" rho {r['rho']}"), float(r["gpu_hours"]),
+                       float(r["worst_latency_ms"]), float(r["over_target_frac"])) for r in group]
+            sweep = sorted((float(r["rho"]), float(r["gpu_hours"]), float(r["over_target_frac"]))
                            for r in group if r["policy"] == "paper" and r["rho"] is not None)
             plot_cost_vs_latency(points, sweep, f"{name}, load {load}, delay 30 s",
                                  out_dir / f"policies_{name}_{load}_cost.png")
@@ -220,7 +222,7 @@ def main() -> int:
     for job, result in done:
         bound = lower_bound_gpu_hours(scaled_trace(directory, job.trace, job.load), 4, 1)
         rows.append(row(job, result, bound))
-    rows.sort(key=lambda r: (str(r["trace"]), int(r["load"]), str(r["policy"]), float(r["delay_s"]), r["rho"] or 0))  # type: ignore[arg-type]
+    rows.sort(key=lambda r: (str(r["trace"]), int(r["load"]), str(r["policy"]), float(r["delay_s"]), r["rho"] or 0))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "policies.json").write_text(json.dumps(rows, indent=1) + "\n")
     plots(done, rows, args.out_dir)

@@ -25,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from services.scheduler.policy.apply import apply_plan  # noqa: E402
+from services.scheduler.policy.controller import ClosedLoopController  # noqa: E402
 from services.scheduler.policy.naive_paper import NaivePaperScheduler  # noqa: E402
 from services.scheduler.policy.registry import PolicySetting, build_controller  # noqa: E402
 from services.scheduler.policy.snapshot import ClusterSnapshot, GpuView, SessionView  # noqa: E402
@@ -60,6 +61,7 @@ def _take(items: list[str], rng: random.Random) -> str:
 def measure(impl: str, gpus: int, events: int, seed: int, warmup: int) -> dict[str, float | int | str]:
     snapshot = build_cluster(gpus, seed)
     setting = PolicySetting(provisioning_delay_s=30.0, max_gpus=100_000)
+    decider: ClosedLoopController | NaivePaperScheduler
     if impl == "ours":
         decider = build_controller("ours", setting)
     else:

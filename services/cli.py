@@ -108,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_arguments(client)
     client.set_defaults(run=_client)
 
-    from services.scheduler.sim.cli import add_simulate_parser
+    from services.scheduler.sim.cli import add_simulate_parser, run_simulate
 
-    add_simulate_parser(commands)
+    add_simulate_parser(commands).set_defaults(run=run_simulate)
     return parser
 
 

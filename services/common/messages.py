@@ -31,8 +31,9 @@ The flows these messages carry (the contract between gateway, scheduler and work
 - close: UpdateSession(status="closed"), DetachSession to the worker, unsubscribe, {"type":"closed", session_id}.
 - The scheduler may move a session on its own (worker lost, later migration): it publishes Placement on
   subjects.placement(session_id) (wildcard subjects.PLACEMENTS). The gateway then sends AttachSession(next_seq=
-  next_expected, full prompt history) to the new worker and re-issues credit; the new worker regenerates the
-  missing state deterministically from seed + prompt history, so the client sees no gap and no duplicate.
+  next_expected, full prompt history) to the new worker and re-issues credit; the new worker imports the latest
+  state_store snapshot at or before next_seq (or starts from seed at chunk 0 without one) and regenerates the
+  chunks since deterministically, so the client sees no gap and no duplicate.
 - Workers publish WorkerHeartbeat on subjects.SCHED_HEARTBEAT every second (capacity, sessions -> chunks
   produced, recent (batch size, chunk latency ms) samples) and WorkerGone on clean shutdown.
 """
@@ -125,8 +126,9 @@ class Reply(Message):
 class AttachSession(Message):
     """Make a session resident on a worker for ``epoch``, resuming at ``next_seq``.
 
-    A worker that does not hold the state builds it from seed and prompt history and regenerates chunks
-    [0, next_seq) without sending them, so a re-placed session continues with no gap and no duplicate.
+    A worker that does not hold the state imports the session's latest snapshot taken at or before ``next_seq``
+    (else builds it from seed) and regenerates the chunks from there to ``next_seq`` without sending them, so a
+    re-placed session continues with no gap and no duplicate.
     """
 
     TYPE = "attach_session"

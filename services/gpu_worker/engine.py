@@ -187,6 +187,10 @@ class ChunkEngine:
         started_wall_ms = time.time() * 1e3
         with worker_chunk_traces.batch(self._worker_id, batch):
             async with self._model_lock:
+                # a session may have left its slot (detached, offloaded, migrated) while we waited for the lock
+                batch[:] = [s for s in batch if self.sessions.get(s.session_id) is s and not s.offloaded]
+                if not batch:
+                    return
                 outputs, model_ms, encode_ms, encoded = await asyncio.to_thread(self._generate_and_encode, batch)
         self._batch_samples.append((len(batch), model_ms + encode_ms))
         series = worker_series(self._worker_id, self._model_name)

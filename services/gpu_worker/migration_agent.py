@@ -13,12 +13,18 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import msgpack
 import torch
 
-from services.common.control import MigrationOutcome, MigrationReport, MigrationTicket, PrepareMigration, StartMigration
+from services.common.control import (
+    MigrationOutcome,
+    MigrationReport,
+    MigrationTicket,
+    PrepareMigration,
+    StartMigration,
+)
 from services.common.errors import InvalidState, TurboServeError, Unavailable
 from services.gpu_worker.engine import ChunkEngine
 from services.gpu_worker.migration.errors import MigrationAborted, MigrationError
@@ -77,8 +83,8 @@ def blob_capacity(session: ResidentSession) -> int:
 
 
 class _SourceModel:
-    """The model as the source's SourceMigration sees it: every export carries the session blob. The caller holds
-    the engine's model lock around begin and finish, so calls go straight through."""
+    """The part of the model a SourceMigration calls, with the session blob added to every export. The caller
+    holds the engine's model lock around begin and finish, so calls go straight through."""
 
     def __init__(self, model: StreamingVideoModel, session: ResidentSession) -> None:
         self._model = model
@@ -196,7 +202,8 @@ class MigrationAgent:
         try:
             link = await asyncio.to_thread(listener.accept, migration_id, self._device)
             receiver = TargetMigration(
-                link, model, machine, session_id=msg.session_id, max_state_bytes=self._max_state_bytes,
+                link, cast(StreamingVideoModel, model), machine, session_id=msg.session_id,
+                max_state_bytes=self._max_state_bytes,
                 allocate=lambda dtype, numel: torch.empty(numel, dtype=dtype, device=self._device),
             )
             handle = await asyncio.to_thread(receiver.receive)
@@ -230,7 +237,8 @@ class MigrationAgent:
         try:
             link = await asyncio.to_thread(connect, msg.host, msg.port, transfer_id=migration_id,
                                            device=self._device, timeout_s=self._timeout_s)
-            sender = SourceMigration(link, model, session.handle, machine, chunks_done=lambda: session.next_seq)
+            sender = SourceMigration(link, cast(StreamingVideoModel, model), session.handle, machine,
+                                     chunks_done=lambda: session.next_seq)
             async with self._engine.model_lock:
                 self._check_owned(session, machine)
                 await asyncio.to_thread(sender.begin)

@@ -22,9 +22,14 @@ from services.gpu_worker.engine import ChunkEngine, ImportedState
 from services.gpu_worker.model.interface import StreamingVideoModel
 from services.gpu_worker.session import ResidentSession
 from services.gpu_worker.state.offload import SessionStateManager
-from services.gpu_worker.state.packing import StateManifest, pack_for_send, plan_manifest, unpack
+from services.gpu_worker.state.packing import (
+    StateManifest,
+    pack_for_send,
+    plan_manifest,
+    unpack,
+)
 from services.state_store.client import SnapshotClient
-from services.state_store.errors import StaleSnapshot
+from services.state_store.errors import SessionClosed, StaleSnapshot
 
 log = logging.getLogger(__name__)
 StoredState = tuple[StateManifest, list[bytes]]
@@ -165,7 +170,7 @@ class SessionResidency:
             await self._put(session.session_id, epoch, chunk_seq, manifest, blobs)
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - a lost snapshot only lengthens a later regeneration; keep serving
+        except Exception:  # a lost snapshot only lengthens a later regeneration: log it and keep serving
             log.exception("event=snapshot_failed session=%s", session.session_id)
 
     def _export(self, session: ResidentSession) -> StoredState:
@@ -179,6 +184,9 @@ class SessionResidency:
         try:
             await self._snapshots.put(session_id, epoch, chunk_seq, manifest.to_wire(), blobs)
         except StaleSnapshot:  # the same or a newer state is already durable: nothing to add
+            return
+        except SessionClosed:  # closed while this upload was in flight: nobody will resume it
+            log.info("event=snapshot_after_close session=%s", session_id)
             return
         log.info("event=snapshot_stored session=%s epoch=%d chunk_seq=%d bytes=%d", session_id, epoch, chunk_seq,
                  sum(len(b) for b in blobs))

@@ -84,8 +84,9 @@ class WorkerRunner:
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             beat = self.heartbeat()
-            idle = len(beat.sessions) - beat.active_sessions
-            set_sessions(beat.worker_id, {"active": beat.active_sessions, "idle": idle})
+            offloaded = len(beat.offloaded)
+            idle = max(0, len(beat.sessions) - beat.active_sessions - offloaded)  # a credited one may be offloaded
+            set_sessions(beat.worker_id, {"active": beat.active_sessions, "idle": idle, "offloaded": offloaded})
             await self._nc.publish(subjects.SCHED_HEARTBEAT, encode(beat))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self._settings.heartbeat_interval_s)

@@ -1,4 +1,5 @@
-"""The scheduler's session-state mobility outside the policy: operator requests and the idle-offload rule.
+"""The scheduler's session-state mobility outside the policy: operator requests, the idle-offload rule, and
+telling the state store when a session closed (its snapshots then expire).
 
 The idle rule is one small function (``sessions_to_offload``) on purpose: the closed-loop policy's Offload
 actions replace it, and then only the loop that calls it goes away. Heartbeats tell which sessions a worker
@@ -14,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TypeVar, cast
+from typing import Self, TypeVar, cast
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -22,11 +23,17 @@ from nats.aio.subscription import Subscription
 
 from services.common import subjects
 from services.common.admin import MigrateSession, OffloadRequest
-from services.common.errors import InvalidState, TurboServeError, Unavailable, UnknownSession
-from services.common.messages import Reply, WorkerHeartbeat
+from services.common.errors import (
+    InvalidState,
+    TurboServeError,
+    Unavailable,
+    UnknownSession,
+)
+from services.common.messages import Reply, UpdateSession, WorkerHeartbeat
 from services.common.wire import Message, decode, encode
 from services.scheduler.state_mover import NatsStateMover
 from services.scheduler.store.protocol import SchedulerStore
+from services.state_store.client import SnapshotClient
 
 log = logging.getLogger("turboserve.scheduler.mobility")
 QUEUE_GROUP = "turboserve-scheduler-admin"
@@ -91,15 +98,17 @@ class MobilityService:
         self._offload_after_s = offload_after_s
         self._clock = clock
         self._idle = IdleTracker()
+        self._snapshots = SnapshotClient(nats)
         self._subscriptions: list[Subscription] = []
         self._loop_task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> MobilityService:
+    async def __aenter__(self) -> Self:
         await self._mover.start()
         self._subscriptions = [
             await self._nats.subscribe(subjects.SCHED_ADMIN_MIGRATE, queue=QUEUE_GROUP, cb=self._on_migrate),
             await self._nats.subscribe(subjects.SCHED_ADMIN_OFFLOAD, queue=QUEUE_GROUP, cb=self._on_offload),
             await self._nats.subscribe(subjects.SCHED_HEARTBEAT, cb=self._on_heartbeat),
+            await self._nats.subscribe(subjects.SCHED_UPDATE, cb=self._on_update),
         ]
         await self._nats.flush()
         self._loop_task = asyncio.create_task(self._offload_idle_forever(), name="offload-idle")
@@ -161,6 +170,16 @@ class MobilityService:
         assert isinstance(beat, WorkerHeartbeat)
         self._mover.observe(beat)
         self._idle.observe(beat, self._clock())
+
+    async def _on_update(self, msg: Msg) -> None:
+        """A closed session's snapshots expire (the state store keeps them for its retention time, then drops)."""
+        try:
+            update = decode(msg.data, expect=UpdateSession)
+            assert isinstance(update, UpdateSession)
+            if update.status == "closed":
+                await self._snapshots.mark_closed(update.session_id)
+        except TurboServeError as exc:
+            log.info("event=snapshot_close_failed detail=%s", exc)
 
     async def _on_migrate(self, msg: Msg) -> None:
         await self._answer(msg, MigrateSession, self.migrate)

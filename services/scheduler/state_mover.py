@@ -20,7 +20,13 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from services.common import subjects
-from services.common.control import MigrationReport, MigrationTicket, OffloadSession, PrepareMigration, StartMigration
+from services.common.control import (
+    MigrationReport,
+    MigrationTicket,
+    OffloadSession,
+    PrepareMigration,
+    StartMigration,
+)
 from services.common.errors import StaleEpoch, TurboServeError
 from services.common.messages import DetachSession, Placement, Reply, WorkerHeartbeat
 from services.common.wire import Message, decode, encode

@@ -7,6 +7,7 @@ The worker kill runs last in this module: it leaves one worker standing.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import statistics
@@ -20,12 +21,13 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
-from services.client import ReceivedChunk, TurboServeClient
+from services.client import ReceivedChunk, ServerError, TurboServeClient
 from services.common import subjects
 from services.common.admin import MigrateSession, OffloadRequest
 from services.common.control import MigrationReport
-from services.common.messages import Reply
+from services.common.messages import Reply, WorkerHeartbeat
 from services.common.nats_server import free_port
 from services.common.wire import Message, decode, encode
 from services.launcher import start_services, stop_children, wait_http_ok
@@ -80,6 +82,22 @@ async def ask(nc: NatsClient, subject: str, request: Message) -> Message:
     return decode((await nc.request(subject, encode(request), timeout=60)).data)
 
 
+async def offloaded_by_idle_rule(nc: NatsClient, session_id: str, worker_id: str, timeout_s: float) -> None:
+    """Returns once a heartbeat of ``worker_id`` lists the session as offloaded."""
+    seen = asyncio.Event()
+
+    async def on_beat(msg: Msg) -> None:
+        beat = decode(msg.data)
+        if isinstance(beat, WorkerHeartbeat) and beat.worker_id == worker_id and session_id in beat.offloaded:
+            seen.set()
+
+    subscription = await nc.subscribe(subjects.SCHED_HEARTBEAT, cb=on_beat)
+    try:
+        await asyncio.wait_for(seen.wait(), timeout_s)
+    finally:
+        await subscription.unsubscribe()
+
+
 async def reference_run(system: RunningSystem, prompt: str, seed: int, count: int) -> list[ReceivedChunk]:
     client = await TurboServeClient.connect(system.ws_url, TOKENS[0])
     try:
@@ -91,41 +109,62 @@ async def reference_run(system: RunningSystem, prompt: str, seed: int, count: in
         await client.close()
 
 
+async def close_after_moves(client: TurboServeClient, session_id: str) -> None:
+    """Close; the gateway's notices that the session moved ("state", reason "moved") may come first."""
+    await client.send({"type": "close", "session_id": session_id})
+    for _ in range(4):
+        try:
+            await client.expect("closed")
+            return
+        except ServerError as exc:
+            if "'moved'" not in str(exc):
+                raise
+    raise AssertionError(f"session {session_id} was not closed")
+
+
 def assert_contiguous(chunks: list[ReceivedChunk], label: str) -> None:
     seqs = [c.header.seq for c in chunks]
     assert seqs == list(range(len(chunks))), f"{label}: gap, duplicate or reorder in {seqs}"
 
 
-async def test_a_session_migrated_mid_stream_has_no_gap_and_the_frames_of_an_unmigrated_run(
+async def test_a_session_migrated_there_and_back_mid_stream_has_no_gap_and_the_frames_of_an_unmigrated_run(
     mobile: RunningSystem, operator: NatsClient
 ) -> None:
-    reference = await reference_run(mobile, "lanterns drifting on a river", 777, 14)
+    reference = await reference_run(mobile, "lanterns drifting on a river", 777, 16)
     client = await TurboServeClient.connect(mobile.ws_url, TOKENS[1])
+    moves: list[tuple[MigrationReport, float, list[ReceivedChunk]]] = []
     try:
         started = await client.start("lanterns drifting on a river", 777)
         session_id = str(started["session_id"])
-        chunks = await receive(client, session_id, 5)
+        chunks = await receive(client, session_id, 4)
         source = chunks[-1].header.worker_id
-        asked_at_ms = time.time() * 1e3
-        moving = asyncio.create_task(ask(operator, subjects.SCHED_ADMIN_MIGRATE, MigrateSession(session_id)))
-        chunks += await receive(client, session_id, 9)
-        report = await moving
-        await client.close_session(session_id)
+        for _ in range(2):  # to the other worker while streaming, then back
+            asked_at_ms = time.time() * 1e3
+            moving = asyncio.create_task(ask(operator, subjects.SCHED_ADMIN_MIGRATE, MigrateSession(session_id)))
+            during = await receive(client, session_id, 5)
+            report = await moving
+            assert isinstance(report, MigrationReport) and report.outcome == "copied", report
+            moves.append((report, asked_at_ms, during))
+            chunks += during
+        chunks += await receive(client, session_id, 16 - len(chunks))
+        await close_after_moves(client, session_id)
     finally:
         await client.close()
-    assert isinstance(report, MigrationReport) and report.outcome == "copied", report
     assert_contiguous(chunks, "migrated session")
-    assert chunks[-1].header.worker_id == report.target_worker != source
+    assert [r.target_worker for r, _, _ in moves][1] == source != moves[0][0].target_worker
+    assert {c.header.worker_id for c in chunks} == {source, moves[0][0].target_worker}
     difference = np.abs(decoded(reference) - decoded(chunks)).max()
     assert difference <= FRAME_TOLERANCE, f"migrated frames differ by up to {difference} levels"
-    gaps_ms = [b.received_at_unix_ms - a.received_at_unix_ms for a, b in zip(chunks, chunks[1:], strict=False)]
-    around = [g for c, g in zip(chunks[1:], gaps_ms, strict=True) if c.received_at_unix_ms >= asked_at_ms]
-    print(f"\nmigration: worker pause {report.pause_ms:.1f} ms, transfer {report.transfer_ms:.1f} ms, "
-          f"state {report.state_bytes} B; client gap around it {max(around):.0f} ms vs median inter-chunk "
-          f"{statistics.median(gaps_ms):.0f} ms")
+    gaps_ms = [b.received_at_unix_ms - a.received_at_unix_ms for a, b in itertools.pairwise(chunks)]
+    for report, asked_at_ms, during in moves:
+        arrivals = [asked_at_ms] + [c.received_at_unix_ms for c in during]
+        print(f"\nmigration {report.source_worker}->{report.target_worker}: worker pause {report.pause_ms:.1f} ms, "
+              f"transfer {report.transfer_ms:.1f} ms, state {report.state_bytes} B; longest client gap "
+              f"{max(b - a for a, b in itertools.pairwise(arrivals)):.0f} ms vs median inter-chunk "
+              f"{statistics.median(gaps_ms):.0f} ms")
 
 
-async def test_a_paused_session_offloaded_and_resumed_on_the_other_worker_continues_identically(
+async def test_a_paused_session_offloaded_when_idle_and_resumed_on_the_other_worker_continues_identically(
     mobile: RunningSystem, operator: NatsClient
 ) -> None:
     reference = await reference_run(mobile, "snow falling on a quiet town", 31337, 10)
@@ -137,13 +176,16 @@ async def test_a_paused_session_offloaded_and_resumed_on_the_other_worker_contin
         paused = await client.pause(session_id)
         chunks += await receive(client, session_id, int(paused["next_seq"]) - len(chunks))
         source = chunks[-1].header.worker_id
-        offloaded = await ask(operator, subjects.SCHED_ADMIN_OFFLOAD, OffloadRequest(session_id))
+        await offloaded_by_idle_rule(operator, session_id, source, timeout_s=15.0)  # TURBOSERVE_OFFLOAD_AFTER_S=2
+        offloaded = await ask(operator, subjects.SCHED_ADMIN_OFFLOAD, OffloadRequest(session_id))  # idempotent
         assert isinstance(offloaded, Reply) and offloaded.ok, offloaded
         moved = await ask(operator, subjects.SCHED_ADMIN_MIGRATE, MigrateSession(session_id))
         assert isinstance(moved, MigrationReport) and moved.outcome == "copied", moved
+        notice = await client.expect("state")
+        assert (notice["reason"], notice["worker_id"]) == ("moved", moved.target_worker)
         await client.resume(session_id)
         chunks += await receive(client, session_id, 10 - len(chunks))
-        await client.close_session(session_id)
+        await close_after_moves(client, session_id)
     finally:
         await client.close()
     assert_contiguous(chunks, "offloaded session")
@@ -152,8 +194,14 @@ async def test_a_paused_session_offloaded_and_resumed_on_the_other_worker_contin
     assert difference <= FRAME_TOLERANCE, f"resumed frames differ by up to {difference} levels"
 
 
-async def stream(client: TurboServeClient, session_id: str, count: int) -> list[ReceivedChunk]:
-    return await receive(client, session_id, count)
+async def stream_until_served_by_another(
+    client: TurboServeClient, session_id: str, victim: str, count: int
+) -> list[ReceivedChunk]:
+    """Chunks until ``count`` came from a worker other than ``victim`` (those before may be in flight already)."""
+    chunks: list[ReceivedChunk] = []
+    while sum(c.header.worker_id != victim for c in chunks) < count:
+        chunks.append(await client.next_chunk(session_id, timeout_s=RECOVERY_BOUND_S))
+    return chunks
 
 
 async def test_after_kill_9_of_a_worker_every_one_of_8_streaming_sessions_continues_on_the_other_in_bounded_time(
@@ -164,26 +212,28 @@ async def test_after_kill_9_of_a_worker_every_one_of_8_streaming_sessions_contin
         starts = [await start_when_workers_registered(c, f"a kite over dunes {i}", 500 + i)
                   for i, c in enumerate(clients)]
         ids = [str(s["session_id"]) for s in starts]
-        before = await asyncio.gather(*(stream(c, sid, 6) for c, sid in zip(clients, ids, strict=True)))
+        before = await asyncio.gather(*(receive(c, sid, 6) for c, sid in zip(clients, ids, strict=True)))
         victim = before[0][-1].header.worker_id
         killed_at_ms = time.time() * 1e3
         mobile.child(victim).process.send_signal(signal.SIGKILL)
-        after = await asyncio.gather(*(stream(c, sid, 10) for c, sid in zip(clients, ids, strict=True)))
+        after = await asyncio.gather(
+            *(stream_until_served_by_another(c, sid, victim, 4) for c, sid in zip(clients, ids, strict=True))
+        )
         for client, session_id in zip(clients, ids, strict=True):
-            await client.close_session(session_id)
+            await close_after_moves(client, session_id)
     finally:
         for client in clients:
             await client.close()
-    moved = 0
+    waits_s: list[float] = []
     for session_id, first, second in zip(ids, before, after, strict=True):
         chunks = first + second
         assert_contiguous(chunks, session_id)
-        assert all(c.header.worker_id != victim for c in second[-5:]), f"{session_id} still served by {victim}"
-        if first[-1].header.worker_id == victim:
-            moved += 1
+        if any(c.header.worker_id == victim for c in chunks):
             resumed = next(c for c in second if c.header.worker_id != victim)
-            waited_s = (resumed.received_at_unix_ms - killed_at_ms) / 1e3
-            assert waited_s <= RECOVERY_BOUND_S, f"{session_id} waited {waited_s:.1f} s for the other worker"
-    assert moved >= 1
+            waits_s.append((resumed.received_at_unix_ms - killed_at_ms) / 1e3)
+            assert waits_s[-1] <= RECOVERY_BOUND_S, f"{session_id} waited {waits_s[-1]:.1f} s for the other worker"
+    assert waits_s, f"no session was on {victim}"
+    print(f"\nkill -9 {victim}: {len(waits_s)} sessions moved; first chunk from the survivor after "
+          f"{min(waits_s):.2f}-{max(waits_s):.2f} s (bound {RECOVERY_BOUND_S} s)")
     survivor_log = next(c for c in mobile.children if c.name.startswith("worker") and c.name != victim).log_path
     assert "event=state_from_snapshot" in survivor_log.read_text(errors="replace"), "regenerated from chunk 0"

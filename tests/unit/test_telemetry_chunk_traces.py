@@ -74,7 +74,18 @@ async def test_one_credit_carries_a_context_per_seq_and_the_chunk_trace_runs_thr
     assert chunk_span(capture, "gateway.chunk", 1).attributes["chunk.undelivered"] == "closed"  # type: ignore[index]
 
 
-async def test_a_repeated_credit_reuses_the_open_chunk_span(capture: CapturedSpans) -> None:
+async def test_a_credit_to_the_same_worker_announces_only_the_seqs_it_has_not_heard_of(
+    capture: CapturedSpans,
+) -> None:
+    gateway = GatewayChunkSpans("s1")
+    gateway.start_session("tiny")
+    assert set(gateway.credit_headers(0, 1, epoch=1, worker_id="worker-a") or {}) == {chunk_header(0), chunk_header(1)}
+    assert set(gateway.credit_headers(1, 2, epoch=1, worker_id="worker-a") or {}) == {chunk_header(2)}
+    assert gateway.credit_headers(2, 2, epoch=1, worker_id="worker-a") is None
+    gateway.close("closed")
+
+
+async def test_a_move_announces_the_open_chunk_spans_again_to_the_new_worker(capture: CapturedSpans) -> None:
     gateway = GatewayChunkSpans("s1")
     gateway.start_session("tiny")
     first = gateway.credit_headers(0, 1, epoch=1, worker_id="worker-a")

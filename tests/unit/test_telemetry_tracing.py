@@ -42,10 +42,11 @@ class FakeStore:
         return 7
 
 
-def test_tracing_is_off_unless_asked_for() -> None:
+def test_tracing_is_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not tracing_requested({})
     assert tracing_requested({"TURBOSERVE_TRACING": "1"}) and not tracing_requested({"TURBOSERVE_TRACING": "0"})
-    with tracing_from_env("gateway", {}) as on:
+    monkeypatch.delenv("TURBOSERVE_TRACING", raising=False)
+    with tracing_from_env("gateway") as on:
         assert on is False and not switch.enabled
 
 
@@ -58,10 +59,10 @@ def test_with_tracing_off_the_helpers_return_shared_no_ops() -> None:
         assert not trace.get_current_span().get_span_context().is_valid
 
 
-def test_an_unknown_exporter_is_refused_by_name() -> None:
-    with pytest.raises(ValueError, match="OTEL_TRACES_EXPORTER='zipkin'"), tracing_from_env(
-        "gateway", {"TURBOSERVE_TRACING": "1", "OTEL_TRACES_EXPORTER": "zipkin"}
-    ):
+def test_an_unknown_exporter_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TURBOSERVE_TRACING", "1")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    with pytest.raises(ValueError, match="OTEL_TRACES_EXPORTER='zipkin'"), tracing_from_env("gateway"):
         pass
 
 

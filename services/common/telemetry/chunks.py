@@ -204,9 +204,10 @@ class WorkerChunkTraces:
             return None
         timings: dict[str, float] = header["timings_ms"]
         ready_ns = int(timings.get("ready_at_unix_ms", time.time() * 1e3) * 1e6)
+        # few attributes: exporting costs more per attribute than recording; model and encode time are on the batch
         attributes: dict[str, str | float] = {
-            "session.id": session_id, "chunk.seq": header["seq"], "epoch": header["epoch"],
-            "worker.id": header["worker_id"], **{f"timing.{name}": value for name, value in timings.items()},
+            "session.id": session_id, "chunk.seq": header["seq"], "worker.id": header["worker_id"],
+            "queue_ms": timings.get("queue_ms", 0.0),
         }
         span = tracer().start_span(
             "worker.chunk", context=trace.set_span_in_context(trace.NonRecordingSpan(request)),

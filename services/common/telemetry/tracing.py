@@ -46,9 +46,11 @@ def tracing_requested(environ: Mapping[str, str] = os.environ) -> bool:
 
 
 @contextlib.contextmanager
-def tracing_from_env(service: str, environ: Mapping[str, str] = os.environ) -> Iterator[bool]:
+def tracing_from_env(service: str) -> Iterator[bool]:
     """Install an SDK tracer provider when tracing is requested; on exit flush what is buffered and shut it
-    down. Yields whether tracing is on. The SDK is imported only when it is needed."""
+    down. Yields whether tracing is on. The SDK is imported only when it is needed. Reads ``os.environ`` itself,
+    as the exporter it configures does, so the two cannot disagree."""
+    environ = os.environ
     if not tracing_requested(environ):
         yield False
         return

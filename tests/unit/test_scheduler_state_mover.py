@@ -1,0 +1,151 @@
+"""The scheduler's StateMover and idle rule against the in-memory store and a scripted NATS: what each answer of
+the workers leads to (epoch bump, placement, detach) without any socket."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from services.common import subjects
+from services.common.control import (
+    MigrationReport,
+    MigrationTicket,
+    OffloadSession,
+    PrepareMigration,
+    StartMigration,
+)
+from services.common.messages import DetachSession, Placement, Reply, WorkerHeartbeat
+from services.common.wire import Message, decode, encode
+from services.scheduler.mobility import IdleTracker, sessions_to_offload
+from services.scheduler.state_mover import NatsStateMover
+from services.scheduler.store.memory import MemoryStore
+from services.scheduler.store.protocol import SessionRecord
+
+AT = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
+
+
+class ScriptedNats:
+    """Answers worker control requests with ``answer(worker, request)``; a source that accepts StartMigration
+    publishes ``report_outcome`` on the report subject right after, as a real one does when the copy ends."""
+
+    is_closed = False
+
+    def __init__(self, answer: Callable[[str, Message], Message | None], report_outcome: str = "copied") -> None:
+        self._answer = answer
+        self._report_outcome = report_outcome
+        self.requests: list[tuple[str, Message]] = []
+        self.published: list[tuple[str, Message]] = []
+        self._callbacks: dict[str, Callable[[Any], Coroutine[Any, Any, None]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def subscribe(self, subject: str, cb: Callable[[Any], Coroutine[Any, Any, None]], queue: str = "") -> Any:
+        self._callbacks[subject] = cb
+        return SimpleNamespace(unsubscribe=lambda: asyncio.sleep(0))
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        self.published.append((subject, decode(data)))
+
+    async def request(self, subject: str, data: bytes, timeout: float) -> Any:
+        worker = subject.split(".")[2]
+        request = decode(data)
+        self.requests.append((worker, request))
+        answer = self._answer(worker, request)
+        if isinstance(request, StartMigration) and isinstance(answer, Reply) and answer.ok:
+            report = MigrationReport(request.session_id, request.epoch, worker, request.target_worker,
+                                     self._report_outcome, next_seq=9, pause_ms=12.0)  # type: ignore[arg-type]
+            callback = self._callbacks[subjects.SCHED_MIGRATION_REPORT]
+            task = asyncio.create_task(callback(SimpleNamespace(data=encode(report))))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return SimpleNamespace(data=encode(answer if answer is not None else Reply(ok=False, code="unavailable")))
+
+
+def willing(worker: str, request: Message) -> Message:
+    if isinstance(request, PrepareMigration):
+        return MigrationTicket(request.session_id, worker, "127.0.0.1", 4242)
+    return Reply(ok=True)
+
+
+async def stored(store: MemoryStore, *, status: str = "active", epoch: int = 1) -> MemoryStore:
+    await store.insert_session(SessionRecord(
+        session_id="s1", owner="o", prompt="p", seed=1, model="tiny", status=status,  # type: ignore[arg-type]
+        worker_id="w1", epoch=epoch, chunks_produced=0, next_seq=0, created_at=AT, updated_at=AT,
+    ))
+    return store
+
+
+async def mover_with(nats: ScriptedNats, store: MemoryStore) -> NatsStateMover:
+    mover = NatsStateMover(nats, store, request_timeout_s=1.0, migration_timeout_s=1.0,  # type: ignore[arg-type]
+                           wall_clock=lambda: AT)
+    await mover.start()
+    return mover
+
+
+async def test_a_copied_migration_bumps_the_epoch_publishes_the_placement_then_detaches_the_source() -> None:
+    store = await stored(MemoryStore())
+    nats = ScriptedNats(willing)
+    report = await (await mover_with(nats, store)).migrate("s1", "w1", "w2", 1, "rebalance")
+    assert report.outcome == "copied" and report.pause_ms == 12.0
+    session = await store.get_session("s1")
+    assert session is not None and (session.worker_id, session.epoch) == ("w2", 2)
+    assert nats.published == [(subjects.placement("s1"), Placement("s1", "w2", 2, "migrated: rebalance"))]
+    assert [(w, type(r)) for w, r in nats.requests] == [
+        ("w2", PrepareMigration), ("w1", StartMigration), ("w1", DetachSession)]
+
+
+async def test_a_migration_the_target_refuses_changes_nothing() -> None:
+    store = await stored(MemoryStore())
+    nats = ScriptedNats(lambda w, r: Reply(ok=False, code="unavailable", detail="full"))
+    report = await (await mover_with(nats, store)).migrate("s1", "w1", "w2", 1, "rebalance")
+    assert report.outcome == "failed" and "target refused" in report.detail
+    session = await store.get_session("s1")
+    assert session is not None and (session.worker_id, session.epoch) == ("w1", 1) and not nats.published
+
+
+async def test_a_copy_whose_epoch_moved_meanwhile_is_not_committed_and_the_target_copy_is_dropped() -> None:
+    store = await stored(MemoryStore())
+    nats = ScriptedNats(willing)
+    mover = await mover_with(nats, store)
+    await store.move_session("s1", expected_epoch=1, worker_id="w3", status="active", at=AT)  # worker lost meanwhile
+    report = await mover.migrate("s1", "w1", "w2", 1, "rebalance")
+    assert report.outcome == "failed" and "not committed" in report.detail
+    assert ("w2", DetachSession("s1", 1)) in nats.requests and not nats.published
+
+
+async def test_an_offloaded_session_moves_by_snapshot_without_a_live_transfer() -> None:
+    store = await stored(MemoryStore(), status="idle")
+    nats = ScriptedNats(willing)
+    mover = await mover_with(nats, store)
+    assert await mover.offload("s1", "w1", 1, "idle")
+    report = await mover.migrate("s1", "w1", "w2", 1, "resume elsewhere")
+    assert report.outcome == "copied" and "snapshot" in report.detail
+    assert [type(r) for _, r in nats.requests] == [OffloadSession, DetachSession]
+    session = await store.get_session("s1")
+    assert session is not None and (session.worker_id, session.epoch, session.status) == ("w2", 2, "idle")
+
+
+def beat(worker: str, sessions: dict[str, int], offloaded: tuple[str, ...] = ()) -> WorkerHeartbeat:
+    return WorkerHeartbeat(worker_id=worker, kind="cpu", model="tiny", capacity=4, sessions=sessions,
+                           offloaded=offloaded)
+
+
+@pytest.mark.parametrize("quiet_s, expected", [(9.9, []), (10.0, [("a", "w1")])])
+def test_the_idle_rule_offloads_sessions_quiet_for_the_period_and_no_sooner(
+    quiet_s: float, expected: list[tuple[str, str]]
+) -> None:
+    tracker = IdleTracker()
+    tracker.observe(beat("w1", {"a": 3}), now_s=0.0)
+    tracker.observe(beat("w1", {"a": 3}), now_s=quiet_s)
+    assert sessions_to_offload(tracker.quiet(quiet_s), after_s=10.0) == expected
+
+
+def test_a_new_chunk_restarts_the_idle_clock_and_offloaded_or_departed_sessions_are_not_candidates() -> None:
+    tracker = IdleTracker()
+    tracker.observe(beat("w1", {"a": 3, "b": 1, "c": 0}), now_s=0.0)
+    tracker.observe(beat("w1", {"a": 4, "b": 1}, offloaded=("b",)), now_s=20.0)
+    assert tracker.quiet(25.0) == {"a": ("w1", 5.0)}

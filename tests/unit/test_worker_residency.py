@@ -1,0 +1,180 @@
+"""Offload, restore, periodic snapshots and the migration blob on the real tiny model, with the state store and
+NATS replaced by in-memory fakes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+
+import numpy as np
+import pytest
+import torch
+
+from services.common.control import OffloadSession
+from services.common.errors import InvalidState
+from services.common.messages import RequestChunks
+from services.gpu_worker.engine import ChunkEngine
+from services.gpu_worker.frames import JpegEncoder
+from services.gpu_worker.migration_agent import (
+    blob_capacity,
+    pack_session,
+    unpack_session,
+)
+from services.gpu_worker.model import StreamingVideoModel, load_model
+from services.gpu_worker.residency import SessionResidency, StoreSpill
+from services.gpu_worker.session import EncodedChunk, ResidentSession
+from services.gpu_worker.state.offload import Residency, SessionStateManager
+from services.state_store.errors import StaleSnapshot
+from services.state_store.protocol import Snapshot
+from tests.unit.test_worker_engine import CONFIG, Captured, attach, pixels
+
+
+class MemorySnapshots:
+    """The SnapshotClient calls residency makes, fenced by (epoch, chunk_seq) like the service."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, Snapshot] = {}
+        self.stored = asyncio.Condition()
+
+    async def put(self, session_id: str, epoch: int, chunk_seq: int, manifest: dict[str, object],
+                  buffers: Sequence[bytes]) -> None:
+        held = self.latest.get(session_id)
+        if held is not None and (held.epoch, held.chunk_seq) >= (epoch, chunk_seq):
+            raise StaleSnapshot(f"{session_id} already at {held.epoch}/{held.chunk_seq}")
+        async with self.stored:
+            views = tuple(memoryview(bytearray(b)) for b in buffers)
+            self.latest[session_id] = Snapshot(session_id, epoch, chunk_seq, 0.0, manifest, views)
+            self.stored.notify_all()
+
+    async def get_latest(self, session_id: str) -> Snapshot | None:
+        return self.latest.get(session_id)
+
+    async def wait_for(self, session_id: str, chunk_seq: int) -> Snapshot:
+        async with self.stored:
+            await asyncio.wait_for(self.stored.wait_for(
+                lambda: session_id in self.latest and self.latest[session_id].chunk_seq >= chunk_seq), 30)
+        return self.latest[session_id]
+
+
+@pytest.fixture(scope="module")
+def model() -> StreamingVideoModel:
+    return load_model("tiny", max_sessions=8)
+
+
+Worker = tuple[ChunkEngine, SessionResidency, MemorySnapshots, Captured]
+
+
+@contextlib.asynccontextmanager
+async def running_worker(model: StreamingVideoModel, host_budget_bytes: int) -> AsyncIterator[Worker]:
+    captured, snapshots = Captured(), MemorySnapshots()
+    engine = ChunkEngine(
+        model, JpegEncoder(90), captured.emit, worker_id="w1", model_name="tiny",
+        frame_size=(CONFIG.width_px, CONFIG.height_px), max_batch=4, replay_depth=3,
+    )
+    manager = SessionStateManager(
+        model, device=torch.device("cpu"), device_budget_bytes=1 << 30, host_budget_bytes=host_budget_bytes,
+        spill_target=StoreSpill(engine, snapshots, asyncio.get_running_loop()),  # type: ignore[arg-type]
+    )
+    residency = SessionResidency(engine, model, manager, snapshots, every_chunks=2)  # type: ignore[arg-type]
+    engine.hooks = residency
+    stop = asyncio.Event()
+    task = asyncio.create_task(engine.run(stop))
+    yield engine, residency, snapshots, captured
+    stop.set()
+    await task
+    await residency.close()
+    for session in list(engine.sessions.values()):
+        await engine._release(session)
+
+
+@pytest.fixture
+async def worker(model: StreamingVideoModel) -> AsyncIterator[Worker]:
+    async with running_worker(model, host_budget_bytes=1 << 30) as running:
+        yield running
+
+
+async def test_past_the_host_budget_the_oldest_offloaded_state_spills_to_the_store_and_still_restores_exactly(
+    model: StreamingVideoModel,
+) -> None:
+    async with running_worker(model, host_budget_bytes=1_000_000) as (engine, residency, _, captured):  # one state
+        for sid in ("ref", "first", "second"):
+            await engine.attach(attach(sid, seed=8))
+            await engine.credit(RequestChunks(session_id=sid, epoch=1, up_to_seq=1))
+        await captured.wait_for("first", 2)
+        await captured.wait_for("second", 2)
+        await residency.offload(OffloadSession("first", 1, "test"))
+        await residency.offload(OffloadSession("second", 1, "test"))
+        assert residency._manager.host_state("first").residency is Residency.SPILLED
+        for sid in ("ref", "first"):
+            await engine.credit(RequestChunks(session_id=sid, epoch=1, up_to_seq=3))
+        want, got = await captured.wait_for("ref", 4), await captured.wait_for("first", 4)
+        assert [h.seq for h, _ in got] == [0, 1, 2, 3]
+        assert np.abs(pixels(want[3][1]) - pixels(got[3][1])).max() <= CONFIG.batch_tolerance + 6
+
+
+async def test_an_idle_session_offloaded_to_host_frees_its_slot_and_credit_restores_it_with_identical_frames(
+    worker: Worker, model: StreamingVideoModel,
+) -> None:
+    engine, residency, snapshots, captured = worker
+    for sid in ("kept", "moved"):
+        await engine.attach(attach(sid, seed=4))
+        await engine.credit(RequestChunks(session_id=sid, epoch=1, up_to_seq=2))
+    await captured.wait_for("moved", 3)
+    await residency.offload(OffloadSession("moved", 1, "test"))
+    assert residency.offloaded() == ("moved",) and snapshots.latest["moved"].chunk_seq == 2
+    assert residency.state_bytes["moved"] > 0
+    for sid in ("kept", "moved"):
+        await engine.credit(RequestChunks(session_id=sid, epoch=1, up_to_seq=5))
+    kept, moved = await captured.wait_for("kept", 6), await captured.wait_for("moved", 6)
+    assert [h.seq for h, _ in moved] == list(range(6)) and residency.offloaded() == ()
+    for (_, want), (_, got) in zip(kept[3:], moved[3:], strict=True):
+        assert np.abs(pixels(want) - pixels(got)).max() <= CONFIG.batch_tolerance + 6
+
+
+async def test_a_session_with_credit_outstanding_is_not_offloaded(
+    worker: Worker,
+) -> None:
+    engine, residency, _, _ = worker
+    await engine.attach(attach("busy"))
+    await engine.credit(RequestChunks(session_id="busy", epoch=1, up_to_seq=1000))
+    with pytest.raises(InvalidState):
+        await residency.offload(OffloadSession("busy", 1, "test"))
+
+
+async def test_a_fresh_attach_continues_from_the_latest_snapshot_and_regenerates_only_after_it(
+    worker: Worker,
+) -> None:
+    engine, _, snapshots, captured = worker
+    await engine.attach(attach("ref", seed=11))
+    await engine.credit(RequestChunks(session_id="ref", epoch=1, up_to_seq=5))
+    await engine.attach(attach("s", seed=11))
+    await engine.credit(RequestChunks(session_id="s", epoch=1, up_to_seq=3))
+    reference = await captured.wait_for("ref", 6)
+    await captured.wait_for("s", 4)
+    assert (await snapshots.wait_for("s", 3)).chunk_seq == 3
+    await engine._release(engine.sessions["s"])
+    await engine.attach(attach("s", seed=11, epoch=2, next_seq=5))
+    assert engine.sessions["s"].next_seq == 4  # regeneration starts after the snapshot, not at chunk 0
+    await engine.credit(RequestChunks(session_id="s", epoch=2, up_to_seq=5))
+    again = await captured.wait_for("s", 5)
+    assert again[-1][0].seq == 5 and again[-1][0].epoch == 2
+    assert np.abs(pixels(reference[5][1]) - pixels(again[-1][1])).max() <= CONFIG.batch_tolerance + 6
+
+
+def test_the_migration_blob_carries_cursors_prompts_and_the_replay_buffer_at_a_fixed_size() -> None:
+    from services.gpu_worker.model.interface import SessionHandle
+
+    handle = SessionHandle("s", 0)
+    session = ResidentSession(session_id="s", epoch=3, seed=7, handle=handle, prompts=[(0, "a"), (4, "b")],
+                              replay_depth=2, next_seq=6, next_send_seq=5, silent_until=2)
+    session.replay.extend([EncodedChunk(4, 48, [b"x" * 10], {"model_ms": 1.0}), EncodedChunk(5, 60, [b"y"], {})])
+    capacity = blob_capacity(session)
+    blob = pack_session(session, capacity)
+    session.replay.popleft()
+    assert pack_session(session, capacity).shape == blob.shape == (capacity,)
+    back = unpack_session(blob, "s", handle)
+    assert (back.epoch, back.seed, back.prompts, back.next_seq, back.next_send_seq, back.silent_until) == (
+        3, 7, [(0, "a"), (4, "b")], 6, 5, 2)
+    assert [(c.seq, c.frames) for c in back.replay] == [(4, [b"x" * 10]), (5, [b"y"])]
+    assert back.active_prompt == "a" and back.credit_up_to == -1
