@@ -25,5 +25,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/e2e.py && $(PY) bench/state.py && $(PY) bench/policies.py && $(PY) bench/scheduler_speed.py && $(PY) bench/kernels.py
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check services tests bench
+	$(VENV)/bin/mypy services/common services/scheduler/policy services/scheduler/store services/state_store
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -191,6 +192,7 @@ class System:
 
     def __exit__(self, *exc: object) -> None:
         stop_children(self.children)
+        shutil.rmtree(self.log_dir, ignore_errors=True)
 
     @property
     def ws_url(self) -> str:
@@ -202,7 +204,7 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--chunks", type=int, default=20, help="measured chunks per session")
-    parser.add_argument("--tracing-rounds", type=int, default=5, help="off/on pairs in the tracing comparison")
+    parser.add_argument("--tracing-rounds", type=int, default=7, help="off/on pairs in the tracing comparison")
     args = parser.parse_args()
 
     nats = start_nats_server()

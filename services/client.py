@@ -132,7 +132,8 @@ async def _stream(args: argparse.Namespace) -> int:
                 if args.out:
                     for index, frame in enumerate(chunk.frames):
                         (args.out / f"frame_{chunk.header.first_frame + index:06d}.jpg").write_bytes(frame)
-                timings = ", ".join(f"{k}={v:.1f}" for k, v in chunk.header.timings_ms.items() if k != "ready_at_unix_ms")
+                shown = {k: v for k, v in chunk.header.timings_ms.items() if k != "ready_at_unix_ms"}
+                timings = ", ".join(f"{k}={v:.1f}" for k, v in shown.items())
                 progress.console.print(f"chunk {chunk.header.seq}: {len(chunk.frames)} frames ({timings})")
                 progress.advance(task)
         await client.close_session(session_id)

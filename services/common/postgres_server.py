@@ -41,10 +41,10 @@ def locate_postgres(*, allow_local: bool = True) -> PostgresHandle:
         return PostgresHandle(url=env_url, source="env")
     if allow_local and _answers("127.0.0.1", 5432):
         return PostgresHandle(url=LOCAL_URL, source="local")
-    import pgserver  # imported lazily: it is only needed on a machine without a server
+    from pgserver import get_server  # type: ignore[attr-defined]  # lazily: only a machine without a server needs it
 
     data_dir = tempfile.mkdtemp(prefix="turboserve-pg-")
-    server = pgserver.get_server(data_dir, cleanup_mode="stop")
+    server = get_server(data_dir, cleanup_mode="stop")
 
     def cleanup() -> None:
         server.cleanup()

@@ -16,7 +16,13 @@ from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
-from services.common.errors import InvalidField, MalformedMessage, MessageTooLarge, UnknownMessageType, UnsupportedVersion
+from services.common.errors import (
+    InvalidField,
+    MalformedMessage,
+    MessageTooLarge,
+    UnknownMessageType,
+    UnsupportedVersion,
+)
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_BYTES = 64 * 1024
@@ -49,7 +55,8 @@ def message(cls: type[M]) -> type[M]:
 
 
 def encode(msg: Message) -> bytes:
-    return msgpack.packb(msg.to_wire(), use_bin_type=True)
+    packed: bytes = msgpack.packb(msg.to_wire(), use_bin_type=True)
+    return packed
 
 
 def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, expect: type[M] | None = None) -> M | Message:

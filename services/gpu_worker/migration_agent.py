@@ -93,7 +93,9 @@ class _SourceModel:
         self.state_bytes = 0
 
     def export_state(self, handle: SessionHandle) -> dict[str, torch.Tensor]:
-        tensors = {**self._model.export_state(handle), SESSION_BLOB: pack_session(self._session, self._capacity)}
+        tensors = self._model.export_state(handle)
+        device = next(iter(tensors.values())).device  # NCCL sends device tensors only: the blob goes with the kv
+        tensors[SESSION_BLOB] = pack_session(self._session, self._capacity).to(device)
         self.state_bytes = sum(t.nbytes for t in tensors.values())
         return tensors
 

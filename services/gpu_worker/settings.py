@@ -49,7 +49,9 @@ class WorkerSettings:
         capacity = env_int("TURBOSERVE_WORKER_CAPACITY", 4, low=1, high=64)
         device = env_str("TURBOSERVE_DEVICE", "cpu")
         return cls(
-            worker_id=check_token("worker id", env_str("TURBOSERVE_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}")),
+            worker_id=check_token(
+                "worker id", env_str("TURBOSERVE_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}")
+            ),
             model=env_str("TURBOSERVE_MODEL", "tiny"),
             device=device,
             kind=env_str("TURBOSERVE_WORKER_KIND", device.split(":")[0]),

@@ -4,6 +4,7 @@ and a real PostgreSQL database, started once per module."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,3 +57,4 @@ def system(nats_url: str, database_url: str) -> Iterator[RunningSystem]:
         raise
     finally:
         stop_children(children)
+        shutil.rmtree(log_dir, ignore_errors=True)

@@ -31,7 +31,9 @@ class Captured:
             self.chunks[session_id].append(unpack_chunk(payload))
             self.arrived.notify_all()
 
-    async def wait_for(self, session_id: str, count: int, timeout_s: float = 30.0) -> list[tuple[ChunkHeader, list[bytes]]]:
+    async def wait_for(
+        self, session_id: str, count: int, timeout_s: float = 30.0
+    ) -> list[tuple[ChunkHeader, list[bytes]]]:
         async with self.arrived:
             await asyncio.wait_for(self.arrived.wait_for(lambda: len(self.chunks[session_id]) >= count), timeout_s)
         return self.chunks[session_id]
@@ -58,8 +60,10 @@ async def running(model: StreamingVideoModel) -> AsyncIterator[tuple[ChunkEngine
         await engine.detach(DetachSession(session_id=session.session_id, epoch=session.epoch))
 
 
-def attach(session_id: str, *, seed: int = 1, epoch: int = 1, next_seq: int = 0, prompts=((0, "red tide"),)) -> AttachSession:
-    return AttachSession(session_id=session_id, epoch=epoch, seed=seed, model="tiny", next_seq=next_seq, prompts=prompts)
+def attach(session_id: str, *, seed: int = 1, epoch: int = 1, next_seq: int = 0) -> AttachSession:
+    return AttachSession(
+        session_id=session_id, epoch=epoch, seed=seed, model="tiny", next_seq=next_seq, prompts=((0, "red tide"),)
+    )
 
 
 def pixels(frames: list[bytes]) -> np.ndarray:
