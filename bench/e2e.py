@@ -3,8 +3,9 @@
 Per chunk: e2e = client receipt - the moment the chunk became ready at the worker (same host, wall clocks);
 model = the batched forward that produced it; overhead = e2e - model. Coalesced throughput at 8 sessions is
 measured against the same worker serving one session at a time (TURBOSERVE_MAX_BATCH=1), in the same run.
-Tracing overhead: 8 sessions with tracing off and on (exporting by OTLP/HTTP to a local receiver, as to Jaeger),
-alternating over a few fresh systems so drift hits both; ``tracing_overhead_frac`` compares their median e2e.
+Tracing overhead: two systems side by side (own NATS server and database each), tracing off in one and on in the
+other (exporting by OTLP/HTTP to a local receiver, as to Jaeger), 8 sessions streaming in both at once;
+``tracing_overhead_frac`` is the median over rounds of their e2e p50 ratio, minus 1.
 Writes bench/results/e2e.json.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -19,11 +21,14 @@ import sys
 import tempfile
 import time
 import unittest.mock
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 
 import numpy as np
+import psycopg
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -88,21 +93,28 @@ class TracingComparison(TypedDict):
     rounds: list[dict[str, dict[str, float]]]
 
 
-def compare_tracing(nats_url: str, database_url: str, args: argparse.Namespace) -> TracingComparison:
-    """8 sessions on a fresh system with tracing off, then on (OTLP to a local receiver), ``args.tracing_rounds``
-    times, the order flipped every round. Other load on the machine moves a whole system's latency by tens of
-    percent from one minute to the next, so the figure is the median over rounds of each back-to-back pair's
-    on/off ratio of e2e p50, and the direct cost of the spans is measured apart, in-process."""
+def compare_tracing(database_url: str, args: argparse.Namespace) -> TracingComparison:
+    """Two systems side by side, each with its own NATS server and database, tracing off in one and on (OTLP to
+    a local receiver) in the other, 8 sessions streaming in both at once, ``args.tracing_rounds`` times. Run one
+    after the other, the same system's e2e p50 moved by up to 40% between minutes on a shared machine; run at
+    once, both see the same background load, so each round's on/off ratio measures tracing alone. The figure
+    is their median; the direct CPU cost of the spans is measured apart, in-process."""
     rounds: list[dict[str, dict[str, float]]] = []
-    with OtlpReceiver() as receiver:
-        conditions = [("off", {}), ("on", tracing_env(receiver.endpoint))]
+    with OtlpReceiver() as receiver, contextlib.ExitStack() as stack:
+        systems: dict[str, System] = {}
+        for condition, env in (("off", {}), ("on", tracing_env(receiver.endpoint))):
+            nats = start_nats_server()
+            stack.callback(nats.stop)
+            database = stack.enter_context(scratch_database(database_url, f"bench_tracing_{condition}"))
+            systems[condition] = stack.enter_context(System(nats.url, database, env))
+
+        async def both() -> list[list[ReceivedChunk]]:
+            return list(await asyncio.gather(
+                *(stream_sessions(system.ws_url, 8, args.warmup, args.chunks) for system in systems.values())
+            ))
+
         for _ in range(args.tracing_rounds):
-            pair: dict[str, dict[str, float]] = {}
-            for condition, env in conditions:
-                with System(nats_url, database_url, env) as system:
-                    pair[condition] = summarize(asyncio.run(stream_sessions(system.ws_url, 8, args.warmup, args.chunks)))
-            rounds.append(pair)
-            conditions.reverse()
+            rounds.append(dict(zip(systems, map(summarize, asyncio.run(both())), strict=True)))
         spans = len(receiver.spans)
         span_cost_us = span_cost_per_chunk_us(receiver.endpoint)
     ratios = [pair["on"]["e2e_p50_ms"] / pair["off"]["e2e_p50_ms"] for pair in rounds]
@@ -111,6 +123,20 @@ def compare_tracing(nats_url: str, database_url: str, args: argparse.Namespace) 
         overhead_frac=float(np.median(ratios)) - 1, pair_ratios=ratios, spans_received=spans,
         span_cost_us_per_chunk=span_cost_us, span_cost_frac=span_cost_us / (off_p50_ms * 1e3), rounds=rounds,
     )
+
+
+@contextlib.contextmanager
+def scratch_database(server_url: str, prefix: str) -> Iterator[str]:
+    """A fresh database on the server of ``server_url``, dropped afterwards: each scheduler sees only its workers."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base, _, query = server_url.partition("?")
+    try:
+        yield base.rsplit("/", 1)[0] + f"/{name}" + (f"?{query}" if query else "")
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def span_cost_per_chunk_us(otlp_endpoint: str, sessions: int = 8, steps: int = 100) -> float:
@@ -204,7 +230,7 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--chunks", type=int, default=20, help="measured chunks per session")
-    parser.add_argument("--tracing-rounds", type=int, default=7, help="off/on pairs in the tracing comparison")
+    parser.add_argument("--tracing-rounds", type=int, default=5, help="side-by-side rounds comparing tracing off/on")
     args = parser.parse_args()
 
     nats = start_nats_server()
@@ -222,7 +248,7 @@ def main() -> int:
                 chunks = asyncio.run(stream_sessions(system.ws_url, 8, args.warmup, args.chunks))
                 results["one_at_a_time"] = {8: summarize(chunks)}
                 progress.advance(task)
-            tracing = compare_tracing(nats.url, postgres.url, args)
+            tracing = compare_tracing(postgres.url, args)
             progress.advance(task)
     finally:
         nats.stop()

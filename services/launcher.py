@@ -65,7 +65,11 @@ def _database_for_up(handle: PostgresHandle) -> str:
 
 
 def start_services(env: dict[str, str], *, workers: int, log_dir: Path) -> list[Child]:
-    """Scheduler, state store, workers (ids worker-1..N) and gateway, in the order they depend on each other."""
+    """Scheduler, state store, workers (ids worker-1..N) and gateway, in the order they depend on each other.
+    With TURBOSERVE_PROVISIONER=local the scheduler starts the N workers itself, so it can also stop them."""
+    if env.get("TURBOSERVE_PROVISIONER") == "local":
+        env = {**env, "TURBOSERVE_LOCAL_WORKERS": str(workers), "TURBOSERVE_LOG_DIR": str(log_dir)}
+        workers = 0
     children = [spawn("scheduler", "scheduler", env, log_dir), spawn("state-store", "state-store", env, log_dir)]
     for index in range(1, workers + 1):
         children.append(spawn(f"worker-{index}", "worker", {**env, "TURBOSERVE_WORKER_ID": f"worker-{index}"}, log_dir))
@@ -128,7 +132,7 @@ def run_up(*, workers: int, model: str, port: int) -> int:
         env = {
             **os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url, "TURBOSERVE_MODEL": model,
             "TURBOSERVE_TOKENS": os.environ.get("TURBOSERVE_TOKENS", token), "TURBOSERVE_GATEWAY_PORT": str(port),
-            "PYTHONUNBUFFERED": "1",
+            "PYTHONUNBUFFERED": "1", "TURBOSERVE_PROVISIONER": os.environ.get("TURBOSERVE_PROVISIONER", "local"),
         }
         with console.status("starting scheduler, state store, workers and gateway"):
             children.extend(start_services(env, workers=workers, log_dir=log_dir))

@@ -21,6 +21,7 @@ from typing import Literal
 from services.common.wire import Message, message
 
 MigrationOutcome = Literal["copied", "aborted", "failed"]
+ScaleAction = Literal["scale_out", "remove"]
 
 
 @message
@@ -93,4 +94,20 @@ class DrainWorker(Message):
 
     TYPE = "drain_worker"
     worker_id: str
+    reason: str = ""
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class ScaleDecision(Message):
+    """The scheduler's scaling decision, published on ``subjects.SCHED_SCALE`` for an external provisioner.
+
+    ``scale_out``: add ``count`` workers. ``remove``: stop ``worker_id``, which the scheduler has already drained
+    (no session left on it), or cancel a worker still provisioning.
+    """
+
+    TYPE = "scale_decision"
+    action: ScaleAction
+    count: int
+    worker_id: str = ""
     reason: str = ""

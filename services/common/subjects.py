@@ -15,6 +15,7 @@ SCHED_WORKER_GONE = f"{PREFIX}.sched.worker_gone"  # WorkerGone (publish)
 SCHED_MIGRATION_REPORT = f"{PREFIX}.sched.migration_report"  # MigrationReport (publish, source worker)
 SCHED_ADMIN_MIGRATE = f"{PREFIX}.sched.admin.migrate"  # MigrateSession -> MigrationReport | Reply (operators, tests)
 SCHED_ADMIN_OFFLOAD = f"{PREFIX}.sched.admin.offload"  # OffloadRequest -> Reply (operators, tests)
+SCHED_SCALE = f"{PREFIX}.sched.scale"  # ScaleDecision (publish) for an external provisioner
 PLACEMENTS = f"{PREFIX}.placement.*"  # Placement (publish) when the scheduler moves a session on its own
 
 

@@ -115,7 +115,8 @@ class ChunkEngine:
         async with self._model_lock:
             try:
                 if imported is None:
-                    handle = await asyncio.to_thread(self._model.new_session, msg.session_id, msg.prompts[0][1], msg.seed)
+                    first_prompt = msg.prompts[0][1]
+                    handle = await asyncio.to_thread(self._model.new_session, msg.session_id, first_prompt, msg.seed)
                 else:
                     handle = await asyncio.to_thread(self._model.import_state, msg.session_id, imported.tensors)
             except SlotsExhausted as exc:

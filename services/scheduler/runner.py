@@ -11,7 +11,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import TypeVar, cast
+from typing import Protocol, TypeVar, cast
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -23,6 +23,8 @@ from services.common.messages import OpenSession, Placement, Reply, UpdateSessio
 from services.common.telemetry.db import traced_store
 from services.common.telemetry.tracing import consumer_span
 from services.common.wire import Message, decode, encode
+from services.scheduler.control_runner import open_control_loop
+from services.scheduler.control_settings import ControlSettings
 from services.scheduler.coordinator import Coordinator
 from services.scheduler.migrations import migrate
 from services.scheduler.mobility import MobilityService
@@ -36,13 +38,25 @@ QUEUE_GROUP = "turboserve-scheduler"
 M = TypeVar("M", bound=Message)
 
 
+class SchedulingEvents(Protocol):
+    """Where handled requests and reports go next: the control loop decides on each one."""
+
+    def trigger(self, event: str) -> None: ...
+
+    def observe_heartbeat(self, beat: WorkerHeartbeat) -> None: ...
+
+
 class SchedulerRunner:
     """Subscriptions and the periodic sweep of one scheduler; entering it means it is serving, leaving it
     unsubscribes and stops the sweep (``close`` is idempotent)."""
 
-    def __init__(self, nats: NatsClient, coordinator: Coordinator, *, sweep_interval_s: float) -> None:
+    def __init__(
+        self, nats: NatsClient, coordinator: Coordinator, *, sweep_interval_s: float,
+        events: SchedulingEvents | None = None,
+    ) -> None:
         self._nats = nats
         self._coordinator = coordinator
+        self._events = events
         self._sweep_interval_s = sweep_interval_s
         self._subscriptions: list[Subscription] = []
         self._sweeper: asyncio.Task[None] | None = None
@@ -86,7 +100,10 @@ class SchedulerRunner:
         response: Message
         try:
             with consumer_span(f"scheduler.{kind.TYPE}", msg.headers):
-                response = await handle(cast(M, decode(msg.data, expect=kind)))
+                request = cast(M, decode(msg.data, expect=kind))
+                response = await handle(request)
+            if self._events is not None:
+                self._events.trigger(getattr(request, "status", kind.TYPE))
         except asyncio.CancelledError:
             raise
         except TurboServeError as exc:
@@ -101,11 +118,18 @@ class SchedulerRunner:
             log.warning("event=no_reply_subject subject=%s: a request was published without a reply inbox", msg.subject)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
-        await self._consume(msg, WorkerHeartbeat, self._coordinator.observe_heartbeat)
+        async def handle(beat: WorkerHeartbeat) -> None:
+            await self._coordinator.observe_heartbeat(beat)
+            if self._events is not None:
+                self._events.observe_heartbeat(beat)
+
+        await self._consume(msg, WorkerHeartbeat, handle)
 
     async def _on_worker_gone(self, msg: Msg) -> None:
         async def handle(notice: WorkerGone) -> None:
             await self._publish(await self._coordinator.worker_gone(notice))
+            if self._events is not None:
+                self._events.trigger("worker_gone")
 
         await self._consume(msg, WorkerGone, handle)
 
@@ -137,6 +161,8 @@ class SchedulerRunner:
                 log.exception("event=sweep_failed")
                 continue
             await self._publish(placements)
+            if placements and self._events is not None:
+                self._events.trigger("re_placed")
 
     async def _publish(self, placements: list[Placement]) -> None:
         for placement in placements:
@@ -150,13 +176,14 @@ async def open_scheduler(settings: SchedulerSettings, nats: NatsClient) -> Async
     async with contextlib.AsyncExitStack() as stack:
         store = traced_store(PostgresStore.connect(settings.database_url))
         stack.push_async_callback(store.close)
-        coordinator = Coordinator(store, worker_timeout_s=settings.worker_timeout_s)
         mover = NatsStateMover(nats, store)  # the StateMover the control loop acts through
         await stack.enter_async_context(
             MobilityService(nats, store, mover, offload_after_s=settings.offload_after_s)
         )
+        loop = await stack.enter_async_context(open_control_loop(ControlSettings.from_env(), nats, store, mover))
+        coordinator = Coordinator(store, worker_timeout_s=settings.worker_timeout_s, place=loop.place)
         yield await stack.enter_async_context(
-            SchedulerRunner(nats, coordinator, sweep_interval_s=settings.sweep_interval_s)
+            SchedulerRunner(nats, coordinator, sweep_interval_s=settings.sweep_interval_s, events=loop)
         )
 
 

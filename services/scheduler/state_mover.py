@@ -4,7 +4,9 @@ Migration follows the handshake in services.common.control. The commit order is 
 has stopped the session and dropped it before it reports "copied"; only then is the epoch bumped (conditionally,
 so a session that another decision moved meanwhile is left alone) and the new placement published. A session
 whose state is offloaded has nothing live to copy: it moves by snapshot (epoch bump, and the target restores it
-from the state store when the gateway attaches it there).
+from the state store when the gateway attaches it there). A migration that ends without a report is undecided
+(the source may have dropped the session already), so it is settled by placing the session on its source again
+under a new epoch.
 """
 
 from __future__ import annotations
@@ -50,12 +52,14 @@ class NatsStateMover:
         *,
         request_timeout_s: float = 10.0,
         migration_timeout_s: float = 30.0,
+        report_slack_s: float = 5.0,
         wall_clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self._nats = nats
         self._store = store
         self._request_timeout_s = request_timeout_s
         self._migration_timeout_s = migration_timeout_s
+        self._report_timeout_s = migration_timeout_s + report_slack_s
         self._wall_clock = wall_clock
         self._pending: dict[tuple[str, int], asyncio.Future[MigrationReport]] = {}
         self._offloaded: dict[str, frozenset[str]] = {}
@@ -117,8 +121,9 @@ class NatsStateMover:
             if not (isinstance(answer, Reply) and answer.ok):  # the target's deadline frees its reservation
                 return _failed(session_id, epoch, source, target, f"source refused: {_detail(answer)}")
             try:
-                return await asyncio.wait_for(asyncio.shield(future), self._migration_timeout_s + 5.0)
+                return await asyncio.wait_for(asyncio.shield(future), self._report_timeout_s)
             except TimeoutError:
+                await self._reclaim(session_id, source, target, epoch)
                 return _failed(session_id, epoch, source, target, "no report from the source in time")
         finally:
             self._pending.pop(key, None)
@@ -142,6 +147,23 @@ class NatsStateMover:
         await self._request(report.source_worker, DetachSession(session_id, report.epoch))
         self._offloaded[report.source_worker] = self._offloaded.get(report.source_worker, frozenset()) - {session_id}
         return report
+
+    async def _reclaim(self, session_id: str, source: str, target: str, epoch: int) -> None:
+        """No report: the source may or may not have dropped the session. Placing it on the source again under a
+        new epoch settles both cases: the gateway re-attaches there, and the source either still holds the state
+        or rebuilds it from the latest snapshot; the target's copy, if any, is dropped."""
+        session = await self._store.get_session(session_id)
+        if session is None or session.status == "closed":
+            return
+        try:
+            moved = await self._store.move_session(
+                session_id, expected_epoch=epoch, worker_id=source, status=session.status, at=self._wall_clock()
+            )
+        except StaleEpoch:
+            return  # another decision already moved it
+        placement = Placement(session_id, source, moved.epoch, "migration undecided: placed on its source again")
+        await self._nats.publish(subjects.placement(session_id), encode(placement))
+        await self._request(target, DetachSession(session_id, epoch))
 
     async def _on_report(self, msg: Msg) -> None:
         try:

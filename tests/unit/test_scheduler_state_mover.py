@@ -35,7 +35,7 @@ class ScriptedNats:
 
     is_closed = False
 
-    def __init__(self, answer: Callable[[str, Message], Message | None], report_outcome: str = "copied") -> None:
+    def __init__(self, answer: Callable[[str, Message], Message | None], report_outcome: str | None = "copied") -> None:
         self._answer = answer
         self._report_outcome = report_outcome
         self.requests: list[tuple[str, Message]] = []
@@ -55,7 +55,7 @@ class ScriptedNats:
         request = decode(data)
         self.requests.append((worker, request))
         answer = self._answer(worker, request)
-        if isinstance(request, StartMigration) and isinstance(answer, Reply) and answer.ok:
+        if isinstance(request, StartMigration) and isinstance(answer, Reply) and answer.ok and self._report_outcome:
             report = MigrationReport(request.session_id, request.epoch, worker, request.target_worker,
                                      self._report_outcome, next_seq=9, pause_ms=12.0)  # type: ignore[arg-type]
             callback = self._callbacks[subjects.SCHED_MIGRATION_REPORT]
@@ -80,8 +80,8 @@ async def stored(store: MemoryStore, *, status: str = "active", epoch: int = 1) 
 
 
 async def mover_with(nats: ScriptedNats, store: MemoryStore) -> NatsStateMover:
-    mover = NatsStateMover(nats, store, request_timeout_s=1.0, migration_timeout_s=1.0,  # type: ignore[arg-type]
-                           wall_clock=lambda: AT)
+    mover = NatsStateMover(nats, store, request_timeout_s=1.0, migration_timeout_s=0.2,  # type: ignore[arg-type]
+                           report_slack_s=0.0, wall_clock=lambda: AT)
     await mover.start()
     return mover
 
@@ -115,6 +115,18 @@ async def test_a_copy_whose_epoch_moved_meanwhile_is_not_committed_and_the_targe
     report = await mover.migrate("s1", "w1", "w2", 1, "rebalance")
     assert report.outcome == "failed" and "not committed" in report.detail
     assert ("w2", DetachSession("s1", 1)) in nats.requests and not nats.published
+
+
+async def test_a_migration_without_a_report_places_the_session_on_its_source_again_under_a_new_epoch() -> None:
+    store = await stored(MemoryStore())
+    nats = ScriptedNats(willing, report_outcome=None)  # the source accepted, then went silent
+    report = await (await mover_with(nats, store)).migrate("s1", "w1", "w2", 1, "rebalance")
+    assert report.outcome == "failed" and "no report" in report.detail
+    session = await store.get_session("s1")
+    assert session is not None and (session.worker_id, session.epoch) == ("w1", 2)
+    assert nats.published == [(subjects.placement("s1"),
+                               Placement("s1", "w1", 2, "migration undecided: placed on its source again"))]
+    assert nats.requests[-1] == ("w2", DetachSession("s1", 1))
 
 
 async def test_an_offloaded_session_moves_by_snapshot_without_a_live_transfer() -> None:

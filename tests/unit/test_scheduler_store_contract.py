@@ -102,6 +102,12 @@ class StoreContract:
         await store.insert_session(a_session("e", worker_id=None))
         assert await store.active_load() == {"w1": 2, "w2": 1}
 
+    async def test_listed_sessions_are_the_open_ones_oldest_first(self, store: SchedulerStore) -> None:
+        await store.insert_session(a_session("late", worker_id=None, minute=2))
+        await store.insert_session(a_session("early", worker_id="w1", status="idle", minute=1))
+        await store.insert_session(a_session("gone", worker_id=None, status="closed"))
+        assert [s.session_id for s in await store.list_sessions()] == ["early", "late"]
+
     async def test_chunk_counts_only_grow_and_only_from_the_sessions_worker(self, store: SchedulerStore) -> None:
         await store.insert_session(a_session("s1", worker_id="w1"))
         await store.insert_session(a_session("s2", worker_id="w2"))

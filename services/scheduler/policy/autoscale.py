@@ -71,8 +71,9 @@ class AnticipatoryHeadroom:
 
     The offered load a is the smoothed active count plus its drift over the horizon h (provisioning delay
     plus one decision interval); the pool covers a + beta sqrt(a) sessions (the Halfin-Whitt rule that keeps
-    the chance of waiting for a slot small at any scale), beta from the detector level, and never fewer than
-    the sessions active now. ``hold_s`` None: the level's hold before scale-in applies.
+    the chance of waiting for a slot small at any scale), beta from the detector level times the violation
+    budget's scale (more when waits have spent the budget, less when far under it), and never fewer than the
+    sessions active now. ``hold_s`` None: the level's hold before scale-in applies.
     """
 
     def __init__(self, provisioning_delay_s: float, decision_interval_s: float, min_gpus: int, max_gpus: int) -> None:
@@ -89,9 +90,11 @@ class AnticipatoryHeadroom:
     def target_gpus(self, reading: WorkloadReading, capacity: int) -> tuple[int, str]:
         drift = max(0.0, reading.inflow_per_s - reading.outflow_per_s) * self.horizon_s
         offered = reading.smoothed_active + drift
-        slots = max(offered + reading.level.headroom_z * math.sqrt(offered), float(reading.active))
+        beta = reading.level.headroom_z * reading.headroom_scale
+        slots = max(offered + beta * math.sqrt(offered), float(reading.active))
         count = min(max(math.ceil(slots / capacity - 1e-9), self.min_gpus), self.max_gpus)
         return count, (
             f"{reading.active} active, offered {offered:.1f} (+{drift:.1f} drift over {self.horizon_s:.0f} s), "
-            f"{reading.level.name} beta {reading.level.headroom_z:g} -> {count} GPUs"
+            f"{reading.level.name} beta {reading.level.headroom_z:g} x budget {reading.headroom_scale:.2f} "
+            f"-> {count} GPUs"
         )

@@ -9,7 +9,7 @@ every ``rebalance_interval_s``), then size the pool from the post-placement load
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from services.scheduler.policy.actions import (
     Action,
@@ -23,6 +23,7 @@ from services.scheduler.policy.actions import (
     Restore,
 )
 from services.scheduler.policy.autoscale import AutoscalePolicy
+from services.scheduler.policy.budget import ViolationBudget
 from services.scheduler.policy.cost_models import LatencyModel, TransferCostModel
 from services.scheduler.policy.detector import WorkloadDetector, WorkloadReading
 from services.scheduler.policy.placement import PlacementPolicy
@@ -68,6 +69,7 @@ class ClosedLoopController:
         models: Models,
         config: ControllerConfig,
         detector: WorkloadDetector | None = None,
+        budget: ViolationBudget | None = None,
     ) -> None:
         self.name = name
         self.placement = placement
@@ -76,6 +78,7 @@ class ClosedLoopController:
         self.models = models
         self.config = config
         self.detector = detector or WorkloadDetector()
+        self.budget = budget or ViolationBudget()
         self._last_rebalance_s: float | None = None
         self._below_since_s: float | None = None
         self._hold_target = 0
@@ -110,7 +113,11 @@ class ClosedLoopController:
             actions.append(Offload(session_id, gpu_id, "idle: free its slot, keep its state in host memory"))
         for gpu_id in snapshot.draining:
             actions.extend(self._progress_drain(workspace, gpu_id))
-        actions.extend(self._place_waiting(workspace))
+        placements = self._place_waiting(workspace)
+        actions.extend(placements)
+        unplaced = len(snapshot.waiting) - sum(isinstance(a, (Place, Restore)) for a in placements)
+        self.budget.record(now_s, snapshot.active_count, unplaced)
+        reading = replace(reading, headroom_scale=self.budget.headroom_scale())
         if self._last_rebalance_s is None or now_s - self._last_rebalance_s >= self.config.rebalance_interval_s:
             self._last_rebalance_s = now_s
             actions.extend(

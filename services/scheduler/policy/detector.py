@@ -44,7 +44,8 @@ DEFAULT_LEVELS: tuple[LevelParams, ...] = (
 @dataclass(frozen=True, slots=True)
 class WorkloadReading:
     """The detector's view at one instant; rates are per second over the window, ``smoothed_active`` an
-    exponentially weighted time average of the active count."""
+    exponentially weighted time average of the active count. ``headroom_scale`` is the violation budget's
+    verdict on the level's headroom (see ``budget.ViolationBudget``); the detector itself leaves it at 1."""
 
     level: LevelParams
     active: int
@@ -52,6 +53,7 @@ class WorkloadReading:
     inflow_per_s: float
     outflow_per_s: float
     volatility: float
+    headroom_scale: float = 1.0
 
 
 class WorkloadDetector:

@@ -88,6 +88,10 @@ class MemoryStore:
                 load[s.worker_id] = load.get(s.worker_id, 0) + 1
         return load
 
+    async def list_sessions(self) -> list[SessionRecord]:
+        open_sessions = [s for s in self._sessions.values() if s.status != "closed"]
+        return sorted(open_sessions, key=lambda s: (s.created_at, s.session_id))
+
     async def record_chunks(self, worker_id: str, chunks: Mapping[str, int], at: datetime) -> int:
         advanced = 0
         for session_id, produced in chunks.items():

@@ -178,6 +178,16 @@ class PostgresStore:
             rows = (await conn.execute(statement)).all()
         return {worker_id: int(count) for worker_id, count in rows if worker_id is not None}
 
+    async def list_sessions(self) -> list[SessionRecord]:
+        statement = (
+            select(*_SESSION_COLUMNS)
+            .where(SessionRow.status != "closed")
+            .order_by(SessionRow.created_at, SessionRow.id)
+        )
+        async with self._transaction() as conn:
+            rows = (await conn.execute(statement)).all()
+        return [_session(row) for row in rows]
+
     async def record_chunks(self, worker_id: str, chunks: Mapping[str, int], at: datetime) -> int:
         if not chunks:
             return 0

@@ -130,6 +130,10 @@ class SchedulerStore(Protocol):
         """Active sessions placed on each worker (workers with none are absent)."""
         ...
 
+    async def list_sessions(self) -> list[SessionRecord]:
+        """Every session not closed, oldest first: what the control loop's snapshot is built from."""
+        ...
+
     async def record_chunks(self, worker_id: str, chunks: Mapping[str, int], at: datetime) -> int:
         """Raise chunk counts reported by the sessions' current worker; returns how many sessions advanced."""
         ...

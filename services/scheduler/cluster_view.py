@@ -1,0 +1,142 @@
+"""The control loop's picture of the cluster: PostgreSQL rows plus what only this process knows (heartbeats'
+offloaded sets and state sizes, drains in progress, workers asked for, workers released), turned into the
+policy's ``SessionView``/``GpuView`` rows and kept in one long-lived ``ClusterSnapshot``.
+
+The snapshot lives across decisions because the workload detector reads its monotonic arrival and transition
+counters; ``sync`` applies row changes to it in an order that never passes through an impossible state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from services.common.messages import WorkerHeartbeat
+from services.scheduler.policy import ClusterSnapshot, GpuView, SessionView, SnapshotError
+from services.scheduler.store.protocol import SessionRecord, WorkerRecord
+
+log = logging.getLogger("turboserve.scheduler.control")
+
+
+@dataclass(slots=True)
+class ClusterView:
+    """Knowledge beyond the database. ``pending``: worker id -> when it was asked for (monotonic s);
+    ``retired``: a removed worker -> until when it stays out of the pool even if it still heart-beats."""
+
+    kinds: tuple[str, ...]
+    scale_kind: str
+    capacity: int
+    offloaded: dict[str, frozenset[str]] = field(default_factory=dict)
+    state_bytes: dict[str, int] = field(default_factory=dict)
+    kind_of: dict[str, str] = field(default_factory=dict)
+    draining: set[str] = field(default_factory=set)
+    pending: dict[str, float] = field(default_factory=dict)
+    retired: dict[str, float] = field(default_factory=dict)
+    migrated_at: dict[str, float] = field(default_factory=dict)
+    seen: set[str] = field(default_factory=set)
+    _anonymous: int = 0
+
+    def observe(self, beat: WorkerHeartbeat) -> bool:
+        """Record a heartbeat; True when this worker is new to this process (a scheduling event)."""
+        self.offloaded[beat.worker_id] = frozenset(beat.offloaded)
+        self.state_bytes.update(beat.state_bytes)
+        self.kind_of[beat.worker_id] = self.policy_kind(beat.kind)
+        if beat.worker_id in self.seen:
+            return False
+        self.seen.add(beat.worker_id)
+        if self.pending.pop(beat.worker_id, None) is None:
+            placeholder = next((p for p in self.pending if p.startswith("pending-")), None)
+            if placeholder is not None:  # an external provisioner's worker: ids are unknown until they beat
+                del self.pending[placeholder]
+        return True
+
+    def policy_kind(self, kind: str) -> str:
+        """Workers of a kind the latency model does not know are priced as the kind the pool scales with."""
+        return kind if kind in self.kinds else self.scale_kind
+
+    def add_pending(self, worker_ids: Iterable[str], count: int, now_s: float) -> list[str]:
+        ids = [w for w in worker_ids if w not in self.seen or w in self.retired]
+        for worker_id in ids:
+            self.retired.pop(worker_id, None)
+        while len(ids) < count:
+            self._anonymous += 1
+            ids.append(f"pending-{self._anonymous}")
+        for worker_id in ids:
+            self.pending[worker_id] = now_s
+        return ids
+
+    def mark_offloaded(self, worker_id: str, session_id: str) -> None:
+        self.offloaded[worker_id] = self.offloaded.get(worker_id, frozenset()) | {session_id}
+
+    def schedulable(self, worker: WorkerRecord, now_s: float) -> bool:
+        until_s = self.retired.get(worker.worker_id)
+        if until_s is not None and (now_s < until_s or worker.status != "live"):
+            return False
+        self.retired.pop(worker.worker_id, None)
+        return worker.status == "live"
+
+    def gpu_views(self, workers: Iterable[WorkerRecord], now_s: float) -> dict[str, GpuView]:
+        gpus = {
+            w.worker_id: GpuView(w.worker_id, self.policy_kind(w.kind), w.capacity, 0.0,
+                                 w.draining or w.worker_id in self.draining)
+            for w in workers
+            if self.schedulable(w, now_s)
+        }
+        for worker_id in self.pending:
+            if worker_id not in gpus:
+                gpus[worker_id] = GpuView(worker_id, self.scale_kind, self.capacity, math.inf)
+        return gpus
+
+    def session_views(self, rows: Iterable[SessionRecord], gpus: Mapping[str, GpuView]) -> dict[str, SessionView]:
+        """Active sessions claim slots before idle residents; a session that finds no slot on its worker (a
+        resume onto a full worker, a worker that is gone) waits for the policy to place it; an idle one whose
+        state left the slot is offloaded (placing it is a restore)."""
+        room = {gpu_id: gpu.capacity for gpu_id, gpu in gpus.items()}
+        views: dict[str, SessionView] = {}
+        for row in sorted(rows, key=lambda r: r.status != "active"):
+            sid = row.session_id
+            on = row.worker_id if row.worker_id in gpus and gpus[row.worker_id].ready_at_s == 0.0 else None
+            size = self.state_bytes.get(sid, 0)
+            moved_at = self.migrated_at.get(sid)
+            active = row.status == "active"
+            out_of_slot = on is None or (not active and sid in self.offloaded.get(on, frozenset()))
+            if not active and out_of_slot:
+                views[sid] = SessionView(sid, size, False, None, moved_at, offloaded=True)
+            elif on is not None and room[on] > 0:
+                room[on] -= 1
+                views[sid] = SessionView(sid, size, active, on, moved_at)
+            else:
+                has_state = row.worker_id is not None or row.chunks_produced > 0
+                views[sid] = SessionView(sid, size, active, None, moved_at, offloaded=has_state or not active)
+        return views
+
+
+def sync(snapshot: ClusterSnapshot, sessions: Mapping[str, SessionView], gpus: Mapping[str, GpuView]) -> ClusterSnapshot:
+    """Make ``snapshot`` hold exactly these rows. Changed sessions leave their GPU first, so swaps and GPU
+    removals never overfill or orphan; a contradiction rebuilds from scratch, keeping the detector's counters."""
+    try:
+        changed = [sid for sid, view in sessions.items() if snapshot.sessions.get(sid) != view]
+        for sid in changed:
+            old = snapshot.sessions.get(sid)
+            if old is not None and old.gpu_id is not None and old.gpu_id != sessions[sid].gpu_id:
+                snapshot.upsert_session(SessionView(sid, old.state_bytes, old.active, None, old.last_migrated_at_s,
+                                                    old.offloaded))
+        for sid in [s for s in snapshot.sessions if s not in sessions]:
+            snapshot.remove_session(sid)
+        for gpu_id in [g for g in snapshot.gpus if g not in gpus]:
+            snapshot.remove_gpu(gpu_id)
+        for gpu_id, gpu in gpus.items():
+            if snapshot.gpus.get(gpu_id) != gpu:
+                snapshot.upsert_gpu(gpu)
+        for sid in changed:
+            snapshot.upsert_session(sessions[sid])
+        return snapshot
+    except SnapshotError as exc:
+        log.warning("event=snapshot_rebuilt reason=%r", str(exc))
+        fresh = ClusterSnapshot.build(sessions.values(), gpus.values())
+        fresh.arrivals_total = snapshot.arrivals_total
+        fresh.activations_total = snapshot.activations_total
+        fresh.deactivations_total = snapshot.deactivations_total
+        return fresh

@@ -1,0 +1,161 @@
+"""The closed loop scaling real worker processes: the scheduler's local provisioner starts workers when load
+rises and drains then stops them when it falls, while the clients' streams go on with no gap or duplicate."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from services.client import ReceivedChunk, ServerError, TurboServeClient
+from services.common.nats_server import free_port
+from services.launcher import start_services, stop_children, wait_http_ok
+from tests.e2e.conftest import TOKENS, RunningSystem
+from tests.e2e.test_streaming import start_when_workers_registered
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+CAPACITY = 4
+SCALE_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def elastic(nats_url: str, database_url: str) -> Iterator[RunningSystem]:
+    """One worker to start with, at most three, K = 4; fast decisions and a short scale-in hold."""
+    port = free_port()
+    log_dir = Path(tempfile.mkdtemp(prefix="turboserve-autoscaling-"))
+    env = {
+        **os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url, "TURBOSERVE_MODEL": "tiny",
+        "TURBOSERVE_TOKENS": ",".join(TOKENS), "TURBOSERVE_GATEWAY_PORT": str(port),
+        "TURBOSERVE_HEARTBEAT_S": "0.25", "TURBOSERVE_WORKER_TIMEOUT_S": "1.5",
+        "TURBOSERVE_WORKER_CAPACITY": str(CAPACITY), "TURBOSERVE_SNAPSHOT_EVERY_CHUNKS": "4",
+        "TURBOSERVE_OFFLOAD_AFTER_S": "60", "TURBOSERVE_STATE_DIR": str(log_dir / "state"),
+        "TURBOSERVE_PROVISIONER": "local", "TURBOSERVE_MIN_GPUS": "1", "TURBOSERVE_MAX_GPUS": "3",
+        "TURBOSERVE_CONTROL_PERIOD_S": "0.5", "TURBOSERVE_SCALE_IN_HOLD_S": "2", "TURBOSERVE_DETECTOR_WINDOW_S": "10",
+        "TURBOSERVE_PROVISIONING_DELAY_S": "5", "PYTHONUNBUFFERED": "1",
+    }
+    children = start_services(env, workers=1, log_dir=log_dir)
+    running = RunningSystem(
+        ws_url=f"ws://127.0.0.1:{port}/ws", http_url=f"http://127.0.0.1:{port}", database_url=database_url,
+        nats_url=nats_url, children=children, env=env,
+    )
+    try:
+        wait_http_ok(f"{running.http_url}/healthz", children, timeout_s=90)
+        yield running
+    except BaseException:
+        print(running.logs())
+        for worker_log in sorted(log_dir.glob("worker-*.log")):
+            print(f"--- {worker_log.name}\n{worker_log.read_text(errors='replace')[-2000:]}")
+        raise
+    finally:
+        stop_children(children)
+
+
+async def live_workers(database_url: str) -> set[str]:
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        rows = await (await conn.execute("select id from workers where status = 'live'")).fetchall()
+    return {row[0] for row in rows}
+
+
+async def until_live_workers(database_url: str, wanted: int) -> set[str]:
+    """Polls PostgreSQL (the scheduler's own record of liveness) until exactly ``wanted`` workers are live."""
+    deadline = time.monotonic() + SCALE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        live = await live_workers(database_url)
+        if len(live) == wanted:
+            return live
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{wanted} live workers not reached in {SCALE_TIMEOUT_S} s: {await live_workers(database_url)}")
+
+
+async def expect_state(client: TurboServeClient, reason: str) -> dict[str, Any]:
+    """The state message of ``reason``, past any notice that the session moved (a drain moves sessions)."""
+    for _ in range(8):
+        message = await client.expect("state")
+        if message["reason"] == reason:
+            return message
+    raise AssertionError(f"no {reason!r} state message")
+
+
+async def close_tolerating_moves(client: TurboServeClient, session_id: str) -> None:
+    await client.send({"type": "close", "session_id": session_id})
+    for _ in range(8):
+        try:
+            await client.expect("closed")
+            return
+        except ServerError as exc:
+            if "'moved'" not in str(exc):
+                raise
+    raise AssertionError(f"session {session_id} was not closed")
+
+
+def drain_queue(client: TurboServeClient, session_id: str) -> list[ReceivedChunk]:
+    return [client._routes.chunks[session_id].get_nowait() for _ in range(client.pending_chunks(session_id))]
+
+
+def assert_consecutive(chunks: list[ReceivedChunk], first: int, label: str) -> None:
+    seqs = [c.header.seq for c in chunks]
+    assert seqs == list(range(first, first + len(seqs))), f"{label}: gap, duplicate or reorder in {seqs}"
+
+
+async def test_rising_load_adds_workers_that_take_sessions_and_falling_load_stops_them_dropping_nothing(
+    elastic: RunningSystem,
+) -> None:
+    clients = [await TurboServeClient.connect(elastic.ws_url, TOKENS[i % 2]) for i in range(3)]
+    paused_client, streaming_client, others = clients
+    try:
+        paused = str((await start_when_workers_registered(paused_client, "a harbour at dawn", 11))["session_id"])
+        others_ids = [str((await start_when_workers_registered(others, f"scene {i}", i))["session_id"])
+                      for i in range(3)]
+        first = {sid: await paused_client.next_chunk(sid) if sid == paused else await others.next_chunk(sid)
+                 for sid in [paused, *others_ids]}
+        assert {c.header.worker_id for c in first.values()} == {"worker-1"}
+
+        grown = await until_live_workers(elastic.database_url, 3)  # 4 active of K = 4: the loop asked for more
+        streaming = str((await start_when_workers_registered(streaming_client, "a kite over dunes", 5))["session_id"])
+        stream = [await streaming_client.next_chunk(streaming) for _ in range(3)]
+        serving = {c.header.worker_id for c in stream} | {
+            (await others.next_chunk(sid)).header.worker_id for sid in others_ids
+        }
+        assert serving & (grown - {"worker-1"}), f"no added worker serves a session: {serving}"
+
+        for sid in others_ids:
+            await close_tolerating_moves(others, sid)
+        stops_at = int((await expect_state_after_pause(paused_client, paused))["next_seq"])
+        before_pause = [first[paused], *[await paused_client.next_chunk(paused) for _ in range(stops_at - 1)]]
+
+        remaining = await until_live_workers(elastic.database_url, 1)  # 1 active: scale in to one worker
+        stream += drain_queue(streaming_client, streaming)
+        stream += [await streaming_client.next_chunk(streaming) for _ in range(3)]
+        assert_consecutive(stream, 0, "streaming session through the scale-in")
+        assert stream[-1].header.worker_id in remaining
+
+        await paused_client.send({"type": "resume", "session_id": paused})
+        await expect_state(paused_client, "resumed")
+        after = [await paused_client.next_chunk(paused) for _ in range(3)]
+        assert_consecutive(before_pause + after, 0, "paused session resumed after its worker was stopped")
+        assert after[-1].header.worker_id in remaining
+        for client, sid in ((paused_client, paused), (streaming_client, streaming)):
+            await close_tolerating_moves(client, sid)
+    finally:
+        for client in clients:
+            await client.close()
+    log = elastic.child("scheduler").log_path.read_text(errors="replace")
+    decide_ms = [float(v) for v in re.findall(r"event=plan trigger=\S+ decide_ms=([\d.]+)", log)]
+    print(f"\nplans: {len(decide_ms)}, decide_ms median {statistics.median(decide_ms):.3f} "
+          f"p99 {statistics.quantiles(decide_ms, n=100)[98]:.3f} max {max(decide_ms):.3f}; added "
+          f"{sorted(grown - {'worker-1'})}; left {sorted(remaining)}")
+
+
+async def expect_state_after_pause(client: TurboServeClient, session_id: str) -> dict[str, Any]:
+    await client.send({"type": "pause", "session_id": session_id})
+    return await expect_state(client, "paused")

@@ -1,0 +1,109 @@
+"""The three provisioners against fakes: a StatefulSet scale API, a process spawner, a publisher."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from services.common.control import ScaleDecision
+from services.launcher import Child
+from services.scheduler.control_settings import ControlSettings
+from services.scheduler.provisioners import ProvisionerError
+from services.scheduler.provisioners.external import ExternalProvisioner
+from services.scheduler.provisioners.kubernetes import KubernetesProvisioner
+from services.scheduler.provisioners.local import LocalProcessProvisioner
+
+
+class FakeAppsApi:
+    """AppsV1Api's scale subresource for one StatefulSet."""
+
+    def __init__(self, replicas: int) -> None:
+        self.replicas = replicas
+        self.patches: list[int] = []
+
+    def read_namespaced_stateful_set_scale(self, name: str, namespace: str) -> Any:
+        assert (name, namespace) == ("turboserve-worker", "ts")
+        return SimpleNamespace(spec=SimpleNamespace(replicas=self.replicas))
+
+    def patch_namespaced_stateful_set_scale(self, name: str, namespace: str, body: Any) -> Any:
+        self.replicas = body["spec"]["replicas"]
+        self.patches.append(self.replicas)
+        return body
+
+
+async def test_kubernetes_scale_out_adds_the_next_ordinals_and_names_their_pods() -> None:
+    api = FakeAppsApi(2)
+    provisioner = KubernetesProvisioner(api, namespace="ts", statefulset="turboserve-worker")
+    assert await provisioner.scale_out(2, "load") == ["turboserve-worker-2", "turboserve-worker-3"]
+    assert api.patches == [4]
+
+
+async def test_kubernetes_scale_in_shrinks_only_past_released_top_ordinals_and_reuses_parked_pods_first() -> None:
+    api = FakeAppsApi(3)
+    provisioner = KubernetesProvisioner(api, namespace="ts", statefulset="turboserve-worker")
+    await provisioner.remove("turboserve-worker-1", "drained")
+    assert api.replicas == 3  # ordinal 2 still serves: a StatefulSet cannot drop ordinal 1 alone
+    await provisioner.remove("turboserve-worker-2", "drained")
+    assert api.patches == [1]  # both released: down past them
+    await provisioner.remove("turboserve-worker-0", "drained")
+    await provisioner.scale_out(1, "load")
+    assert api.replicas == 1 and api.patches == [1, 0, 1]
+
+
+async def test_kubernetes_parked_pod_is_taken_back_before_a_new_ordinal_is_added() -> None:
+    api = FakeAppsApi(3)
+    provisioner = KubernetesProvisioner(api, namespace="ts", statefulset="turboserve-worker")
+    await provisioner.remove("turboserve-worker-0", "drained")
+    assert await provisioner.scale_out(2, "load") == ["turboserve-worker-0", "turboserve-worker-3"]
+    assert api.patches == [4]
+
+
+async def test_kubernetes_refuses_a_worker_that_is_not_a_pod_of_its_statefulset() -> None:
+    provisioner = KubernetesProvisioner(FakeAppsApi(1), namespace="ts", statefulset="turboserve-worker")
+    with pytest.raises(ProvisionerError, match="not a pod"):
+        await provisioner.remove("worker-1", "drained")
+
+
+async def test_external_publishes_each_decision_and_knows_no_ids_in_advance() -> None:
+    published: list[ScaleDecision] = []
+
+    async def publish(decision: ScaleDecision) -> None:
+        published.append(decision)
+
+    provisioner = ExternalProvisioner(publish)
+    assert await provisioner.scale_out(2, "load rose") == ()
+    await provisioner.remove("w3", "drained")
+    assert published == [ScaleDecision("scale_out", 2, reason="load rose"), ScaleDecision("remove", 1, "w3", "drained")]
+
+
+async def test_local_starts_workers_under_their_own_ids_and_stops_them_with_sigterm(tmp_path: Path) -> None:
+    spawned: dict[str, dict[str, str]] = {}
+
+    def spawn(name: str, command: str, env: dict[str, str], log_dir: Path) -> Child:
+        assert command == "worker"
+        spawned[name] = env
+        process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        return Child(name, process, log_dir / f"{name}.log")
+
+    provisioner = LocalProcessProvisioner({"A": "1"}, tmp_path, spawn_worker=spawn)
+    ids = await provisioner.scale_out(2, "initial")
+    assert ids == ["worker-1", "worker-2"]
+    assert spawned["worker-2"]["TURBOSERVE_WORKER_ID"] == "worker-2"
+    await provisioner.remove("worker-1", "drained")
+    assert provisioner.worker_ids == ("worker-2",)
+    with pytest.raises(ProvisionerError, match="not started by this provisioner"):
+        await provisioner.remove("worker-7", "drained")
+    await provisioner.close()
+    assert provisioner.worker_ids == ()
+
+
+def test_provisioner_settings_refuse_an_unknown_kind_and_bounds_that_cross() -> None:
+    with pytest.raises(ValueError, match="TURBOSERVE_PROVISIONER"):
+        ControlSettings(provisioner="swarm")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="TURBOSERVE_MAX_GPUS=1 is below TURBOSERVE_MIN_GPUS=2"):
+        ControlSettings(min_gpus=2, max_gpus=1)
