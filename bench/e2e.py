@@ -230,7 +230,7 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--chunks", type=int, default=20, help="measured chunks per session")
-    parser.add_argument("--tracing-rounds", type=int, default=5, help="side-by-side rounds comparing tracing off/on")
+    parser.add_argument("--tracing-rounds", type=int, default=9, help="side-by-side rounds comparing tracing off/on")
     args = parser.parse_args()
 
     nats = start_nats_server()

@@ -23,7 +23,9 @@ log = logging.getLogger("turboserve.scheduler.control")
 @dataclass(slots=True)
 class ClusterView:
     """Knowledge beyond the database. ``pending``: worker id -> when it was asked for (monotonic s);
-    ``retired``: a removed worker -> until when it stays out of the pool even if it still heart-beats."""
+    ``retired``: a removed worker -> the time from which a heartbeat it sends brings it back into the pool
+    (a released pod that keeps running, an external system that did not act); until then, and for a worker
+    that never beats again, it is out of the pool whatever its row says."""
 
     kinds: tuple[str, ...]
     scale_kind: str
@@ -38,8 +40,11 @@ class ClusterView:
     seen: set[str] = field(default_factory=set)
     _anonymous: int = 0
 
-    def observe(self, beat: WorkerHeartbeat) -> bool:
+    def observe(self, beat: WorkerHeartbeat, now_s: float) -> bool:
         """Record a heartbeat; True when this worker is new to this process (a scheduling event)."""
+        back_from_s = self.retired.get(beat.worker_id)
+        if back_from_s is not None and now_s >= back_from_s:
+            del self.retired[beat.worker_id]
         self.offloaded[beat.worker_id] = frozenset(beat.offloaded)
         self.state_bytes.update(beat.state_bytes)
         self.kind_of[beat.worker_id] = self.policy_kind(beat.kind)
@@ -67,22 +72,24 @@ class ClusterView:
             self.pending[worker_id] = now_s
         return ids
 
+    def forget_closed(self, open_ids: set[str]) -> None:
+        """Per-session knowledge lives as long as the session: drop what closed sessions left behind."""
+        for known in (self.state_bytes, self.migrated_at):
+            for session_id in [s for s in known if s not in open_ids]:
+                del known[session_id]
+
     def mark_offloaded(self, worker_id: str, session_id: str) -> None:
         self.offloaded[worker_id] = self.offloaded.get(worker_id, frozenset()) | {session_id}
 
-    def schedulable(self, worker: WorkerRecord, now_s: float) -> bool:
-        until_s = self.retired.get(worker.worker_id)
-        if until_s is not None and (now_s < until_s or worker.status != "live"):
-            return False
-        self.retired.pop(worker.worker_id, None)
-        return worker.status == "live"
+    def schedulable(self, worker: WorkerRecord) -> bool:
+        return worker.status == "live" and worker.worker_id not in self.retired
 
-    def gpu_views(self, workers: Iterable[WorkerRecord], now_s: float) -> dict[str, GpuView]:
+    def gpu_views(self, workers: Iterable[WorkerRecord]) -> dict[str, GpuView]:
         gpus = {
             w.worker_id: GpuView(w.worker_id, self.policy_kind(w.kind), w.capacity, 0.0,
                                  w.draining or w.worker_id in self.draining)
             for w in workers
-            if self.schedulable(w, now_s)
+            if self.schedulable(w)
         }
         for worker_id in self.pending:
             if worker_id not in gpus:
@@ -97,7 +104,8 @@ class ClusterView:
         views: dict[str, SessionView] = {}
         for row in sorted(rows, key=lambda r: r.status != "active"):
             sid = row.session_id
-            on = row.worker_id if row.worker_id in gpus and gpus[row.worker_id].ready_at_s == 0.0 else None
+            gpu = gpus.get(row.worker_id) if row.worker_id is not None else None
+            on = row.worker_id if gpu is not None and gpu.ready_at_s == 0.0 else None
             size = self.state_bytes.get(sid, 0)
             moved_at = self.migrated_at.get(sid)
             active = row.status == "active"
@@ -113,7 +121,9 @@ class ClusterView:
         return views
 
 
-def sync(snapshot: ClusterSnapshot, sessions: Mapping[str, SessionView], gpus: Mapping[str, GpuView]) -> ClusterSnapshot:
+def sync(
+    snapshot: ClusterSnapshot, sessions: Mapping[str, SessionView], gpus: Mapping[str, GpuView]
+) -> ClusterSnapshot:
     """Make ``snapshot`` hold exactly these rows. Changed sessions leave their GPU first, so swaps and GPU
     removals never overfill or orphan; a contradiction rebuilds from scratch, keeping the detector's counters."""
     try:

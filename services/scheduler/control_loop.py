@@ -22,13 +22,26 @@ from typing import Protocol
 from services.common.control import MigrationReport
 from services.common.errors import StaleEpoch, TurboServeError
 from services.common.messages import Placement, WorkerHeartbeat
+from services.common.telemetry.metrics import record_scale_event
+from services.common.telemetry.tracing import consumer_span, record_decision
 from services.scheduler.actuation import Provisioner, StateMover
 from services.scheduler.cluster_view import ClusterView, sync
 from services.scheduler.coordinator import log_decision, utc_now
 from services.scheduler.placement import PlacementChoice, WorkerLoad
 from services.scheduler.policy import (
-    Action, AddGpus, ClosedLoopController, ClusterSnapshot, DrainGpu, GpuView, Migrate, Offload, Place, Plan,
-    RemoveGpu, Restore, SessionView,
+    Action,
+    AddGpus,
+    ClosedLoopController,
+    ClusterSnapshot,
+    DrainGpu,
+    GpuView,
+    Migrate,
+    Offload,
+    Place,
+    Plan,
+    RemoveGpu,
+    Restore,
+    SessionView,
 )
 from services.scheduler.policy.cost_models import CostModelError
 from services.scheduler.policy.workspace import Workspace
@@ -65,6 +78,7 @@ class ControlLoop:
         provision_timeout_s: float,
         retire_grace_s: float,
         max_gpus: int,
+        offload_after_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         timer: Callable[[], float] = time.perf_counter,
         wall_clock: Callable[[], datetime] = utc_now,
@@ -78,6 +92,7 @@ class ControlLoop:
         self._provision_timeout_s = provision_timeout_s
         self._retire_grace_s = retire_grace_s
         self._max_gpus = max_gpus
+        self._offload_after_s = offload_after_s
         self._clock = clock
         self._timer = timer
         self._wall_clock = wall_clock
@@ -99,7 +114,7 @@ class ControlLoop:
 
     def observe_heartbeat(self, beat: WorkerHeartbeat) -> None:
         """Offloaded sets and state sizes for the snapshot; measured (batch, latency) samples for the model."""
-        if self.view.observe(beat):
+        if self.view.observe(beat, self._clock()):
             self.trigger("worker_joined")
         kind = self.view.kind_of[beat.worker_id]
         for sessions, latency_ms in beat.recent_batches:
@@ -122,7 +137,7 @@ class ControlLoop:
             and w.worker_id not in self.view.retired
         ]
         if not gpus:
-            return PlacementChoice(None, None, f"no live, undrained worker serves model {model!r}")
+            return PlacementChoice(None, None, f"no live worker serves model {model!r} outside a drain")
         snapshot = ClusterSnapshot.build(
             (SessionView(f"{w.worker_id}/{i}", 0, True, w.worker_id)
              for w in gpus for i in range(min(w.active_sessions, w.capacity))),
@@ -146,8 +161,10 @@ class ControlLoop:
                 pass
             self._wake.clear()
             events, self._events = self._events, set()
+            trigger = ",".join(sorted(events)) or "period"
             try:
-                await self.step(",".join(sorted(events)) or "period")
+                with consumer_span("scheduler.plan", None, trigger=trigger):
+                    await self.step(trigger)
             except asyncio.CancelledError:
                 raise
             except TurboServeError as exc:
@@ -161,7 +178,8 @@ class ControlLoop:
         now_s = self._clock()
         await self._expire_pending(now_s)
         rows = await self._store.list_sessions()
-        gpus = self.view.gpu_views(await self._store.list_workers(), now_s)
+        self.view.forget_closed({row.session_id for row in rows})
+        gpus = self.view.gpu_views(await self._store.list_workers())
         self.snapshot = sync(self.snapshot, self.view.session_views(rows, gpus), gpus)
         decide_started = self._timer()
         plan = self.controller.decide(self.snapshot, now_s)
@@ -170,10 +188,12 @@ class ControlLoop:
         for action in plan.actions:  # before any await: placement must stop choosing a worker being drained
             if isinstance(action, DrainGpu):
                 self.view.draining.add(action.gpu_id)
-        log.info("event=plan trigger=%s decide_ms=%.3f snapshot_ms=%.1f sessions=%d gpus=%d level=%s "
-                 "bottleneck_ms=%.0f target_gpus=%d actions=%d", trigger, decide_ms,
-                 (decide_started - started) * 1000, len(self.snapshot.sessions), len(self.snapshot.gpus),
-                 plan.level, plan.bottleneck_ms, plan.target_gpus, len(plan.actions))
+        quiet = trigger == "period" and not plan.actions  # a periodic round that changed nothing: debug only
+        log.log(logging.DEBUG if quiet else logging.INFO,
+                "event=plan trigger=%s decide_ms=%.3f snapshot_ms=%.1f sessions=%d gpus=%d level=%s "
+                "bottleneck_ms=%.0f target_gpus=%d actions=%d", trigger, decide_ms,
+                (decide_started - started) * 1000, len(self.snapshot.sessions), len(self.snapshot.gpus),
+                plan.level, plan.bottleneck_ms, plan.target_gpus, len(plan.actions))
         for action in plan.actions:
             try:
                 await self._execute(action, now_s)
@@ -204,6 +224,11 @@ class ControlLoop:
     async def _offload(self, action: Offload) -> None:
         row = await self._open_row(action.session_id)
         if row is None or row.status != "idle" or row.worker_id != action.gpu_id:
+            return
+        quiet_s = (self._wall_clock() - row.updated_at).total_seconds()
+        if quiet_s < self._offload_after_s:  # a pause this fresh is often a quick pause-resume: keep the slot
+            log.info("event=offload_deferred session=%s worker=%s quiet_s=%.1f offload_after_s=%.1f",
+                     row.session_id, action.gpu_id, quiet_s, self._offload_after_s)
             return
         if await self._mover.offload(row.session_id, action.gpu_id, row.epoch, action.reason):
             self.view.mark_offloaded(action.gpu_id, row.session_id)
@@ -244,19 +269,23 @@ class ControlLoop:
             log.info("decision=add_gpus count=0 reason=%r: already at max_gpus=%d", action.reason, self._max_gpus)
             return
         ids = await self._provisioner.scale_out(count, action.reason)
+        record_scale_event("out", count)
         added = self.view.add_pending(ids, count, now_s)
         log.info("decision=add_gpus count=%d workers=%s kind=%s reason=%r", count, ",".join(added), action.kind,
                  action.reason)
+        record_decision("add_gpus", action.reason, count=count, workers=",".join(added), kind=action.kind)
 
     async def _remove(self, action: RemoveGpu, now_s: float) -> None:
         worker_id = action.gpu_id
         if worker_id not in self.view.pending and not await self._emptied(worker_id, action.reason):
             return
         await self._provisioner.remove(worker_id, action.reason)
+        record_scale_event("in")
         self.view.pending.pop(worker_id, None)
         self.view.draining.discard(worker_id)
         self.view.retired[worker_id] = now_s + self._retire_grace_s
         log.info("decision=remove_gpu worker=%s reason=%r", worker_id, action.reason)
+        record_decision("remove_gpu", action.reason, worker=worker_id)
 
     async def _emptied(self, worker_id: str, reason: str) -> bool:
         """True when no open session is left on the worker; idle sessions' state is moved off it here (live,

@@ -55,15 +55,17 @@ class NatsLoopIO:
 
 @contextlib.asynccontextmanager
 async def open_control_loop(
-    settings: ControlSettings, nats: NatsClient, store: SchedulerStore, mover: StateMover
+    settings: ControlSettings, nats: NatsClient, store: SchedulerStore, mover: StateMover, *, offload_after_s: float
 ) -> AsyncIterator[ControlLoop]:
-    """A running ControlLoop; leaving stops it and then its provisioner (a local one stops its workers)."""
+    """A running ControlLoop; leaving stops it and then its provisioner (a local one stops its workers).
+    ``offload_after_s``: an idle session is offloaded only once it has been quiet that long, because the
+    worker cannot refuse an offload that races with the resume that follows a quick pause."""
     io = NatsLoopIO(nats)
     provisioner, retire_grace_s = build_provisioner(settings, io.publish_scale)
     loop = ControlLoop(
         store, build_live_controller(settings), mover, provisioner, io,
         control_period_s=settings.control_period_s, provision_timeout_s=settings.provision_timeout_s,
-        retire_grace_s=retire_grace_s, max_gpus=settings.max_gpus,
+        retire_grace_s=retire_grace_s, max_gpus=settings.max_gpus, offload_after_s=offload_after_s,
     )
     task: asyncio.Task[None] | None = None
     try:

@@ -43,7 +43,7 @@ def log_decision(decision: str, session_id: str, reason: str, **fields: object) 
     """Log the decision and record it as a span carrying its reason (STYLE habit 3)."""
     extra = "".join(f" {name}={value}" for name, value in fields.items())
     log.info("decision=%s session=%s%s reason=%r", decision, session_id, extra, reason)
-    record_decision(decision, session_id, reason, **fields)
+    record_decision(decision, reason, session_id=session_id, **fields)
 
 
 def subject_token(name: str, value: str) -> str:
@@ -189,6 +189,9 @@ class Coordinator:
             latency_samples=beat.recent_batches,
         )
         await self._store.upsert_worker(report, now)
+        # A beat whose upsert lands after the worker's WorkerGone revived its row: time it again, so the sweep
+        # marks it lost instead of leaving a live row that no timer watches.
+        self._last_heard_s.setdefault(beat.worker_id, self._clock())
         await self._store.record_chunks(beat.worker_id, beat.sessions, now)
 
     async def worker_gone(self, notice: WorkerGone) -> list[Placement]:

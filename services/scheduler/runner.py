@@ -180,7 +180,9 @@ async def open_scheduler(settings: SchedulerSettings, nats: NatsClient) -> Async
         await stack.enter_async_context(
             MobilityService(nats, store, mover, offload_after_s=settings.offload_after_s)
         )
-        loop = await stack.enter_async_context(open_control_loop(ControlSettings.from_env(), nats, store, mover))
+        loop = await stack.enter_async_context(
+            open_control_loop(ControlSettings.from_env(), nats, store, mover, offload_after_s=settings.offload_after_s)
+        )
         coordinator = Coordinator(store, worker_timeout_s=settings.worker_timeout_s, place=loop.place)
         yield await stack.enter_async_context(
             SchedulerRunner(nats, coordinator, sweep_interval_s=settings.sweep_interval_s, events=loop)

@@ -135,7 +135,7 @@ async def row(db: PostgresStore, session_id: str) -> SessionRecord:
     return record
 
 
-async def test_open_places_each_session_on_the_least_loaded_worker(
+async def test_open_places_sessions_by_the_closed_loop_rule_filling_one_worker_while_it_meets_the_target(
     nc: NatsClient, db: PostgresStore, settings: SchedulerSettings, workers: Callable[..., Awaitable[FakeWorker]]
 ) -> None:
     model = a_model()
@@ -144,7 +144,8 @@ async def test_open_places_each_session_on_the_least_loaded_worker(
         await workers("wb", model)
         replies = [await request(nc, subjects.SCHED_OPEN, an_open(model, f"s{i}")) for i in range(4)]
         assert all(isinstance(r, Placement) and r.epoch == 1 for r in replies)
-        assert sorted(r.worker_id for r in replies if isinstance(r, Placement)) == ["wa", "wa", "wb", "wb"]
+        chosen = {r.worker_id for r in replies if isinstance(r, Placement)}
+        assert len(chosen) == 1 and chosen <= {"wa", "wb"}  # best fit: 4 of K = 4 still meet 400 ms per chunk
         stored = await row(db, "s0")
         assert (stored.status, stored.epoch, stored.model) == ("active", 1, model)
         assert isinstance(replies[0], Placement) and stored.worker_id == replies[0].worker_id
@@ -266,7 +267,7 @@ async def test_a_restarted_scheduler_reads_sessions_and_workers_back_from_postgr
         assert isinstance(resumed, Placement) and (resumed.worker_id, resumed.epoch) == ("w-first", 1)
         await workers("w-second", model)
         other = await request(nc, subjects.SCHED_OPEN, an_open(model, "new"))
-        assert isinstance(other, Placement) and other.worker_id == "w-second"  # it knows w-first carries "kept"
+        assert isinstance(other, Placement) and other.worker_id == "w-first"  # best fit beside "kept", read back
         await first.stop()
         placement = await asyncio.wait_for(heard.get(), timeout=5)
     assert placement == Placement("kept", "w-second", 2, "worker w-first lost")

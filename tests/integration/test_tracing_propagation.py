@@ -93,7 +93,8 @@ async def test_store_calls_against_postgres_are_spans_named_after_the_operation(
 
 def test_the_metrics_endpoint_serves_the_named_series() -> None:
     WORKERS.set(3)
-    with metrics_endpoint("scheduler", {"TURBOSERVE_METRICS_PORT": "0", "TURBOSERVE_METRICS_HOST": "127.0.0.1"}) as port:
+    endpoint_env = {"TURBOSERVE_METRICS_PORT": "0", "TURBOSERVE_METRICS_HOST": "127.0.0.1"}
+    with metrics_endpoint("scheduler", endpoint_env) as port:
         assert port
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             text = response.read().decode()

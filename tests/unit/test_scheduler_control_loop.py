@@ -11,10 +11,22 @@ import pytest
 
 from services.common.control import MigrationReport
 from services.common.messages import Placement, WorkerHeartbeat
+from services.scheduler.cluster_view import sync
 from services.scheduler.control_loop import ControlLoop
 from services.scheduler.control_settings import ControlSettings, build_live_controller
 from services.scheduler.placement import WorkerLoad
-from services.scheduler.policy import AddGpus, DrainGpu, Migrate, Offload, Place, RemoveGpu, Restore
+from services.scheduler.policy import (
+    AddGpus,
+    ClusterSnapshot,
+    DrainGpu,
+    GpuView,
+    Migrate,
+    Offload,
+    Place,
+    RemoveGpu,
+    Restore,
+    SessionView,
+)
 from services.scheduler.store.memory import MemoryStore
 from services.scheduler.store.protocol import SessionRecord, WorkerReport
 
@@ -100,13 +112,13 @@ async def add_worker(store: MemoryStore, loop: ControlLoop, worker_id: str, offl
 
 
 def make_loop(store: MemoryStore, journal: Journal, clock: Clock, *, fail_moves: bool = False,
-              max_gpus: int = 3) -> tuple[ControlLoop, FakeProvisioner, FakeIO]:
+              max_gpus: int = 3, offload_after_s: float = 0.0) -> tuple[ControlLoop, FakeProvisioner, FakeIO]:
     settings = ControlSettings(min_gpus=1, max_gpus=max_gpus, scale_in_hold_s=0.0, detector_window_s=10.0,
                                worker_kind="cpu", worker_capacity=4, provision_timeout_s=60.0)
     provisioner, io = FakeProvisioner(store, journal), FakeIO(journal)
     loop = ControlLoop(store, build_live_controller(settings), FakeMover(store, journal, fail=fail_moves),
                        provisioner, io, control_period_s=2.0, provision_timeout_s=60.0, retire_grace_s=30.0,
-                       max_gpus=max_gpus, clock=clock, wall_clock=lambda: T0)
+                       max_gpus=max_gpus, offload_after_s=offload_after_s, clock=clock, wall_clock=lambda: T0)
     return loop, provisioner, io
 
 
@@ -148,6 +160,17 @@ async def test_an_idle_session_in_a_slot_is_offloaded_and_the_plan_and_its_timin
     assert journal.entries[0][:3] == ("offload", "s1", "w1") and "idle" in journal.entries[0][3]
     assert "event=plan trigger=idle decide_ms=" in caplog.text and len(loop.decide_ms) == 1
     assert "s1" in loop.view.offloaded["w1"]
+
+
+async def test_a_session_paused_only_a_moment_ago_keeps_its_slot_so_a_quick_resume_cannot_race_an_offload(
+    store: MemoryStore,
+) -> None:
+    journal = Journal()
+    loop, _, _ = make_loop(store, journal, Clock(), offload_after_s=10.0)
+    await add_worker(store, loop, "w1")
+    await store.insert_session(session("s1", "w1", "idle"))
+    plan = await loop.step("idle")
+    assert any(isinstance(a, Offload) for a in plan.actions) and journal.entries == []
 
 
 async def test_an_active_session_without_a_worker_gets_a_fenced_placement_the_gateway_hears_of(
@@ -203,6 +226,9 @@ async def test_scale_in_drains_then_removes_and_every_session_survives_on_a_live
     live = {w.worker_id for w in await store.list_workers() if w.status == "live"}
     rows = await store.list_sessions()
     assert len(rows) == 6 and all(row.worker_id in live for row in rows)
+    await store.upsert_worker(WorkerReport(drained, "cpu", "tiny", 4, 0, False, T0, ()), T0)  # a late beat's row
+    await loop.step("period")
+    assert drained not in loop.snapshot.gpus  # a removed worker is back only if it heart-beats after its grace
 
 
 async def test_a_worker_is_not_removed_while_an_active_session_could_not_be_moved_off_it(
@@ -231,3 +257,24 @@ async def test_a_worker_asked_for_that_never_heart_beats_is_given_up_after_the_t
     clock.now_s += 61
     await loop.step("period")
     assert ("remove", "new-9") in [e[:2] for e in journal.entries] and "new-9" not in loop.view.pending
+
+
+def test_a_swap_between_two_full_workers_syncs_in_place_and_keeps_the_detectors_counters(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gpus = {g: GpuView(g, "cpu", 1, 0.0) for g in ("w1", "w2")}
+    before = {"a": SessionView("a", 0, True, "w1"), "b": SessionView("b", 0, True, "w2")}
+    snapshot = sync(ClusterSnapshot(), before, gpus)
+    after = {"a": SessionView("a", 0, True, "w2"), "b": SessionView("b", 0, False, "w1")}
+    with caplog.at_level(logging.WARNING):
+        synced = sync(snapshot, after, gpus)
+    assert synced is snapshot and "snapshot_rebuilt" not in caplog.text
+    assert (synced.residents["w1"], synced.residents["w2"]) == ({"b": None}, {"a": None})
+    assert (synced.arrivals_total, synced.deactivations_total) == (2, 1)
+
+
+def test_the_live_controller_takes_the_shorter_hold_and_detector_window_and_keeps_the_registry_policy() -> None:
+    controller = build_live_controller(ControlSettings(scale_in_hold_s=2.0, detector_window_s=10.0, max_gpus=3))
+    assert controller.name == "ours" and controller.autoscale.hold_s == 2.0
+    assert (controller.detector.window_s, controller.detector.smoothing_s) == (10.0, 2.0)
+    assert controller.autoscale.max_gpus == 3

@@ -80,7 +80,7 @@ def test_a_handled_message_starts_a_linked_trace_and_its_decisions_carry_reason_
     with span("gateway.open"):
         headers = inject_current()
     with consumer_span("scheduler.open_session", headers, subject="ts.sched.open"):
-        record_decision("place", "s1", "lightest worker", worker="w1", epoch=1, missing=None)
+        record_decision("place", "lightest worker", session_id="s1", worker="w1", epoch=1, missing=None)
     sender, handler, decision = (capture.one(n) for n in ("gateway.open", "scheduler.open_session", "decision.place"))
     assert handler.parent is None and handler.context.trace_id != sender.context.trace_id
     assert [ids(link.context) for link in handler.links] == [ids(sender.context)]

@@ -117,7 +117,7 @@ def consumer_span(name: str, headers: Mapping[str, str] | None, **attributes: st
             _cause_links.reset(token)
 
 
-def record_decision(decision: str, session_id: str, reason: str, **attributes: object) -> None:
+def record_decision(decision: str, reason: str, *, session_id: str | None = None, **attributes: object) -> None:
     """A finished decision as a zero-length child span, reason attached and linked to the message that caused
     it, so an operator finds why a session went where it went from the request's trace. None values are left
     out; values other than str, int and float are recorded as text."""
@@ -128,7 +128,9 @@ def record_decision(decision: str, session_id: str, reason: str, **attributes: o
         for name, value in attributes.items()
         if value is not None
     }
-    values.update({"decision": decision, "decision.reason": reason, "session.id": session_id})
+    values.update({"decision": decision, "decision.reason": reason})
+    if session_id is not None:
+        values["session.id"] = session_id
     tracer().start_span(f"decision.{decision}", links=_cause_links.get(), attributes=values).end()
 
 

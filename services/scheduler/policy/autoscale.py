@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
+from services.scheduler.policy.bursts import BurstMemory, BurstParams
 from services.scheduler.policy.detector import WorkloadReading
 
 
@@ -76,7 +77,10 @@ class AnticipatoryHeadroom:
     sessions active now. ``hold_s`` None: the level's hold before scale-in applies.
     """
 
-    def __init__(self, provisioning_delay_s: float, decision_interval_s: float, min_gpus: int, max_gpus: int) -> None:
+    def __init__(
+        self, provisioning_delay_s: float, decision_interval_s: float, min_gpus: int, max_gpus: int,
+        burst_coverage: float = 0.7,
+    ) -> None:
         _check_bounds(min_gpus, max_gpus)
         if provisioning_delay_s < 0 or decision_interval_s <= 0:
             raise AutoscaleError(
@@ -86,15 +90,18 @@ class AnticipatoryHeadroom:
         self.horizon_s = provisioning_delay_s + decision_interval_s
         self.min_gpus, self.max_gpus = min_gpus, max_gpus
         self.hold_s: float | None = None
+        self.bursts = BurstMemory(BurstParams(horizon_s=self.horizon_s))
+        self.burst_coverage = burst_coverage
 
     def target_gpus(self, reading: WorkloadReading, capacity: int) -> tuple[int, str]:
+        self.bursts.record(reading.now_s, reading.active)
         drift = max(0.0, reading.inflow_per_s - reading.outflow_per_s) * self.horizon_s
-        offered = reading.smoothed_active + drift
-        beta = reading.level.headroom_z * reading.headroom_scale
+        offered = max(reading.smoothed_active, float(reading.active)) + drift
+        beta = self.burst_coverage * self.bursts.rise_z * reading.headroom_scale
         slots = max(offered + beta * math.sqrt(offered), float(reading.active))
         count = min(max(math.ceil(slots / capacity - 1e-9), self.min_gpus), self.max_gpus)
         return count, (
             f"{reading.active} active, offered {offered:.1f} (+{drift:.1f} drift over {self.horizon_s:.0f} s), "
-            f"{reading.level.name} beta {reading.level.headroom_z:g} x budget {reading.headroom_scale:.2f} "
+            f"beta {self.burst_coverage:g} x rise {self.bursts.rise_z:.1f} x budget {reading.headroom_scale:.2f} "
             f"-> {count} GPUs"
         )

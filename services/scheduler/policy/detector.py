@@ -54,6 +54,7 @@ class WorkloadReading:
     outflow_per_s: float
     volatility: float
     headroom_scale: float = 1.0
+    now_s: float = 0.0
 
 
 class WorkloadDetector:
@@ -104,4 +105,4 @@ class WorkloadDetector:
         expected = inflow * self.recent_s
         volatility = abs(recent_inflow - inflow) * self.recent_s / math.sqrt(expected + 1.0)
         level = next(lv for lv in self.levels if volatility <= lv.max_volatility)
-        return WorkloadReading(level, active, self._smoothed, inflow, outflow, volatility)
+        return WorkloadReading(level, active, self._smoothed, inflow, outflow, volatility, now_s=now_s)

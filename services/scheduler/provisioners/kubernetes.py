@@ -35,9 +35,9 @@ def connect_apps_api() -> ScaleApi:
     from kubernetes.config.config_exception import ConfigException
 
     try:
-        config.load_incluster_config()
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
     except ConfigException:
-        config.load_kube_config()
+        config.load_kube_config()  # type: ignore[no-untyped-call]
     api: ScaleApi = client.AppsV1Api()
     return api
 
