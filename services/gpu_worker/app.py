@@ -8,19 +8,18 @@ import torch
 from nats.aio.client import Client as NatsClient
 
 from services.common import subjects
-from services.common.telemetry.chunks import worker_chunk_traces
 from services.common.control import MigrationReport
+from services.common.telemetry.chunks import worker_chunk_traces
 from services.common.wire import encode
 from services.gpu_worker.engine import ChunkEngine
-from services.gpu_worker.migration_agent import MigrationAgent
-from services.gpu_worker.residency import SessionResidency, StoreSpill
-from services.gpu_worker.state.offload import SessionStateManager
-from services.state_store.client import SnapshotClient
 from services.gpu_worker.frames import JpegEncoder
+from services.gpu_worker.migration_agent import MigrationAgent
 from services.gpu_worker.model import get_config, load_model
+from services.gpu_worker.residency import SessionResidency, StoreSpill
 from services.gpu_worker.runner import WorkerRunner
 from services.gpu_worker.settings import WorkerSettings
-
+from services.gpu_worker.state.offload import SessionStateManager
+from services.state_store.client import SnapshotClient
 
 
 async def run_worker(settings: WorkerSettings, nc: NatsClient, stop: asyncio.Event) -> None:

@@ -179,7 +179,7 @@ class ChunkEngine:
             stop_wait.cancel()
 
     def _ready_batch(self) -> list[ResidentSession]:
-        ready = [s for s in self.sessions.values() if s.wants_generation()]
+        ready = [s for s in self.sessions.values() if s.wants_generation() and not s.offloaded]
         ready.sort(key=lambda s: (s.ready_since_s or 0.0, s.session_id))  # oldest waiting first: no starvation
         return ready[: self._max_batch]
 
@@ -265,7 +265,9 @@ class ChunkEngine:
         await self.attach(msg)
 
     async def _ensure_resident(self, session: ResidentSession) -> None:
-        if session.offloaded and self.hooks is not None:
+        # Ask the hooks even when the session looks resident: an offload may be copying it out right now, and
+        # the hooks decide under the session's lock, after that copy, whether a restore is needed.
+        if self.hooks is not None:
             await self.hooks.ensure_resident(session)
 
     async def _release(self, session: ResidentSession) -> None:

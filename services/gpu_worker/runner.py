@@ -11,10 +11,16 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from services.common import subjects
-from services.common.errors import ProtocolError, TurboServeError
-from services.common.control import OffloadSession, PrepareMigration, StartMigration
+from services.common.control import DrainWorker, OffloadSession, PrepareMigration, StartMigration
+from services.common.errors import ProtocolError, TurboServeError, Unavailable
 from services.common.messages import (
-    AttachSession, ChangePrompt, DetachSession, Reply, RequestChunks, WorkerGone, WorkerHeartbeat,
+    AttachSession,
+    ChangePrompt,
+    DetachSession,
+    Reply,
+    RequestChunks,
+    WorkerGone,
+    WorkerHeartbeat,
 )
 from services.common.telemetry.chunks import worker_chunk_traces
 from services.common.telemetry.metrics import set_sessions
@@ -36,12 +42,17 @@ class WorkerRunner:
         self._residency = residency
         self._migrations = migrations
         self._started_at_s = time.time()
+        self._draining = False
 
     async def _on_control(self, msg: Msg) -> None:
         reply: Message = Reply(ok=True)
         try:
             request = decode(msg.data)
-            if isinstance(request, AttachSession):
+            if isinstance(request, DrainWorker):
+                self._draining = True
+                log.info("event=draining worker=%s reason=%r", self._settings.worker_id, request.reason)
+            elif isinstance(request, AttachSession):
+                self._refuse_new_sessions_while_draining(request.session_id)
                 await self._engine.attach(request)
             elif isinstance(request, ChangePrompt):
                 self._engine.change_prompt(request)
@@ -50,6 +61,7 @@ class WorkerRunner:
             elif isinstance(request, OffloadSession) and self._residency is not None:
                 await self._residency.offload(request)
             elif isinstance(request, PrepareMigration) and self._migrations is not None:
+                self._refuse_new_sessions_while_draining(request.session_id)
                 reply = await self._migrations.prepare(request)
             elif isinstance(request, StartMigration) and self._migrations is not None:
                 await self._migrations.start(request)
@@ -60,6 +72,11 @@ class WorkerRunner:
             reply = Reply(ok=False, code=exc.code, detail=str(exc))
         if msg.reply:
             await msg.respond(encode(reply))
+
+    def _refuse_new_sessions_while_draining(self, session_id: str) -> None:
+        """A draining worker keeps serving its own sessions until they are moved, but takes no new ones."""
+        if self._draining and session_id not in self._engine.sessions:
+            raise Unavailable(f"worker {self._settings.worker_id} is draining and takes no new sessions")
 
     async def _on_credit(self, msg: Msg) -> None:
         try:
@@ -79,6 +96,7 @@ class WorkerRunner:
             recent_batches=engine.drain_batch_samples(), started_at_s=self._started_at_s,
             offloaded=self._residency.offloaded() if self._residency is not None else (),
             state_bytes=dict(self._residency.state_bytes) if self._residency is not None else {},
+            draining=self._draining,
         )
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
