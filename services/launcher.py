@@ -53,15 +53,15 @@ def spawn(name: str, command: str, env: dict[str, str], log_dir: Path) -> Child:
     return Child(name, process, log_path)
 
 
-def _database_for_up(handle: PostgresHandle) -> str:
+def own_database(handle: PostgresHandle, name: str = "turboserve") -> str:
     """On the shared local server use a database of our own, created on first use."""
     if handle.source != "local":
         return handle.url
     with psycopg.connect(handle.url, autocommit=True) as conn:
-        exists = conn.execute("select 1 from pg_database where datname = 'turboserve'").fetchone()
+        exists = conn.execute("select 1 from pg_database where datname = %s", (name,)).fetchone()
         if not exists:
-            conn.execute("create database turboserve")
-    return handle.url.rsplit("/", 1)[0] + "/turboserve"
+            conn.execute(f'create database "{name}"')
+    return handle.url.rsplit("/", 1)[0] + f"/{name}"
 
 
 def start_services(env: dict[str, str], *, workers: int, log_dir: Path) -> list[Child]:
@@ -125,7 +125,7 @@ def run_up(*, workers: int, model: str, port: int) -> int:
                 nats = start_nats_server()
                 nats_url = nats.url
             postgres = locate_postgres()
-            database_url = _database_for_up(postgres)
+            database_url = own_database(postgres)
         first_entry = os.environ.get("TURBOSERVE_TOKENS", "").split(",")[0]
         token = first_entry.partition("=")[2] if "=" in first_entry else first_entry
         token = token or secrets.token_urlsafe(16)

@@ -9,14 +9,12 @@ import os
 # oversubscribed torch threads make the model many times slower, not faster.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import uuid
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 
 from services.common.nats_server import NatsServer, start_nats_server
-from services.common.postgres_server import locate_postgres
+from services.common.postgres_server import locate_postgres, scratch_database
 
 
 @pytest.fixture(scope="session")
@@ -35,13 +33,8 @@ def nats_url(nats_server: NatsServer) -> str:
 def database_url() -> Iterator[str]:
     """A database of its own for this test session on whichever server is found, dropped at the end."""
     handle = locate_postgres()
-    admin_url = handle.url
-    name = f"turboserve_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base, _, query = admin_url.partition("?")
-    test_url = base.rsplit("/", 1)[0] + f"/{name}" + (f"?{query}" if query else "")
-    yield test_url
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    handle.stop()
+    try:
+        with scratch_database(handle.url, "turboserve_test") as url:
+            yield url
+    finally:
+        handle.stop()

@@ -3,12 +3,16 @@ one from the pgserver wheel (its own data dir, removed on stop)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+import psycopg
 
 LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -51,3 +55,18 @@ def locate_postgres(*, allow_local: bool = True) -> PostgresHandle:
         shutil.rmtree(data_dir, ignore_errors=True)
 
     return PostgresHandle(url=server.get_uri(), source="embedded", _cleanup=cleanup)
+
+
+@contextlib.contextmanager
+def scratch_database(server_url: str, prefix: str) -> Iterator[str]:
+    """A fresh database on the server of ``server_url``, dropped afterwards, so a test session or a benchmark run
+    sees only its own rows (and its scheduler only its own workers)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base, _, query = server_url.partition("?")
+    try:
+        yield base.rsplit("/", 1)[0] + f"/{name}" + (f"?{query}" if query else "")
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -96,7 +96,7 @@ class AnticipatoryHeadroom:
     def target_gpus(self, reading: WorkloadReading, capacity: int) -> tuple[int, str]:
         self.bursts.record(reading.now_s, reading.active)
         drift = max(0.0, reading.inflow_per_s - reading.outflow_per_s) * self.horizon_s
-        offered = max(reading.smoothed_active, float(reading.active)) + drift
+        offered = float(reading.active) + drift
         beta = self.burst_coverage * self.bursts.rise_z * reading.headroom_scale
         slots = max(offered + beta * math.sqrt(offered), float(reading.active))
         count = min(max(math.ceil(slots / capacity - 1e-9), self.min_gpus), self.max_gpus)
