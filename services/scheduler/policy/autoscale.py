@@ -97,11 +97,12 @@ class AnticipatoryHeadroom:
         self.bursts.record(reading.now_s, reading.active)
         drift = max(0.0, reading.inflow_per_s - reading.outflow_per_s) * self.horizon_s
         offered = float(reading.active) + drift
-        beta = self.burst_coverage * self.bursts.rise_z * reading.headroom_scale
+        scale = max(reading.headroom_scale, reading.level.slack_floor)
+        beta = self.burst_coverage * self.bursts.rise_z * scale
         slots = max(offered + beta * math.sqrt(offered), float(reading.active))
         count = min(max(math.ceil(slots / capacity - 1e-9), self.min_gpus), self.max_gpus)
         return count, (
             f"{reading.active} active, offered {offered:.1f} (+{drift:.1f} drift over {self.horizon_s:.0f} s), "
-            f"beta {self.burst_coverage:g} x rise {self.bursts.rise_z:.1f} x budget {reading.headroom_scale:.2f} "
+            f"beta {self.burst_coverage:g} x rise {self.bursts.rise_z:.1f} x budget {scale:.2f} ({reading.level.name}) "
             f"-> {count} GPUs"
         )

@@ -222,11 +222,14 @@ class ClosedLoopController:
         return target, self._scale_in(workspace, pool - self._hold_target, reason, now_s)
 
     def _release_order(self, workspace: Workspace, now_s: float) -> Iterator[str]:
-        """GPUs cheapest to release first: still provisioning, then by resident count, fewest bytes within a
-        count. Walks the level index lightest first, so it stops early instead of sorting every GPU."""
+        """GPUs cheapest to release first: still provisioning (the furthest from ready first, so a flap of
+        demand does not cancel the GPU about to serve and restart its delay), then by resident count, fewest
+        bytes within a count. Walks the level index lightest first, so it stops early instead of sorting every
+        GPU."""
         snapshot = workspace.snapshot
         skip = set(snapshot.draining) | workspace.removed
-        yield from (g for g, gpu in snapshot.gpus.items() if gpu.ready_at_s > now_s and g not in skip)
+        provisioning = [g for g, gpu in snapshot.gpus.items() if gpu.ready_at_s > now_s and g not in skip]
+        yield from sorted(provisioning, key=lambda g: (-snapshot.gpus[g].ready_at_s, g))
         for kind in self.models.latency.kinds:
             for count in range(self.models.latency.curve(kind).capacity + 1):
                 level = [g for g in workspace.level_gpus(kind, count) if g not in skip and workspace.usable(g)]

@@ -21,23 +21,25 @@ class LevelParams:
     """What a workload level means to the controllers.
 
     ``latency_weight`` is the paper's lambda (larger: a rebalance pays off for smaller gains), ``rho`` the
-    target utilisation the paper's rule uses, ``headroom_z`` the square-root-staffing beta our autoscaler
-    keeps (slots = a + beta sqrt(a) for offered load a), ``scale_in_hold_s`` how long fewer GPUs must suffice
-    before any is released. ``max_volatility`` is the upper edge of the level.
+    target utilisation the paper's rule uses, ``slack_floor`` the least share of its burst headroom our
+    autoscaler keeps whatever the violation budget says (0: a calm level may spend the budget's slack; 1: while
+    arrivals jump, keep all of it, since the waits that would tell the budget so come too late),
+    ``scale_in_hold_s`` how long fewer GPUs must suffice before any is released. ``max_volatility`` is the
+    upper edge of the level.
     """
 
     name: str
     max_volatility: float
     latency_weight: float
     rho: float
-    headroom_z: float
+    slack_floor: float
     scale_in_hold_s: float
 
 
 DEFAULT_LEVELS: tuple[LevelParams, ...] = (
-    LevelParams("stable", 1.5, 1.0, 0.95, 2.0, 15.0),
-    LevelParams("moderate", 3.0, 1.0, 0.9, 2.3, 30.0),
-    LevelParams("volatile", math.inf, 0.5, 0.8, 2.6, 60.0),
+    LevelParams("stable", 1.5, 1.0, 0.95, 0.0, 15.0),
+    LevelParams("moderate", 3.0, 1.0, 0.9, 1.0, 30.0),
+    LevelParams("volatile", math.inf, 0.5, 0.8, 1.0, 60.0),
 )
 
 
