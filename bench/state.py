@@ -68,7 +68,7 @@ def measure_offload_restore(state_mb: int, repeats: int) -> dict[str, float]:
     raw_s, offload_s, restore_s = [], [], []
     for _ in range(repeats):
         exported = model.export_state(handle)
-        raw_s.append(_timed(lambda: [destinations[name].copy_(t) for name, t in exported.items()]))
+        raw_s.append(_timed(lambda state=exported: [destinations[name].copy_(t) for name, t in state.items()]))
         started = time.perf_counter()
         host_state = manager.offload(handle)
         offload_s.append(time.perf_counter() - started)

@@ -72,7 +72,8 @@ def test_pack_and_unpack_on_the_gpu_are_exact_in_bf16() -> None:
     assert torch.equal(packed, reference.pack_kv(k_pools, v_pools, 2, 321, torch.empty_like(packed)))
     restored_k, restored_v = [torch.zeros_like(p) for p in k_pools], [torch.zeros_like(p) for p in v_pools]
     kernels.unpack_kv(packed, restored_k, restored_v, 2, 321)
-    assert all(torch.equal(r[2, :321], p[2, :321]) for r, p in zip(restored_k + restored_v, k_pools + v_pools))
+    pairs = zip(restored_k + restored_v, k_pools + v_pools, strict=True)
+    assert all(torch.equal(r[2, :321], p[2, :321]) for r, p in pairs)
 
 
 def test_varlen_attention_beats_the_padded_reference_at_wan_shapes_with_mixed_cache_lengths() -> None:

@@ -60,4 +60,4 @@ def test_reference_pack_lays_out_layer_then_k_or_v_then_rows() -> None:
     restored_k = [torch.zeros_like(pool) for pool in k_pools]
     restored_v = [torch.zeros_like(pool) for pool in v_pools]
     reference.unpack_kv(packed, restored_k, restored_v, 1, 2)
-    assert all(torch.equal(r[1, :2], p[1, :2]) for r, p in zip(restored_k + restored_v, k_pools + v_pools))
+    assert all(torch.equal(r[1, :2], p[1, :2]) for r, p in zip(restored_k + restored_v, k_pools + v_pools, strict=True))
