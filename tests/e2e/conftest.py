@@ -1,12 +1,14 @@
-"""The whole system as separate processes (scheduler, state store, two workers, gateway) on a real nats-server
-and a real PostgreSQL database, started once per module."""
+"""The whole system as separate processes (scheduler, state store, workers, gateway) on a real nats-server and a
+real PostgreSQL database. ``running_system`` starts one with settings of a test module's choosing; the ``system``
+fixture is the plain two-worker system most tests use."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from services.common.nats_server import free_port
 from services.launcher import Child, start_services, stop_children, wait_http_ok
 
 TOKENS = ("token-alpha", "token-beta")
+FAST_FAILURE_DETECTION = {"TURBOSERVE_HEARTBEAT_S": "0.25", "TURBOSERVE_WORKER_TIMEOUT_S": "1.5"}
 
 
 @dataclass
@@ -26,28 +29,36 @@ class RunningSystem:
     nats_url: str
     children: list[Child]
     env: dict[str, str]
+    log_dir: Path
 
     def child(self, name: str) -> Child:
         return next(c for c in self.children if c.name == name)
 
     def logs(self) -> str:
-        return "\n".join(f"--- {c.name}\n{c.log_path.read_text(errors='replace')[-3000:]}" for c in self.children)
+        """The tail of every service's log, workers started later by a provisioner included."""
+        paths = sorted(self.log_dir.glob("*.log"))
+        return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}" for path in paths)
 
 
-@pytest.fixture(scope="module")
-def system(nats_url: str, database_url: str) -> Iterator[RunningSystem]:
+@contextmanager
+def running_system(
+    nats_url: str, database_url: str, *, workers: int, settings: Mapping[str, str] = (),
+    inherited: Mapping[str, str] | None = None,
+) -> Iterator[RunningSystem]:
+    """Start, wait until the gateway answers, yield; print the logs if anything failed; stop and clean up."""
     port = free_port()
     log_dir = Path(tempfile.mkdtemp(prefix="turboserve-e2e-"))
     env = {
-        **os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url, "TURBOSERVE_MODEL": "tiny",
+        **(os.environ if inherited is None else inherited), **FAST_FAILURE_DETECTION,
+        "NATS_URL": nats_url, "DATABASE_URL": database_url, "TURBOSERVE_MODEL": "tiny",
         "TURBOSERVE_TOKENS": ",".join(TOKENS), "TURBOSERVE_GATEWAY_PORT": str(port),
-        "TURBOSERVE_HEARTBEAT_S": "0.25", "TURBOSERVE_WORKER_TIMEOUT_S": "1.5",
-        "TURBOSERVE_STATE_DIR": str(log_dir / "state"), "PYTHONUNBUFFERED": "1",
+        "TURBOSERVE_STATE_DIR": str(log_dir / "state"), "TURBOSERVE_LOG_DIR": str(log_dir), "PYTHONUNBUFFERED": "1",
+        **dict(settings),
     }
-    children = start_services(env, workers=2, log_dir=log_dir)
+    children = start_services(env, workers=workers, log_dir=log_dir)
     running = RunningSystem(
         ws_url=f"ws://127.0.0.1:{port}/ws", http_url=f"http://127.0.0.1:{port}", database_url=database_url,
-        nats_url=nats_url, children=children, env=env,
+        nats_url=nats_url, children=children, env=env, log_dir=log_dir,
     )
     try:
         wait_http_ok(f"{running.http_url}/healthz", children, timeout_s=90)
@@ -58,3 +69,9 @@ def system(nats_url: str, database_url: str) -> Iterator[RunningSystem]:
     finally:
         stop_children(children)
         shutil.rmtree(log_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def system(nats_url: str, database_url: str) -> Iterator[RunningSystem]:
+    with running_system(nats_url, database_url, workers=2) as running:
+        yield running

@@ -4,22 +4,17 @@ rises and drains then stops them when it falls, while the clients' streams go on
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import statistics
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
 from services.client import ReceivedChunk, ServerError, TurboServeClient
-from services.common.nats_server import free_port
-from services.launcher import start_services, stop_children, wait_http_ok
-from tests.e2e.conftest import TOKENS, RunningSystem
+from tests.e2e.conftest import TOKENS, RunningSystem, running_system
 from tests.e2e.test_streaming import start_when_workers_registered
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -31,33 +26,14 @@ SCALE_TIMEOUT_S = 60.0
 @pytest.fixture(scope="module")
 def elastic(nats_url: str, database_url: str) -> Iterator[RunningSystem]:
     """One worker to start with, at most three, K = 4; fast decisions and a short scale-in hold."""
-    port = free_port()
-    log_dir = Path(tempfile.mkdtemp(prefix="turboserve-autoscaling-"))
-    env = {
-        **os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url, "TURBOSERVE_MODEL": "tiny",
-        "TURBOSERVE_TOKENS": ",".join(TOKENS), "TURBOSERVE_GATEWAY_PORT": str(port),
-        "TURBOSERVE_HEARTBEAT_S": "0.25", "TURBOSERVE_WORKER_TIMEOUT_S": "1.5",
+    settings = {
         "TURBOSERVE_WORKER_CAPACITY": str(CAPACITY), "TURBOSERVE_SNAPSHOT_EVERY_CHUNKS": "4",
-        "TURBOSERVE_OFFLOAD_AFTER_S": "2", "TURBOSERVE_STATE_DIR": str(log_dir / "state"),
-        "TURBOSERVE_PROVISIONER": "local", "TURBOSERVE_MIN_GPUS": "1", "TURBOSERVE_MAX_GPUS": "3",
-        "TURBOSERVE_CONTROL_PERIOD_S": "0.5", "TURBOSERVE_SCALE_IN_HOLD_S": "2", "TURBOSERVE_DETECTOR_WINDOW_S": "10",
-        "TURBOSERVE_PROVISIONING_DELAY_S": "5", "PYTHONUNBUFFERED": "1",
+        "TURBOSERVE_OFFLOAD_AFTER_S": "2", "TURBOSERVE_PROVISIONER": "local", "TURBOSERVE_MIN_GPUS": "1",
+        "TURBOSERVE_MAX_GPUS": "3", "TURBOSERVE_CONTROL_PERIOD_S": "0.5", "TURBOSERVE_SCALE_IN_HOLD_S": "2",
+        "TURBOSERVE_DETECTOR_WINDOW_S": "10", "TURBOSERVE_PROVISIONING_DELAY_S": "5",
     }
-    children = start_services(env, workers=1, log_dir=log_dir)
-    running = RunningSystem(
-        ws_url=f"ws://127.0.0.1:{port}/ws", http_url=f"http://127.0.0.1:{port}", database_url=database_url,
-        nats_url=nats_url, children=children, env=env,
-    )
-    try:
-        wait_http_ok(f"{running.http_url}/healthz", children, timeout_s=90)
+    with running_system(nats_url, database_url, workers=1, settings=settings) as running:
         yield running
-    except BaseException:
-        print(running.logs())
-        for worker_log in sorted(log_dir.glob("worker-*.log")):
-            print(f"--- {worker_log.name}\n{worker_log.read_text(errors='replace')[-2000:]}")
-        raise
-    finally:
-        stop_children(children)
 
 
 async def live_workers(database_url: str) -> set[str]:

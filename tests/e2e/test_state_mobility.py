@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import signal
 import statistics
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import nats
 import numpy as np
@@ -28,10 +25,8 @@ from services.common import subjects
 from services.common.admin import MigrateSession, OffloadRequest
 from services.common.control import MigrationReport
 from services.common.messages import Reply, WorkerHeartbeat
-from services.common.nats_server import free_port
 from services.common.wire import Message, decode, encode
-from services.launcher import start_services, stop_children, wait_http_ok
-from tests.e2e.conftest import TOKENS, RunningSystem
+from tests.e2e.conftest import TOKENS, RunningSystem, running_system
 from tests.e2e.test_streaming import decoded, receive, start_when_workers_registered
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -45,28 +40,11 @@ RECOVERY_BOUND_S = 12.0
 @pytest.fixture(scope="module")
 def mobile(nats_url: str, database_url: str) -> Iterator[RunningSystem]:
     """Two workers that each fit all 8 sessions, snapshots every 4 chunks, idle offload after 2 s."""
-    port = free_port()
-    log_dir = Path(tempfile.mkdtemp(prefix="turboserve-mobility-"))
-    env = {
-        **os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url, "TURBOSERVE_MODEL": "tiny",
-        "TURBOSERVE_TOKENS": ",".join(TOKENS), "TURBOSERVE_GATEWAY_PORT": str(port),
-        "TURBOSERVE_HEARTBEAT_S": "0.25", "TURBOSERVE_WORKER_TIMEOUT_S": "1.5", "TURBOSERVE_WORKER_CAPACITY": "8",
-        "TURBOSERVE_SNAPSHOT_EVERY_CHUNKS": "4", "TURBOSERVE_OFFLOAD_AFTER_S": "2",
-        "TURBOSERVE_STATE_DIR": str(log_dir / "state"), "PYTHONUNBUFFERED": "1",
+    settings = {
+        "TURBOSERVE_WORKER_CAPACITY": "8", "TURBOSERVE_SNAPSHOT_EVERY_CHUNKS": "4", "TURBOSERVE_OFFLOAD_AFTER_S": "2",
     }
-    children = start_services(env, workers=2, log_dir=log_dir)
-    running = RunningSystem(
-        ws_url=f"ws://127.0.0.1:{port}/ws", http_url=f"http://127.0.0.1:{port}", database_url=database_url,
-        nats_url=nats_url, children=children, env=env,
-    )
-    try:
-        wait_http_ok(f"{running.http_url}/healthz", children, timeout_s=90)
+    with running_system(nats_url, database_url, workers=2, settings=settings) as running:
         yield running
-    except BaseException:
-        print(running.logs())
-        raise
-    finally:
-        stop_children(children)
 
 
 @pytest_asyncio.fixture
