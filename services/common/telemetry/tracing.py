@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 
 from opentelemetry import trace
@@ -157,7 +157,3 @@ def extract(headers: Mapping[str, str] | None, key: str = _TRACEPARENT) -> trace
     context = _PROPAGATOR.extract({_TRACEPARENT: headers[key]})
     span_context = trace.get_current_span(context).get_span_context()
     return span_context if span_context.is_valid else None
-
-
-def links_to(contexts: Sequence[trace.SpanContext | None]) -> list[Link]:
-    return [Link(c) for c in contexts if c is not None]
