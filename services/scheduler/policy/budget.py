@@ -1,10 +1,11 @@
-"""Violation budget: how much of the over-target allowance the cluster has actually spent, as a headroom scale.
+"""Violation budget: how much of the over-target allowance the cluster has actually spent, as a headroom share.
 
-Square-root staffing fixes the headroom from the load alone, but how much headroom a workload needs depends on
-how bursty it is, which no load figure shows. What does show it is the outcome: a session left waiting for a
-slot misses the target on every chunk it owes. So the controller keeps the share of active session-time spent
-waiting (exponentially forgotten over ``window_s``) and buys headroom in proportion to how that share compares
-with what the budget allows: far under budget it spends the slack (fewer spare GPUs), over budget it buys more.
+A session left waiting for a slot misses the target on every chunk it owes, so the share of active
+session-time spent waiting is what the 0.1% budget is spent on. The controller keeps that share (forgotten
+over ``window_s``) and, while it stays far under what the budget allows, lets the autoscaler keep less of its
+burst headroom: headroom bought against surges this workload has not shown is slack worth spending. It never
+raises the headroom above the burst memory's own figure: waits are seen only after the surge that caused
+them, and on the synthetic set buying more after them cost GPUs for hardly fewer violations.
 """
 
 from __future__ import annotations
@@ -21,17 +22,19 @@ class BudgetError(ValueError):
 class BudgetParams:
     """``budget_frac``: the share of chunks allowed over target (issue 3: 0.1%); ``aim``: the part of it the
     rule steers to, leaving the rest for surges it has not yet seen; ``window_s``: how long a wait is
-    remembered; ``prior_session_s``: session-seconds of on-aim history assumed at start, so one early wait
-    does not swing the scale; ``exponent``: how strongly the scale follows the ratio of spent to aimed
-    (small: gentle, since waits fall steeply as headroom grows); ``min_scale``/``max_scale``: clamps."""
+    remembered; ``prior_session_s``: session-seconds of on-aim history assumed at start, so the first minutes
+    neither spend nor save; ``exponent``: how strongly the share follows the ratio of spent to aimed (small:
+    gentle, since waits grow steeply as headroom shrinks); ``min_scale``/``max_scale``: clamps. The synthetic
+    set could not tell ``min_scale`` 0.6 from 0.7 (it never went that low there); 0.7 is the cautious one.
+    """
 
     budget_frac: float = 0.001
     aim: float = 0.5
     window_s: float = 3600.0
     prior_session_s: float = 3600.0
     exponent: float = 0.25
-    min_scale: float = 0.6
-    max_scale: float = 2.0
+    min_scale: float = 0.7
+    max_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0 < self.budget_frac < 1 or not 0 < self.aim <= 1:
@@ -41,8 +44,8 @@ class BudgetParams:
                 f"window_s, prior_session_s must be positive and exponent non-negative, got {self.window_s}, "
                 f"{self.prior_session_s}, {self.exponent}"
             )
-        if not 0 < self.min_scale <= 1 <= self.max_scale:
-            raise BudgetError(f"need 0 < min_scale <= 1 <= max_scale, got {self.min_scale}, {self.max_scale}")
+        if not 0 < self.min_scale <= self.max_scale:
+            raise BudgetError(f"need 0 < min_scale <= max_scale, got {self.min_scale}, {self.max_scale}")
 
 
 class ViolationBudget:

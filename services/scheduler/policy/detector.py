@@ -1,8 +1,8 @@
 """Workload detector: a sliding window over the active count and the session inflow/outflow, bucketed into levels.
 
 Volatility is how far the inflow of the last ``recent_s`` strays from the window's rate, in Poisson standard
-deviations: steady traffic reads about 1, a burst reads several. The level picks how much headroom the
-autoscaler keeps and how long it waits before giving GPUs back. Levels are fixed offline, never fitted per trace.
+deviations: steady traffic reads about 1, a burst reads several. The level picks the paper's (lambda, rho)
+and how long the autoscaler waits before giving GPUs back. Levels are fixed offline, never fitted per trace.
 """
 
 from __future__ import annotations
@@ -21,33 +21,32 @@ class LevelParams:
     """What a workload level means to the controllers.
 
     ``latency_weight`` is the paper's lambda (larger: a rebalance pays off for smaller gains), ``rho`` the
-    target utilisation the paper's rule uses, ``slack_floor`` the least share of its burst headroom our
-    autoscaler keeps whatever the violation budget says (0: a calm level may spend the budget's slack; 1: while
-    arrivals jump, keep all of it, since the waits that would tell the budget so come too late),
-    ``scale_in_hold_s`` how long fewer GPUs must suffice before any is released. ``max_volatility`` is the
-    upper edge of the level.
+    target utilisation the paper's rule uses, ``scale_in_hold_s`` how long fewer GPUs must suffice before any
+    is released. ``max_volatility`` is the upper edge of the level. (Our autoscaler's headroom comes from the
+    burst memory and the violation budget instead: a fixed per-level coefficient cannot know how bursty a
+    workload is.)
     """
 
     name: str
     max_volatility: float
     latency_weight: float
     rho: float
-    slack_floor: float
     scale_in_hold_s: float
 
 
 DEFAULT_LEVELS: tuple[LevelParams, ...] = (
-    LevelParams("stable", 1.5, 1.0, 0.95, 0.0, 15.0),
-    LevelParams("moderate", 3.0, 1.0, 0.9, 1.0, 30.0),
-    LevelParams("volatile", math.inf, 0.5, 0.8, 1.0, 60.0),
+    LevelParams("stable", 1.5, 1.0, 0.95, 15.0),
+    LevelParams("moderate", 3.0, 1.0, 0.9, 30.0),
+    LevelParams("volatile", math.inf, 0.5, 0.8, 60.0),
 )
 
 
 @dataclass(frozen=True, slots=True)
 class WorkloadReading:
     """The detector's view at one instant; rates are per second over the window, ``smoothed_active`` an
-    exponentially weighted time average of the active count. ``headroom_scale`` is the violation budget's
-    verdict on the level's headroom (see ``budget.ViolationBudget``); the detector itself leaves it at 1."""
+    exponentially weighted time average of the active count, ``now_s`` when it was taken. ``headroom_scale`` is
+    the share of its burst headroom the violation budget lets the autoscaler keep (see ``budget``); the
+    detector leaves it at 1 and the controller fills it in."""
 
     level: LevelParams
     active: int

@@ -1,0 +1,132 @@
+"""Our autoscaler's headroom: the burst memory (how far the load has risen within a provisioning horizon) and the
+violation budget (how much of the over-target allowance waits have spent), alone and inside the controller."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.scheduler.policy.actions import RemoveGpu
+from services.scheduler.policy.budget import BudgetError, BudgetParams, ViolationBudget
+from services.scheduler.policy.bursts import BurstMemory, BurstMemoryError, BurstParams
+from services.scheduler.policy.registry import PolicySetting, build_controller
+from services.scheduler.policy.snapshot import ClusterSnapshot, GpuView, SessionView
+
+GB = 1_000_000_000
+STEPS = st.lists(st.tuples(st.floats(0.1, 600.0), st.integers(0, 500), st.integers(0, 500)), max_size=40)
+
+
+def spend(budget: ViolationBudget, steps: list[tuple[float, int, int]]) -> ViolationBudget:
+    now_s = 0.0
+    for span_s, active, waiting in steps:
+        budget.record(now_s, active, waiting)
+        now_s += span_s
+    budget.record(now_s, 0, 0)
+    return budget
+
+
+def test_far_under_budget_the_headroom_share_falls_to_its_floor() -> None:
+    budget = spend(ViolationBudget(), [(10.0, 100, 0)] * 720)
+    assert budget.spent_frac < 1e-5
+    assert budget.headroom_scale() == pytest.approx(BudgetParams().min_scale)
+
+
+def test_spending_the_budget_as_aimed_keeps_the_full_headroom() -> None:
+    params = BudgetParams()
+    aimed = params.budget_frac * params.aim
+    budget = spend(ViolationBudget(params), [(1.0 / aimed, 1, 1), (1.0 / aimed, 1, 0)] * 200)
+    assert budget.headroom_scale() == pytest.approx(1.0, abs=0.02)
+
+
+def test_each_interval_is_accounted_at_the_counts_that_held_during_it() -> None:
+    budget = ViolationBudget(BudgetParams(prior_session_s=1e-9, window_s=1e12))
+    budget.record(0.0, 10, 5)
+    budget.record(100.0, 10, 0)
+    budget.record(200.0, 10, 0)
+    assert budget.spent_frac == pytest.approx(500.0 / 2000.0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(STEPS)
+def test_the_headroom_share_always_stays_within_its_bounds(steps: list[tuple[float, int, int]]) -> None:
+    params = BudgetParams()
+    assert params.min_scale <= spend(ViolationBudget(params), steps).headroom_scale() <= params.max_scale
+
+
+@settings(max_examples=80, deadline=None)
+@given(STEPS, st.integers(0, 50))
+def test_more_waiting_never_buys_less_headroom(steps: list[tuple[float, int, int]], extra: int) -> None:
+    worse = [(span_s, active, waiting + extra) for span_s, active, waiting in steps]
+    assert spend(ViolationBudget(), worse).headroom_scale() >= spend(ViolationBudget(), steps).headroom_scale()
+
+
+def feed(memory: BurstMemory, pattern: list[int], step_s: float = 1.0) -> BurstMemory:
+    for index, active in enumerate(pattern):
+        memory.record(index * step_s, active)
+    return memory
+
+
+def test_a_workload_whose_arrivals_clump_reads_a_larger_rise_than_a_steady_one() -> None:
+    steady = [100 + (second % 3) for second in range(4 * 3600)]
+    clumped = [140 if second % 600 < 60 else 100 for second in range(4 * 3600)]
+    params = BurstParams(prior_s=1.0)
+    assert feed(BurstMemory(params), clumped).rise_z > 2.0 > feed(BurstMemory(params), steady).rise_z
+
+
+def test_a_rise_counts_only_once_its_horizon_has_passed() -> None:
+    params = BurstParams(horizon_s=40.0, prior_z=3.0)
+    memory = feed(BurstMemory(params), [10] * 30 + [60] * 10)
+    assert memory.rise_z == pytest.approx(3.0)
+    memory.record(100.0, 60)
+    assert memory.rise_z > 3.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 400), min_size=1, max_size=300))
+def test_the_burst_coefficient_is_bounded_and_the_same_for_the_same_history(pattern: list[int]) -> None:
+    params = BurstParams(horizon_s=10.0)
+    first, second = feed(BurstMemory(params), pattern), feed(BurstMemory(params), pattern)
+    assert first.rise_z == second.rise_z
+    assert 0.0 <= first.rise_z <= params.max_z + params.bin_z
+
+
+def test_bad_budget_and_burst_settings_raise_typed_errors() -> None:
+    with pytest.raises(BudgetError):
+        BudgetParams(budget_frac=0.0)
+    with pytest.raises(BudgetError):
+        BudgetParams(min_scale=1.2, max_scale=1.0)
+    with pytest.raises(BurstMemoryError):
+        BurstParams(quantile=1.0)
+    with pytest.raises(BurstMemoryError):
+        BurstParams(horizon_s=0.0)
+
+
+def steady_cluster(active: int, gpus: int) -> ClusterSnapshot:
+    snapshot = ClusterSnapshot()
+    for index in range(gpus):
+        snapshot.upsert_gpu(GpuView(f"g{index}", "h100", 4, 0.0))
+    for index in range(active):
+        snapshot.upsert_session(SessionView(f"s{index}", 3 * GB, True, f"g{index % gpus}"))
+    return snapshot
+
+
+def test_ours_keeps_fewer_spare_gpus_after_a_long_calm_without_waits() -> None:
+    controller = build_controller("ours", PolicySetting())
+    snapshot = steady_cluster(active=64, gpus=24)
+    first = controller.decide(snapshot, 0.0)
+    for second in range(10, 4 * 3600, 10):
+        last = controller.decide(steady_cluster(active=64, gpus=24), float(second))
+    assert last.target_gpus < first.target_gpus
+    assert last.target_gpus >= 16
+
+
+def test_scale_in_cancels_the_gpu_furthest_from_ready_first() -> None:
+    snapshot = steady_cluster(active=4, gpus=1)
+    snapshot.upsert_gpu(GpuView("soon", "h100", 4, 105.0))
+    snapshot.upsert_gpu(GpuView("late", "h100", 4, 125.0))
+    controller = build_controller("paper", PolicySetting(rho=0.9))
+    controller.decide(snapshot, 96.0)
+    plan = controller.decide(snapshot, 102.0)
+    removed = [a.gpu_id for a in plan.actions if isinstance(a, RemoveGpu)]
+    assert removed[0] == "late"
