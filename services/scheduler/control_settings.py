@@ -116,7 +116,7 @@ def build_live_controller(settings: ControlSettings) -> ClosedLoopController:
     controller = build_controller(settings.policy, setting)
     if settings.detector_window_s != PAPER_DETECTOR_WINDOW_S:
         window_s = settings.detector_window_s
-        controller.detector = WorkloadDetector(window_s=window_s, recent_s=window_s / 10, smoothing_s=window_s / 5)
+        controller.detector = WorkloadDetector(window_s=window_s, recent_s=window_s / 10)
     if settings.scale_in_hold_s is not None:
         controller.autoscale.hold_s = settings.scale_in_hold_s
     return controller

@@ -276,5 +276,5 @@ def test_a_swap_between_two_full_workers_syncs_in_place_and_keeps_the_detectors_
 def test_the_live_controller_takes_the_shorter_hold_and_detector_window_and_keeps_the_registry_policy() -> None:
     controller = build_live_controller(ControlSettings(scale_in_hold_s=2.0, detector_window_s=10.0, max_gpus=3))
     assert controller.name == "ours" and controller.autoscale.hold_s == 2.0
-    assert (controller.detector.window_s, controller.detector.smoothing_s) == (10.0, 2.0)
+    assert (controller.detector.window_s, controller.detector.recent_s) == (10.0, 1.0)
     assert controller.autoscale.max_gpus == 3

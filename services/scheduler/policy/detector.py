@@ -43,14 +43,12 @@ DEFAULT_LEVELS: tuple[LevelParams, ...] = (
 
 @dataclass(frozen=True, slots=True)
 class WorkloadReading:
-    """The detector's view at one instant; rates are per second over the window, ``smoothed_active`` an
-    exponentially weighted time average of the active count, ``now_s`` when it was taken. ``headroom_scale`` is
-    the share of its burst headroom the violation budget lets the autoscaler keep (see ``budget``); the
-    detector leaves it at 1 and the controller fills it in."""
+    """The detector's view at one instant; rates are per second over the window, ``now_s`` when it was taken.
+    ``headroom_scale`` is the share of its burst headroom the violation budget lets the autoscaler keep (see
+    ``budget``); the detector leaves it at 1 and the controller fills it in."""
 
     level: LevelParams
     active: int
-    smoothed_active: float
     inflow_per_s: float
     outflow_per_s: float
     volatility: float
@@ -65,20 +63,16 @@ class WorkloadDetector:
         self,
         window_s: float = 300.0,
         recent_s: float = 30.0,
-        smoothing_s: float = 60.0,
         levels: tuple[LevelParams, ...] = DEFAULT_LEVELS,
     ) -> None:
-        if window_s <= 0 or recent_s <= 0 or smoothing_s <= 0 or not levels:
+        if window_s <= 0 or recent_s <= 0 or not levels:
             raise DetectorError(
-                f"windows must be positive and levels non-empty (window_s={window_s}, recent_s={recent_s}, "
-                f"smoothing_s={smoothing_s})"
+                f"windows must be positive and levels non-empty (window_s={window_s}, recent_s={recent_s})"
             )
-        self.window_s, self.recent_s, self.smoothing_s = window_s, recent_s, smoothing_s
+        self.window_s, self.recent_s = window_s, recent_s
         self.levels = levels
         self._window: deque[tuple[float, int, int]] = deque()
         self._recent: deque[tuple[float, int, int]] = deque()
-        self._smoothed: float | None = None
-        self._last: tuple[float, int] | None = None
 
     @staticmethod
     def _rates(
@@ -94,16 +88,9 @@ class WorkloadDetector:
 
     def update(self, now_s: float, active: int, inflow_total: int, outflow_total: int) -> WorkloadReading:
         """Record the counters at ``now_s`` (monotonic totals of arrivals+activations, and of deactivations)."""
-        if self._last is None or self._smoothed is None:
-            self._smoothed = float(active)
-        else:
-            last_s, last_active = self._last
-            weight = math.exp(-max(now_s - last_s, 0.0) / self.smoothing_s)
-            self._smoothed = weight * self._smoothed + (1.0 - weight) * last_active
-        self._last = (now_s, active)
         inflow, outflow = self._rates(self._window, self.window_s, now_s, inflow_total, outflow_total)
         recent_inflow, _ = self._rates(self._recent, self.recent_s, now_s, inflow_total, outflow_total)
         expected = inflow * self.recent_s
         volatility = abs(recent_inflow - inflow) * self.recent_s / math.sqrt(expected + 1.0)
         level = next(lv for lv in self.levels if volatility <= lv.max_volatility)
-        return WorkloadReading(level, active, self._smoothed, inflow, outflow, volatility, now_s=now_s)
+        return WorkloadReading(level, active, inflow, outflow, volatility, now_s=now_s)

@@ -7,7 +7,7 @@ what it needs without rescanning every session. The policy only ever reads it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -170,9 +170,3 @@ class ClusterSnapshot:
         else:
             self.idle_resident.pop(sid, None)
 
-    def resident_bytes(self, gpu_id: str) -> int:
-        return sum(self.sessions[sid].state_bytes for sid in self.residents[gpu_id])
-
-    def gpu_counts(self) -> Mapping[str, int]:
-        """Resident sessions per GPU."""
-        return {gpu_id: len(members) for gpu_id, members in self.residents.items()}
