@@ -29,6 +29,8 @@ from services.scheduler.store.protocol import (
 )
 
 log = logging.getLogger("turboserve.scheduler")
+RESTART_GRACE_TIMEOUTS = 10
+"""How many worker timeouts of silence a restarted scheduler forgives (the time it was itself down)."""
 
 
 class NoCapacity(Unavailable):
@@ -76,11 +78,20 @@ class Coordinator:
         self._last_heard_s: dict[str, float] = {}
 
     async def start(self) -> None:
-        """Rebuild liveness from the store. Every worker recorded live gets a full timeout from now: no
-        heartbeat could be heard while no scheduler ran, so silence before now is no evidence."""
-        now_s = self._clock()
+        """Rebuild liveness from the store. A worker recorded live gets a full timeout from now: no heartbeat
+        could be heard while no scheduler ran, so a short silence is no evidence. A row silent for longer than
+        ``RESTART_GRACE_TIMEOUTS`` timeouts is another matter (a worker of an earlier run that never said
+        goodbye): it is marked lost at once, so no new session is placed on a worker that is not there."""
+        now_s, now_wall = self._clock(), self._wall_clock()
         for worker in await self._store.list_workers():
-            if worker.status == "live":
+            if worker.status != "live":
+                continue
+            silent_s = (now_wall - worker.last_seen).total_seconds()
+            if silent_s > RESTART_GRACE_TIMEOUTS * self._worker_timeout_s:
+                await self._store.retire_worker(worker.worker_id, "lost")
+                log.info("event=worker_lost worker=%s reason='silent for %.0f s before this scheduler started'",
+                         worker.worker_id, silent_s)
+            else:
                 self._last_heard_s[worker.worker_id] = now_s
         log.info("event=start live_workers=%d worker_timeout_s=%s", len(self._last_heard_s), self._worker_timeout_s)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -182,6 +182,20 @@ async def test_a_draining_worker_keeps_its_sessions_but_takes_no_new_ones(coordi
     assert isinstance(resumed, Placement) and (resumed.worker_id, resumed.epoch) == ("w1", 1)
     with pytest.raises(NoCapacity):
         await coordinator.open_session(open_request("s2"))
+
+
+async def test_a_restarted_coordinator_loses_workers_silent_since_long_before_and_places_nothing_on_them(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    before = Coordinator(store, worker_timeout_s=TIMEOUT_S, clock=clock, wall_clock=wall)
+    await before.start()
+    await before.observe_heartbeat(beat("ghost"))  # a worker of an earlier run that never said goodbye
+    much_later = wall() + timedelta(minutes=35)
+    after = Coordinator(store, worker_timeout_s=TIMEOUT_S, clock=clock, wall_clock=lambda: much_later)
+    await after.start()
+    assert [(w.worker_id, w.status) for w in await store.list_workers()] == [("ghost", "lost")]
+    with pytest.raises(NoCapacity):
+        await after.open_session(open_request("s1"))
 
 
 async def test_a_restarted_coordinator_gives_recorded_workers_a_full_timeout_before_losing_them(
