@@ -76,6 +76,9 @@ class Coordinator:
         self._wall_clock = wall_clock
         self._decide = asyncio.Lock()
         self._last_heard_s: dict[str, float] = {}
+        self._heard_here: set[str] = set()
+        """Workers this scheduler has heard a heartbeat from: the only ones new sessions are placed on, since a
+        row recorded live before a restart may belong to a worker that is not there (or not subscribed yet)."""
 
     async def start(self) -> None:
         """Rebuild liveness from the store. A worker recorded live gets a full timeout from now: no heartbeat
@@ -162,9 +165,10 @@ class Coordinator:
 
     async def _resume(self, session: SessionRecord, next_seq: int) -> Placement:
         loads = await self._worker_loads()
-        live = {w.worker_id for w in loads if w.live}
         at = self._wall_clock()
-        if session.worker_id is not None and session.worker_id in live:
+        # Its worker probably still holds the state: keep it there while the worker is timed as live, which
+        # includes the grace a restarted scheduler gives workers it has not heard from yet.
+        if session.worker_id is not None and session.worker_id in self._last_heard_s:
             worker_id = session.worker_id
             updated = await self._store.set_status(
                 session.session_id, expected_epoch=session.epoch, status="active", next_seq=next_seq, at=at
@@ -188,6 +192,7 @@ class Coordinator:
         if beat.worker_id not in self._last_heard_s:
             log.info("event=worker_live worker=%s model=%s capacity=%d", beat.worker_id, beat.model, beat.capacity)
         self._last_heard_s[beat.worker_id] = self._clock()
+        self._heard_here.add(beat.worker_id)
         now = self._wall_clock()
         report = WorkerReport(
             worker_id=beat.worker_id,
@@ -208,6 +213,7 @@ class Coordinator:
     async def worker_gone(self, notice: WorkerGone) -> list[Placement]:
         async with self._decide:
             self._last_heard_s.pop(notice.worker_id, None)
+            self._heard_here.discard(notice.worker_id)
             if await self._store.retire_worker(notice.worker_id, "gone"):
                 log.info("event=worker_gone worker=%s reason='it announced a clean shutdown'", notice.worker_id)
             return await self._rehome()
@@ -221,6 +227,7 @@ class Coordinator:
                 if silent_s <= self._worker_timeout_s:
                     continue
                 del self._last_heard_s[worker_id]
+                self._heard_here.discard(worker_id)
                 if await self._store.retire_worker(worker_id, "lost"):
                     log.info(
                         "event=worker_lost worker=%s reason='no heartbeat for %.2f s, timeout %.2f s'",
@@ -284,7 +291,7 @@ class Coordinator:
                 model=w.model,
                 capacity=w.capacity,
                 active_sessions=active.get(w.worker_id, 0),
-                live=w.status == "live",
+                live=w.status == "live" and w.worker_id in self._heard_here,
                 draining=w.draining,
             )
             for w in workers

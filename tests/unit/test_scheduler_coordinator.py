@@ -198,6 +198,21 @@ async def test_a_restarted_coordinator_loses_workers_silent_since_long_before_an
         await after.open_session(open_request("s1"))
 
 
+async def test_a_restarted_coordinator_places_new_sessions_only_on_workers_it_has_heard_from(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    before = Coordinator(store, worker_timeout_s=TIMEOUT_S, clock=clock, wall_clock=wall)
+    await before.start()
+    await before.observe_heartbeat(beat("w1"))
+    after = Coordinator(store, worker_timeout_s=TIMEOUT_S, clock=clock, wall_clock=wall)
+    await after.start()
+    with pytest.raises(NoCapacity):  # recorded live, within the grace, but maybe not subscribed yet
+        await after.open_session(open_request("s1"))
+    await after.observe_heartbeat(beat("w1"))
+    placed = await after.open_session(open_request("s1"))
+    assert (placed.worker_id, placed.epoch) == ("w1", 1)
+
+
 async def test_a_restarted_coordinator_gives_recorded_workers_a_full_timeout_before_losing_them(
     store: MemoryStore, clock: FakeClock
 ) -> None:
