@@ -91,6 +91,22 @@ def wait_http_ok(url: str, children: list[Child], timeout_s: float) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout_s} s")
 
 
+def wait_workers_heard(database_url: str, count: int, children: list[Child], timeout_s: float) -> None:
+    """Until the scheduler has recorded ``count`` workers heart-beating just now: only then can a session start."""
+    deadline = time.monotonic() + timeout_s
+    query = "select count(*) from workers where status = 'live' and last_seen > now() - interval '3 seconds'"
+    while time.monotonic() < deadline:
+        for child in children:
+            if child.process.poll() is not None:
+                raise RuntimeError(f"{child.name} exited with code {child.process.returncode}; see {child.log_path}")
+        with contextlib.suppress(psycopg.Error), psycopg.connect(database_url, connect_timeout=2) as conn:
+            row = conn.execute(query).fetchone()
+            if row is not None and row[0] >= count:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{count} workers did not register with the scheduler within {timeout_s} s")
+
+
 def stop_children(children: list[Child], timeout_s: float = 10.0) -> None:
     for child in reversed(children):  # gateway first, scheduler last
         if child.process.poll() is None:
@@ -137,6 +153,7 @@ def run_up(*, workers: int, model: str, port: int) -> int:
         with console.status("starting scheduler, state store, workers and gateway"):
             children.extend(start_services(env, workers=workers, log_dir=log_dir))
             wait_http_ok(f"http://127.0.0.1:{port}/healthz", children, timeout_s=60)
+            wait_workers_heard(database_url, workers, children, timeout_s=120)
         console.print(f"[bold green]TurboServe is up[/] ({workers} workers, model {model})")
         console.print(f"  viewer:   [link]http://127.0.0.1:{port}/?token={token}[/link]")
         console.print(f"  token:    {token}")
