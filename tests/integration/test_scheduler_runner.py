@@ -7,6 +7,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import nats
@@ -262,10 +263,16 @@ async def test_a_restarted_scheduler_reads_sessions_and_workers_back_from_postgr
         opened = await request(nc, subjects.SCHED_OPEN, an_open(model, "kept"))
         await request(nc, subjects.SCHED_UPDATE, UpdateSession("kept", "idle", next_seq=8))
     assert isinstance(opened, Placement) and opened.worker_id == "w-first"
+    restarted_at = datetime.now(UTC)
     async with open_scheduler(settings, nc), placements_published(nc) as heard:
         resumed = await request(nc, subjects.SCHED_UPDATE, UpdateSession("kept", "active", next_seq=8))
         assert isinstance(resumed, Placement) and (resumed.worker_id, resumed.epoch) == ("w-first", 1)
         await workers("w-second", model)
+
+        async def first_heard_again() -> bool:  # new sessions only go to workers this scheduler has heard
+            return any(w.worker_id == "w-first" and w.last_seen > restarted_at for w in await db.list_workers())
+
+        await eventually(first_heard_again)
         other = await request(nc, subjects.SCHED_OPEN, an_open(model, "new"))
         assert isinstance(other, Placement) and other.worker_id == "w-first"  # best fit beside "kept", read back
         await first.stop()
