@@ -66,9 +66,18 @@ async def test_a_chunk_trace_runs_gateway_to_worker_to_gateway_with_parents_and_
     session_id, seq = streamed[0], 2
 
     def complete(spans: list[ReceivedSpan]) -> bool:
-        return bool(by_name(spans, "gateway.chunk", **{"session.id": session_id, "chunk.seq": seq})) and bool(
-            by_name(spans, "scheduler.open_session")
-        )
+        """Every span asserted on below has arrived: each process exports on its own schedule."""
+        of_chunk = {"session.id": session_id, "chunk.seq": seq}
+        if not all(by_name(spans, name, **of_chunk) for name in ("gateway.chunk", "worker.chunk", "gateway.delivery")):
+            return False
+        if not by_name(spans, "gateway.session", **{"session.id": session_id}):
+            return False
+        if not by_name(spans, "scheduler.open_session"):
+            return False
+        batch_ids = set(by_name(spans, "worker.chunk", **of_chunk)[0].links)
+        batch_children = {s.name for s in spans if (s.trace_id, s.parent_span_id) in batch_ids}
+        batch_arrived = any((s.trace_id, s.span_id) in batch_ids for s in spans)
+        return batch_arrived and {"model.forward", "encode"} <= batch_children
 
     spans = await asyncio.to_thread(receiver.wait_for, complete, 20.0)
     chunk = only(spans, "gateway.chunk", **{"session.id": session_id, "chunk.seq": seq})
