@@ -39,7 +39,7 @@ from services.common.chunk_frame import ChunkHeader, pack_chunk  # noqa: E402
 from services.common.nats_server import free_port, start_nats_server  # noqa: E402
 from services.common.postgres_server import locate_postgres, scratch_database  # noqa: E402
 from services.common.telemetry.chunks import GatewayChunkSpans, WorkerChunkTraces  # noqa: E402
-from services.common.telemetry.tracing import span, tracing_from_env  # noqa: E402
+from services.common.telemetry.tracing import otlp_export_env, span, tracing_from_env  # noqa: E402
 from services.launcher import Child, start_services, stop_children, wait_http_ok  # noqa: E402
 from tests.otlp_receiver import OtlpReceiver  # noqa: E402
 
@@ -76,13 +76,6 @@ async def stream_sessions(ws_url: str, sessions: int, warmup: int, measured: int
     return [chunk for chunks in per_session for chunk in chunks]
 
 
-def tracing_env(otlp_endpoint: str) -> dict[str, str]:
-    return {
-        "TURBOSERVE_TRACING": "1", "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
-    }
-
-
 class TracingComparison(TypedDict):
     overhead_frac: float
     pair_ratios: list[float]
@@ -101,7 +94,7 @@ def compare_tracing(database_url: str, args: argparse.Namespace) -> TracingCompa
     rounds: list[dict[str, dict[str, float]]] = []
     with OtlpReceiver() as receiver, contextlib.ExitStack() as stack:
         systems: dict[str, System] = {}
-        for condition, env in (("off", {}), ("on", tracing_env(receiver.endpoint))):
+        for condition, env in (("off", {}), ("on", otlp_export_env(receiver.endpoint))):
             nats = start_nats_server()
             stack.callback(nats.stop)
             database = stack.enter_context(scratch_database(database_url, f"bench_tracing_{condition}"))
@@ -130,7 +123,7 @@ def span_cost_per_chunk_us(otlp_endpoint: str, sessions: int = 8, steps: int = 1
     gateways = {f"s{i}": GatewayChunkSpans(f"s{i}") for i in range(sessions)}
     worker = WorkerChunkTraces()
     frames = {(sid, seq): _frame(sid, seq) for sid in gateways for seq in range(steps)}
-    env = {**tracing_env(otlp_endpoint), "OTEL_BSP_MAX_QUEUE_SIZE": str(16 * sessions * steps)}
+    env = {**otlp_export_env(otlp_endpoint), "OTEL_BSP_MAX_QUEUE_SIZE": str(16 * sessions * steps)}
     with unittest.mock.patch.dict(os.environ, env), tracing_from_env("bench"):
         for gateway in gateways.values():
             gateway.start_session("tiny")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.common.telemetry.tracing import otlp_export_env
 from services.launcher import Child
 from tests.e2e.conftest import RunningSystem, running_system
 
@@ -42,11 +43,8 @@ class ObservedSystem(RunningSystem):
 
 
 def tracing_env(otlp_endpoint: str) -> dict[str, str]:
-    """What turns tracing on for every service, in the standard variables Jaeger deployments use."""
-    return {
-        "TURBOSERVE_TRACING": "1", "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100",
-    }
+    """Tracing on, exporting every 100 ms so a test sees its spans quickly."""
+    return {**otlp_export_env(otlp_endpoint), "OTEL_BSP_SCHEDULE_DELAY": "100"}
 
 
 def _metrics_port(child: Child, timeout_s: float) -> int:

@@ -157,3 +157,12 @@ def extract(headers: Mapping[str, str] | None, key: str = _TRACEPARENT) -> trace
     context = _PROPAGATOR.extract({_TRACEPARENT: headers[key]})
     span_context = trace.get_current_span(context).get_span_context()
     return span_context if span_context.is_valid else None
+
+
+def otlp_export_env(endpoint: str) -> dict[str, str]:
+    """The environment that turns tracing on in a service and exports to ``endpoint`` by OTLP/HTTP: the standard
+    variables a Jaeger or collector deployment sets (docker-compose.yml sets the same)."""
+    return {
+        TRACING_ENV: "1", "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+    }
