@@ -4,6 +4,8 @@ fixture is the plain two-worker system most tests use."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import shutil
 import tempfile
@@ -12,8 +14,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from services.client import ReceivedChunk, ServerError, TurboServeClient
 from services.common.nats_server import free_port
 from services.launcher import Child, start_services, stop_children, wait_http_ok
 
@@ -38,6 +43,26 @@ class RunningSystem:
         """The tail of every service's log, workers started later by a provisioner included."""
         paths = sorted(self.log_dir.glob("*.log"))
         return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}" for path in paths)
+
+
+async def start_when_workers_registered(client: TurboServeClient, prompt: str, seed: int) -> dict[str, object]:
+    """Workers register by heartbeat a moment after the gateway is up; retry only that one answer."""
+    for _ in range(100):
+        try:
+            return await client.start(prompt, seed)
+        except ServerError as exc:
+            if exc.code != "unavailable":
+                raise
+            await asyncio.sleep(0.1)
+    raise AssertionError("no worker registered with the scheduler")
+
+
+async def receive(client: TurboServeClient, session_id: str, count: int) -> list[ReceivedChunk]:
+    return [await client.next_chunk(session_id) for _ in range(count)]
+
+
+def decoded(chunks: list[ReceivedChunk]) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(io.BytesIO(f))) for c in chunks for f in c.frames]).astype(np.int16)
 
 
 @contextmanager

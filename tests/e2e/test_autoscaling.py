@@ -14,8 +14,7 @@ import psycopg
 import pytest
 
 from services.client import ReceivedChunk, ServerError, TurboServeClient
-from tests.e2e.conftest import TOKENS, RunningSystem, running_system
-from tests.e2e.test_streaming import start_when_workers_registered
+from tests.e2e.conftest import TOKENS, RunningSystem, running_system, start_when_workers_registered
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -9,9 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from services.client import TurboServeClient
-from tests.e2e.conftest import TOKENS
+from tests.e2e.conftest import TOKENS, start_when_workers_registered
 from tests.e2e.observed_system import ObservedSystem, Sample, observed_system
-from tests.e2e.test_streaming import start_when_workers_registered
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

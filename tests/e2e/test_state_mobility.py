@@ -26,8 +26,7 @@ from services.common.admin import MigrateSession, OffloadRequest
 from services.common.control import MigrationReport
 from services.common.messages import Reply, WorkerHeartbeat
 from services.common.wire import Message, decode, encode
-from tests.e2e.conftest import TOKENS, RunningSystem, running_system
-from tests.e2e.test_streaming import decoded, receive, start_when_workers_registered
+from tests.e2e.conftest import TOKENS, RunningSystem, decoded, receive, running_system, start_when_workers_registered
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

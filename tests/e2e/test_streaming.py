@@ -4,37 +4,15 @@ scheduler persisting every session in PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
-import io
 
 import numpy as np
 import psycopg
 import pytest
-from PIL import Image
 
-from services.client import ReceivedChunk, ServerError, TurboServeClient
-from tests.e2e.conftest import TOKENS, RunningSystem
+from services.client import ReceivedChunk, TurboServeClient
+from tests.e2e.conftest import TOKENS, RunningSystem, decoded, receive, start_when_workers_registered
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-async def start_when_workers_registered(client: TurboServeClient, prompt: str, seed: int) -> dict[str, object]:
-    """Workers register by heartbeat a moment after the gateway is up; retry only that one answer."""
-    for _ in range(100):
-        try:
-            return await client.start(prompt, seed)
-        except ServerError as exc:
-            if exc.code != "unavailable":
-                raise
-            await asyncio.sleep(0.1)
-    raise AssertionError("no worker registered with the scheduler")
-
-
-async def receive(client: TurboServeClient, session_id: str, count: int) -> list[ReceivedChunk]:
-    return [await client.next_chunk(session_id) for _ in range(count)]
-
-
-def decoded(chunks: list[ReceivedChunk]) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(io.BytesIO(f))) for c in chunks for f in c.frames]).astype(np.int16)
 
 
 async def run_scripted_session(system: RunningSystem, token: str, seed: int) -> tuple[str, list[ReceivedChunk]]:
