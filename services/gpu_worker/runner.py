@@ -24,6 +24,7 @@ from services.common.messages import (
 )
 from services.common.telemetry.chunks import worker_chunk_traces
 from services.common.telemetry.metrics import set_sessions
+from services.common.telemetry.tracing import consumer_span
 from services.common.wire import Message, decode, encode
 from services.gpu_worker.engine import ChunkEngine
 from services.gpu_worker.migration_agent import MigrationAgent
@@ -45,33 +46,44 @@ class WorkerRunner:
         self._draining = False
 
     async def _on_control(self, msg: Msg) -> None:
-        reply: Message = Reply(ok=True)
+        """Each control message gets its own consumer span linked to the sender's, so an attach, offload or
+        migration step shows up next to the scheduler decision that caused it (credits are traced per chunk)."""
+        reply: Message
         try:
             request = decode(msg.data)
-            if isinstance(request, DrainWorker):
-                self._draining = True
-                log.info("event=draining worker=%s reason=%r", self._settings.worker_id, request.reason)
-            elif isinstance(request, AttachSession):
-                self._refuse_new_sessions_while_draining(request.session_id)
-                await self._engine.attach(request)
-            elif isinstance(request, ChangePrompt):
-                self._engine.change_prompt(request)
-            elif isinstance(request, DetachSession):
-                await self._engine.detach(request)
-            elif isinstance(request, OffloadSession) and self._residency is not None:
-                await self._residency.offload(request)
-            elif isinstance(request, PrepareMigration) and self._migrations is not None:
-                self._refuse_new_sessions_while_draining(request.session_id)
-                reply = await self._migrations.prepare(request)
-            elif isinstance(request, StartMigration) and self._migrations is not None:
-                await self._migrations.start(request)
-            else:
-                raise ProtocolError(f"{request.TYPE!r} is not a worker control message")
+            attributes: dict[str, str | float] = {"worker.id": self._settings.worker_id}
+            session_id = getattr(request, "session_id", None)
+            if isinstance(session_id, str):
+                attributes["session.id"] = session_id
+            with consumer_span(f"worker.{request.TYPE}", msg.headers, **attributes):
+                reply = await self._handle_control(request)
         except TurboServeError as exc:
             log.info("event=control_refused worker=%s code=%s detail=%s", self._settings.worker_id, exc.code, exc)
             reply = Reply(ok=False, code=exc.code, detail=str(exc))
         if msg.reply:
             await msg.respond(encode(reply))
+
+    async def _handle_control(self, request: Message) -> Message:
+        if isinstance(request, DrainWorker):
+            self._draining = True
+            log.info("event=draining worker=%s reason=%r", self._settings.worker_id, request.reason)
+        elif isinstance(request, AttachSession):
+            self._refuse_new_sessions_while_draining(request.session_id)
+            await self._engine.attach(request)
+        elif isinstance(request, ChangePrompt):
+            self._engine.change_prompt(request)
+        elif isinstance(request, DetachSession):
+            await self._engine.detach(request)
+        elif isinstance(request, OffloadSession) and self._residency is not None:
+            await self._residency.offload(request)
+        elif isinstance(request, PrepareMigration) and self._migrations is not None:
+            self._refuse_new_sessions_while_draining(request.session_id)
+            return await self._migrations.prepare(request)
+        elif isinstance(request, StartMigration) and self._migrations is not None:
+            await self._migrations.start(request)
+        else:
+            raise ProtocolError(f"{request.TYPE!r} is not a worker control message")
+        return Reply(ok=True)
 
     def _refuse_new_sessions_while_draining(self, session_id: str) -> None:
         """A draining worker keeps serving its own sessions until they are moved, but takes no new ones."""

@@ -177,9 +177,7 @@ async def open_scheduler(settings: SchedulerSettings, nats: NatsClient) -> Async
         store = traced_store(PostgresStore.connect(settings.database_url))
         stack.push_async_callback(store.close)
         mover = NatsStateMover(nats, store)  # the StateMover the control loop acts through
-        await stack.enter_async_context(
-            MobilityService(nats, store, mover, offload_after_s=settings.offload_after_s)
-        )
+        await stack.enter_async_context(MobilityService(nats, store, mover))
         loop = await stack.enter_async_context(
             open_control_loop(ControlSettings.from_env(), nats, store, mover, offload_after_s=settings.offload_after_s)
         )

@@ -20,7 +20,8 @@ class SchedulerSettings:
     sweep_interval_s: float = 0.5
     """How often liveness is checked and unplaced active sessions are retried (TURBOSERVE_SCHED_SWEEP_S, 0.01-60)."""
     offload_after_s: float = 10.0
-    """An idle session that produced nothing for this long is offloaded (TURBOSERVE_OFFLOAD_AFTER_S, 0.1-86400)."""
+    """The control loop offloads an idle session whose row has not changed for this long (TURBOSERVE_OFFLOAD_AFTER_S,
+    0.1-86400)."""
 
     def __post_init__(self) -> None:
         if self.sweep_interval_s > self.worker_timeout_s:

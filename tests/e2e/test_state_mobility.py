@@ -59,7 +59,7 @@ async def ask(nc: NatsClient, subject: str, request: Message) -> Message:
     return decode((await nc.request(subject, encode(request), timeout=60)).data)
 
 
-async def offloaded_by_idle_rule(nc: NatsClient, session_id: str, worker_id: str, timeout_s: float) -> None:
+async def offloaded_when_idle(nc: NatsClient, session_id: str, worker_id: str, timeout_s: float) -> None:
     """Returns once a heartbeat of ``worker_id`` lists the session as offloaded."""
     seen = asyncio.Event()
 
@@ -153,7 +153,7 @@ async def test_a_paused_session_offloaded_when_idle_and_resumed_on_the_other_wor
         paused = await client.pause(session_id)
         chunks += await receive(client, session_id, int(paused["next_seq"]) - len(chunks))
         source = chunks[-1].header.worker_id
-        await offloaded_by_idle_rule(operator, session_id, source, timeout_s=15.0)  # TURBOSERVE_OFFLOAD_AFTER_S=2
+        await offloaded_when_idle(operator, session_id, source, timeout_s=15.0)  # TURBOSERVE_OFFLOAD_AFTER_S=2
         offloaded = await ask(operator, subjects.SCHED_ADMIN_OFFLOAD, OffloadRequest(session_id))  # idempotent
         assert isinstance(offloaded, Reply) and offloaded.ok, offloaded
         moved = await ask(operator, subjects.SCHED_ADMIN_MIGRATE, MigrateSession(session_id))

@@ -1,4 +1,4 @@
-"""The scheduler's StateMover and idle rule against the in-memory store and a scripted NATS: what each answer of
+"""The scheduler's StateMover against the in-memory store and a scripted NATS: what each answer of
 the workers leads to (epoch bump, placement, detach) without any socket."""
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
-import pytest
-
 from services.common import subjects
 from services.common.control import (
     MigrationReport,
@@ -19,9 +17,8 @@ from services.common.control import (
     PrepareMigration,
     StartMigration,
 )
-from services.common.messages import DetachSession, Placement, Reply, WorkerHeartbeat
+from services.common.messages import DetachSession, Placement, Reply
 from services.common.wire import Message, decode, encode
-from services.scheduler.mobility import IdleTracker, sessions_to_offload
 from services.scheduler.state_mover import NatsStateMover
 from services.scheduler.store.memory import MemoryStore
 from services.scheduler.store.protocol import SessionRecord
@@ -139,25 +136,3 @@ async def test_an_offloaded_session_moves_by_snapshot_without_a_live_transfer() 
     assert [type(r) for _, r in nats.requests] == [OffloadSession, DetachSession]
     session = await store.get_session("s1")
     assert session is not None and (session.worker_id, session.epoch, session.status) == ("w2", 2, "idle")
-
-
-def beat(worker: str, sessions: dict[str, int], offloaded: tuple[str, ...] = ()) -> WorkerHeartbeat:
-    return WorkerHeartbeat(worker_id=worker, kind="cpu", model="tiny", capacity=4, sessions=sessions,
-                           offloaded=offloaded)
-
-
-@pytest.mark.parametrize("quiet_s, expected", [(9.9, []), (10.0, [("a", "w1")])])
-def test_the_idle_rule_offloads_sessions_quiet_for_the_period_and_no_sooner(
-    quiet_s: float, expected: list[tuple[str, str]]
-) -> None:
-    tracker = IdleTracker()
-    tracker.observe(beat("w1", {"a": 3}), now_s=0.0)
-    tracker.observe(beat("w1", {"a": 3}), now_s=quiet_s)
-    assert sessions_to_offload(tracker.quiet(quiet_s), after_s=10.0) == expected
-
-
-def test_a_new_chunk_restarts_the_idle_clock_and_offloaded_or_departed_sessions_are_not_candidates() -> None:
-    tracker = IdleTracker()
-    tracker.observe(beat("w1", {"a": 3, "b": 1, "c": 0}), now_s=0.0)
-    tracker.observe(beat("w1", {"a": 4, "b": 1}, offloaded=("b",)), now_s=20.0)
-    assert tracker.quiet(25.0) == {"a": ("w1", 5.0)}
