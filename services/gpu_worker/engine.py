@@ -1,8 +1,10 @@
 """The worker's batch loop: gather every session with a ready chunk, one batched forward, encode, emit.
 
 Coalescing is the point (the reference implementation ran one session at a time): all ready sessions share one
-``model.generate`` call. Model calls happen on one thread at a time, serialized by ``_model_lock``, so attaching
-a session never races a forward pass. I/O is injected (``emit``), so this module never touches NATS.
+``model.generate`` call. Each chunk leaves as soon as its own frames are encoded, while the rest of the batch is
+still encoding, so a batch's chunks reach the gateway spread out rather than as one burst that the last of them
+waits behind. Model calls happen on one thread at a time, serialized by ``_model_lock``, so attaching a session
+never races a forward pass. I/O is injected (``emit``), so this module never touches NATS.
 """
 
 from __future__ import annotations
@@ -37,6 +39,18 @@ class ImportedState:
 
     tensors: Mapping[str, torch.Tensor]
     chunks_done: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    """One session's chunk of a batch, its frames encoded; ``encode_wait_ms`` counts from the end of the forward
+    pass to these frames being ready (the frames of the sessions before it in the batch included)."""
+
+    index: int
+    output: ChunkOutput
+    frames: list[bytes]
+    model_ms: float
+    encode_wait_ms: float
 
 
 class ResidencyHooks(Protocol):
@@ -186,33 +200,56 @@ class ChunkEngine:
     async def _step(self, batch: list[ResidentSession]) -> None:
         started = self._clock()
         started_wall_ms = time.time() * 1e3
+        loop = asyncio.get_running_loop()
+        encoded: asyncio.Queue[_Encoded | BaseException] = asyncio.Queue()
         with worker_chunk_traces.batch(self._worker_id, batch):
             async with self._model_lock:
                 # a session may have left its slot (detached, offloaded, migrated) while we waited for the lock
                 batch[:] = [s for s in batch if self.sessions.get(s.session_id) is s and not s.offloaded]
                 if not batch:
                     return
-                outputs, model_ms, encode_ms, encoded = await asyncio.to_thread(self._generate_and_encode, batch)
+                ready_s = [s.ready_since_s or started for s in batch]
+                work = asyncio.ensure_future(asyncio.to_thread(
+                    self._generate_and_encode, batch, lambda item: loop.call_soon_threadsafe(encoded.put_nowait, item)
+                ))
+                series = worker_series(self._worker_id, self._model_name)
+                for _ in batch:  # each chunk goes out as soon as its own frames are encoded
+                    item = await encoded.get()
+                    if isinstance(item, BaseException):
+                        await work  # raises what the model thread raised
+                        raise item
+                    session = batch[item.index]
+                    queue_ms = (started - ready_s[item.index]) * 1e3
+                    timings = {
+                        "ready_at_unix_ms": started_wall_ms - queue_ms, "queue_ms": queue_ms,
+                        "model_ms": item.model_ms, "encode_ms": item.encode_wait_ms, "batch": float(len(batch)),
+                    }
+                    session.record(EncodedChunk(item.output.chunk_index, item.output.first_frame, item.frames,
+                                                timings))
+                    series.observe_chunk(queue_ms / 1e3, self._clock() - ready_s[item.index])
+                    await self._flush(session)
+                model_ms, encode_ms = await work
+            done = self._clock()  # the model is free for the next chunk of every session in this batch
+            for session in batch:
+                session.ready_since_s = done if session.wants_generation() else None
         self._batch_samples.append((len(batch), model_ms + encode_ms))
-        series = worker_series(self._worker_id, self._model_name)
         series.observe_batch(len(batch))
-        for session, output, frames in zip(batch, outputs, encoded, strict=True):
-            queue_ms = (started - (session.ready_since_s or started)) * 1e3
-            series.observe_chunk(queue_ms / 1e3, self._clock() - (session.ready_since_s or started))
-            timings = {
-                "ready_at_unix_ms": started_wall_ms - queue_ms, "queue_ms": queue_ms, "model_ms": model_ms,
-                "encode_ms": encode_ms, "batch": float(len(batch)),
-            }
-            session.record(EncodedChunk(output.chunk_index, output.first_frame, frames, timings))
-            session.ready_since_s = self._clock() if session.wants_generation() else None
         if self.hooks is not None:  # every chunk of the batch is recorded: a boundary for all of them
             self.hooks.after_batch(batch)
-        for session in batch:
-            await self._flush(session)
 
-    def _generate_and_encode(
-        self, batch: list[ResidentSession]
-    ) -> tuple[list[ChunkOutput], float, float, list[list[bytes]]]:
+    def _generate_and_encode(self, batch: list[ResidentSession],
+                             deliver: Callable[[_Encoded | BaseException], object]) -> tuple[float, float]:
+        """Runs on a worker thread: the batched forward, then each session's frames, handed to ``deliver`` one by
+        one so the first chunk travels while the rest encode; a failure is handed over too, so the loop waiting
+        for the next chunk hears of it. Returns (model ms, encode ms) of the batch."""
+        try:
+            return self._forward_and_encode(batch, deliver)
+        except BaseException as exc:
+            deliver(exc)
+            raise
+
+    def _forward_and_encode(self, batch: list[ResidentSession],
+                            deliver: Callable[[_Encoded | BaseException], object]) -> tuple[float, float]:
         for session in batch:
             prompt = session.prompt_for(session.next_seq)
             if prompt != session.active_prompt:
@@ -222,13 +259,13 @@ class ChunkEngine:
         with span("model.forward"):
             outputs = self._model.generate([s.handle for s in batch])
         t1 = time.perf_counter()
+        model_ms = (t1 - t0) * 1e3
         with span("encode"):
-            encoded = [
-                self._encoder.encode_frames(o.frames) if o.chunk_index >= s.silent_until else []
-                for o, s in zip(outputs, batch, strict=True)
-            ]
-        t2 = time.perf_counter()
-        return outputs, (t1 - t0) * 1e3, (t2 - t1) * 1e3, encoded
+            for index, (output, session) in enumerate(zip(outputs, batch, strict=True)):
+                silent = output.chunk_index < session.silent_until
+                frames = [] if silent else self._encoder.encode_frames(output.frames)
+                deliver(_Encoded(index, output, frames, model_ms, (time.perf_counter() - t1) * 1e3))
+        return model_ms, (time.perf_counter() - t1) * 1e3
 
     async def _flush(self, session: ResidentSession) -> None:
         for chunk in session.sendable():

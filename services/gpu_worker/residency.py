@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections.abc import Sequence
 
 import torch
@@ -104,8 +105,14 @@ class SessionResidency:
 
     def after_batch(self, batch: Sequence[ResidentSession]) -> None:
         for session in batch:
-            if session.next_seq % self._every_chunks == 0 and session.next_seq > session.silent_until:
+            if self._snapshot_due(session) and session.next_seq > session.silent_until:
                 self._start_upload(session)
+
+    def _snapshot_due(self, session: ResidentSession) -> bool:
+        """Every ``every_chunks`` chunks, at a phase of its own per session: sessions that started together
+        stream in lockstep, and exporting all of them after the same batch would stall the next one."""
+        phase = zlib.crc32(session.session_id.encode()) % self._every_chunks
+        return (session.next_seq + phase) % self._every_chunks == 0
 
     async def discard(self, session: ResidentSession) -> None:
         async with self._lock_for(session.session_id):

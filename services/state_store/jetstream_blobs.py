@@ -52,15 +52,18 @@ async def upload(
     chunk_bytes: int,
     ack_timeout_s: float,
 ) -> StagedBlob:
-    """Publish the buffers back to back as chunks, then the meta; the object exists only once the meta is stored."""
+    """Publish the buffers back to back as chunks, then the meta; the object exists only once the meta is stored.
+
+    The digest is computed on a thread first (hashlib lets go of the GIL), not on the event loop between
+    publishes, where hashing a state of many MiB would stall every chunk the process sends meanwhile."""
     subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid)
-    digest, total, count = hashlib.sha256(), 0, 0
+    raw = await asyncio.to_thread(_sha256, buffers)
+    total, count = 0, 0
     acks: collections.deque[asyncio.Future[api.PubAck]] = collections.deque()
     try:
         for chunk in _chunks(buffers, chunk_bytes):
             if len(acks) >= WINDOW_CHUNKS:
                 await asyncio.wait_for(acks.popleft(), ack_timeout_s)
-            digest.update(chunk)
             acks.append(await js.publish_async(subject, chunk))  # type: ignore[arg-type]  # any buffer works
             total += chunk.nbytes
             count += 1
@@ -71,7 +74,6 @@ async def upload(
     finally:
         for ack in acks:  # only left on failure; their chunks are swept with the rest of this nuid
             ack.cancel()
-    raw = digest.digest()
     info = api.ObjectInfo(
         name=name,
         bucket=bucket,
@@ -86,6 +88,13 @@ async def upload(
         meta_subject(bucket, name), json.dumps(info.as_dict()).encode(), headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT}
     )
     return StagedBlob(total_bytes=total, digest=f"sha256:{raw.hex()}")
+
+
+def _sha256(buffers: Sequence[Buffer]) -> bytes:
+    digest = hashlib.sha256()
+    for buffer in buffers:
+        digest.update(buffer)
+    return digest.digest()
 
 
 async def download(

@@ -143,3 +143,44 @@ async def test_messages_of_an_older_epoch_or_an_unknown_session_are_refused(
         await engine.detach(DetachSession(session_id="nobody", epoch=1))
     await engine.detach(DetachSession(session_id="a", epoch=3))
     assert "a" not in engine.sessions
+
+
+async def test_chunks_of_a_batch_leave_one_by_one_as_their_frames_are_encoded(
+    running: tuple[ChunkEngine, Captured],
+) -> None:
+    engine, captured = running
+    for sid in ("a", "b", "c"):
+        await engine.attach(attach(sid))
+    for sid in ("a", "b", "c"):
+        await engine.credit(RequestChunks(session_id=sid, epoch=1, up_to_seq=0))
+    headers = [(await captured.wait_for(sid, 1))[0][0] for sid in ("a", "b", "c")]
+    waits = sorted(h.timings_ms["encode_ms"] for h in headers)
+    assert all(h.timings_ms["batch"] == 3 for h in headers), "the three sessions shared one forward"
+    assert waits[0] < waits[1] < waits[2], "each chunk waited only for the frames encoded before its own"
+
+
+async def test_a_failing_forward_pass_stops_the_loop_with_its_error_instead_of_hanging(
+    model: StreamingVideoModel,
+) -> None:
+    class Broken(RuntimeError):
+        pass
+
+    captured = Captured()
+    engine = ChunkEngine(
+        model, JpegEncoder(90), captured.emit, worker_id="w1", model_name="tiny",
+        frame_size=(CONFIG.width_px, CONFIG.height_px), max_batch=4, replay_depth=3,
+    )
+    await engine.attach(attach("a"))
+    original = model.generate
+
+    def broken(handles: object) -> object:
+        raise Broken("device lost")
+
+    model.generate = broken  # type: ignore[method-assign,assignment]
+    try:
+        await engine.credit(RequestChunks(session_id="a", epoch=1, up_to_seq=0))
+        with pytest.raises(Broken):
+            await asyncio.wait_for(engine.run(asyncio.Event()), 10)
+    finally:
+        model.generate = original  # type: ignore[method-assign]
+        await engine.detach(DetachSession(session_id="a", epoch=1))
