@@ -44,7 +44,7 @@ class ObservedSystem(RunningSystem):
 
 def tracing_env(otlp_endpoint: str) -> dict[str, str]:
     """Tracing on, exporting every 100 ms so a test sees its spans quickly."""
-    return {**otlp_export_env(otlp_endpoint), "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    return {**otlp_export_env(otlp_endpoint), "OTEL_BSP_SCHEDULE_DELAY": "100", "TURBOSERVE_TRACE_CHUNK_RATIO": "1"}
 
 
 def _metrics_port(child: Child, timeout_s: float) -> int:

@@ -5,6 +5,7 @@ Off (the default; ``TURBOSERVE_TRACING=1`` turns it on) means no SDK provider is
 returns before touching OpenTelemetry, so the chunk path pays one boolean test. On, spans go by OTLP with the
 exporter configured by the standard ``OTEL_*`` variables (endpoint, protocol, headers, ``OTEL_BSP_*`` batching,
 ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``); ``OTEL_TRACES_EXPORTER=none`` records spans, exports none.
+Per-chunk traces are sampled (``sampling``: a tenth by default), every other trace is kept.
 """
 
 from __future__ import annotations
@@ -58,8 +59,10 @@ def tracing_from_env(service: str) -> Iterator[bool]:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+    from services.common.telemetry.sampling import sampler_from_env
+
     name = environ.get("OTEL_SERVICE_NAME") or f"turboserve-{service}"
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}), sampler=sampler_from_env(environ))
     exporter_name = environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
     if exporter_name == "otlp":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
@@ -70,7 +73,8 @@ def tracing_from_env(service: str) -> Iterator[bool]:
     elif exporter_name != "none":
         raise ValueError(f"OTEL_TRACES_EXPORTER={exporter_name!r}: TurboServe exports by otlp (or none)")
     install(provider)
-    log.info("event=tracing_on service_name=%s exporter=%s", name, exporter_name)
+    log.info("event=tracing_on service_name=%s exporter=%s sampler=%s", name, exporter_name,
+             provider.sampler.get_description())
     try:
         yield True
     finally:
