@@ -1,9 +1,10 @@
 """Which traces are kept: every session, control and decision trace, and a share of the per-chunk traces.
 
 Chunk traces are the volume: three spans per chunk plus one batch trace per forward pass, against a handful per
-session. Exporting every one of them cost about 9% of per-chunk latency on a 2-core machine whose CPU also runs
-the model (``bench/e2e.py``); a tenth of them still gives an operator several complete chunk traces per second
-per worker, and the latency histograms see every chunk anyway. So a chunk trace is kept with probability
+session. Recording and exporting every one of them costs about 0.5 ms of CPU per chunk across gateway and worker
+(``bench/e2e.py``), CPU that on a small machine is taken from the model, and a matching load on the trace store;
+a tenth of them still gives an operator several complete chunk traces per second per worker, and the latency
+histograms see every chunk anyway. So a chunk trace is kept with probability
 ``TURBOSERVE_TRACE_CHUNK_RATIO`` (default 0.1; 1 keeps them all) decided once at its root by its trace id, every
 span in it follows that decision across services (W3C sampled flag), and a batch trace is kept exactly when one
 of the chunk traces it links to is, so every kept chunk trace can be followed to its forward pass and encode.
