@@ -20,9 +20,11 @@ from datetime import UTC, datetime
 
 import nats.errors
 from nats.js import JetStreamContext, api
+from nats.js.errors import NotFoundError
 from nats.js.kv import MSG_ROLLUP_SUBJECT
 from nats.js.object_store import (
     OBJ_ALL_CHUNKS_PRE_TEMPLATE,
+    OBJ_ALL_META_PRE_TEMPLATE,
     OBJ_CHUNKS_PRE_TEMPLATE,
     OBJ_DIGEST_TEMPLATE,
     OBJ_META_PRE_TEMPLATE,
@@ -140,6 +142,24 @@ async def chunk_nuids(js: JetStreamContext, bucket: str) -> set[str]:
     )
     prefix = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj="")
     return {subject[len(prefix) :] for subject in (info.state.subjects or {})}
+
+
+async def object_infos(js: JetStreamContext, bucket: str) -> list[api.ObjectInfo]:
+    """The meta of every object not deleted, by direct reads of the subjects the stream lists. Not through
+    ``ObjectStore.list``: that opens a consumer per call, and a sweep every fraction of a second left consumers
+    behind faster than the server reaps them, until it refused new ones, readers' included."""
+    stream = OBJ_STREAM_TEMPLATE.format(bucket=bucket)
+    info = await js.stream_info(stream, subjects_filter=OBJ_ALL_META_PRE_TEMPLATE.format(bucket=bucket))
+    infos = []
+    for subject in info.state.subjects or {}:
+        try:
+            msg = await js.get_last_msg(stream, subject)
+        except NotFoundError:  # purged since the listing
+            continue
+        meta = api.ObjectInfo.from_response(json.loads(msg.data or b"{}"))
+        if not meta.deleted:
+            infos.append(meta)
+    return infos
 
 
 def meta_subject(bucket: str, name: str) -> str:

@@ -30,7 +30,7 @@ from services.state_store.errors import (
     SnapshotGone,
     SnapshotIncomplete,
 )
-from services.state_store.jetstream_blobs import chunk_nuids, download, nuid_of, purge, upload
+from services.state_store.jetstream_blobs import chunk_nuids, download, nuid_of, object_infos, purge, upload
 from services.state_store.protocol import BlobRef, Buffer, StagedBlob, split, supersedes
 
 MAX_CHUNK_BYTES = 1 << 20
@@ -162,25 +162,22 @@ class JetStreamSnapshotStore:
         await self._closed.put(check_id("session_id", session_id), msgpack.packb(float(closed_at_s)))
 
     async def closed_sessions(self) -> dict[str, float]:
-        watcher = await self._closed.watchall(ignore_deletes=True)
+        """Direct reads of the keys the stream lists, not a watcher: a watcher is a consumer (see ``object_infos``)."""
+        stream, prefix = f"KV_{self._bucket}_closed", f"$KV.{self._bucket}_closed."
+        info = await self._js.stream_info(stream, subjects_filter=f"{prefix}>")
         closed: dict[str, float] = {}
-        try:
-            async for entry in watcher:
-                if entry is None:  # the end of the values stored so far
-                    break
-                closed[entry.key] = float(msgpack.unpackb(entry.value))
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+        for subject in info.state.subjects or {}:
+            key = subject[len(prefix):]
+            entry = await _entry(self._closed, key)
+            if entry is not None and entry.value:
+                closed[key] = float(msgpack.unpackb(entry.value))
         return closed
 
     async def blobs(self) -> list[BlobRef]:
         """Objects with a meta (aged by the writer's mtime) and chunks without one: a writer died mid-upload, or is
         uploading right now. Those are aged from when this store first saw them, which only delays their removal.
         Objects not named like ours (written by some other tool) are left alone."""
-        try:
-            infos = await self._objects.list(ignore_deletes=True)
-        except NotFoundError:
-            infos = []
+        infos = await object_infos(self._js, self._bucket)
         found, with_meta = [], set()
         for info in infos:
             session_id, _, snapshot_id = (info.name or "").partition("/")
