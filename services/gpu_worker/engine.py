@@ -53,6 +53,10 @@ class _Encoded:
     encode_wait_ms: float
 
 
+_BatchDone = tuple[float, float, dict[str, Mapping[str, torch.Tensor]]]
+"""(model ms, encode ms, states exported for snapshots by session id) of one batch."""
+
+
 class ResidencyHooks(Protocol):
     """Where state lives beyond the device slot (services.gpu_worker.residency); None means device only."""
 
@@ -64,8 +68,13 @@ class ResidencyHooks(Protocol):
         """The newest stored state at or before ``msg.next_seq``, or None (regenerate from chunk 0)."""
         ...
 
-    def after_batch(self, batch: Sequence[ResidentSession]) -> None:
-        """Called once per batch after its chunks are recorded; must stay O(batch) when nothing is due."""
+    def snapshot_due(self, session_id: str, chunks_done: int) -> bool:
+        """Whether to export the session's state once it has made ``chunks_done`` chunks. Called on the model
+        thread, once per session and batch, so the export rides the batch's own turn on the model."""
+        ...
+
+    def after_batch(self, batch: Sequence[ResidentSession], exported: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Called once per batch after its chunks are recorded, with the states exported for ``snapshot_due``."""
         ...
 
     async def discard(self, session: ResidentSession) -> None:
@@ -228,20 +237,21 @@ class ChunkEngine:
                                                 timings))
                     series.observe_chunk(queue_ms / 1e3, self._clock() - ready_s[item.index])
                     await self._flush(session)
-                model_ms, encode_ms = await work
+                model_ms, encode_ms, exported = await work
             done = self._clock()  # the model is free for the next chunk of every session in this batch
             for session in batch:
                 session.ready_since_s = done if session.wants_generation() else None
         self._batch_samples.append((len(batch), model_ms + encode_ms))
         series.observe_batch(len(batch))
         if self.hooks is not None:  # every chunk of the batch is recorded: a boundary for all of them
-            self.hooks.after_batch(batch)
+            self.hooks.after_batch(batch, exported)
 
     def _generate_and_encode(self, batch: list[ResidentSession],
-                             deliver: Callable[[_Encoded | BaseException], object]) -> tuple[float, float]:
+                             deliver: Callable[[_Encoded | BaseException], object]) -> _BatchDone:
         """Runs on a worker thread: the batched forward, then each session's frames, handed to ``deliver`` one by
-        one so the first chunk travels while the rest encode; a failure is handed over too, so the loop waiting
-        for the next chunk hears of it. Returns (model ms, encode ms) of the batch."""
+        one so the first chunk travels while the rest encode (a failure is handed over too, so the loop waiting
+        for the next chunk hears of it), then the states due a snapshot, copied while the thread holds the model
+        anyway rather than by a task that would queue for the model lock between batches."""
         try:
             return self._forward_and_encode(batch, deliver)
         except BaseException as exc:
@@ -249,7 +259,7 @@ class ChunkEngine:
             raise
 
     def _forward_and_encode(self, batch: list[ResidentSession],
-                            deliver: Callable[[_Encoded | BaseException], object]) -> tuple[float, float]:
+                            deliver: Callable[[_Encoded | BaseException], object]) -> _BatchDone:
         for session in batch:
             prompt = session.prompt_for(session.next_seq)
             if prompt != session.active_prompt:
@@ -265,7 +275,14 @@ class ChunkEngine:
                 silent = output.chunk_index < session.silent_until
                 frames = [] if silent else self._encoder.encode_frames(output.frames)
                 deliver(_Encoded(index, output, frames, model_ms, (time.perf_counter() - t1) * 1e3))
-        return model_ms, (time.perf_counter() - t1) * 1e3
+        encode_ms = (time.perf_counter() - t1) * 1e3
+        exported: dict[str, Mapping[str, torch.Tensor]] = {}
+        if self.hooks is not None:
+            for output, session in zip(outputs, batch, strict=True):
+                done = output.chunk_index + 1
+                if done > session.silent_until and self.hooks.snapshot_due(session.session_id, done):
+                    exported[session.session_id] = self._model.export_state(session.handle)
+        return model_ms, encode_ms, exported
 
     async def _flush(self, session: ResidentSession) -> None:
         for chunk in session.sendable():

@@ -1,10 +1,11 @@
 """Where a session's state lives besides its device slot: host memory while idle, the state store every N chunks
 and on offload, and back in a slot as soon as credit or an attach needs it.
 
-Invariants: state is exported only while the engine's model lock is held, so every export is at a chunk boundary
-and names exactly the chunks recorded (``chunk_seq = next_seq - 1``); at most one snapshot per session is in
-flight and at most ``max_uploads`` in all (a due snapshot is skipped, not queued, when either is busy); an
-offload acknowledges only once its snapshot is durable, so any worker can resume the session from the store.
+Invariants: state is exported only while the model is held (periodic snapshots by the batch's own model thread,
+right after the batch), so every export is at a chunk boundary and names exactly the chunks it has made; at most
+``max_uploads`` snapshots are in flight (a due snapshot is skipped, not queued, when they are; two of one session
+may overlap, and the store keeps the newer whichever commits first); an offload acknowledges only once its
+snapshot is durable, so any worker can resume the session from the store.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -69,7 +70,7 @@ class SessionResidency:
         self._snapshots = snapshots
         self._every_chunks = every_chunks
         self._max_uploads = max_uploads
-        self._uploads: dict[str, asyncio.Task[None]] = {}
+        self._uploads: set[asyncio.Task[None]] = set()
         self._session_locks: dict[str, asyncio.Lock] = {}
         self.state_bytes: dict[str, int] = {}
         """Size of each session's state as last exported here: what a move of it would carry."""
@@ -103,16 +104,27 @@ class SessionResidency:
                  snapshot.chunk_seq + 1, msg.next_seq)
         return ImportedState(unpack(manifest, buffers), snapshot.chunk_seq + 1)
 
-    def after_batch(self, batch: Sequence[ResidentSession]) -> None:
-        for session in batch:
-            if self._snapshot_due(session) and session.next_seq > session.silent_until:
-                self._start_upload(session)
+    def snapshot_due(self, session_id: str, chunks_done: int) -> bool:
+        """Every ``every_chunks`` chunks, at a phase of its own per session (sessions that started together stream
+        in lockstep, and exporting all of them after the same batch would stall the next one), unless too many
+        uploads are running."""
+        phase = zlib.crc32(session_id.encode()) % self._every_chunks
+        if (chunks_done + phase) % self._every_chunks:
+            return False
+        if len(self._uploads) >= self._max_uploads:
+            log.info("event=snapshot_skipped session=%s seq=%d in_flight=%d", session_id, chunks_done - 1,
+                     len(self._uploads))
+            return False
+        return True
 
-    def _snapshot_due(self, session: ResidentSession) -> bool:
-        """Every ``every_chunks`` chunks, at a phase of its own per session: sessions that started together
-        stream in lockstep, and exporting all of them after the same batch would stall the next one."""
-        phase = zlib.crc32(session.session_id.encode()) % self._every_chunks
-        return (session.next_seq + phase) % self._every_chunks == 0
+    def after_batch(self, batch: Sequence[ResidentSession], exported: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        for session in batch:
+            tensors = exported.get(session.session_id)
+            if tensors is not None:  # the state after this batch's chunk: name it by that chunk, now
+                upload = self._snapshot(session.session_id, session.epoch, session.next_seq - 1, tensors)
+                task = asyncio.create_task(upload, name=f"snapshot-{session.session_id}")
+                self._uploads.add(task)
+                task.add_done_callback(self._uploads.discard)
 
     async def discard(self, session: ResidentSession) -> None:
         async with self._lock_for(session.session_id):
@@ -148,7 +160,7 @@ class SessionResidency:
 
     async def close(self) -> None:
         """Cancel and await the uploads in flight; idempotent."""
-        uploads, self._uploads = list(self._uploads.values()), {}
+        uploads, self._uploads = list(self._uploads), set()
         for task in uploads:
             task.cancel()
         await asyncio.gather(*uploads, return_exceptions=True)
@@ -158,32 +170,20 @@ class SessionResidency:
     def _lock_for(self, session_id: str) -> asyncio.Lock:
         return self._session_locks.setdefault(session_id, asyncio.Lock())
 
-    def _start_upload(self, session: ResidentSession) -> None:
-        if session.session_id in self._uploads or len(self._uploads) >= self._max_uploads:
-            log.info("event=snapshot_skipped session=%s seq=%d in_flight=%d", session.session_id,
-                     session.next_seq - 1, len(self._uploads))
-            return
-        task = asyncio.create_task(self._snapshot(session), name=f"snapshot-{session.session_id}")
-        self._uploads[session.session_id] = task
-        task.add_done_callback(lambda _: self._uploads.pop(session.session_id, None))
-
-    async def _snapshot(self, session: ResidentSession) -> None:
+    async def _snapshot(self, session_id: str, epoch: int, chunk_seq: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Pack and store a state the engine exported after chunk ``chunk_seq`` (its own copy: the slot moves on
+        meanwhile)."""
         try:
-            async with self._engine.model_lock:
-                if session.offloaded or self._engine.sessions.get(session.session_id) is not session:
-                    return
-                epoch, chunk_seq = session.epoch, session.next_seq - 1
-                manifest, blobs = await asyncio.to_thread(self._export, session)
-            await self._put(session.session_id, epoch, chunk_seq, manifest, blobs)
+            manifest, blobs = await asyncio.to_thread(self._pack, session_id, tensors)
+            await self._put(session_id, epoch, chunk_seq, manifest, blobs)
         except asyncio.CancelledError:
             raise
         except Exception:  # a lost snapshot only lengthens a later regeneration: log it and keep serving
-            log.exception("event=snapshot_failed session=%s", session.session_id)
+            log.exception("event=snapshot_failed session=%s", session_id)
 
-    def _export(self, session: ResidentSession) -> StoredState:
-        tensors = self._model.export_state(session.handle)
+    def _pack(self, session_id: str, tensors: Mapping[str, torch.Tensor]) -> StoredState:
         manifest = plan_manifest(tensors)
-        self.state_bytes[session.session_id] = manifest.nbytes
+        self.state_bytes[session_id] = manifest.nbytes
         return manifest, to_bytes(pack_for_send(manifest, tensors))
 
     async def _put(self, session_id: str, epoch: int, chunk_seq: int, manifest: StateManifest,
