@@ -10,7 +10,7 @@ Tracing overhead: two systems side by side (own NATS server and database each), 
 other (exporting by OTLP/HTTP to a local receiver, as to Jaeger), 8 sessions streaming in both at once;
 ``tracing_overhead_frac`` is the median over rounds of their e2e p50 ratio, minus 1, with a bootstrap interval, at
 the shipped sampling (a tenth of the chunk traces, every other trace); ``tracing_overhead_frac_every_chunk`` is the
-same with every chunk traced.
+same with every chunk traced, and ``tracing_aa_frac`` the same comparison with tracing off in both (the method's bias).
 Writes bench/results/e2e.json.
 """
 
@@ -94,7 +94,8 @@ class TracingComparison(TypedDict):
     rounds: list[dict[str, dict[str, float]]]
 
 
-def compare_tracing(database_url: str, args: argparse.Namespace, extra_env: dict[str, str]) -> TracingComparison:
+def compare_tracing(database_url: str, args: argparse.Namespace, extra_env: dict[str, str],
+                    *, tracing: bool = True) -> TracingComparison:
     """Two systems side by side, each with its own NATS server and database, tracing off in one and on (OTLP to
     a local receiver) in the other, 8 sessions streaming in both at once, in ``args.tracing_pairs`` pairs of
     rounds. Run one after the other, the same system's e2e p50 moved by up to 40% between minutes on a shared
@@ -103,11 +104,14 @@ def compare_tracing(database_url: str, args: argparse.Namespace, extra_env: dict
     and gateway (where every span is made and exported) get a core of their own, and the rest (NATS, clients,
     receiver, control plane) float. The floating work favours one core by up to 10%, so the second round of each
     pair swaps the cores (a crossover design) and the pair's figure is the geometric mean of its two on/off
-    ratios. The result is the median over pairs; the direct CPU cost of the spans is measured apart, in-process."""
+    ratios. The result is the median over pairs; the direct CPU cost of the spans is measured apart, in-process.
+    With ``tracing=False`` both systems run without tracing: an A/A run, whose figure is the method's own bias
+    and noise on this machine."""
     rounds: list[dict[str, dict[str, float]]] = []
     with OtlpReceiver() as receiver, contextlib.ExitStack() as stack:
         systems: dict[str, System] = {}
-        for condition, env in (("off", {}), ("on", {**otlp_export_env(receiver.endpoint), **extra_env})):
+        on_env = {**otlp_export_env(receiver.endpoint), **extra_env} if tracing else {}
+        for condition, env in (("off", {}), ("on", on_env)):
             nats = start_nats_server()
             stack.callback(nats.stop)
             database = stack.enter_context(scratch_database(database_url, f"bench_tracing_{condition}"))
@@ -292,7 +296,7 @@ def main() -> int:
     results: dict[str, dict[int, dict[str, float]]] = {}
     try:
         with Progress(console=console) as progress:
-            task = progress.add_task("e2e benchmark", total=len(args.sessions) + 3)
+            task = progress.add_task("e2e benchmark", total=len(args.sessions) + 4)
             with scratch_database(postgres.url, "bench_e2e") as database, System(nats.url, database, {}) as system:
                 for count in args.sessions:
                     chunks = asyncio.run(stream_sessions(system.ws_url, count, args.warmup, args.chunks))
@@ -306,6 +310,8 @@ def main() -> int:
             tracing = compare_tracing(postgres.url, args, {})
             progress.advance(task)
             every_chunk = compare_tracing(postgres.url, args, {CHUNK_RATIO_ENV: "1"})
+            progress.advance(task)
+            same = compare_tracing(postgres.url, args, {}, tracing=False)
             progress.advance(task)
     finally:
         nats.stop()
@@ -335,6 +341,9 @@ def main() -> int:
                       f"{comparison['overhead_frac']:+.1%} (90% interval {low:+.1%} to {high:+.1%}; target: at most "
                       f"+5%); the spans themselves cost {comparison['span_cost_us_per_chunk']:.0f} us of CPU per "
                       f"chunk, the receiver's decoding included")
+    low, high = same["overhead_frac_ci90"]
+    console.print(f"the same comparison with tracing off in both (the method's own bias): median "
+                  f"{same['overhead_frac']:+.1%} (90% interval {low:+.1%} to {high:+.1%})")
     payload = {
         "sessions": list(batched),
         "e2e_p50_ms": {n: r["e2e_p50_ms"] for n, r in batched.items()},
@@ -347,6 +356,8 @@ def main() -> int:
         "tracing": tracing,
         "tracing_overhead_frac_every_chunk": every_chunk["overhead_frac"],
         "tracing_every_chunk": every_chunk,
+        "tracing_aa_frac": same["overhead_frac"],
+        "tracing_aa": same,
         "detail": results,
         "measured_at_unix_s": time.time(),
     }
