@@ -45,7 +45,7 @@ async def run_worker(settings: WorkerSettings, nc: NatsClient, stop: asyncio.Eve
         host_budget_bytes=settings.host_state_bytes,
         spill_target=StoreSpill(engine, snapshots, asyncio.get_running_loop()),
     )
-    residency = SessionResidency(engine, model, manager, snapshots, every_chunks=settings.snapshot_every_chunks)
+    residency = SessionResidency(engine, manager, snapshots, every_chunks=settings.snapshot_every_chunks)
     engine.hooks = residency
 
     async def report(migration: MigrationReport) -> None:

@@ -21,7 +21,6 @@ from services.common.control import OffloadSession
 from services.common.errors import InvalidState, TurboServeError, Unavailable
 from services.common.messages import AttachSession
 from services.gpu_worker.engine import ChunkEngine, ImportedState
-from services.gpu_worker.model.interface import StreamingVideoModel
 from services.gpu_worker.session import ResidentSession
 from services.gpu_worker.state.offload import SessionStateManager
 from services.gpu_worker.state.packing import (
@@ -55,7 +54,6 @@ class SessionResidency:
     def __init__(
         self,
         engine: ChunkEngine,
-        model: StreamingVideoModel,
         manager: SessionStateManager,
         snapshots: SnapshotClient,
         *,
@@ -65,7 +63,6 @@ class SessionResidency:
         if every_chunks < 1 or max_uploads < 1:
             raise ValueError(f"every_chunks={every_chunks} and max_uploads={max_uploads} must be >= 1")
         self._engine = engine
-        self._model = model
         self._manager = manager
         self._snapshots = snapshots
         self._every_chunks = every_chunks

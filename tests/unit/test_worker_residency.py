@@ -76,7 +76,7 @@ async def running_worker(model: StreamingVideoModel, host_budget_bytes: int) -> 
         model, device=torch.device("cpu"), device_budget_bytes=1 << 30, host_budget_bytes=host_budget_bytes,
         spill_target=StoreSpill(engine, snapshots, asyncio.get_running_loop()),  # type: ignore[arg-type]
     )
-    residency = SessionResidency(engine, model, manager, snapshots, every_chunks=2)  # type: ignore[arg-type]
+    residency = SessionResidency(engine, manager, snapshots, every_chunks=2)  # type: ignore[arg-type]
     engine.hooks = residency
     stop = asyncio.Event()
     task = asyncio.create_task(engine.run(stop))
