@@ -278,3 +278,15 @@ def test_the_live_controller_takes_the_shorter_hold_and_detector_window_and_keep
     assert controller.name == "ours" and controller.autoscale.hold_s == 2.0
     assert (controller.detector.window_s, controller.detector.recent_s) == (10.0, 1.0)
     assert controller.autoscale.max_gpus == 3
+
+
+async def test_a_session_already_offloaded_is_not_offloaded_again(store: MemoryStore) -> None:
+    journal = Journal()
+    loop, _, _ = make_loop(store, journal, Clock())
+    await add_worker(store, loop, "w1")
+    await store.insert_session(session("s1", "w1", "idle"))
+    await loop.step("idle")
+    assert [entry[:3] for entry in journal.entries] == [("offload", "s1", "w1")]
+    plan = await loop.step("idle")
+    assert not any(isinstance(a, Offload) for a in plan.actions), "its state already left the slot"
+    assert [entry[:3] for entry in journal.entries] == [("offload", "s1", "w1")]
