@@ -17,6 +17,18 @@ from services.common.nats_server import NatsServer, start_nats_server
 from services.common.postgres_server import locate_postgres, scratch_database
 
 
+@pytest.fixture
+def one_intra_op_thread() -> Iterator[None]:
+    """For tests of tiny tensors: OpenMP fan-out only adds barrier waits (30x slower on a loaded 2-core box), and
+    OMP_NUM_THREADS above is only a default a developer's environment may override."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def nats_server() -> Iterator[NatsServer]:
     server = start_nats_server()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -27,8 +28,9 @@ def env_int(name: str, default: int, *, low: int, high: int) -> int:
     return value
 
 
-def env_float(name: str, default: float, *, low: float, high: float) -> float:
-    raw = os.environ.get(name)
+def env_float(name: str, default: float, *, low: float, high: float,
+              environ: Mapping[str, str] = os.environ) -> float:
+    raw = environ.get(name)
     if raw is None:
         return default
     try:

@@ -7,7 +7,6 @@ import multiprocessing as mp
 import os
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
@@ -25,6 +24,7 @@ from services.gpu_worker.model.loader import load_model
 from services.gpu_worker.state.synthetic import SyntheticShape, SyntheticStateModel
 
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 HOST = "127.0.0.1"
 SHAPE = SyntheticShape(layers=4, heads=4, head_dim=32, rows=2048, sink_rows=4, rows_per_chunk=8)  # 4 MiB of KV
 SESSIONS = ("a", "b")
@@ -54,13 +54,6 @@ class SerialModel:
         return serialised
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread() -> Iterator[None]:
-    """Tiny tensors on a shared 2-core box: OpenMP fan-out only adds barrier waits (child processes do the same)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def make_model(kind: str, slots: int) -> StreamingVideoModel:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import queue
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -19,15 +19,9 @@ from services.gpu_worker.model.loader import load_model
 from services.gpu_worker.state.synthetic import SyntheticShape, SyntheticStateModel
 
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread() -> Iterator[None]:
-    """The tensors here are tiny: OpenMP fan-out only adds barrier waits (30x slower on a loaded 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 SHAPE = SyntheticShape(layers=2, heads=2, head_dim=16, rows=200, sink_rows=4, rows_per_chunk=3)
 Allocate = Callable[[torch.dtype, int], torch.Tensor]
 

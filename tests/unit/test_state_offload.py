@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -16,15 +16,9 @@ from services.gpu_worker.state.packing import StateManifest
 from services.gpu_worker.state.synthetic import SyntheticShape, SyntheticStateModel
 
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread() -> Iterator[None]:
-    """The tensors here are tiny: OpenMP fan-out only adds barrier waits (30x slower on a loaded 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 SHAPE = SyntheticShape(layers=2, heads=2, head_dim=16, rows=40, rows_per_chunk=3)
 
 

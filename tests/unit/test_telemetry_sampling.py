@@ -12,6 +12,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.common.chunk_frame import ChunkHeader, pack_chunk
+from services.common.config import ConfigError
 from services.common.telemetry.chunks import GatewayChunkSpans, WorkerChunkTraces
 from services.common.telemetry.sampling import sampler_from_env
 from services.common.telemetry.tracing import install, span, switch, tracer
@@ -85,7 +86,7 @@ def test_at_ratio_zero_no_chunk_trace_is_kept_but_control_traces_are(sampled: In
 
 def test_the_standard_sampler_variable_takes_over_and_a_bad_ratio_is_refused() -> None:
     assert sampler_from_env({"OTEL_TRACES_SAMPLER": "always_on", "TURBOSERVE_TRACE_CHUNK_RATIO": "0"}) is None
-    with pytest.raises(ValueError, match="not a number"):
+    with pytest.raises(ConfigError, match="not a number"):
         sampler_from_env({"TURBOSERVE_TRACE_CHUNK_RATIO": "often"})
-    with pytest.raises(ValueError, match="between 0 and 1"):
+    with pytest.raises(ConfigError, match="out of bounds"):
         sampler_from_env({"TURBOSERVE_TRACE_CHUNK_RATIO": "1.5"})

@@ -25,6 +25,7 @@ from opentelemetry.trace import Link, Span, SpanContext, SpanKind
 
 from services.common.chunk_frame import peek_header_fields
 from services.common.telemetry.logs import bind_session
+from services.common.telemetry.sampling import BATCH_ROOT, CHUNK_ROOT
 from services.common.telemetry.tracing import (
     context_header,
     extract,
@@ -94,7 +95,7 @@ class GatewayChunkSpans:
             chunk = self._chunks.get(seq)
             if chunk is None:
                 chunk = self._chunks[seq] = tracer().start_span(
-                    "gateway.chunk", context=_ROOT, kind=SpanKind.PRODUCER, links=session_link,
+                    CHUNK_ROOT, context=_ROOT, kind=SpanKind.PRODUCER, links=session_link,
                     attributes={"session.id": self.session_id, "chunk.seq": seq, "epoch": epoch,
                                 "worker.id": worker_id},
                 )
@@ -183,7 +184,7 @@ class WorkerChunkTraces:
         keys = [(s.session_id, s.next_seq) for s in batch]
         links = [Link(self._requests[k]) for k in keys if k in self._requests]
         with tracer().start_as_current_span(
-            "worker.batch", context=_ROOT, kind=SpanKind.INTERNAL, links=links,
+            BATCH_ROOT, context=_ROOT, kind=SpanKind.INTERNAL, links=links,
             attributes={"worker.id": worker_id, "batch.size": len(batch)},
         ) as span:
             context = span.get_span_context()

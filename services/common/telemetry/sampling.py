@@ -28,6 +28,8 @@ from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 
+from services.common.config import env_float
+
 CHUNK_RATIO_ENV = "TURBOSERVE_TRACE_CHUNK_RATIO"
 DEFAULT_CHUNK_RATIO = 0.1
 CHUNK_ROOT = "gateway.chunk"
@@ -65,12 +67,9 @@ class ChunkTraceRatio(Sampler):
 
 
 def sampler_from_env(environ: Mapping[str, str]) -> Sampler | None:
-    """TurboServe's sampler, or None where ``OTEL_TRACES_SAMPLER`` is set and the SDK should build that one."""
+    """TurboServe's sampler, or None where ``OTEL_TRACES_SAMPLER`` is set and the SDK should build that one.
+    Raises ConfigError for a ratio that is not a number in [0, 1]."""
     if environ.get("OTEL_TRACES_SAMPLER"):
         return None
-    text = environ.get(CHUNK_RATIO_ENV, str(DEFAULT_CHUNK_RATIO))
-    try:
-        ratio = float(text)
-    except ValueError:
-        raise ValueError(f"{CHUNK_RATIO_ENV}={text!r} is not a number") from None
+    ratio = env_float(CHUNK_RATIO_ENV, DEFAULT_CHUNK_RATIO, low=0.0, high=1.0, environ=environ)
     return ParentBased(root=ChunkTraceRatio(ratio))
