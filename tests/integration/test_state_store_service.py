@@ -228,3 +228,22 @@ async def test_the_directory_backend_serves_clients_through_a_shared_path(nc: Na
         snap = await client.get_latest("s1")
     assert snap is not None and bytes(snap.buffers[0]) == payload
     assert list((tmp_path / "heads").iterdir()) == [tmp_path / "heads" / "s1.head"]
+
+
+async def test_sweeping_again_and_again_leaves_no_consumer_behind(nc: NatsClient, bucket: str) -> None:
+    """A sweep lists closed sessions and stored objects; a JetStream consumer per listing outlived it, and a
+    sweep every 50 ms piled them up until the server refused new ones, readers' included."""
+    store = await JetStreamSnapshotStore.open(nc, bucket, create=True)
+    await store.mark_closed("s1", 10.0)
+    await store.stage("s2", "kept", [b"state"])
+    js = nc.jetstream()
+    streams = (f"OBJ_{bucket}", f"KV_{bucket}_closed")
+
+    async def consumers() -> int:
+        return sum([(await js.stream_info(stream)).state.consumer_count for stream in streams])
+
+    before = await consumers()
+    for _ in range(20):
+        assert await store.closed_sessions() == {"s1": 10.0}
+        assert [blob.snapshot_id for blob in await store.blobs()] == ["kept"]
+    assert await consumers() == before

@@ -178,3 +178,11 @@ def test_the_migration_blob_carries_cursors_prompts_and_the_replay_buffer_at_a_f
         3, 7, [(0, "a"), (4, "b")], 6, 5, 2)
     assert [(c.seq, c.frames) for c in back.replay] == [(4, [b"x" * 10]), (5, [b"y"])]
     assert back.active_prompt == "a" and back.credit_up_to == -1
+
+
+def test_sessions_in_lockstep_take_their_snapshots_at_different_chunks_each_at_its_own_period() -> None:
+    residency = SessionResidency(None, None, None, every_chunks=4)  # type: ignore[arg-type]
+    due = {sid: [n for n in range(1, 13) if residency.snapshot_due(sid, n)] for sid in (f"s{i}" for i in range(8))}
+    for chunks in due.values():
+        assert len(chunks) == 3 and chunks[1] - chunks[0] == chunks[2] - chunks[1] == 4, "every 4 chunks"
+    assert len({chunks[0] for chunks in due.values()}) > 1, "not all 8 after the same batch"
