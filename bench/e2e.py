@@ -3,7 +3,9 @@
 Per chunk: e2e = client receipt - the moment the chunk became ready at the worker (same host, wall clocks);
 model = the batched forward that produced it; encode = the JPEG encoding of the batch's frames on the worker;
 overhead = e2e - model - encode: what the serving system adds (queueing, NATS, gateway, WebSocket). The
-overhead with encoding included is reported beside it. Coalesced throughput at 8 sessions (chunks/s while all
+overhead with encoding included is reported beside it, and the overhead split at the worker's publish
+(``sent_at_unix_ms``): the worker's share (queueing, hand-offs to and from the model thread) and the transport's
+(NATS, gateway, WebSocket, client). Coalesced throughput at 8 sessions (chunks/s while all
 sessions stream) is measured against the same worker serving one session at a time (TURBOSERVE_MAX_BATCH=1), in
 the same run, beside its ceiling: the model's own batched-vs-alone speedup, measured in this process.
 Tracing overhead: two systems side by side (own NATS server and database each), tracing off in one and on in the
@@ -38,6 +40,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.client import ReceivedChunk, ServerError, TurboServeClient  # noqa: E402
+from services.common import event_loop  # noqa: E402
 from services.common.chunk_frame import ChunkHeader, pack_chunk  # noqa: E402
 from services.common.nats_server import free_port, start_nats_server  # noqa: E402
 from services.common.postgres_server import locate_postgres, scratch_database  # noqa: E402
@@ -127,7 +130,7 @@ def compare_tracing(database_url: str, args: argparse.Namespace, extra_env: dict
             if len(cores) >= 2:
                 for offset, system in enumerate(systems.values()):
                     system.pin_chunk_path(cores[(index + offset) % 2])
-            rounds.append(dict(zip(systems, map(summarize, asyncio.run(both())), strict=True)))
+            rounds.append(dict(zip(systems, map(summarize, event_loop.run(both())), strict=True)))
         spans = len(receiver.spans)
         span_cost_us = span_cost_per_chunk_us(receiver.endpoint, extra_env)
     ratios = [pair["on"]["e2e_p50_ms"] / pair["off"]["e2e_p50_ms"] for pair in rounds]
@@ -223,6 +226,8 @@ def summarize(chunks: list[ReceivedChunk]) -> dict[str, float]:
     model = np.array([c.header.timings_ms["model_ms"] for c in chunks])
     encode = np.array([c.header.timings_ms["encode_ms"] for c in chunks])
     system = e2e - model - encode
+    sent = np.array([c.header.timings_ms["sent_at_unix_ms"] for c in chunks])
+    transport = np.array([c.received_at_unix_ms for c in chunks]) - sent  # NATS, gateway, WebSocket, client
     # Throughput over the window in which every session streams: the first and last chunks of a staggered start
     # and finish come in smaller batches and would understate the batched rate.
     by_session: dict[str, list[float]] = {}
@@ -238,6 +243,8 @@ def summarize(chunks: list[ReceivedChunk]) -> dict[str, float]:
         "model_ms": float(np.median(model)), "encode_ms": float(np.median(encode)),
         "overhead_p50_ms": float(np.percentile(system, 50)), "overhead_p99_ms": float(np.percentile(system, 99)),
         "overhead_incl_encode_p99_ms": float(np.percentile(e2e - model, 99)),
+        "worker_overhead_p99_ms": float(np.percentile(system - transport, 99)),
+        "transport_p50_ms": float(np.percentile(transport, 50)), "transport_p99_ms": float(np.percentile(transport, 99)),
         "mean_batch": float(np.mean([c.header.timings_ms["batch"] for c in chunks])),
         "chunks_per_s": in_window / max((last - first) / 1e3, 1e-9),
     }
@@ -299,12 +306,12 @@ def main() -> int:
             task = progress.add_task("e2e benchmark", total=len(args.sessions) + 4)
             with scratch_database(postgres.url, "bench_e2e") as database, System(nats.url, database, {}) as system:
                 for count in args.sessions:
-                    chunks = asyncio.run(stream_sessions(system.ws_url, count, args.warmup, args.chunks))
+                    chunks = event_loop.run(stream_sessions(system.ws_url, count, args.warmup, args.chunks))
                     results.setdefault("batched", {})[count] = summarize(chunks)
                     progress.advance(task)
             with scratch_database(postgres.url, "bench_e2e_one") as database, \
                     System(nats.url, database, {"TURBOSERVE_MAX_BATCH": "1"}) as system:
-                chunks = asyncio.run(stream_sessions(system.ws_url, 8, args.warmup, args.chunks))
+                chunks = event_loop.run(stream_sessions(system.ws_url, 8, args.warmup, args.chunks))
                 results["one_at_a_time"] = {8: summarize(chunks)}
                 progress.advance(task)
             tracing = compare_tracing(postgres.url, args, {})
@@ -320,11 +327,12 @@ def main() -> int:
     batched = results["batched"]
     table = Table(title="end-to-end per-chunk latency, tiny model, one worker")
     for column in ("sessions", "e2e p50 ms", "e2e p99 ms", "model ms", "overhead p50", "overhead p99",
-                   "encode ms", "mean batch", "chunks/s"):
+                   "worker p99", "transport p99", "encode ms", "mean batch", "chunks/s"):
         table.add_column(column, justify="right")
     for count, row in batched.items():
         table.add_row(str(count), *(f"{row[k]:.1f}" for k in (
-            "e2e_p50_ms", "e2e_p99_ms", "model_ms", "overhead_p50_ms", "overhead_p99_ms", "encode_ms",
+            "e2e_p50_ms", "e2e_p99_ms", "model_ms", "overhead_p50_ms", "overhead_p99_ms", "worker_overhead_p99_ms",
+            "transport_p99_ms", "encode_ms",
             "mean_batch", "chunks_per_s")))
     console.print(table)
     speedup = batched[8]["chunks_per_s"] / results["one_at_a_time"][8]["chunks_per_s"] if 8 in batched else None

@@ -18,6 +18,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from services.common import event_loop
 from services.common.chunk_frame import ChunkHeader, unpack_chunk
 
 
@@ -132,7 +133,7 @@ async def _stream(args: argparse.Namespace) -> int:
                 if args.out:
                     for index, frame in enumerate(chunk.frames):
                         (args.out / f"frame_{chunk.header.first_frame + index:06d}.jpg").write_bytes(frame)
-                shown = {k: v for k, v in chunk.header.timings_ms.items() if k != "ready_at_unix_ms"}
+                shown = {k: v for k, v in chunk.header.timings_ms.items() if not k.endswith("_unix_ms")}
                 timings = ", ".join(f"{k}={v:.1f}" for k, v in shown.items())
                 progress.console.print(f"chunk {chunk.header.seq}: {len(chunk.frames)} frames ({timings})")
                 progress.advance(task)
@@ -146,4 +147,4 @@ async def _stream(args: argparse.Namespace) -> int:
 
 
 def run_client_cli(args: argparse.Namespace) -> int:
-    return asyncio.run(_stream(args))
+    return event_loop.run(_stream(args))

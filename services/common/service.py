@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import nats
 from nats.aio.client import Client as NatsClient
 
+from services.common import event_loop
 from services.common.telemetry.logs import configure_logging
 from services.common.telemetry.metrics import metrics_endpoint
 from services.common.telemetry.tracing import tracing_from_env
@@ -52,7 +53,7 @@ def run_service(name: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> 
             await main(shutdown_event())
 
     try:
-        asyncio.run(runner())
+        event_loop.run(runner())
     except KeyboardInterrupt:
         pass
     return 0

@@ -289,7 +289,7 @@ class ChunkEngine:
             header = ChunkHeader(
                 session_id=session.session_id, epoch=session.epoch, seq=chunk.seq, first_frame=chunk.first_frame,
                 width=self._width, height=self._height, frame_sizes=tuple(len(f) for f in chunk.frames),
-                timings_ms=chunk.timings_ms, worker_id=self._worker_id,
+                timings_ms={**chunk.timings_ms, "sent_at_unix_ms": time.time() * 1e3}, worker_id=self._worker_id,
             )
             await self._emit(session.session_id, pack_chunk(header, chunk.frames))
 
@@ -329,5 +329,5 @@ class ChunkEngine:
         if session.offloaded and self.hooks is not None:
             await self.hooks.discard(session)
             return
-        async with self._model_lock:
-            await asyncio.to_thread(self._model.release, session.handle)
+        async with self._model_lock:  # a batch running this session finishes first; then the slot is free
+            self._model.release(session.handle)  # bookkeeping only: a thread hop here would stall the next batch

@@ -157,6 +157,9 @@ async def test_chunks_of_a_batch_leave_one_by_one_as_their_frames_are_encoded(
     waits = sorted(h.timings_ms["encode_ms"] for h in headers)
     assert all(h.timings_ms["batch"] == 3 for h in headers), "the three sessions shared one forward"
     assert waits[0] < waits[1] < waits[2], "each chunk waited only for the frames encoded before its own"
+    for h in headers:  # published after its forward pass and its encoding (1 ms for wall vs monotonic clocks)
+        t = h.timings_ms
+        assert t["sent_at_unix_ms"] - t["ready_at_unix_ms"] >= t["model_ms"] + t["encode_ms"] - 1.0
 
 
 async def test_a_failing_forward_pass_stops_the_loop_with_its_error_instead_of_hanging(

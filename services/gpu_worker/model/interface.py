@@ -76,7 +76,8 @@ class StreamingVideoModel(Protocol):
         ...
 
     def release(self, handle: SessionHandle) -> None:
-        """Free the session's slot; its state is gone from this device."""
+        """Free the session's slot; its state is gone from this device. Called on the event loop between batches,
+        so it must be bookkeeping only (no device work, no waiting)."""
         ...
 
 
