@@ -244,7 +244,8 @@ def summarize(chunks: list[ReceivedChunk]) -> dict[str, float]:
         "overhead_p50_ms": float(np.percentile(system, 50)), "overhead_p99_ms": float(np.percentile(system, 99)),
         "overhead_incl_encode_p99_ms": float(np.percentile(e2e - model, 99)),
         "worker_overhead_p99_ms": float(np.percentile(system - transport, 99)),
-        "transport_p50_ms": float(np.percentile(transport, 50)), "transport_p99_ms": float(np.percentile(transport, 99)),
+        "transport_p50_ms": float(np.percentile(transport, 50)),
+        "transport_p99_ms": float(np.percentile(transport, 99)),
         "mean_batch": float(np.mean([c.header.timings_ms["batch"] for c in chunks])),
         "chunks_per_s": in_window / max((last - first) / 1e3, 1e-9),
     }
