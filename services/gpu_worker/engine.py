@@ -53,8 +53,17 @@ class _Encoded:
     encode_wait_ms: float
 
 
-_BatchDone = tuple[float, float, dict[str, Mapping[str, torch.Tensor]]]
-"""(model ms, encode ms, states exported for snapshots by session id) of one batch."""
+@dataclass(frozen=True, slots=True)
+class _BatchDone:
+    """What the model thread reports once a batch is through."""
+
+    model_ms: float
+    encode_ms: float
+    encoded_at_s: float
+    """On the engine's clock, when the last frames were encoded: the model could have taken the next chunk from
+    here, so the snapshot copies and the hand-back to the event loop that follow count as the next chunk's queueing."""
+    exported: dict[str, Mapping[str, torch.Tensor]]
+    """States copied for snapshots, by session id."""
 
 
 class ResidencyHooks(Protocol):
@@ -237,14 +246,13 @@ class ChunkEngine:
                                                 timings))
                     series.observe_chunk(queue_ms / 1e3, self._clock() - ready_s[item.index])
                     await self._flush(session)
-                model_ms, encode_ms, exported = await work
-            done = self._clock()  # the model is free for the next chunk of every session in this batch
+                done = await work
             for session in batch:
-                session.ready_since_s = done if session.wants_generation() else None
-        self._batch_samples.append((len(batch), model_ms + encode_ms))
+                session.ready_since_s = done.encoded_at_s if session.wants_generation() else None
+        self._batch_samples.append((len(batch), done.model_ms + done.encode_ms))
         series.observe_batch(len(batch))
         if self.hooks is not None:  # every chunk of the batch is recorded: a boundary for all of them
-            self.hooks.after_batch(batch, exported)
+            self.hooks.after_batch(batch, done.exported)
 
     def _generate_and_encode(self, batch: list[ResidentSession],
                              deliver: Callable[[_Encoded | BaseException], object]) -> _BatchDone:
@@ -276,13 +284,14 @@ class ChunkEngine:
                 frames = [] if silent else self._encoder.encode_frames(output.frames)
                 deliver(_Encoded(index, output, frames, model_ms, (time.perf_counter() - t1) * 1e3))
         encode_ms = (time.perf_counter() - t1) * 1e3
+        encoded_at_s = self._clock()
         exported: dict[str, Mapping[str, torch.Tensor]] = {}
         if self.hooks is not None:
             for output, session in zip(outputs, batch, strict=True):
                 done = output.chunk_index + 1
                 if done > session.silent_until and self.hooks.snapshot_due(session.session_id, done):
                     exported[session.session_id] = self._model.export_state(session.handle)
-        return model_ms, encode_ms, exported
+        return _BatchDone(model_ms, encode_ms, encoded_at_s, exported)
 
     async def _flush(self, session: ResidentSession) -> None:
         for chunk in session.sendable():
