@@ -201,6 +201,7 @@ class WorkerHeartbeat(Message):
     sessions: dict[str, int] = field(default_factory=dict)  # session_id -> chunks produced
     active_sessions: int = 0
     recent_batches: tuple[tuple[int, float], ...] = ()  # (batch size, chunk latency ms)
+    recent_restores: tuple[tuple[int, float], ...] = ()  # (state bytes, ms) of restores from host memory
     started_at_s: float = 0.0
     draining: bool = False
     offloaded: tuple[str, ...] = ()  # sessions whose state is in host memory or the state store, slot freed

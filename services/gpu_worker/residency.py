@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import zlib
+from collections import deque
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -71,6 +73,7 @@ class SessionResidency:
         self._session_locks: dict[str, asyncio.Lock] = {}
         self.state_bytes: dict[str, int] = {}
         """Size of each session's state as last exported here: what a move of it would carry."""
+        self._restores: deque[tuple[int, float]] = deque(maxlen=64)
 
     # --- ResidencyHooks -------------------------------------------------------------------------------------
 
@@ -80,11 +83,13 @@ class SessionResidency:
                 return
             async with self._engine.model_lock:
                 state = self._manager.host_state(session.session_id)
+                started = time.perf_counter()
                 try:
                     session.handle = await asyncio.to_thread(self._manager.restore, state)
                 except TurboServeError as exc:
                     raise Unavailable(f"cannot restore session {session.session_id}: {exc}") from exc
                 session.offloaded = False
+                self._restores.append((state.nbytes, (time.perf_counter() - started) * 1e3))
             log.info("event=restored session=%s next_seq=%d bytes=%d", session.session_id, session.next_seq,
                      state.nbytes)
 
@@ -151,6 +156,13 @@ class SessionResidency:
                      session.next_seq, host.nbytes, msg.reason)
             if chunk_seq >= 0:
                 await self._put(session.session_id, epoch, chunk_seq, host.manifest, blobs)
+
+    def drain_restore_samples(self) -> tuple[tuple[int, float], ...]:
+        """(state bytes, ms) of the restores from host memory since the last call: the scheduler fits the resume
+        penalty of an offloaded session to them."""
+        samples = tuple(self._restores)
+        self._restores.clear()
+        return samples
 
     def offloaded(self) -> tuple[str, ...]:
         return tuple(sid for sid, s in self._engine.sessions.items() if s.offloaded)

@@ -108,6 +108,7 @@ class WorkerRunner:
             recent_batches=engine.drain_batch_samples(), started_at_s=self._started_at_s,
             offloaded=self._residency.offloaded() if self._residency is not None else (),
             state_bytes=dict(self._residency.state_bytes) if self._residency is not None else {},
+            recent_restores=self._residency.drain_restore_samples() if self._residency is not None else (),
             draining=self._draining,
         )
 

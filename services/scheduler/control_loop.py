@@ -113,13 +113,19 @@ class ControlLoop:
         self._wake.set()
 
     def observe_heartbeat(self, beat: WorkerHeartbeat) -> None:
-        """Offloaded sets and state sizes for the snapshot; measured (batch, latency) samples for the model."""
+        """Offloaded sets and state sizes for the snapshot; measured (batch, latency) and restore samples for the
+        cost models."""
         if self.view.observe(beat, self._clock()):
             self.trigger("worker_joined")
         kind = self.view.kind_of[beat.worker_id]
         for sessions, latency_ms in beat.recent_batches:
             try:
                 self.controller.observe_chunk(kind, sessions, latency_ms)
+            except CostModelError as exc:
+                log.info("event=sample_dropped worker=%s detail=%s", beat.worker_id, exc)
+        for state_bytes, elapsed_ms in beat.recent_restores:
+            try:
+                self.controller.observe_restore(state_bytes, elapsed_ms)
             except CostModelError as exc:
                 log.info("event=sample_dropped worker=%s detail=%s", beat.worker_id, exc)
 

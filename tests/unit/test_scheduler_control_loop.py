@@ -147,6 +147,18 @@ def test_measured_batch_latencies_from_heartbeats_refit_the_latency_model(store:
     assert loop.controller.models.latency.curve("cpu").chunk_latency_ms(2) > before + 300
 
 
+def test_measured_restores_from_heartbeats_refit_the_resume_penalty_and_a_bad_sample_is_dropped(
+    store: MemoryStore,
+) -> None:
+    loop, _, _ = make_loop(store, Journal(), Clock())
+    restore = loop.controller.models.restore
+    before = restore.cost_ms(100_000_000)
+    for _ in range(50):
+        loop.observe_heartbeat(WorkerHeartbeat("w1", "cpu", "tiny", 4, recent_restores=((100_000_000, 2_000.0),)))
+    loop.observe_heartbeat(WorkerHeartbeat("w1", "cpu", "tiny", 4, recent_restores=((-1, 5.0),)))
+    assert restore.cost_ms(100_000_000) > before + 1_000
+
+
 async def test_an_idle_session_in_a_slot_is_offloaded_and_the_plan_and_its_timing_are_logged(
     store: MemoryStore, caplog: pytest.LogCaptureFixture
 ) -> None:

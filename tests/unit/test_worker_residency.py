@@ -128,6 +128,9 @@ async def test_an_idle_session_offloaded_to_host_frees_its_slot_and_credit_resto
         await engine.credit(RequestChunks(session_id=sid, epoch=1, up_to_seq=5))
     kept, moved = await captured.wait_for("kept", 6), await captured.wait_for("moved", 6)
     assert [h.seq for h, _ in moved] == list(range(6)) and residency.offloaded() == ()
+    ((restored_bytes, restore_ms),) = residency.drain_restore_samples()  # for the scheduler's resume penalty
+    assert restored_bytes == residency.state_bytes["moved"] and restore_ms > 0
+    assert residency.drain_restore_samples() == ()
     for (_, want), (_, got) in zip(kept[3:], moved[3:], strict=True):
         assert np.abs(pixels(want) - pixels(got)).max() <= CONFIG.batch_tolerance + 6
 
