@@ -15,10 +15,12 @@ import base64
 import collections
 import hashlib
 import json
+import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 
 import nats.errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 from nats.js.kv import MSG_ROLLUP_SUBJECT
@@ -37,6 +39,8 @@ from services.state_store.protocol import Buffer, StagedBlob, byte_view
 
 WINDOW_CHUNKS = 16
 """Chunks published ahead of their acknowledgements: enough to hide the round trip, bounded to cap memory."""
+STALL_PROBE_S = 0.2
+"""A reader waiting this long for a chunk asks the stream whether the object's chunks are still there."""
 
 
 def nuid_of(session_id: str, snapshot_id: str) -> str:
@@ -102,22 +106,22 @@ def _sha256(buffers: Sequence[Buffer]) -> bytes:
 async def download(
     js: JetStreamContext, bucket: str, nuid: str, data: bytearray, *, chunk_timeout_s: float, what: str
 ) -> None:
-    """Fill ``data`` with the object's chunks; a chunk that does not come in time means they were purged."""
+    """Fill ``data`` with the object's chunks. A newer snapshot purges an older one's chunks, possibly under a
+    reader: when a chunk is late, the stream is asked whether the object still has chunks, so a purge is reported
+    within ``STALL_PROBE_S`` rather than after the whole ``chunk_timeout_s`` meant for a slow server."""
+    stream = OBJ_STREAM_TEMPLATE.format(bucket=bucket)
+    subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid)
     sub = await js.subscribe(
-        OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid),
-        stream=OBJ_STREAM_TEMPLATE.format(bucket=bucket),
-        ordered_consumer=True,
-        pending_bytes_limit=WINDOW_CHUNKS * 16 * (1 << 20),
+        subject, stream=stream, ordered_consumer=True, pending_bytes_limit=WINDOW_CHUNKS * 16 * (1 << 20),
     )
     offset = 0
     try:
         while offset < len(data):
-            try:
-                msg = await sub.next_msg(timeout=chunk_timeout_s)
-            except nats.errors.TimeoutError:
+            msg = await _next_chunk(js, sub, stream, subject, chunk_timeout_s)
+            if msg is None:
                 raise SnapshotGone(
-                    f"{what}: no chunk for {chunk_timeout_s} s after {offset} of {len(data)} bytes (superseded)"
-                ) from None
+                    f"{what}: no chunk after {offset} of {len(data)} bytes; its chunks were purged (superseded)"
+                )
             end = offset + len(msg.data)
             if end > len(data):
                 raise SnapshotCorrupt(f"{what} has more than {len(data)} bytes")
@@ -125,6 +129,23 @@ async def download(
             offset = end
     finally:
         await sub.unsubscribe()
+
+
+async def _next_chunk(js: JetStreamContext, sub: JetStreamContext.PushSubscription, stream: str, subject: str,
+                      timeout_s: float) -> Msg | None:
+    """The next chunk, or None once the object has none left in the stream; raises ``Unavailable`` when chunks
+    are stored but none came within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await sub.next_msg(timeout=min(STALL_PROBE_S, max(deadline - time.monotonic(), 0.001)))
+        except nats.errors.TimeoutError:
+            pass
+        info = await js.stream_info(stream, subjects_filter=subject)
+        if not (info.state.subjects or {}).get(subject):
+            return None
+        if time.monotonic() >= deadline:
+            raise Unavailable(f"JetStream holds the chunks of {subject} but sent none within {timeout_s} s")
 
 
 async def purge(js: JetStreamContext, bucket: str, name: str, nuid: str) -> None:

@@ -190,6 +190,22 @@ async def test_a_reader_holding_a_superseded_head_is_told_so_instead_of_hanging(
             await store.read(second)
 
 
+async def test_a_reader_whose_chunks_are_purged_hears_of_it_long_before_its_chunk_timeout(
+    nc: NatsClient, bucket: str
+) -> None:
+    async with serving(settings_for(bucket), nc) as client:
+        await client.put("s1", 1, 1, {}, [b"state" * 1000])
+        store = await JetStreamSnapshotStore.open(nc, bucket, create=False, timeout_s=30.0)
+        head = await store.head("s1")
+        assert isinstance(head, SnapshotHead)
+        chunks = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid_of("s1", head.snapshot_id))
+        await nc.jetstream().purge_stream(f"OBJ_{bucket}", subject=chunks)
+        started = time.monotonic()
+        with pytest.raises(SnapshotGone, match="purged"):
+            await store.read(head)
+    assert time.monotonic() - started < 10.0, "told by asking the stream, not by waiting out the 30 s timeout"
+
+
 async def test_bytes_of_a_writer_that_died_mid_upload_are_swept_after_the_staging_timeout(
     nc: NatsClient, bucket: str
 ) -> None:
