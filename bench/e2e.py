@@ -51,6 +51,8 @@ from services.launcher import Child, start_services, stop_children, wait_http_ok
 from tests.otlp_receiver import OtlpReceiver  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "e2e.json"
+PLOT = RESULTS.with_name("e2e_latency.png")
+OVERHEAD_TARGET_MS = 5.0
 TOKEN = "bench-token"
 console = Console(width=None if sys.stdout.isatty() else 150)  # a log file gets the whole table, not 80 columns
 
@@ -221,13 +223,72 @@ def model_batch_speedup(sessions: int = 8, rounds: int = 12) -> dict[str, float]
     return {"one_chunk_ms": alone_ms, "batch_ms": batched_ms, "speedup": sessions * alone_ms / batched_ms}
 
 
+@dataclass(frozen=True)
+class Breakdown:
+    """Per chunk, in ms: where its end-to-end latency went."""
+
+    e2e: np.ndarray
+    model: np.ndarray
+    encode: np.ndarray
+    transport: np.ndarray
+    """Worker publish to client receipt: NATS, gateway, WebSocket, client."""
+
+    @classmethod
+    def of(cls, chunks: list[ReceivedChunk]) -> Breakdown:
+        def timing(key: str) -> np.ndarray:
+            return np.array([c.header.timings_ms[key] for c in chunks])
+
+        received = np.array([c.received_at_unix_ms for c in chunks])
+        return cls(received - timing("ready_at_unix_ms"), timing("model_ms"), timing("encode_ms"),
+                   received - timing("sent_at_unix_ms"))
+
+    @property
+    def overhead(self) -> np.ndarray:
+        """What the serving system adds: e2e minus the model's forward and this chunk's wait for its encoding."""
+        return self.e2e - self.model - self.encode
+
+
+def plot_latency(breakdowns: dict[int, Breakdown], path: Path) -> None:
+    """Left: the overhead's distribution per session count against the target; right: the median of each stage
+    besides the model's forward, so a regression shows which stage moved."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (cdf, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for count, parts in breakdowns.items():
+        overhead = np.sort(parts.overhead)
+        cdf.plot(overhead, np.arange(1, overhead.size + 1) / overhead.size, label=f"{count} sessions")
+    cdf.axvline(OVERHEAD_TARGET_MS, color="grey", linestyle="--", label=f"p99 target at 8 ({OVERHEAD_TARGET_MS:g} ms)")
+    cdf.axhline(0.99, color="grey", linestyle=":")
+    cdf.set(xlabel="system overhead per chunk, ms (e2e - model - encode wait)", ylabel="fraction of chunks",
+            title="overhead distribution", xlim=(0, None))
+    cdf.legend()
+    labels = [str(count) for count in breakdowns]
+    bottom = np.zeros(len(breakdowns))
+    stages = {
+        "encode wait": [np.median(p.encode) for p in breakdowns.values()],
+        "worker: queue, hand-offs": [np.median(p.overhead - p.transport) for p in breakdowns.values()],
+        "NATS, gateway, WebSocket": [np.median(p.transport) for p in breakdowns.values()],
+    }
+    for stage, values in stages.items():
+        bars.bar(labels, values, bottom=bottom, label=stage)
+        bottom += np.asarray(values)
+    for x, parts in enumerate(breakdowns.values()):
+        bars.annotate(f"+ model {np.median(parts.model):.0f} ms", (x, bottom[x]), ha="center", va="bottom")
+    bars.set_ylim(0, bottom.max() * 1.15)
+    bars.set(xlabel="concurrent sessions", ylabel="ms, median per stage", title="a chunk's time besides the model")
+    bars.legend()
+    fig.suptitle("end-to-end chunk latency, tiny model, one worker")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def summarize(chunks: list[ReceivedChunk]) -> dict[str, float]:
-    e2e = np.array([c.received_at_unix_ms - c.header.timings_ms["ready_at_unix_ms"] for c in chunks])
-    model = np.array([c.header.timings_ms["model_ms"] for c in chunks])
-    encode = np.array([c.header.timings_ms["encode_ms"] for c in chunks])
-    system = e2e - model - encode
-    sent = np.array([c.header.timings_ms["sent_at_unix_ms"] for c in chunks])
-    transport = np.array([c.received_at_unix_ms for c in chunks]) - sent  # NATS, gateway, WebSocket, client
+    parts = Breakdown.of(chunks)
+    e2e, model, encode, system, transport = parts.e2e, parts.model, parts.encode, parts.overhead, parts.transport
     # Throughput over the window in which every session streams: the first and last chunks of a staggered start
     # and finish come in smaller batches and would understate the batched rate.
     by_session: dict[str, list[float]] = {}
@@ -305,6 +366,7 @@ def main() -> int:
     nats = start_nats_server()
     postgres = locate_postgres()
     results: dict[str, dict[int, dict[str, float]]] = {}
+    breakdowns: dict[int, Breakdown] = {}
     try:
         with Progress(console=console) as progress:
             task = progress.add_task("e2e benchmark", total=len(args.sessions) + 4)
@@ -312,6 +374,7 @@ def main() -> int:
                 for count in args.sessions:
                     chunks = event_loop.run(stream_sessions(system.ws_url, count, args.warmup, args.chunks))
                     results.setdefault("batched", {})[count] = summarize(chunks)
+                    breakdowns[count] = Breakdown.of(chunks)
                     progress.advance(task)
             with scratch_database(postgres.url, "bench_e2e_one") as database, \
                     System(nats.url, database, {"TURBOSERVE_MAX_BATCH": "1"}) as system:
@@ -375,7 +438,8 @@ def main() -> int:
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(payload, indent=2))
-    console.print(f"wrote {RESULTS}")
+    plot_latency(breakdowns, PLOT)
+    console.print(f"wrote {RESULTS} and {PLOT}")
     return 0
 
 
