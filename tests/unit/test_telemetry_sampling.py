@@ -47,26 +47,33 @@ def frame(session_id: str, seq: int) -> bytes:
     return pack_chunk(header, [b"abc"])
 
 
-def stream(chunks: int) -> None:
-    """``chunks`` chunks of one session through gateway and worker, one batch each, as the services run them."""
+def stream(chunks: int) -> int:
+    """``chunks`` chunks of one session through gateway and worker, one batch each, as the services run them;
+    returns how many NATS messages (credits and chunk frames) carried trace headers."""
     gateway, worker = GatewayChunkSpans("s1"), WorkerChunkTraces()
     gateway.start_session("tiny")
+    with_headers = 0
     for seq in range(chunks):
-        worker.credited("s1", gateway.credit_headers(seq, seq, epoch=1, worker_id="w"))
+        credit = gateway.credit_headers(seq, seq, epoch=1, worker_id="w")
+        worker.credited("s1", credit)
         with worker.batch("w", [Pending("s1", seq)]), span("model.forward"):
             pass
-        gateway.arrived(seq, worker.published("s1", frame("s1", seq)))
+        published = worker.published("s1", frame("s1", seq))
+        gateway.arrived(seq, published)
         gateway.delivered(seq)
+        with_headers += (credit is not None) + (published is not None)
     gateway.close("closed")
+    return with_headers
 
 
 @pytest.mark.parametrize("sampled", [0.25], indirect=True)
 def test_a_share_of_chunk_traces_is_kept_whole_and_every_kept_chunk_has_its_batch(
     sampled: InMemorySpanExporter,
 ) -> None:
-    stream(400)
+    with_headers = stream(400)
     spans = sampled.get_finished_spans()
     kept = {s.context.trace_id for s in spans if s.name == "gateway.chunk"}
+    assert with_headers == 2 * len(kept), "only a kept chunk's credit and frame carry trace headers"
     assert 60 <= len(kept) <= 140, f"{len(kept)} of 400 chunk traces kept at ratio 0.25"
     for name in ("worker.chunk", "gateway.delivery"):
         assert {s.context.trace_id for s in spans if s.name == name} == kept, f"{name} follows the chunk's root"
@@ -78,7 +85,7 @@ def test_a_share_of_chunk_traces_is_kept_whole_and_every_kept_chunk_has_its_batc
 
 @pytest.mark.parametrize("sampled", [0.0], indirect=True)
 def test_at_ratio_zero_no_chunk_trace_is_kept_but_control_traces_are(sampled: InMemorySpanExporter) -> None:
-    stream(20)
+    assert stream(20) == 0, "no message carries the context of a dropped trace"
     with tracer().start_as_current_span("gateway.open"):
         pass
     assert sorted(s.name for s in sampled.get_finished_spans()) == ["gateway.open", "gateway.session"]

@@ -83,7 +83,9 @@ class GatewayChunkSpans:
 
     def credit_headers(self, first_seq: int, up_to_seq: int, epoch: int, worker_id: str) -> dict[str, str] | None:
         """Headers for a credit covering ``first_seq..up_to_seq``; starts the chunk span of each new seq. A seq
-        already announced to the same worker at the same epoch is not sent again (the worker keeps it)."""
+        already announced to the same worker at the same epoch is not sent again (the worker keeps it), nor is a
+        chunk whose trace the sampler dropped: nothing downstream would record it, and most chunks then travel
+        without headers, which NATS clients would otherwise build and parse on every message."""
         if self._session is None:
             return None
         if self._announced[:2] == (worker_id, epoch):
@@ -99,7 +101,9 @@ class GatewayChunkSpans:
                     attributes={"session.id": self.session_id, "chunk.seq": seq, "epoch": epoch,
                                 "worker.id": worker_id},
                 )
-            headers[chunk_header(seq)] = context_header(chunk.get_span_context())
+            context = chunk.get_span_context()
+            if context.trace_flags.sampled:
+                headers[chunk_header(seq)] = context_header(context)
         return headers or None
 
     def arrived(self, seq: int, headers: Mapping[str, str] | None) -> None:
