@@ -196,8 +196,11 @@ def _frame(session_id: str, seq: int) -> bytes:
 
 def model_batch_speedup(sessions: int = 8, rounds: int = 12) -> dict[str, float]:
     """The ceiling for coalescing: the tiny model's own chunks/s batched vs one at a time, in this process, on
-    one torch thread as the worker runs it, rounds interleaved so both see the same machine."""
+    one torch thread as the worker runs it, rounds interleaved so both see the same machine. Beside it, why the
+    ceiling sits where it does: the batch's matrix products and convolutions (FLOPs counted by torch) timed at this
+    core's own fp32 peak (a large matmul, same thread), against the time the whole batch may take for 3x."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from services.gpu_worker.model import load_model
 
@@ -217,10 +220,32 @@ def model_batch_speedup(sessions: int = 8, rounds: int = 12) -> dict[str, float]
             started = time.perf_counter()
             model.generate(handles)
             batched.append(time.perf_counter() - started)
+        with FlopCounterMode(display=False) as flops:
+            model.generate(handles)
+        peak_flops = _matmul_peak_flops()
     finally:
         torch.set_num_threads(threads)
     alone_ms, batched_ms = float(np.median(alone)) * 1e3 / sessions, float(np.median(batched)) * 1e3
-    return {"one_chunk_ms": alone_ms, "batch_ms": batched_ms, "speedup": sessions * alone_ms / batched_ms}
+    return {
+        "one_chunk_ms": alone_ms, "batch_ms": batched_ms, "speedup": sessions * alone_ms / batched_ms,
+        "batch_gflop": flops.get_total_flops() / 1e9, "peak_gflops": peak_flops / 1e9,
+        "batch_matmul_floor_ms": flops.get_total_flops() / peak_flops * 1e3,
+        "batch_ms_for_3x": sessions * alone_ms / 3,
+    }
+
+
+def _matmul_peak_flops(size: int = 1024, repeats: int = 10) -> float:
+    """FLOP/s of a large fp32 matmul on the current torch threads: what this core does at its best."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
 
 
 @dataclass(frozen=True)
@@ -408,6 +433,12 @@ def main() -> int:
                       f"{results['one_at_a_time'][8]['chunks_per_s']:.1f} one at a time = {speedup:.2f}x "
                       f"(target 3x); the model alone: {ceiling['batch_ms']:.1f} ms for 8 vs "
                       f"{ceiling['one_chunk_ms']:.1f} ms for one = {ceiling['speedup']:.2f}x, the ceiling")
+        floor_ms = ceiling["batch_matmul_floor_ms"]
+        console.print(f"why: 3x needs a batch of 8 in {ceiling['batch_ms_for_3x']:.1f} ms; its matrix products and "
+                      f"convolutions alone ({ceiling['batch_gflop']:.2f} GFLOP) take {floor_ms:.1f} ms at this "
+                      f"core's fp32 peak ({ceiling['peak_gflops']:.0f} GFLOP/s), leaving "
+                      f"{ceiling['batch_ms_for_3x'] - floor_ms:.1f} ms for everything else, which takes "
+                      f"{ceiling['batch_ms'] - floor_ms:.1f} ms now")
     for label, comparison in ((f"default, {DEFAULT_CHUNK_RATIO:.0%} of chunk traces kept", tracing),
                               ("every chunk traced", every_chunk)):
         ratios = ", ".join(f"{ratio:.3f}" for ratio in comparison["crossover_ratios"])
