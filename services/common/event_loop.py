@@ -3,7 +3,7 @@
 A chunk crosses three event loops (worker, gateway, client) and the NATS server between the end of its encoding and
 the viewer, and on a busy host each loop's per-message cost and wake-up show in the tail of the chunk latency.
 uvloop (libuv underneath, the loop uvicorn and Sanic run on) does the same asyncio work with less Python in the
-path; ``bench/e2e.py`` measures the difference. ``TURBOSERVE_EVENT_LOOP`` picks:
+path; ``bench/event_loop.py`` measures the difference. ``TURBOSERVE_EVENT_LOOP`` picks:
 
 * ``auto`` (default): uvloop when it imports, else asyncio's own loop, so a platform without uvloop (Windows)
   still runs everything.
