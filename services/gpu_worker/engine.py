@@ -288,8 +288,8 @@ class ChunkEngine:
         exported: dict[str, Mapping[str, torch.Tensor]] = {}
         if self.hooks is not None:
             for output, session in zip(outputs, batch, strict=True):
-                done = output.chunk_index + 1
-                if done > session.silent_until and self.hooks.snapshot_due(session.session_id, done):
+                chunks_done = output.chunk_index + 1
+                if chunks_done > session.silent_until and self.hooks.snapshot_due(session.session_id, chunks_done):
                     exported[session.session_id] = self._model.export_state(session.handle)
         return _BatchDone(model_ms, encode_ms, encoded_at_s, exported)
 

@@ -67,14 +67,14 @@ class JetStreamSnapshotStore:
         js = nc.jetstream()
         try:
             objects = await js.object_store(bucket)
-            heads = await js.key_value(f"{bucket}_heads")
-            closed = await js.key_value(f"{bucket}_closed")
+            heads = await js.key_value(_heads_bucket(bucket))
+            closed = await js.key_value(_closed_bucket(bucket))
         except BucketNotFoundError:
             if not create:
                 raise Unavailable(f"snapshot bucket {bucket!r} does not exist: is the state_store running?") from None
             objects = await js.create_object_store(bucket, description="TurboServe session snapshots")
-            heads = await js.create_key_value(bucket=f"{bucket}_heads", history=1)
-            closed = await js.create_key_value(bucket=f"{bucket}_closed", history=1)
+            heads = await js.create_key_value(bucket=_heads_bucket(bucket), history=1)
+            closed = await js.create_key_value(bucket=_closed_bucket(bucket), history=1)
         chunk_bytes = min(MAX_CHUNK_BYTES, nc.max_payload)
         return cls(js, bucket, objects, heads, closed, chunk_bytes=chunk_bytes, timeout_s=timeout_s)
 
@@ -155,16 +155,17 @@ class JetStreamSnapshotStore:
         head = await self.head(session_id)
         if head is not None:
             await self.discard(session_id, head.snapshot_id)
-        for kv_bucket in (f"{self._bucket}_heads", f"{self._bucket}_closed"):
-            await self._js.purge_stream(f"KV_{kv_bucket}", subject=f"$KV.{kv_bucket}.{session_id}")
+        for kv_bucket in (_heads_bucket(self._bucket), _closed_bucket(self._bucket)):
+            await self._js.purge_stream(_kv_stream(kv_bucket), subject=_kv_subject(kv_bucket, session_id))
 
     async def mark_closed(self, session_id: str, closed_at_s: float) -> None:
         await self._closed.put(check_id("session_id", session_id), msgpack.packb(float(closed_at_s)))
 
     async def closed_sessions(self) -> dict[str, float]:
         """Direct reads of the keys the stream lists, not a watcher: a watcher is a consumer (see ``object_infos``)."""
-        stream, prefix = f"KV_{self._bucket}_closed", f"$KV.{self._bucket}_closed."
-        info = await self._js.stream_info(stream, subjects_filter=f"{prefix}>")
+        kv_bucket = _closed_bucket(self._bucket)
+        prefix = _kv_subject(kv_bucket, "")
+        info = await self._js.stream_info(_kv_stream(kv_bucket), subjects_filter=f"{prefix}>")
         closed: dict[str, float] = {}
         for subject in info.state.subjects or {}:
             key = subject[len(prefix):]
@@ -193,6 +194,23 @@ class JetStreamSnapshotStore:
             if is_valid_id(session_id) and is_valid_id(snapshot_id):
                 found.append(BlobRef(session_id, snapshot_id, seen_at_s))
         return found
+
+
+def _heads_bucket(bucket: str) -> str:
+    return f"{bucket}_heads"
+
+
+def _closed_bucket(bucket: str) -> str:
+    return f"{bucket}_closed"
+
+
+def _kv_stream(kv_bucket: str) -> str:
+    """The stream behind a key-value bucket (the standard KV layout, which nats-py keeps private)."""
+    return f"KV_{kv_bucket}"
+
+
+def _kv_subject(kv_bucket: str, key: str) -> str:
+    return f"$KV.{kv_bucket}.{key}"
 
 
 def _name(session_id: str, snapshot_id: str) -> str:
