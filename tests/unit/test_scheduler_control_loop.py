@@ -10,7 +10,9 @@ from datetime import UTC, datetime
 import pytest
 
 from services.common.control import MigrationReport
+from services.common.errors import InvalidField
 from services.common.messages import Placement, WorkerHeartbeat
+from services.common.wire import decode, encode
 from services.scheduler.cluster_view import sync
 from services.scheduler.control_loop import ControlLoop
 from services.scheduler.control_settings import ControlSettings, build_live_controller
@@ -157,6 +159,9 @@ def test_measured_restores_from_heartbeats_refit_the_resume_penalty_and_a_bad_sa
         loop.observe_heartbeat(WorkerHeartbeat("w1", "cpu", "tiny", 4, recent_restores=((100_000_000, 2_000.0),)))
     loop.observe_heartbeat(WorkerHeartbeat("w1", "cpu", "tiny", 4, recent_restores=((-1, 5.0),)))
     assert restore.cost_ms(100_000_000) > before + 1_000
+    mistyped = encode(WorkerHeartbeat("w1", "cpu", "tiny", 4, recent_restores=(("many", 5.0),)))  # type: ignore[arg-type]
+    with pytest.raises(InvalidField, match="recent_restores"):
+        decode(mistyped, expect=WorkerHeartbeat)
 
 
 async def test_an_idle_session_in_a_slot_is_offloaded_and_the_plan_and_its_timing_are_logged(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 
@@ -187,3 +188,52 @@ async def test_a_failing_forward_pass_stops_the_loop_with_its_error_instead_of_h
     finally:
         model.generate = original  # type: ignore[method-assign]
         await engine.detach(DetachSession(session_id="a", epoch=1))
+
+
+class _EverySnapshotHooks:
+    """Residency hooks that ask for a snapshot after every chunk and keep nothing."""
+
+    async def ensure_resident(self, session: object) -> None:
+        return None
+
+    async def fetch_state(self, msg: object) -> None:
+        return None
+
+    def snapshot_due(self, session_id: str, chunks_done: int) -> bool:
+        return True
+
+    def after_batch(self, batch: object, exported: object) -> None:
+        return None
+
+    async def discard(self, session: object) -> None:
+        return None
+
+
+async def test_work_after_the_encoding_counts_as_the_next_chunks_queueing(model: StreamingVideoModel) -> None:
+    """The snapshot copy after a batch's encoding delays the next chunk: its queue time must show it, not vanish
+    between batches."""
+    captured = Captured()
+    engine = ChunkEngine(
+        model, JpegEncoder(90), captured.emit, worker_id="w1", model_name="tiny",
+        frame_size=(CONFIG.width_px, CONFIG.height_px), max_batch=4, replay_depth=3,
+    )
+    engine.hooks = _EverySnapshotHooks()
+    original = model.export_state
+
+    def slow_export(handle: object) -> object:
+        time.sleep(0.2)
+        return original(handle)  # type: ignore[arg-type]
+
+    model.export_state = slow_export  # type: ignore[method-assign,assignment]
+    stop = asyncio.Event()
+    task = asyncio.create_task(engine.run(stop))
+    try:
+        await engine.attach(attach("a"))
+        await engine.credit(RequestChunks(session_id="a", epoch=1, up_to_seq=1))
+        (_, _), (second, _) = await captured.wait_for("a", 2)
+    finally:
+        stop.set()
+        await task
+        model.export_state = original  # type: ignore[method-assign]
+        await engine.detach(DetachSession(session_id="a", epoch=1))
+    assert second.timings_ms["queue_ms"] >= 150, second.timings_ms
