@@ -41,6 +41,11 @@ RUN pip install --no-deps --no-cache-dir . \
     && rm -rf build ./*.egg-info \
     && python -c "import torch, services; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
+# Synthetic tiny weights in the published layouts (no download), so a CPU image serves out of the box; a GPU
+# deployment mounts the published files over TURBOSERVE_MODEL_DIR instead (README: which files go where).
+RUN turboserve model synth --config tiny /opt/turboserve/models/tiny
+ENV TURBOSERVE_MODEL_DIR=/opt/turboserve/models/tiny
+
 # Unprivileged user; a writable home for torch/triton caches and a data dir for the state_store's
 # directory backend.
 RUN useradd --create-home --uid 10001 turboserve \

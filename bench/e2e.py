@@ -47,6 +47,7 @@ from services.common.postgres_server import locate_postgres, scratch_database  #
 from services.common.telemetry.chunks import GatewayChunkSpans, WorkerChunkTraces  # noqa: E402
 from services.common.telemetry.sampling import CHUNK_RATIO_ENV, DEFAULT_CHUNK_RATIO  # noqa: E402
 from services.common.telemetry.tracing import otlp_export_env, span, tracing_from_env  # noqa: E402
+from services.gpu_worker.model.synth import temporary_synthetic_dir  # noqa: E402
 from services.launcher import Child, start_services, stop_children, wait_http_ok  # noqa: E402
 from tests.otlp_receiver import OtlpReceiver  # noqa: E402
 
@@ -207,7 +208,7 @@ def model_batch_speedup(sessions: int = 8, rounds: int = 12) -> dict[str, float]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = load_model("tiny", max_sessions=sessions)
+        model = load_model(temporary_synthetic_dir("tiny"), "tiny", max_sessions=sessions)
         handles = [model.new_session(f"s{i}", f"benchmark stream {i}", i) for i in range(sessions)]
         for _ in range(3):
             model.generate(handles)
@@ -345,6 +346,7 @@ class System:
         self.log_dir = Path(tempfile.mkdtemp(prefix="turboserve-bench-"))
         self.env = {
             **os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url, "TURBOSERVE_MODEL": "tiny",
+            "TURBOSERVE_MODEL_DIR": str(temporary_synthetic_dir("tiny")),
             "TURBOSERVE_TOKENS": TOKEN, "TURBOSERVE_GATEWAY_PORT": str(self.port), "TURBOSERVE_WORKER_CAPACITY": "32",
             "TURBOSERVE_MAX_RESIDENT": "64", "TURBOSERVE_MAX_SESSIONS_PER_TOKEN": "64", "PYTHONUNBUFFERED": "1",
             **extra_env,

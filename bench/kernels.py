@@ -1,4 +1,4 @@
-"""Benchmark of the chunk-path Triton kernels against their torch references at the wan-1.3b shapes.
+"""Benchmark of the chunk-path Triton kernels against their torch references at the Wan2.1-1.3B shapes (LongLive window).
 
 Run: ``.venv/bin/python -m bench.kernels`` on a CUDA machine (about a minute). Writes bench/results/kernels.json.
 Without a GPU it says so, writes a JSON marked skipped with the reason, and exits 0.
@@ -31,7 +31,7 @@ from services.gpu_worker.kernels.selection import interpreter_enabled
 from services.gpu_worker.model.config import ModelConfig, get_config
 
 RESULTS = Path(__file__).parent / "results" / "kernels.json"
-MODEL = "wan-1.3b"
+MODEL = "longlive"
 BATCHES = (1, 4, 8)
 DTYPE = torch.bfloat16
 GB = 1e9
@@ -77,14 +77,14 @@ def bench_attention(config: ModelConfig, batch: int, mix: str) -> dict[str, Any]
         cache_lens = [capacity] * batch
     else:
         cache_lens = [min(capacity, chunk * (1 + index % 4)) for index in range(batch)]
-    shape = (batch, chunk, config.heads, config.head_dim)
+    shape = (batch, chunk, config.dit.num_heads, config.dit.head_dim)
     q, k, v = (torch.randn(shape, device="cuda", dtype=DTYPE) for _ in range(3))
-    pool_shape = (batch, capacity, config.heads, config.head_dim)
+    pool_shape = (batch, capacity, config.dit.num_heads, config.dit.head_dim)
     k_pool, v_pool = (torch.randn(pool_shape, device="cuda", dtype=DTYPE) for _ in range(2))
     slots = torch.arange(batch, device="cuda").flip(0)
     lens = torch.tensor(cache_lens, device="cuda")
     args = (q, k, v, k_pool, v_pool, slots, lens)
-    flops = sum(4 * chunk * (n + chunk) * config.head_dim * config.heads for n in cache_lens)
+    flops = sum(4 * chunk * (n + chunk) * config.dit.head_dim * config.dit.num_heads for n in cache_lens)
     row = _compare(f"varlen_attention[{mix}]", batch, lambda: reference.varlen_attention(*args),
                    lambda: triton_attention.varlen_attention(*args))
     row["kernel_tflops"] = flops / (row["kernel_ms"] * 1e-3) / 1e12
@@ -95,8 +95,8 @@ def bench_attention(config: ModelConfig, batch: int, mix: str) -> dict[str, Any]
 def bench_norm_modulate(config: ModelConfig, batch: int, peak_gbps: float) -> dict[str, Any]:
     from services.gpu_worker.kernels import triton_norm
 
-    x = torch.randn(batch, config.chunk_tokens, config.dim, device="cuda", dtype=DTYPE)
-    shift, scale = (torch.randn(batch, config.dim, device="cuda", dtype=DTYPE) for _ in range(2))
+    x = torch.randn(batch, config.chunk_tokens, config.dit.dim, device="cuda", dtype=DTYPE)
+    shift, scale = (torch.randn(batch, config.dit.dim, device="cuda", dtype=DTYPE) for _ in range(2))
     moved_bytes = 2 * x.numel() * x.element_size() + 2 * shift.numel() * shift.element_size()
     row = _compare("norm_modulate", batch, lambda: reference.norm_modulate(x, shift, scale),
                    lambda: triton_norm.norm_modulate(x, shift, scale))
@@ -107,8 +107,8 @@ def bench_rope(config: ModelConfig, batch: int, peak_gbps: float) -> dict[str, A
     from services.gpu_worker.kernels import triton_rope
 
     tokens = batch * config.chunk_tokens
-    x = torch.randn(tokens, config.heads, config.head_dim, device="cuda", dtype=DTYPE)
-    angles = torch.rand(tokens, config.head_dim // 2, device="cuda") * 6.3
+    x = torch.randn(tokens, config.dit.num_heads, config.dit.head_dim, device="cuda", dtype=DTYPE)
+    angles = torch.rand(tokens, config.dit.head_dim // 2, device="cuda") * 6.3
     cos, sin = angles.cos(), angles.sin()
     moved_bytes = 2 * x.numel() * x.element_size() + 2 * cos.numel() * cos.element_size()
     row = _compare("rope_", batch, lambda: reference.rope_(x, cos, sin), lambda: triton_rope.rope_(x, cos, sin))
@@ -119,10 +119,10 @@ def bench_pack_unpack(config: ModelConfig, peak_gbps: float) -> list[dict[str, A
     from services.gpu_worker.kernels import triton_pack
 
     n_tokens = config.cache_capacity_tokens
-    pool_shape = (2, n_tokens, config.heads, config.head_dim)
-    k_pools = [torch.randn(pool_shape, device="cuda", dtype=DTYPE) for _ in range(config.layers)]
-    v_pools = [torch.randn(pool_shape, device="cuda", dtype=DTYPE) for _ in range(config.layers)]
-    buf = torch.empty(2 * config.layers * n_tokens * config.dim, device="cuda", dtype=DTYPE)
+    pool_shape = (2, n_tokens, config.dit.num_heads, config.dit.head_dim)
+    k_pools = [torch.randn(pool_shape, device="cuda", dtype=DTYPE) for _ in range(config.dit.num_layers)]
+    v_pools = [torch.randn(pool_shape, device="cuda", dtype=DTYPE) for _ in range(config.dit.num_layers)]
+    buf = torch.empty(2 * config.dit.num_layers * n_tokens * config.dit.dim, device="cuda", dtype=DTYPE)
     moved_bytes = 2 * buf.numel() * buf.element_size()
     pack = _compare("pack_kv", 1, lambda: reference.pack_kv(k_pools, v_pools, 1, n_tokens, buf),
                     lambda: triton_pack.pack_kv(k_pools, v_pools, 1, n_tokens, buf))

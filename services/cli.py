@@ -78,6 +78,27 @@ def _up(args: argparse.Namespace) -> int:
     return run_up(workers=args.workers, model=args.model, port=args.port)
 
 
+def _model_synth(args: argparse.Namespace) -> int:
+    from services.gpu_worker.model.config import get_config
+    from services.gpu_worker.model.errors import UnknownModelConfig
+    from services.gpu_worker.model.synth import write_synthetic_dir
+
+    try:
+        config = get_config(args.config)
+    except UnknownModelConfig as exc:
+        print(f"turboserve model synth: {exc}")
+        return 2
+    path = write_synthetic_dir(config, args.dir, seed=args.seed)
+    print(f"wrote synthetic {config.name!r} weights in the published layouts to {path}")
+    return 0
+
+
+def _model_check(args: argparse.Namespace) -> int:
+    from services.gpu_worker.model.model_check import run_check
+
+    return run_check(args.dir, args.config, args.gpu_memory_gib)
+
+
 def _client(args: argparse.Namespace) -> int:
     from services.client import run_client_cli
 
@@ -90,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="run the whole system locally (embedded NATS and Postgres by default)")
     up.add_argument("--workers", type=int, default=2, help="worker processes to start (default 2)")
-    up.add_argument("--model", default="tiny", help="model config: tiny (CPU) or wan-1.3b (GPU)")
+    up.add_argument("--model", default="tiny", help="model config: tiny (CPU, synthetic weights unless "
+                    "TURBOSERVE_MODEL_DIR is set), self-forcing, causvid or longlive (GPU, TURBOSERVE_MODEL_DIR)")
     up.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
     up.set_defaults(run=_up)
 
@@ -101,6 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
         ("state-store", _state_store, "durable session snapshots"),
     ):
         commands.add_parser(name, help=text).set_defaults(run=run)
+
+    model = commands.add_parser("model", help="model directories: check published files, write synthetic ones")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    synth = model_commands.add_parser("synth", help="write seeded weights in the published layouts (no download)")
+    synth.add_argument("--config", default="tiny", help="model config to write (default tiny)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("dir")
+    synth.set_defaults(run=_model_synth)
+    check = model_commands.add_parser("check", help="validate a model directory without a GPU; size its sessions")
+    check.add_argument("--config", default=None, help="model config (default: the directory's turboserve.json, "
+                       "else the one whose generator file is present)")
+    check.add_argument("--gpu-memory-gib", type=float, default=80.0, help="GPU memory to fit sessions into")
+    check.add_argument("dir")
+    check.set_defaults(run=_model_check)
 
     client = commands.add_parser("client", help="stream a session from the terminal and save frames or a video")
     from services.client import add_client_arguments

@@ -121,8 +121,23 @@ def stop_children(children: list[Child], timeout_s: float = 10.0) -> None:
             child.process.wait()
 
 
+def model_directory(model: str, scratch: Path) -> Path:
+    """``TURBOSERVE_MODEL_DIR`` when set; for ``tiny`` without one, synthetic weights written to ``scratch``."""
+    configured = os.environ.get("TURBOSERVE_MODEL_DIR")
+    if configured:
+        return Path(configured)
+    if model != "tiny":
+        raise RuntimeError(f"model {model!r} needs its published files: set TURBOSERVE_MODEL_DIR "
+                           "(README: which files go where)")
+    from services.gpu_worker.model.config import get_config
+    from services.gpu_worker.model.synth import write_synthetic_dir
+
+    return write_synthetic_dir(get_config(model), scratch)
+
+
 def run_up(*, workers: int, model: str, port: int) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="turboserve-logs-"))
+    weights_dir = log_dir / "synthetic-weights"
     nats: NatsServer | None = None
     postgres: PostgresHandle | None = None
     children: list[Child] = []
@@ -142,19 +157,23 @@ def run_up(*, workers: int, model: str, port: int) -> int:
                 nats_url = nats.url
             postgres = locate_postgres()
             database_url = own_database(postgres)
+        with console.status("reading the model directory"):
+            model_dir = model_directory(model, weights_dir)
         first_entry = os.environ.get("TURBOSERVE_TOKENS", "").split(",")[0]
         token = first_entry.partition("=")[2] if "=" in first_entry else first_entry
         token = token or secrets.token_urlsafe(16)
         env = {
             **os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url, "TURBOSERVE_MODEL": model,
-            "TURBOSERVE_TOKENS": os.environ.get("TURBOSERVE_TOKENS", token), "TURBOSERVE_GATEWAY_PORT": str(port),
+            "TURBOSERVE_MODEL_DIR": str(model_dir), "TURBOSERVE_TOKENS": os.environ.get("TURBOSERVE_TOKENS", token),
+            "TURBOSERVE_GATEWAY_PORT": str(port),
             "PYTHONUNBUFFERED": "1", "TURBOSERVE_PROVISIONER": os.environ.get("TURBOSERVE_PROVISIONER", "local"),
         }
         with console.status("starting scheduler, state store, workers and gateway"):
             children.extend(start_services(env, workers=workers, log_dir=log_dir))
             wait_http_ok(f"http://127.0.0.1:{port}/healthz", children, timeout_s=60)
             wait_workers_heard(database_url, workers, children, timeout_s=120)
-        console.print(f"[bold green]TurboServe is up[/] ({workers} workers, model {model})")
+        weights = "synthetic weights" if model_dir == weights_dir else str(model_dir)
+        console.print(f"[bold green]TurboServe is up[/] ({workers} workers, model {model}, {weights})")
         console.print(f"  viewer:   [link]http://127.0.0.1:{port}/?token={token}[/link]")
         console.print(f"  token:    {token}")
         console.print(f"  NATS:     {nats_url}   PostgreSQL: {postgres.source}")

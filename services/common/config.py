@@ -51,7 +51,8 @@ class CommonSettings:
     database_url: str
     """SQLAlchemy URL of PostgreSQL with the psycopg driver (DATABASE_URL)."""
     model: str
-    """Model config served by this deployment (TURBOSERVE_MODEL): tiny on CPU, wan-1.3b on a GPU."""
+    """Model config served by this deployment (TURBOSERVE_MODEL): tiny on CPU; self-forcing, causvid or longlive
+    on a GPU."""
 
     @classmethod
     def from_env(cls) -> CommonSettings:

@@ -9,7 +9,9 @@ from services.common.config import ConfigError, env_float, env_int, env_str
 from services.common.messages import MAX_PROMPT_CHARS
 from services.gateway.auth import TokenTable, parse_tokens
 
-FRAME_SIZE_BY_MODEL: dict[str, tuple[int, int]] = {"tiny": (64, 64), "wan-1.3b": (832, 480)}
+FRAME_SIZE_BY_MODEL: dict[str, tuple[int, int]] = {
+    "tiny": (32, 32), "self-forcing": (832, 480), "causvid": (832, 480), "longlive": (832, 480),
+}
 """Rendered (width, height) of the registered model configs, kept here so the gateway never imports torch."""
 
 

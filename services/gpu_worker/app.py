@@ -8,13 +8,14 @@ import torch
 from nats.aio.client import Client as NatsClient
 
 from services.common import subjects
+from services.common.config import ConfigError
 from services.common.control import MigrationReport
 from services.common.telemetry.chunks import worker_chunk_traces
 from services.common.wire import encode
 from services.gpu_worker.engine import ChunkEngine
 from services.gpu_worker.frames import JpegEncoder
 from services.gpu_worker.migration_agent import MigrationAgent
-from services.gpu_worker.model import get_config, load_model
+from services.gpu_worker.model import load_model
 from services.gpu_worker.residency import SessionResidency, StoreSpill
 from services.gpu_worker.runner import WorkerRunner
 from services.gpu_worker.settings import WorkerSettings
@@ -23,12 +24,16 @@ from services.state_store.client import SnapshotClient
 
 
 async def run_worker(settings: WorkerSettings, nc: NatsClient, stop: asyncio.Event) -> None:
-    config = get_config(settings.model)
+    if not settings.model_dir:
+        raise ConfigError("TURBOSERVE_MODEL_DIR is not set: point it at the model's published files, or write "
+                          "synthetic ones with `turboserve model synth --config tiny DIR`")
     torch.set_num_threads(settings.torch_threads)
     dtype = torch.bfloat16 if settings.device.startswith("cuda") else torch.float32
     model = await asyncio.to_thread(
-        load_model, settings.model, device=settings.device, dtype=dtype, max_sessions=settings.max_resident_sessions
+        load_model, settings.model_dir, settings.model, device=settings.device, dtype=dtype,
+        max_sessions=settings.max_resident_sessions, text_device=settings.text_device,
     )
+    config = model.config
 
     async def emit(session_id: str, payload: bytes) -> None:
         headers = worker_chunk_traces.published(session_id, payload)

@@ -15,9 +15,14 @@ class WorkerSettings:
     worker_id: str
     """Unique id; becomes a NATS subject token (TURBOSERVE_WORKER_ID, default host-pid)."""
     model: str
-    """Model config to serve (TURBOSERVE_MODEL)."""
+    """Model config to serve (TURBOSERVE_MODEL): tiny, self-forcing, causvid or longlive."""
+    model_dir: str
+    """Directory holding the model's published files (TURBOSERVE_MODEL_DIR; see checkpoint_files)."""
     device: str
     """torch device (TURBOSERVE_DEVICE): cpu, cuda, cuda:1 ..."""
+    text_device: str
+    """Device of the umT5 text encoder (TURBOSERVE_TEXT_DEVICE, default the DiT's): 11 GB in bf16 that need not
+    share the DiT's GPU."""
     kind: str
     """GPU kind reported to the scheduler, which keeps a latency curve per kind (TURBOSERVE_WORKER_KIND)."""
     capacity: int
@@ -53,7 +58,9 @@ class WorkerSettings:
                 "worker id", env_str("TURBOSERVE_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}")
             ),
             model=env_str("TURBOSERVE_MODEL", "tiny"),
+            model_dir=env_str("TURBOSERVE_MODEL_DIR", ""),
             device=device,
+            text_device=env_str("TURBOSERVE_TEXT_DEVICE", device),
             kind=env_str("TURBOSERVE_WORKER_KIND", device.split(":")[0]),
             capacity=capacity,
             max_batch=env_int("TURBOSERVE_MAX_BATCH", capacity, low=1, high=256),

@@ -21,6 +21,7 @@ from PIL import Image
 from services.client import ReceivedChunk, ServerError, TurboServeClient
 from services.common.nats_server import free_port
 from services.launcher import Child, start_services, stop_children, wait_http_ok
+from tests.synthetic_models import tiny_model_dir
 
 TOKENS = ("token-alpha", "token-beta")
 FAST_FAILURE_DETECTION = {"TURBOSERVE_HEARTBEAT_S": "0.25", "TURBOSERVE_WORKER_TIMEOUT_S": "1.5"}
@@ -76,7 +77,8 @@ def running_system(
     env = {
         **(os.environ if inherited is None else inherited), **FAST_FAILURE_DETECTION,
         "NATS_URL": nats_url, "DATABASE_URL": database_url, "TURBOSERVE_MODEL": "tiny",
-        "TURBOSERVE_TOKENS": ",".join(TOKENS), "TURBOSERVE_GATEWAY_PORT": str(port),
+        "TURBOSERVE_MODEL_DIR": str(tiny_model_dir()), "TURBOSERVE_TOKENS": ",".join(TOKENS),
+        "TURBOSERVE_GATEWAY_PORT": str(port),
         "TURBOSERVE_STATE_DIR": str(log_dir / "state"), "TURBOSERVE_LOG_DIR": str(log_dir), "PYTHONUNBUFFERED": "1",
         **dict(settings),
     }

@@ -42,7 +42,8 @@ async def test_four_concurrent_clients_stream_in_order_with_prompt_change_pause_
         seqs = [c.header.seq for c in chunks]
         assert seqs == list(range(len(chunks))), f"{session_id}: gap, duplicate or reorder in {seqs}"
         assert len(chunks) >= 7
-        assert all(len(c.frames) == 12 for c in chunks)
+        assert [len(c.frames) for c in chunks] == [9] + [12] * (len(chunks) - 1)  # the VAE's first latent frame
+        assert [c.header.first_frame for c in chunks] == [0] + [9 + 12 * k for k in range(len(chunks) - 1)]
     with psycopg.connect(system.database_url) as conn:
         rows = conn.execute(
             "select id, status, next_seq, chunks_produced, epoch from sessions where id = any(%s)",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,8 +14,9 @@ from services.common.messages import RequestChunks
 from services.gpu_worker.engine import ChunkEngine
 from services.gpu_worker.frames import JpegEncoder
 from services.gpu_worker.migration_agent import MigrationAgent
-from services.gpu_worker.model import StreamingVideoModel, load_model
-from tests.unit.test_worker_engine import CONFIG, Captured, attach, pixels
+from services.gpu_worker.model import StreamingVideoModel
+from tests.synthetic_models import load_tiny
+from tests.unit.test_worker_engine import CONFIG, Captured, assert_same_frames, attach
 
 CPU = torch.device("cpu")
 
@@ -40,8 +40,8 @@ class Side:
 @pytest.fixture
 async def pair() -> AsyncIterator[tuple[Side, Side, Captured]]:
     captured = Captured()  # both workers publish to the same subjects, as over NATS
-    source = Side("w1", load_model("tiny", max_sessions=4), captured)
-    target = Side("w2", load_model("tiny", max_sessions=4), captured)
+    source = Side("w1", load_tiny(max_sessions=4), captured)
+    target = Side("w2", load_tiny(max_sessions=4), captured)
     stop = asyncio.Event()
     loops = [asyncio.create_task(side.engine.run(stop)) for side in (source, target)]
     try:
@@ -80,7 +80,7 @@ async def test_a_streaming_session_moves_with_its_replay_buffer_and_continues_wi
     after = [(h, f) for h, f in await captured.wait_for("s", 10) if h.epoch == 2]
     assert [h.seq for h, _ in after] == [3, 4, 5, 6, 7] and {h.worker_id for h, _ in after} == {"w2"}
     for (_, want), (_, got) in zip(reference[3:], after, strict=True):
-        assert np.abs(pixels(want) - pixels(got)).max() <= CONFIG.batch_tolerance + 6
+        assert_same_frames(want, got)
 
 
 async def test_a_target_whose_source_never_connects_frees_its_reservation_at_the_deadline(

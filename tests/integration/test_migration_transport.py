@@ -20,8 +20,8 @@ from services.gpu_worker.migration.precopy import SourceMigration, TargetMigrati
 from services.gpu_worker.migration.state_machine import MigrationPhase, MigrationStateMachine
 from services.gpu_worker.migration.transport import PeerLink, TransferListener, connect
 from services.gpu_worker.model.interface import StreamingVideoModel
-from services.gpu_worker.model.loader import load_model
 from services.gpu_worker.state.synthetic import SyntheticShape, SyntheticStateModel
+from tests.synthetic_models import load_tiny
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -58,7 +58,7 @@ class SerialModel:
 
 def make_model(kind: str, slots: int) -> StreamingVideoModel:
     if kind == "tiny":
-        return load_model("tiny", max_sessions=slots)
+        return load_tiny(max_sessions=slots)
     return SyntheticStateModel(SHAPE, slots=slots, device=CPU)
 
 

@@ -14,9 +14,10 @@ from services.common.messages import AttachSession, Reply, WorkerHeartbeat
 from services.common.wire import decode, encode
 from services.gpu_worker.engine import ChunkEngine
 from services.gpu_worker.frames import JpegEncoder
-from services.gpu_worker.model import get_config, load_model
+from services.gpu_worker.model import get_config
 from services.gpu_worker.runner import WorkerRunner
 from services.gpu_worker.settings import WorkerSettings
+from tests.synthetic_models import load_tiny
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +43,7 @@ async def test_a_draining_worker_refuses_new_sessions_keeps_its_own_and_reports_
 
     nc = await nats.connect(nats_url)
     engine = ChunkEngine(
-        load_model("tiny", max_sessions=4), JpegEncoder(80), emit, worker_id=settings.worker_id, model_name="tiny",
+        load_tiny(max_sessions=4), JpegEncoder(80), emit, worker_id=settings.worker_id, model_name="tiny",
         frame_size=(config.width_px, config.height_px), max_batch=4, replay_depth=2,
     )
     beats: asyncio.Queue[WorkerHeartbeat] = asyncio.Queue()

@@ -20,7 +20,7 @@ def test_defaults_follow_the_documented_values(env: pytest.MonkeyPatch) -> None:
     settings = GatewaySettings.from_env()
     assert (settings.host, settings.port, settings.max_sessions_per_token) == ("127.0.0.1", 8080, 4)
     assert (settings.credit_chunks, settings.linger_s, settings.max_prompt_chars) == (2, 60.0, 2000)
-    assert (settings.frame_width_px, settings.frame_height_px) == (64, 64)
+    assert (settings.frame_width_px, settings.frame_height_px) == (32, 32)
     assert settings.tokens.owner_of("dev-token") == "dev"
 
 
@@ -54,7 +54,7 @@ def test_missing_tokens_refuse_to_start_rather_than_admit_everybody(env: pytest.
 
 
 def test_an_unknown_model_needs_an_explicit_frame_size(env: pytest.MonkeyPatch) -> None:
-    env.setenv("TURBOSERVE_MODEL", "longlive")
+    env.setenv("TURBOSERVE_MODEL", "my-finetune")
     with pytest.raises(ConfigError, match="TURBOSERVE_FRAME_WIDTH"):
         GatewaySettings.from_env()
     env.setenv("TURBOSERVE_FRAME_WIDTH", "832")

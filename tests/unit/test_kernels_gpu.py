@@ -81,10 +81,10 @@ def test_varlen_attention_beats_the_padded_reference_at_wan_shapes_with_mixed_ca
 
     from services.gpu_worker.model.config import get_config
 
-    config = get_config("wan-1.3b")
+    config = get_config("longlive")
     chunk = config.chunk_tokens
     cache_lens = [chunk, 2 * chunk, 3 * chunk, config.cache_capacity_tokens]
-    inputs = _attention_inputs(4, chunk, config.heads, config.head_dim, config.cache_capacity_tokens,
+    inputs = _attention_inputs(4, chunk, config.dit.num_heads, config.dit.head_dim, config.cache_capacity_tokens,
                                torch.bfloat16, cache_lens)
     kernel_ms = do_bench(lambda: kernels.varlen_attention(*inputs))
     reference_ms = do_bench(lambda: reference.varlen_attention(*inputs))

@@ -1,4 +1,4 @@
-"""Bad input to the reference model raises typed errors and leaves resident sessions untouched."""
+"""Bad input to the model raises typed errors and leaves resident sessions untouched."""
 
 from __future__ import annotations
 
@@ -16,22 +16,23 @@ from services.gpu_worker.model import (
     UnknownModelConfig,
     UnknownSession,
     get_config,
-    load_model,
 )
+from services.gpu_worker.model.config import DiTConfig
+from tests.synthetic_models import load_tiny
 
 
 def test_an_unknown_config_name_raises_unknown_model_config() -> None:
     with pytest.raises(UnknownModelConfig, match="no-such-model"):
-        load_model("no-such-model")
+        get_config("no-such-model")
 
 
 def test_a_config_with_an_odd_head_dim_is_rejected_naming_the_fields() -> None:
-    with pytest.raises(InvalidModelConfig, match="heads"):
-        dataclasses.replace(get_config("tiny"), heads=3)
+    with pytest.raises(InvalidModelConfig, match="num_heads"):
+        dataclasses.replace(get_config("tiny"), dit=DiTConfig(dim=128, num_heads=3))
 
 
 def test_taking_more_sessions_than_slots_raises_slots_exhausted() -> None:
-    model = load_model("tiny", max_sessions=2)
+    model = load_tiny(max_sessions=2)
     model.new_session("a", "x", 0)
     model.new_session("b", "x", 0)
     with pytest.raises(SlotsExhausted):
@@ -39,14 +40,14 @@ def test_taking_more_sessions_than_slots_raises_slots_exhausted() -> None:
 
 
 def test_a_released_slot_can_be_taken_again() -> None:
-    model = load_model("tiny", max_sessions=1)
+    model = load_tiny(max_sessions=1)
     model.release(model.new_session("a", "x", 0))
     assert model.new_session("b", "x", 0).slot == 0
 
 
 @pytest.mark.parametrize("operation", ["generate", "export_state", "set_prompt", "release"])
 def test_an_unknown_or_stale_handle_raises_unknown_session(operation: str) -> None:
-    model = load_model("tiny")
+    model = load_tiny()
     live = model.new_session("live", "x", 0)
     stale = SessionHandle("gone", live.slot)
     calls: dict[str, Callable[[], object]] = {
@@ -61,7 +62,7 @@ def test_an_unknown_or_stale_handle_raises_unknown_session(operation: str) -> No
 
 
 def test_a_session_id_already_resident_or_repeated_in_a_batch_is_refused() -> None:
-    model = load_model("tiny")
+    model = load_tiny()
     handle = model.new_session("a", "x", 0)
     with pytest.raises(DuplicateSession):
         model.new_session("a", "x", 0)
@@ -70,7 +71,7 @@ def test_a_session_id_already_resident_or_repeated_in_a_batch_is_refused() -> No
 
 
 def test_importing_state_with_a_missing_name_or_wrong_shape_raises_state_mismatch() -> None:
-    model = load_model("tiny")
+    model = load_tiny()
     handle = model.new_session("a", "x", 0)
     model.generate([handle])
     state = model.export_state(handle)
@@ -78,12 +79,16 @@ def test_importing_state_with_a_missing_name_or_wrong_shape_raises_state_mismatc
         model.import_state("b", {k: v for k, v in state.items() if k != "rng_state"})
     with pytest.raises(StateMismatch, match="kv"):
         model.import_state("b", state | {"kv": state["kv"][:, :, :-1]})
+    with pytest.raises(StateMismatch, match="VAE cache"):
+        model.import_state("b", {k: v for k, v in state.items() if k != "vae_cache.003"})
+    with pytest.raises(StateMismatch, match="vae_cache.000"):
+        model.import_state("b", state | {"vae_cache.000": state["vae_cache.000"][:, :1]})
 
 
 def test_importing_into_a_full_model_raises_slots_exhausted() -> None:
-    source = load_model("tiny")
+    source = load_tiny()
     state = source.export_state(source.new_session("a", "x", 0))
-    full = load_model("tiny", max_sessions=1)
+    full = load_tiny(max_sessions=1)
     full.new_session("c", "x", 0)
     with pytest.raises(SlotsExhausted):
         full.import_state("a", state)
@@ -91,9 +96,9 @@ def test_importing_into_a_full_model_raises_slots_exhausted() -> None:
 
 def test_a_negative_seed_is_refused() -> None:
     with pytest.raises(ValueError, match="seed"):
-        load_model("tiny").new_session("a", "x", -1)
+        load_tiny().new_session("a", "x", -1)
 
 
 def test_an_inverted_chunk_range_for_kv_rows_written_is_refused() -> None:
     with pytest.raises(ValueError, match="chunk range"):
-        load_model("tiny").kv_rows_written(3, 2)
+        load_tiny().kv_rows_written(3, 2)

@@ -15,8 +15,8 @@ from services.gpu_worker.migration.errors import FrameTooLarge, MigrationAborted
 from services.gpu_worker.migration.precopy import SourceMigration, TargetMigration
 from services.gpu_worker.migration.state_machine import MigrationPhase, MigrationStateMachine
 from services.gpu_worker.model.interface import SessionHandle
-from services.gpu_worker.model.loader import load_model
 from services.gpu_worker.state.synthetic import SyntheticShape, SyntheticStateModel
+from tests.synthetic_models import load_tiny
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -238,7 +238,7 @@ def test_a_reference_model_session_continues_identically_after_a_precopy_migrati
     chunks_before: int, chunks_during_bulk: int, chunks_after_bulk: int
 ) -> None:
     """(1, 0, 1): the cache is still filling, so the target must widen the bulk kv; (4, 1, 3): the ring wraps."""
-    source_model, target_model, reference = (load_model("tiny", max_sessions=1) for _ in range(3))
+    source_model, target_model, reference = (load_tiny(max_sessions=1) for _ in range(3))
     handle = source_model.new_session("s", "a red fox", seed=9)
     unmoved = reference.new_session("s", "a red fox", seed=9)
     done = 0

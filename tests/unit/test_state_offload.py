@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from services.gpu_worker.model.interface import SessionHandle
-from services.gpu_worker.model.loader import load_model
 from services.gpu_worker.state.errors import DeviceBudgetExceeded, HostBudgetExceeded, NoHostState, StateError
 from services.gpu_worker.state.host_pool import HostBufferPool
 from services.gpu_worker.state.offload import Residency, SessionStateManager
 from services.gpu_worker.state.packing import StateManifest
 from services.gpu_worker.state.synthetic import SyntheticShape, SyntheticStateModel
+from tests.synthetic_models import load_tiny
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -146,7 +146,7 @@ def test_offloading_a_session_that_already_has_offloaded_state_is_refused() -> N
 
 
 def test_a_reference_model_session_restored_after_an_offload_continues_with_identical_frames() -> None:
-    model, reference = load_model("tiny", max_sessions=1), load_model("tiny", max_sessions=1)
+    model, reference = load_tiny(max_sessions=1), load_tiny(max_sessions=1)
     handle, unmoved = model.new_session("s", "a red fox", seed=3), reference.new_session("s", "a red fox", seed=3)
     for _ in range(4):
         model.generate([handle]), reference.generate([unmoved])

@@ -17,7 +17,8 @@ from services.common.errors import StaleEpoch, UnknownSession
 from services.common.messages import AttachSession, ChangePrompt, DetachSession, RequestChunks
 from services.gpu_worker.engine import ChunkEngine
 from services.gpu_worker.frames import JpegEncoder
-from services.gpu_worker.model import StreamingVideoModel, get_config, load_model
+from services.gpu_worker.model import StreamingVideoModel, get_config
+from tests.synthetic_models import load_tiny
 
 CONFIG = get_config("tiny")
 
@@ -42,7 +43,7 @@ class Captured:
 
 @pytest.fixture(scope="module")
 def model() -> StreamingVideoModel:
-    return load_model("tiny", max_sessions=8)
+    return load_tiny(max_sessions=8)
 
 
 @pytest.fixture
@@ -69,6 +70,14 @@ def attach(session_id: str, *, seed: int = 1, epoch: int = 1, next_seq: int = 0)
 
 def pixels(frames: list[bytes]) -> np.ndarray:
     return np.stack([np.asarray(Image.open(io.BytesIO(f))) for f in frames]).astype(np.int16)
+
+
+def assert_same_frames(want: list[bytes], got: list[bytes]) -> None:
+    """Equal up to batch composition (``batch_tolerance`` per raw value) seen through JPEG: requantisation can turn
+    a one-level difference into a few dozen at an edge of the synthetic model's noisy frames, so the bound is on
+    the mean, with a loose cap on the worst pixel. A lost cache or RNG state moves the mean by tens."""
+    diff = np.abs(pixels(want) - pixels(got))
+    assert diff.mean() <= 1.0 and diff.max() <= 48, (diff.mean(), diff.max())
 
 
 async def test_ready_sessions_share_one_batched_forward(running: tuple[ChunkEngine, Captured]) -> None:
@@ -103,7 +112,7 @@ async def test_a_session_attached_mid_stream_on_a_fresh_worker_continues_with_id
     moved = await captured.wait_for("moved", 2)
     assert [h.seq for h, _ in moved] == [2, 3] and all(h.epoch == 2 for h, _ in moved)
     for (_, want), (_, got) in zip(reference[2:], moved, strict=True):
-        assert np.abs(pixels(want) - pixels(got)).max() <= CONFIG.batch_tolerance + 6  # + JPEG requantisation
+        assert_same_frames(want, got)
 
 
 async def test_a_resend_replays_the_same_bytes_without_regenerating(running: tuple[ChunkEngine, Captured]) -> None:
@@ -127,7 +136,7 @@ async def test_a_prompt_change_takes_effect_exactly_at_its_chunk(running: tuple[
         await engine.credit(RequestChunks(session_id=sid, epoch=1, up_to_seq=2))
     same, changed = await captured.wait_for("same", 3), await captured.wait_for("changed", 3)
     for seq in (0, 1):
-        assert np.abs(pixels(same[seq][1]) - pixels(changed[seq][1])).max() <= CONFIG.batch_tolerance + 6
+        assert_same_frames(same[seq][1], changed[seq][1])
     assert np.abs(pixels(same[2][1]) - pixels(changed[2][1])).mean() > 1.0
 
 

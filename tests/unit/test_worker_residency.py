@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,13 +20,14 @@ from services.gpu_worker.migration_agent import (
     pack_session,
     unpack_session,
 )
-from services.gpu_worker.model import StreamingVideoModel, load_model
+from services.gpu_worker.model import StreamingVideoModel
 from services.gpu_worker.residency import SessionResidency, StoreSpill
 from services.gpu_worker.session import EncodedChunk, ResidentSession
 from services.gpu_worker.state.offload import Residency, SessionStateManager
 from services.state_store.errors import StaleSnapshot
 from services.state_store.protocol import Snapshot
-from tests.unit.test_worker_engine import CONFIG, Captured, attach, pixels
+from tests.synthetic_models import load_tiny
+from tests.unit.test_worker_engine import CONFIG, Captured, assert_same_frames, attach
 
 
 class MemorySnapshots:
@@ -59,7 +59,7 @@ class MemorySnapshots:
 
 @pytest.fixture(scope="module")
 def model() -> StreamingVideoModel:
-    return load_model("tiny", max_sessions=8)
+    return load_tiny(max_sessions=8)
 
 
 Worker = tuple[ChunkEngine, SessionResidency, MemorySnapshots, Captured]
@@ -110,7 +110,7 @@ async def test_past_the_host_budget_the_oldest_offloaded_state_spills_to_the_sto
             await engine.credit(RequestChunks(session_id=sid, epoch=1, up_to_seq=3))
         want, got = await captured.wait_for("ref", 4), await captured.wait_for("first", 4)
         assert [h.seq for h, _ in got] == [0, 1, 2, 3]
-        assert np.abs(pixels(want[3][1]) - pixels(got[3][1])).max() <= CONFIG.batch_tolerance + 6
+        assert_same_frames(want[3][1], got[3][1])
 
 
 async def test_an_idle_session_offloaded_to_host_frees_its_slot_and_credit_restores_it_with_identical_frames(
@@ -132,7 +132,7 @@ async def test_an_idle_session_offloaded_to_host_frees_its_slot_and_credit_resto
     assert restored_bytes == residency.state_bytes["moved"] and restore_ms > 0
     assert residency.drain_restore_samples() == ()
     for (_, want), (_, got) in zip(kept[3:], moved[3:], strict=True):
-        assert np.abs(pixels(want) - pixels(got)).max() <= CONFIG.batch_tolerance + 6
+        assert_same_frames(want, got)
 
 
 async def test_a_session_with_credit_outstanding_is_not_offloaded(
@@ -162,7 +162,7 @@ async def test_a_fresh_attach_continues_from_the_latest_snapshot_and_regenerates
     await engine.credit(RequestChunks(session_id="s", epoch=2, up_to_seq=5))
     again = await captured.wait_for("s", 5)
     assert again[-1][0].seq == 5 and again[-1][0].epoch == 2
-    assert np.abs(pixels(reference[5][1]) - pixels(again[-1][1])).max() <= CONFIG.batch_tolerance + 6
+    assert_same_frames(reference[5][1], again[-1][1])
 
 
 def test_the_migration_blob_carries_cursors_prompts_and_the_replay_buffer_at_a_fixed_size() -> None:

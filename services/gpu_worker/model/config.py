@@ -1,97 +1,169 @@
-"""Model configurations by name: the same code runs the CPU-sized ``tiny`` and the Wan2.1-1.3B-sized model."""
+"""Model configurations as data: one JSON file per served model under ``configs/``.
+
+Every field defaults to the published Wan2.1-T2V-1.3B architecture (DiT, umT5-XXL encoder, Wan VAE) at 832x480,
+so a file names only what it changes: a distilled checkpoint's schedule and attention window, or every size for
+the CPU ``tiny``. The same classes build ``tiny`` on a CPU and the full size on the meta device.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
 
 from services.gpu_worker.model.errors import InvalidModelConfig, UnknownModelConfig
 
-PATCH_HW = 2
-"""Latent patch is 1 frame x 2 rows x 2 cols, as in Wan2.1."""
+PATCH_SIZE = (1, 2, 2)
+"""Latent patch (frames, rows, cols) of Wan2.1's patch embedding."""
 
-SPATIAL_UPSAMPLE = 8
-"""The decoder turns one latent pixel into 8 x 8 RGB pixels (three x2 stages), as Wan's VAE does."""
+VAE_SPATIAL = 8
+"""Wan's VAE turns one latent pixel into 8 x 8 RGB pixels."""
 
-VIDEO_FRAMES_PER_LATENT = 4
-"""Each latent frame decodes to 4 video frames, like Wan's temporal 4x compression."""
+VAE_TEMPORAL = 4
+"""Each latent frame after the first decodes to 4 video frames; the stream's very first latent frame to 1."""
+
+
+@dataclass(frozen=True, slots=True)
+class DiTConfig:
+    """Wan2.1 ``WanModel`` hyperparameters, named as in Wan's own config."""
+
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    in_dim: int = 16
+    out_dim: int = 16
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    """Prompt context length: the T5 output is zero-padded to it and cross-attention reads every row, unmasked."""
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+@dataclass(frozen=True, slots=True)
+class TextEncoderConfig:
+    """umT5 encoder sizes as ``transformers.UMT5Config`` names them (umT5-XXL by default)."""
+
+    vocab_size: int = 256384
+    d_model: int = 4096
+    d_kv: int = 64
+    d_ff: int = 10240
+    num_heads: int = 64
+    num_layers: int = 24
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+
+
+@dataclass(frozen=True, slots=True)
+class VaeConfig:
+    """``diffusers.AutoencoderKLWan`` arguments (Wan2.1's VAE by default)."""
+
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamConfig:
+    """How the causal model runs a stream: chunk size, attention window, few-step schedule."""
+
+    latent_height: int = 60
+    latent_width: int = 104
+    frames_per_chunk: int = 3
+    """Latent frames per chunk (Self-Forcing's ``num_frame_per_block``)."""
+    sink_frames: int = 0
+    """First latent frames whose K/V stay forever (LongLive's ``sink_size``)."""
+    attention_frames: int = 21
+    """Latent frames a chunk's queries see, its own included (``local_attn_size``; Self-Forcing's -1 is 21)."""
+    denoise_timesteps: tuple[int, ...] = (1000, 750, 500, 250)
+    timestep_shift: float = 5.0
+    warp_timesteps: bool = True
+    """Self-Forcing's ``warp_denoising_step``: condition on the shifted timestep rather than the listed one."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointConfig:
+    """Where a served model's generator weights sit in ``TURBOSERVE_MODEL_DIR`` under their published names."""
+
+    generator: tuple[str, ...] = ("generator.pt",)
+    """Candidate paths of the DiT checkpoint, first found wins."""
+    entries: tuple[str, ...] = ("generator_ema", "generator")
+    """Top-level entries of a training checkpoint holding the generator's state dict, first found wins."""
+    lora: tuple[str, ...] = ()
+    """Candidate paths of a LoRA merged into the generator at load (LongLive)."""
+    lora_rank: int = 0
+    lora_alpha: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """Every dimension of the streaming DiT, its cache window and its sampler; derived sizes are properties."""
+    """A served model: architecture, stream and checkpoint layout; derived sizes are properties."""
 
     name: str
-    layers: int
-    dim: int
-    heads: int
-    ffn_dim: int
-    latent_channels: int
-    latent_height: int
-    latent_width: int
-    frames_per_chunk: int
-    sink_chunks: int
-    """Chunks at the start of the stream whose K/V stay in the cache forever (attention sink)."""
-    window_chunks: int
-    """Most recent chunks kept in the ring after the sink."""
-    text_vocab: int
-    text_len: int
-    text_dim: int
-    text_layers: int
-    text_heads: int
-    decoder_channels: tuple[int, int, int]
-    """Conv widths at latent resolution, then after the first and second x2 upsampling stages."""
-    default_max_sessions: int
-    batch_tolerance: float
+    about: str = ""
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    default_max_sessions: int = 4
+    batch_tolerance: float = 4.0
     """Max abs difference of uint8 frame values a session may show between running alone and batched."""
-    denoise_timesteps: tuple[int, ...] = (1000, 750, 500, 250)
-    timestep_shift: float = 5.0
-    prior_residual_scale: float = 0.35
-    """How much the DiT's prediction moves the clean latent away from the analytic colour-field prior."""
-    weight_seed: int = 20_260_611
 
     def __post_init__(self) -> None:
-        positive = {
-            "layers": self.layers, "dim": self.dim, "heads": self.heads, "ffn_dim": self.ffn_dim,
-            "latent_channels": self.latent_channels, "frames_per_chunk": self.frames_per_chunk,
-            "window_chunks": self.window_chunks, "text_vocab": self.text_vocab, "text_len": self.text_len,
-            "text_dim": self.text_dim, "text_layers": self.text_layers, "text_heads": self.text_heads,
-            "default_max_sessions": self.default_max_sessions,
-        }
-        for field_name, value in positive.items():
-            if value < 1:
-                raise InvalidModelConfig(f"{self.name}: {field_name}={value} must be >= 1")
-        if self.sink_chunks < 0:
-            raise InvalidModelConfig(f"{self.name}: sink_chunks={self.sink_chunks} must be >= 0")
-        if self.dim % self.heads or (self.dim // self.heads) % 2:
-            raise InvalidModelConfig(f"{self.name}: dim={self.dim} / heads={self.heads} must give an even head dim")
-        if self.head_dim < 6:
-            raise InvalidModelConfig(f"{self.name}: head_dim={self.head_dim} too small to split over 3 RoPE axes")
-        if self.text_dim % self.text_heads:
-            raise InvalidModelConfig(f"{self.name}: text_dim={self.text_dim} not divisible by {self.text_heads}")
-        if self.latent_height % PATCH_HW or self.latent_width % PATCH_HW:
+        d, s = self.dit, self.stream
+        if d.dim % d.num_heads or d.head_dim % 2:
+            raise InvalidModelConfig(f"{self.name}: dim={d.dim} / num_heads={d.num_heads} must give an even head dim")
+        if d.head_dim < 6:
+            raise InvalidModelConfig(f"{self.name}: head dim {d.head_dim} too small to split over 3 RoPE axes")
+        if s.latent_height % PATCH_SIZE[1] or s.latent_width % PATCH_SIZE[2]:
+            raise InvalidModelConfig(f"{self.name}: latent {s.latent_height}x{s.latent_width} is not a whole number "
+                                     f"of {PATCH_SIZE[1]}x{PATCH_SIZE[2]} patches")
+        if s.frames_per_chunk < 2:
+            raise InvalidModelConfig(f"{self.name}: frames_per_chunk={s.frames_per_chunk} must be >= 2 (the VAE's "
+                                     "causal cache is whole only after two latent frames)")
+        if s.sink_frames < 0 or s.sink_frames % s.frames_per_chunk:
+            raise InvalidModelConfig(f"{self.name}: sink_frames={s.sink_frames} must be a multiple of "
+                                     f"frames_per_chunk={s.frames_per_chunk}")
+        past = s.attention_frames - s.frames_per_chunk - s.sink_frames
+        if past < s.frames_per_chunk or past % s.frames_per_chunk:
             raise InvalidModelConfig(
-                f"{self.name}: latent {self.latent_height}x{self.latent_width} not divisible by patch {PATCH_HW}"
+                f"{self.name}: attention_frames={s.attention_frames} must leave at least one whole chunk of "
+                f"{s.frames_per_chunk} frames between the sink ({s.sink_frames}) and the chunk itself"
             )
-        if not self.denoise_timesteps or any(not 0 < t <= 1000 for t in self.denoise_timesteps):
-            raise InvalidModelConfig(f"{self.name}: denoise_timesteps={self.denoise_timesteps} must be in (0, 1000]")
-        if self.batch_tolerance < 0:
-            raise InvalidModelConfig(f"{self.name}: batch_tolerance={self.batch_tolerance} must be >= 0")
+        if not s.denoise_timesteps or any(not 0 < t <= 1000 for t in s.denoise_timesteps):
+            raise InvalidModelConfig(f"{self.name}: denoise_timesteps={s.denoise_timesteps} must be in (0, 1000]")
+        if self.default_max_sessions < 1 or self.batch_tolerance < 0:
+            raise InvalidModelConfig(f"{self.name}: default_max_sessions must be >= 1 and batch_tolerance >= 0")
+        if self.text_encoder.d_model != d.text_dim:
+            raise InvalidModelConfig(f"{self.name}: text encoder width {self.text_encoder.d_model} != DiT text_dim "
+                                     f"{d.text_dim}")
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.heads
-
-    @property
-    def patch_dim(self) -> int:
-        return self.latent_channels * PATCH_HW * PATCH_HW
-
+    # Token geometry of the DiT.
     @property
     def tokens_per_frame(self) -> int:
-        return (self.latent_height // PATCH_HW) * (self.latent_width // PATCH_HW)
+        return (self.stream.latent_height // PATCH_SIZE[1]) * (self.stream.latent_width // PATCH_SIZE[2])
 
     @property
     def chunk_tokens(self) -> int:
-        return self.frames_per_chunk * self.tokens_per_frame
+        return self.stream.frames_per_chunk * self.tokens_per_frame
+
+    @property
+    def sink_chunks(self) -> int:
+        return self.stream.sink_frames // self.stream.frames_per_chunk
+
+    @property
+    def window_chunks(self) -> int:
+        """Past chunks kept in the ring after the sink."""
+        s = self.stream
+        return (s.attention_frames - s.frames_per_chunk - s.sink_frames) // s.frames_per_chunk
 
     @property
     def sink_tokens(self) -> int:
@@ -101,46 +173,69 @@ class ModelConfig:
     def cache_capacity_tokens(self) -> int:
         return (self.sink_chunks + self.window_chunks) * self.chunk_tokens
 
-    def state_bytes(self, element_bytes: int) -> int:
-        """Bytes of one session's full exported state at ``element_bytes`` per value (2 for bf16): the window-full
-        self-attention KV plus the prompt's cross-attention KV; the small tensors are negligible."""
-        rows = self.cache_capacity_tokens + self.text_len
-        return self.layers * 2 * rows * self.dim * element_bytes
-
-    @property
-    def video_frames_per_chunk(self) -> int:
-        return self.frames_per_chunk * VIDEO_FRAMES_PER_LATENT
-
+    # Video geometry after the VAE.
     @property
     def height_px(self) -> int:
-        return self.latent_height * SPATIAL_UPSAMPLE
+        return self.stream.latent_height * VAE_SPATIAL
 
     @property
     def width_px(self) -> int:
-        return self.latent_width * SPATIAL_UPSAMPLE
+        return self.stream.latent_width * VAE_SPATIAL
+
+    def video_frames(self, chunk_index: int) -> int:
+        """Frames chunk ``chunk_index`` decodes to: 9 then 12 for 3 latent frames (the first latent frame gives 1)."""
+        per_chunk = self.stream.frames_per_chunk * VAE_TEMPORAL
+        return per_chunk - (VAE_TEMPORAL - 1) if chunk_index == 0 else per_chunk
+
+    def first_video_frame(self, chunk_index: int) -> int:
+        """Index in the stream of chunk ``chunk_index``'s first video frame."""
+        return 0 if chunk_index == 0 else chunk_index * self.stream.frames_per_chunk * VAE_TEMPORAL - (VAE_TEMPORAL - 1)
+
+    def kv_bytes(self, element_bytes: int) -> int:
+        """A window-full session's self-attention KV plus its prompt's cross-attention KV."""
+        rows = self.cache_capacity_tokens + self.dit.text_len
+        return self.dit.num_layers * 2 * rows * self.dit.dim * element_bytes
 
 
-CONFIGS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(
-        name="tiny", layers=4, dim=128, heads=4, ffn_dim=512, latent_channels=16, latent_height=8, latent_width=8,
-        frames_per_chunk=3, sink_chunks=1, window_chunks=2, text_vocab=4096, text_len=32, text_dim=128,
-        text_layers=2, text_heads=4, decoder_channels=(32, 16, 8), default_max_sessions=32,
-        batch_tolerance=1.0,
-    ),
-    # Wan2.1-1.3B DiT at 832x480: 104x60 latent, 1,560 tokens per latent frame; sink 1 + window 3 chunks = 12 frames.
-    # The text encoder is a small stand-in for umT5-XXL (same 512-token context the cross-attention caches).
-    "wan-1.3b": ModelConfig(
-        name="wan-1.3b", layers=30, dim=1536, heads=12, ffn_dim=8960, latent_channels=16, latent_height=60,
-        latent_width=104, frames_per_chunk=3, sink_chunks=1, window_chunks=3, text_vocab=32768, text_len=512,
-        text_dim=1024, text_layers=2, text_heads=16, decoder_channels=(128, 64, 32), default_max_sessions=4,
-        batch_tolerance=4.0,
-    ),
-}
+def _build(cls: type[Any], values: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InvalidModelConfig(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+_SECTIONS = {"dit": DiTConfig, "text_encoder": TextEncoderConfig, "vae": VaeConfig, "stream": StreamConfig,
+             "checkpoint": CheckpointConfig}
+
+
+def parse_config(data: dict[str, Any], where: str) -> ModelConfig:
+    """A ``ModelConfig`` from a config file's JSON object; raises ``InvalidModelConfig`` naming the bad field."""
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        raise InvalidModelConfig(f"{where}: a model config is a JSON object with a string 'name'")
+    top = dict(data)
+    serving = top.pop("serving", {})
+    parts = {key: _build(cls, top.pop(key, {}), f"{where}: {key}") for key, cls in _SECTIONS.items()}
+    try:
+        return _build(ModelConfig, {**top, **serving, **parts}, where)  # type: ignore[no-any-return]
+    except TypeError as exc:
+        raise InvalidModelConfig(f"{where}: {exc}") from None
+
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+
+
+def config_names() -> list[str]:
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.json"))
 
 
 def get_config(name: str) -> ModelConfig:
-    """The registered config called ``name``; raises ``UnknownModelConfig`` listing the known names."""
+    """The config file ``configs/<name>.json``; raises ``UnknownModelConfig`` listing the known names."""
+    if name not in config_names():
+        raise UnknownModelConfig(f"unknown model config {name!r}; known: {config_names()}")
+    path = CONFIG_DIR / f"{name}.json"
     try:
-        return CONFIGS[name]
-    except KeyError:
-        raise UnknownModelConfig(f"unknown model config {name!r}; known: {sorted(CONFIGS)}") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InvalidModelConfig(f"{path}: not valid JSON ({exc})") from None
+    return parse_config(data, str(path))

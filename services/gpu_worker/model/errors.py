@@ -1,14 +1,14 @@
-"""Typed errors of the reference model: bad input from the caller, never internal failures."""
+"""Typed errors of the model: bad input or a bad model directory, never internal failures."""
 
 from __future__ import annotations
 
 
 class UnknownModelConfig(LookupError):
-    """``load_model`` or ``get_config`` was given a name that is not in the config registry."""
+    """``get_config`` was given a name with no config file."""
 
 
 class InvalidModelConfig(ValueError):
-    """A ``ModelConfig`` field is out of bounds; the message names the field and its value."""
+    """A config file's field is out of bounds or unknown; the message names the field and its value."""
 
 
 class UnknownSession(LookupError):
@@ -21,3 +21,25 @@ class DuplicateSession(ValueError):
 
 class StateMismatch(ValueError):
     """Imported tensors are missing a name or do not fit this model's config (shape, dtype or cache layout)."""
+
+
+class CheckpointError(ValueError):
+    """A model directory cannot be served; subclasses say why, and every message names the file."""
+
+
+class MissingCheckpointFile(CheckpointError):
+    """A file the model needs is not in the model directory under any of its published names."""
+
+
+class CheckpointKeyMismatch(CheckpointError):
+    """A checkpoint's keys or shapes differ from the architecture's: the message names the first of each kind."""
+
+    def __init__(self, path: str, missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> None:
+        self.missing, self.unexpected, self.wrong_shape = missing, unexpected, wrong_shape
+        parts = [f"{len(keys)} {kind} (first: {keys[0]})" for kind, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", wrong_shape)) if keys]
+        super().__init__(f"{path}: keys do not match the architecture: " + "; ".join(parts))
+
+
+class CheckpointDtypeError(CheckpointError):
+    """A checkpoint tensor is not a float type the model can compute in."""

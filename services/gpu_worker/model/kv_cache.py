@@ -44,18 +44,18 @@ class CacheLayout:
 
 class CachePools:
     """Device tensors for all slots: ``k_pools[layer]``/``v_pools[layer]`` [slots, capacity, heads, head_dim],
-    ``cross_k[layer]``/``cross_v[layer]`` [slots, text_len, heads, head_dim] and ``cross_mask`` [slots, text_len]."""
+    ``cross_k[layer]``/``cross_v[layer]`` [slots, text_len, heads, head_dim]."""
 
     def __init__(self, config: ModelConfig, max_sessions: int, device: torch.device, dtype: torch.dtype) -> None:
         self.config = config
         self.layout = CacheLayout(config)
-        kv_shape = (max_sessions, config.cache_capacity_tokens, config.heads, config.head_dim)
-        cross_shape = (max_sessions, config.text_len, config.heads, config.head_dim)
-        self.k_pools = [torch.zeros(kv_shape, device=device, dtype=dtype) for _ in range(config.layers)]
-        self.v_pools = [torch.zeros(kv_shape, device=device, dtype=dtype) for _ in range(config.layers)]
-        self.cross_k = [torch.zeros(cross_shape, device=device, dtype=dtype) for _ in range(config.layers)]
-        self.cross_v = [torch.zeros(cross_shape, device=device, dtype=dtype) for _ in range(config.layers)]
-        self.cross_mask = torch.zeros((max_sessions, config.text_len), device=device, dtype=torch.bool)
+        d = config.dit
+        kv_shape = (max_sessions, config.cache_capacity_tokens, d.num_heads, d.head_dim)
+        cross_shape = (max_sessions, d.text_len, d.num_heads, d.head_dim)
+        self.k_pools = [torch.zeros(kv_shape, device=device, dtype=dtype) for _ in range(d.num_layers)]
+        self.v_pools = [torch.zeros(kv_shape, device=device, dtype=dtype) for _ in range(d.num_layers)]
+        self.cross_k = [torch.zeros(cross_shape, device=device, dtype=dtype) for _ in range(d.num_layers)]
+        self.cross_v = [torch.zeros(cross_shape, device=device, dtype=dtype) for _ in range(d.num_layers)]
 
     def write_index(self, slots: list[int], chunk_indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(slot, row) index tensors [B * chunk_tokens] addressing where each session's chunk K/V goes."""
@@ -68,8 +68,8 @@ class CachePools:
 
     def export_kv(self, slot: int, rows: int) -> torch.Tensor:
         """Rows [0, rows) of every layer's K and V as one contiguous [layers, 2, rows, heads, head_dim] tensor."""
-        c = self.config
-        shape = (c.layers, 2, rows, c.heads, c.head_dim)
+        d = self.config.dit
+        shape = (d.num_layers, 2, rows, d.num_heads, d.head_dim)
         out = torch.empty(shape, device=self.k_pools[0].device, dtype=self.k_pools[0].dtype)
         kernels.pack_kv(self.k_pools, self.v_pools, slot, rows, out.view(-1))
         return out
@@ -84,8 +84,7 @@ class CachePools:
         """The slot's prompt K/V as [layers, 2, text_len, heads, head_dim]."""
         return torch.stack([torch.stack([k[slot], v[slot]]) for k, v in zip(self.cross_k, self.cross_v, strict=True)])
 
-    def import_cross(self, slot: int, cross_kv: torch.Tensor, key_mask: torch.Tensor) -> None:
+    def import_cross(self, slot: int, cross_kv: torch.Tensor) -> None:
         for layer, (k, v) in enumerate(zip(self.cross_k, self.cross_v, strict=True)):
             k[slot].copy_(cross_kv[layer, 0])
             v[slot].copy_(cross_kv[layer, 1])
-        self.cross_mask[slot].copy_(key_mask)

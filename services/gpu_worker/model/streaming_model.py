@@ -1,8 +1,10 @@
-"""The reference streaming video model: a causal chunked DiT with per-session slots, implementing the interface.
+"""Wan2.1's causal model serving many streams: per-session slots, one batched forward per chunk for all of them.
 
-Per chunk and batch: every session draws its noise from its own generator, four flow-matching steps run as one
-batched DiT forward each (attending to each session's own cache), one more forward of the clean chunk at t=0
-writes its K/V into the cache (as Self-Forcing does), and the decoder turns the latents into uint8 frames.
+Per chunk and batch: every session draws its noise from its own generator; the few-step schedule runs as one
+batched DiT forward per step (each session attending to its own cache), each flow prediction turned into the clean
+latents (x0 = x_sigma - sigma * v) and re-noised to the next step's level; one more forward of the clean chunk at
+t = 0 writes its K/V into the cache (Self-Forcing's context pass with ``context_noise`` 0); the VAE decodes the
+chunk with each session's causal feature cache.
 """
 
 from __future__ import annotations
@@ -11,70 +13,69 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from diffusers import AutoencoderKLWan
 
 from services.gpu_worker.model.config import ModelConfig
-from services.gpu_worker.model.decoder import LatentDecoder
-from services.gpu_worker.model.dit import CausalDiT, ChunkBatch
+from services.gpu_worker.model.dit import ChunkBatch, WanCausalDiT
 from services.gpu_worker.model.errors import DuplicateSession, UnknownSession
 from services.gpu_worker.model.interface import ChunkOutput, SessionHandle, SlotsExhausted
 from services.gpu_worker.model.kv_cache import CachePools
-from services.gpu_worker.model.prior import ColourFieldPrior
 from services.gpu_worker.model.rope import Rope3D
 from services.gpu_worker.model.sampler import FlowSchedule
 from services.gpu_worker.model.session_state import SessionState
-from services.gpu_worker.model.text_encoder import TextEncoder
-from services.gpu_worker.model.tokenizer import padding_mask, tokenize
-from services.gpu_worker.model.weights import init_seeded_
+from services.gpu_worker.model.text_encoder import PromptEncoder
+from services.gpu_worker.model.vae import StreamingVaeDecoder, VaeCache, vae_cache_shapes
 
 _MAX_SEED = 2**63
 
 
 @dataclass(slots=True)
 class _Session:
-    """Host-side bookkeeping of a resident session; its cache tensors live in the pools at ``slot``."""
+    """Host-side bookkeeping of a resident session; its KV lives in the pools at ``slot``."""
 
     session_id: str
     slot: int
     seed: int
     generator: torch.Generator
     chunk_index: int
-    prompt_tokens: torch.Tensor
-    prompt_waves: torch.Tensor
-    decoder_latent: torch.Tensor
+    vae_cache: VaeCache | None
 
 
-class ModelWeights(nn.Module):
-    """All networks of the model, so one seeded init and one dtype cast cover every parameter."""
+@dataclass(frozen=True, slots=True)
+class StateBytes:
+    """One session's device state at a full attention window: what offload, migration and placement move."""
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.text_encoder = TextEncoder(config)
-        self.dit = CausalDiT(config)
-        self.prior = ColourFieldPrior(config)
-        self.decoder = LatentDecoder(config)
+    kv: int
+    """Self-attention KV at a full window plus the prompt's cross-attention KV."""
+    vae: int
+    """The VAE decoder's causal feature cache."""
+
+    @property
+    def total(self) -> int:
+        return self.kv + self.vae
 
 
-class ReferenceStreamingModel:
-    """Random-weight Wan2.1-shaped streaming DiT; see ``interface.StreamingVideoModel`` for the contract.
+class WanStreamingModel:
+    """See ``interface.StreamingVideoModel`` for the contract.
 
     Not an ``nn.Module`` on purpose: weights and cache pools live on one device chosen at construction, and a
     ``.to()`` that moved only the weights would split them.
     """
 
-    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype, max_sessions: int) -> None:
+    def __init__(self, config: ModelConfig, dit: WanCausalDiT, vae: AutoencoderKLWan, text: PromptEncoder,
+                 device: torch.device, dtype: torch.dtype, max_sessions: int) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions={max_sessions} must be >= 1")
         self.config = config
-        with torch.device(device):  # allocate on the target directly: a 1.3B model need not pass through host RAM
-            weights = ModelWeights(config)
-        init_seeded_(weights, config.weight_seed)
-        self.weights = weights.to(dtype=dtype).eval().requires_grad_(False)
+        self.dit = dit
+        self.text = text
+        self.vae = StreamingVaeDecoder(vae)
         self.device = device
         self.dtype = dtype
         self.pools = CachePools(config, max_sessions, device, dtype)
-        self.schedule = FlowSchedule.from_config(config)
+        self.schedule = FlowSchedule.from_config(config.stream)
         self.rope = Rope3D(config, device)
+        self.vae_cache_shapes = vae_cache_shapes(config)
         self._sessions: dict[int, _Session] = {}
         self._max_sessions = max_sessions
 
@@ -82,25 +83,23 @@ class ReferenceStreamingModel:
     def max_sessions(self) -> int:
         return self._max_sessions
 
+    def state_bytes(self) -> StateBytes:
+        element = torch.finfo(self.dtype).bits // 8
+        vae = sum(element * _numel(shape) for shape in self.vae_cache_shapes)
+        return StateBytes(kv=self.config.kv_bytes(element), vae=vae)
+
     def new_session(self, session_id: str, prompt: str, seed: int) -> SessionHandle:
         if not 0 <= seed < _MAX_SEED:
             raise ValueError(f"seed={seed} must be in [0, 2**63)")
         slot = self._claim_slot(session_id)
-        c = self.config
-        tokens = tokenize(prompt, c.text_vocab, c.text_len)
-        self._sessions[slot] = _Session(
-            session_id=session_id, slot=slot, seed=seed,
-            generator=torch.Generator(device="cpu").manual_seed(seed), chunk_index=0, prompt_tokens=tokens,
-            prompt_waves=self._cache_prompt(slot, tokens),
-            decoder_latent=torch.zeros(c.latent_channels, c.latent_height, c.latent_width, device=self.device,
-                                       dtype=self.dtype),
-        )
+        self._cache_prompt(slot, prompt)
+        self._sessions[slot] = _Session(session_id=session_id, slot=slot, seed=seed,
+                                        generator=torch.Generator(device="cpu").manual_seed(seed), chunk_index=0,
+                                        vae_cache=None)
         return SessionHandle(session_id, slot)
 
     def set_prompt(self, handle: SessionHandle, prompt: str) -> None:
-        session = self._session(handle)
-        session.prompt_tokens = tokenize(prompt, self.config.text_vocab, self.config.text_len)
-        session.prompt_waves = self._cache_prompt(session.slot, session.prompt_tokens)
+        self._cache_prompt(self._session(handle).slot, prompt)
 
     def generate(self, handles: Sequence[SessionHandle]) -> list[ChunkOutput]:
         sessions = [self._session(handle) for handle in handles]
@@ -110,16 +109,12 @@ class ReferenceStreamingModel:
             return []
         with torch.inference_mode():
             latents = self._denoise(sessions)
-            previous = torch.stack([
-                latents[b, :, 0] if s.chunk_index == 0 else s.decoder_latent for b, s in enumerate(sessions)
-            ])
-            frames = self.weights.decoder(latents, previous).cpu()
+            frames, caches = self.vae.decode(latents, [s.vae_cache for s in sessions])
         outputs = []
-        per_chunk = self.config.video_frames_per_chunk
-        for b, session in enumerate(sessions):
-            outputs.append(ChunkOutput(session.session_id, session.chunk_index, session.chunk_index * per_chunk,
-                                       frames[b]))
-            session.decoder_latent = latents[b, :, -1].clone()
+        for session, session_frames, cache in zip(sessions, frames, caches, strict=True):
+            outputs.append(ChunkOutput(session.session_id, session.chunk_index,
+                                       self.config.first_video_frame(session.chunk_index), session_frames.cpu()))
+            session.vae_cache = cache
             session.chunk_index += 1
         return outputs
 
@@ -129,29 +124,25 @@ class ReferenceStreamingModel:
         return SessionState(
             kv=self.pools.export_kv(session.slot, rows),
             cross_kv=self.pools.export_cross(session.slot),
-            prompt_tokens=session.prompt_tokens.clone(),
-            prompt_waves=session.prompt_waves.clone(),
-            decoder_latent=session.decoder_latent.clone(),
+            vae_cache=[entry.clone() for entry in session.vae_cache] if session.vae_cache is not None else None,
             chunk_index=session.chunk_index,
             rng_state=session.generator.get_state(),
             seed=session.seed,
         ).to_tensors()
 
     def import_state(self, session_id: str, tensors: Mapping[str, torch.Tensor]) -> SessionHandle:
-        state = SessionState.from_tensors(self.config, tensors)
+        state = SessionState.from_tensors(self.config, self.vae_cache_shapes, tensors)
         slot = self._claim_slot(session_id)
         generator = torch.Generator(device="cpu")
         generator.set_state(state.rng_state)
         with torch.inference_mode():
             self.pools.import_kv(slot, state.kv)
-            self.pools.import_cross(slot, state.cross_kv.to(self.device, self.dtype),
-                                    padding_mask(state.prompt_tokens).to(self.device))
-        self._sessions[slot] = _Session(
-            session_id=session_id, slot=slot, seed=state.seed, generator=generator, chunk_index=state.chunk_index,
-            prompt_tokens=state.prompt_tokens.clone(),
-            prompt_waves=state.prompt_waves.to(self.device, torch.float32).clone(),
-            decoder_latent=state.decoder_latent.to(self.device, self.dtype).clone(),
-        )
+            self.pools.import_cross(slot, state.cross_kv.to(self.device, self.dtype))
+            vae_cache = None if state.vae_cache is None else [
+                entry.to(self.device, self.dtype, copy=True) for entry in state.vae_cache
+            ]
+        self._sessions[slot] = _Session(session_id=session_id, slot=slot, seed=state.seed, generator=generator,
+                                        chunk_index=state.chunk_index, vae_cache=vae_cache)
         return SessionHandle(session_id, slot)
 
     def kv_rows_written(self, first_chunk: int, last_chunk: int) -> list[int]:
@@ -175,18 +166,13 @@ class ReferenceStreamingModel:
             raise UnknownSession(f"no session {handle.session_id!r} in slot {handle.slot} of this model")
         return session
 
-    def _cache_prompt(self, slot: int, tokens: torch.Tensor) -> torch.Tensor:
-        """Encode a prompt, store its per-layer cross-attention K/V in ``slot``; return its prior's wave parameters."""
+    def _cache_prompt(self, slot: int, prompt: str) -> None:
+        """Store the prompt's per-layer cross-attention K/V in ``slot``: from the next chunk on, it conditions."""
+        context = self.text.encode(prompt)
         with torch.inference_mode():
-            key_mask = padding_mask(tokens).to(self.device)[None]
-            text = self.weights.text_encoder(tokens.to(self.device)[None], key_mask)
-            context = self.weights.dit.embed_prompt(text)
-            for layer, (k, v) in enumerate(self.weights.dit.prompt_kv(context)):
+            for layer, (k, v) in enumerate(self.dit.prompt_kv(context[None])):
                 self.pools.cross_k[layer][slot].copy_(k[0])
                 self.pools.cross_v[layer][slot].copy_(v[0])
-            self.pools.cross_mask[slot].copy_(key_mask[0])
-            weights = key_mask[0, :, None].to(context.dtype)
-            return self.weights.prior.waves((context[0] * weights).sum(dim=0) / weights.sum())
 
     def _chunk_batch(self, sessions: list[_Session]) -> ChunkBatch:
         slots = [s.slot for s in sessions]
@@ -200,30 +186,33 @@ class ReferenceStreamingModel:
             slots=slot_index, cache_lens=cache_lens, rope_cos=cos, rope_sin=sin,
             cross_k=[k.index_select(0, slot_index) for k in self.pools.cross_k],
             cross_v=[v.index_select(0, slot_index) for v in self.pools.cross_v],
-            cross_mask=self.pools.cross_mask.index_select(0, slot_index),
             write_slots=write_slots, write_rows=write_rows,
         )
 
     def _denoise(self, sessions: list[_Session]) -> torch.Tensor:
         """Run the few-step sampler for one chunk of every session and cache the clean chunk; returns x0 latents."""
-        c = self.config
+        s = self.config.stream
         batch = self._chunk_batch(sessions)
         steps = self.schedule.steps
-        noise_shape = (steps, c.latent_channels, c.frames_per_chunk, c.latent_height, c.latent_width)
-        noise = torch.stack([torch.randn(noise_shape, generator=s.generator) for s in sessions])
+        noise_shape = (steps, self.config.dit.in_dim, s.frames_per_chunk, s.latent_height, s.latent_width)
+        noise = torch.stack([torch.randn(noise_shape, generator=session.generator) for session in sessions])
         noise = noise.to(device=self.device, dtype=self.dtype)
-        frame_indices = torch.tensor(
-            [[s.chunk_index * c.frames_per_chunk + f for f in range(c.frames_per_chunk)] for s in sessions],
-            device=self.device,
-        )
-        prior = self.weights.prior.field(torch.stack([s.prompt_waves for s in sessions]), frame_indices).to(self.dtype)
         x = noise[:, 0]
         clean = x
         for step in range(steps):
-            residual = self.weights.dit(x, self.schedule.model_timestep(step), batch, self.pools)
-            clean = prior + c.prior_residual_scale * residual
+            flow = self.dit(x, self.schedule.model_timesteps[step], batch, self.pools)
+            assert flow is not None
+            sigma = self.schedule.sigmas[step]
+            clean = (x.float() - sigma * flow.float()).to(self.dtype)
             if step + 1 < steps:
-                sigma = self.schedule.sigmas[step + 1]
-                x = (1.0 - sigma) * clean + sigma * noise[:, step + 1]
-        self.weights.dit(clean, 0.0, batch, self.pools, write_cache=True)
+                next_sigma = self.schedule.sigmas[step + 1]
+                x = (1.0 - next_sigma) * clean + next_sigma * noise[:, step + 1]
+        self.dit(clean, 0.0, batch, self.pools, write_cache=True)
         return clean
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count

@@ -1,47 +1,77 @@
-"""A tiny bidirectional text encoder: the stand-in for umT5 that turns prompt tokens into a context sequence."""
+"""Prompts to the DiT's text context: ``transformers``' umT5 encoder and tokenizer, as Wan runs them.
+
+Wan tokenizes to ``text_len`` tokens (end-of-sequence token added, padding masked inside the encoder), keeps the
+encoder output of the real tokens only and zero-pads it back to ``text_len`` rows; the DiT then attends to all
+rows unmasked. Many sessions share a prompt, so contexts are cached by prompt text; the encoder may sit on
+another device than the DiT (``TURBOSERVE_TEXT_DEVICE``), since umT5-XXL alone is 11 GB in bf16.
+"""
 
 from __future__ import annotations
 
+import html
+import re
+import threading
+from collections import OrderedDict
+
 import torch
-from torch import nn
+from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
-from services.gpu_worker.model.config import ModelConfig
-from services.gpu_worker.model.layers import AffineLayerNorm, FeedForward, masked_attention
-
-
-class _EncoderLayer(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm_attn = AffineLayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.out = nn.Linear(width, width)
-        self.norm_ffn = AffineLayerNorm(width)
-        self.ffn = FeedForward(width, 4 * width)
-
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        batch, length, width = x.shape
-        q, k, v = self.qkv(self.norm_attn(x)).view(batch, length, 3, self.heads, -1).unbind(dim=2)
-        x = x + self.out(masked_attention(q, k, v, key_mask).reshape(batch, length, width))
-        out: torch.Tensor = x + self.ffn(self.norm_ffn(x))
-        return out
+_WHITESPACE = re.compile(r"\s+")
 
 
-class TextEncoder(nn.Module):
-    """Embedding table plus pre-norm transformer layers; padded positions never influence real ones."""
+def clean_prompt(prompt: str) -> str:
+    """Wan's ``clean='whitespace'``: HTML entities unescaped, runs of whitespace folded to one space.
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.table = nn.Parameter(torch.empty(config.text_vocab, config.text_dim))
-        self.layers = nn.ModuleList(
-            _EncoderLayer(config.text_dim, config.text_heads) for _ in range(config.text_layers)
-        )
-        self.norm_out = AffineLayerNorm(config.text_dim)
+    Wan also runs ``ftfy.fix_text`` first; we do not depend on ftfy, so mojibake in a prompt stays as typed.
+    """
+    return _WHITESPACE.sub(" ", html.unescape(html.unescape(prompt))).strip()
 
-    def forward(self, tokens: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """tokens, key_mask [B, T] -> context [B, T, text_dim]."""
-        x = self.table[tokens]
-        for layer in self.layers:
-            x = layer(x, key_mask)
-        context: torch.Tensor = self.norm_out(x)
+
+class PromptEncoder:
+    """prompt -> context [text_len, text_dim] on the DiT's device, cached by prompt (least recently used out)."""
+
+    def __init__(self, encoder: UMT5EncoderModel, tokenizer: PreTrainedTokenizerBase, text_len: int,
+                 output_device: torch.device, output_dtype: torch.dtype, cached_prompts: int = 256) -> None:
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.text_len = text_len
+        self._output_device = output_device
+        self._output_dtype = output_dtype
+        self._cached_prompts = cached_prompts
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.encoded = 0
+        """Prompts actually run through the encoder (cache misses)."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        with self._lock:
+            cached = self._cache.get(prompt)
+            if cached is not None:
+                self._cache.move_to_end(prompt)
+                return cached
+        context = self._encode(prompt)
+        with self._lock:
+            self._cache[prompt] = context
+            self.encoded += 1
+            while len(self._cache) > self._cached_prompts:
+                self._cache.popitem(last=False)
+        return context
+
+    def tokenize(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """input ids and attention mask [1, text_len] as Wan's tokenizer wrapper makes them."""
+        batch = self.tokenizer([clean_prompt(prompt)], padding="max_length", truncation=True,
+                               max_length=self.text_len, add_special_tokens=True, return_tensors="pt")
+        return batch["input_ids"], batch["attention_mask"]
+
+    @torch.inference_mode()
+    def _encode(self, prompt: str) -> torch.Tensor:
+        ids, mask = self.tokenize(prompt)
+        hidden = self.encoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        length = int(mask.sum())
+        context = torch.zeros(self.text_len, hidden.shape[-1], device=self._output_device, dtype=self._output_dtype)
+        context[:length] = hidden[0, :length].to(self._output_device, self._output_dtype)
         return context
