@@ -21,7 +21,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository root in place of bench/ (a script's own folder comes first): bench/kernels.py must not shadow
+# the `kernels` package transformers probes for.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.e2e import System, stream_sessions, summarize  # noqa: E402
 from services.common import event_loop  # noqa: E402

@@ -1,4 +1,4 @@
-"""Benchmark of the chunk-path Triton kernels against their torch references at the Wan2.1-1.3B shapes (LongLive window).
+"""Benchmark of the chunk-path Triton kernels against their torch references at Wan2.1-1.3B's shapes (LongLive).
 
 Run: ``.venv/bin/python -m bench.kernels`` on a CUDA machine (about a minute). Writes bench/results/kernels.json.
 Without a GPU it says so, writes a JSON marked skipped with the reason, and exits 0.

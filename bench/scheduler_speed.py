@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+sys.path[0] = str(REPO_ROOT)  # in place of bench/, whose kernels.py would shadow the `kernels` package
 
 from services.scheduler.policy.apply import apply_plan  # noqa: E402
 from services.scheduler.policy.controller import ClosedLoopController  # noqa: E402

@@ -184,3 +184,11 @@ def test_model_check_sizes_the_full_model_without_its_files(tmp_path: Path,
     out = " ".join(capsys.readouterr().out.split())
     assert "no longlive generator checkpoint; looked for longlive_base.pt" in out
     assert "KV 2.50 GiB + VAE cache 1.76 GiB" in out  # 12-frame window with a sink; 832x480 decoder cache
+
+
+def test_a_model_made_on_a_device_without_files_runs_like_any_other() -> None:
+    from services.gpu_worker.model.synth import synthetic_model_on_device
+
+    model = synthetic_model_on_device(TINY, torch.device("cpu"), torch.float32, 1)
+    handle = model.new_session("s", "a fox", 0)
+    assert [model.generate([handle])[0].frames.shape[0] for _ in range(2)] == [9, 12]

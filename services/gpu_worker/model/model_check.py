@@ -43,18 +43,26 @@ class FileCheck:
 
 
 @dataclass(frozen=True, slots=True)
-class CheckReport:
-    config: ModelConfig
-    files: list[FileCheck]
+class ModelSizes:
+    """Bytes a config needs on a device, from its architecture alone (meta device)."""
+
     kv_bytes: int
     vae_cache_bytes: int
     weight_bytes: int
-    """DiT + VAE + text encoder at the checked dtype."""
+    """DiT + VAE + text encoder."""
     text_encoder_bytes: int
 
-    @property
-    def ok(self) -> bool:
-        return all(check.problem is None for check in self.files)
+    @classmethod
+    def of(cls, config: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> ModelSizes:
+        dit, vae, encoder = on_meta(config)
+        element = torch.finfo(dtype).bits // 8
+        vae_cache = sum(element * torch.Size(shape).numel() for shape in vae_cache_shapes(config))
+
+        def size(module: torch.nn.Module) -> int:
+            return sum(p.numel() for p in module.parameters()) * element
+
+        text = size(encoder)
+        return cls(config.kv_bytes(element), vae_cache, size(dit) + size(vae) + text, text)
 
     @property
     def session_bytes(self) -> int:
@@ -64,6 +72,17 @@ class CheckReport:
         """Sessions whose state fits beside the weights; activations of a batch are not counted."""
         weights = self.weight_bytes - (0 if text_on_gpu else self.text_encoder_bytes)
         return max(0, (gpu_bytes - weights) // self.session_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckReport:
+    config: ModelConfig
+    files: list[FileCheck]
+    sizes: ModelSizes
+
+    @property
+    def ok(self) -> bool:
+        return all(check.problem is None for check in self.files)
 
 
 def _check(what: str, step: Callable[[], str]) -> FileCheck:
@@ -91,15 +110,7 @@ def check_directory(model_dir: str | Path, config_name: str | None = None,
         _check("text encoder", lambda: against(encoder, lambda: text_encoder_state(model_dir))),
         _check("tokenizer", lambda: f"{load_tokenizer(model_dir).name_or_path}"),
     ]
-    element = torch.finfo(dtype).bits // 8
-    vae_cache = sum(element * torch.Size(shape).numel() for shape in vae_cache_shapes(config))
-
-    def size(module: torch.nn.Module) -> int:
-        return sum(p.numel() for p in module.parameters()) * element
-
-    text_bytes = size(encoder)
-    return CheckReport(config, checks, config.kv_bytes(element), vae_cache, size(dit) + size(vae) + text_bytes,
-                       text_bytes)
+    return CheckReport(config, checks, ModelSizes.of(config, dtype))
 
 
 def print_report(report: CheckReport, gpu_memory_gib: float) -> None:
@@ -118,13 +129,13 @@ def print_report(report: CheckReport, gpu_memory_gib: float) -> None:
         if check.problem is not None:
             console.print(f"[red]{check.what}:[/] {check.problem}", soft_wrap=True)
     gpu_bytes = int(gpu_memory_gib * _GIB)
-    console.print(f"one session's state: {_size(report.session_bytes)} (KV {_size(report.kv_bytes)} + VAE cache "
-                  f"{_size(report.vae_cache_bytes)}), bf16")
-    console.print(f"weights: {_size(report.weight_bytes)}, of which the text encoder "
-                  f"{_size(report.text_encoder_bytes)}")
+    sizes = report.sizes
+    console.print(f"one session's state: {_size(sizes.session_bytes)} (KV {_size(sizes.kv_bytes)} + VAE cache "
+                  f"{_size(sizes.vae_cache_bytes)}), bf16")
+    console.print(f"weights: {_size(sizes.weight_bytes)}, of which the text encoder {_size(sizes.text_encoder_bytes)}")
     console.print(f"sessions in {gpu_memory_gib:g} GiB before activations: "
-                  f"{report.sessions_fitting(gpu_bytes)} with the text encoder on the GPU, "
-                  f"{report.sessions_fitting(gpu_bytes, text_on_gpu=False)} with it elsewhere "
+                  f"{sizes.sessions_fitting(gpu_bytes)} with the text encoder on the GPU, "
+                  f"{sizes.sessions_fitting(gpu_bytes, text_on_gpu=False)} with it elsewhere "
                   "(TURBOSERVE_TEXT_DEVICE)")
 
 

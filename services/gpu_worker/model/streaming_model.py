@@ -9,7 +9,7 @@ chunk with each session's causal feature cache.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +78,9 @@ class WanStreamingModel:
         self.vae_cache_shapes = vae_cache_shapes(config)
         self._sessions: dict[int, _Session] = {}
         self._max_sessions = max_sessions
+        self.stage_mark: Callable[[str], None] = _no_mark
+        """Called as each stage of a chunk ends (``dit_step_N``, ``cache_write``, ``vae_decode``): a benchmark sets
+        a clock here to split the chunk's time; serving leaves it a no-op."""
 
     @property
     def max_sessions(self) -> int:
@@ -110,6 +113,7 @@ class WanStreamingModel:
         with torch.inference_mode():
             latents = self._denoise(sessions)
             frames, caches = self.vae.decode(latents, [s.vae_cache for s in sessions])
+            self.stage_mark("vae_decode")
         outputs = []
         for session, session_frames, cache in zip(sessions, frames, caches, strict=True):
             outputs.append(ChunkOutput(session.session_id, session.chunk_index,
@@ -207,8 +211,14 @@ class WanStreamingModel:
             if step + 1 < steps:
                 next_sigma = self.schedule.sigmas[step + 1]
                 x = (1.0 - next_sigma) * clean + next_sigma * noise[:, step + 1]
+            self.stage_mark(f"dit_step_{step}")
         self.dit(clean, 0.0, batch, self.pools, write_cache=True)
+        self.stage_mark("cache_write")
         return clean
+
+
+def _no_mark(_: str) -> None:
+    pass
 
 
 def _numel(shape: tuple[int, ...]) -> int:

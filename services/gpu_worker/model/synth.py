@@ -19,13 +19,15 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLWan
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import UMT5EncoderModel
+from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
 
 from services.gpu_worker.model import checkpoint_files as files
 from services.gpu_worker.model.config import ModelConfig, get_config
 from services.gpu_worker.model.conversions import diffusers_vae_to_wan, transformers_t5_to_wan
 from services.gpu_worker.model.dit import WanCausalDiT
-from services.gpu_worker.model.loader import umt5_config
+from services.gpu_worker.model.loader import on_meta, umt5_config
+from services.gpu_worker.model.streaming_model import WanStreamingModel
+from services.gpu_worker.model.text_encoder import PromptEncoder
 from services.gpu_worker.model.vae import build_vae
 
 _CROSS_ATTENTION_GAIN = 4.0
@@ -117,6 +119,32 @@ def write_synthetic_dir(config: ModelConfig, directory: str | Path, seed: int = 
     _write_tokenizer(directory / files.TOKENIZER_DIRS[0], config)
     (directory / files.DIRECTORY_CONFIG).write_text(json.dumps({"config": config.name}) + "\n", encoding="utf-8")
     return directory
+
+
+def synthetic_model_on_device(config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                              max_sessions: int) -> WanStreamingModel:
+    """A model with random weights made on the device itself, no files: for timing the full size on a GPU, where a
+    host-side init of 7B parameters would take minutes. The values only have to keep activations in range."""
+    dit, vae, encoder = on_meta(config)
+    generator = torch.Generator(device=device).manual_seed(0)
+    for module in (dit, vae, encoder):
+        module.to_empty(device=device)
+        assert not list(module.buffers()), "a buffer would stay uninitialised"
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                if name.endswith(("gamma", "norm.weight", "norm_q.weight", "norm_k.weight", "norm3.weight",
+                                  "layer_norm.weight")):
+                    param.fill_(1.0)
+                elif name.endswith("bias"):
+                    param.zero_()
+                else:
+                    fan_in = param[0].numel() if param.dim() > 1 else param.numel()
+                    param.normal_(0.0, fan_in**-0.5, generator=generator)
+        module.to(dtype).eval().requires_grad_(False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=synthetic_tokenizer(config.text_encoder.vocab_size),
+                                        pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    text = PromptEncoder(encoder, tokenizer, config.dit.text_len, device, dtype)  # type: ignore[arg-type]
+    return WanStreamingModel(config, dit, vae, text, device, dtype, max_sessions)
 
 
 @functools.cache
