@@ -14,7 +14,7 @@ The flows these messages carry (the contract between gateway, scheduler and work
   (or Reply(ok=False, code="unavailable"|...) ). Gateway subscribes subjects.chunks(session_id), requests
   subjects.worker_control(worker_id) with AttachSession(next_seq=0, prompts=((0, prompt),)) -> Reply(ok=True), then
   publishes credit RequestChunks(up_to_seq=next_expected + window - 1) on subjects.worker_credit(worker_id), and sends
-  the client {"type":"started", session_id, epoch, width, height, fps, frames_per_chunk}.
+  the client {"type":"started", session_id, epoch, worker_id, model, width, height, fps, credit_chunks}.
 - The worker generates every seq <= up_to_seq in order (batched with its other sessions) and publishes each chunk
   frame (chunk_frame.pack_chunk: header + JPEG frames) on subjects.chunks(session_id). It keeps the last few encoded
   chunks so RequestChunks(resend_from_seq=n) replays them. It ignores messages whose epoch is older than its own.

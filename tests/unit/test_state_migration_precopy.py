@@ -234,7 +234,7 @@ def test_tensors_the_caller_vouches_for_are_not_re_sent_at_the_boundary() -> Non
 
 
 @pytest.mark.parametrize(("chunks_before", "chunks_during_bulk", "chunks_after_bulk"), [(1, 0, 1), (4, 1, 3)])
-def test_a_reference_model_session_continues_identically_after_a_precopy_migration(
+def test_a_model_session_with_its_vae_cache_continues_identically_after_a_precopy_migration(
     chunks_before: int, chunks_during_bulk: int, chunks_after_bulk: int
 ) -> None:
     """(1, 0, 1): the cache is still filling, so the target must widen the bulk kv; (4, 1, 3): the ring wraps."""

@@ -145,7 +145,7 @@ def test_offloading_a_session_that_already_has_offloaded_state_is_refused() -> N
     assert model.export_state(duplicate)["kv"].numel() > 0
 
 
-def test_a_reference_model_session_restored_after_an_offload_continues_with_identical_frames() -> None:
+def test_a_model_session_restored_after_an_offload_continues_with_identical_frames() -> None:
     model, reference = load_tiny(max_sessions=1), load_tiny(max_sessions=1)
     handle, unmoved = model.new_session("s", "a red fox", seed=3), reference.new_session("s", "a red fox", seed=3)
     for _ in range(4):

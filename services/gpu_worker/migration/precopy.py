@@ -233,7 +233,9 @@ def _grow_kv(tensors: dict[str, torch.Tensor], kv_rows: int, allocate: Allocate)
 
 
 def _apply_final(tensors: dict[str, torch.Tensor], final: FinalFrame, parts: list[torch.Tensor]) -> None:
-    """Overwrite the bulk copy with the delta rows and the re-sent tensors, checking shapes against the bulk."""
+    """Overwrite the bulk copy with the delta rows, and put the re-sent tensors in whole: they may have grown or
+    appeared since the bulk (a filling cache's latents, the VAE cache after a first chunk); the model's import
+    checks every name and shape of the result."""
     if final.rows:
         if KV_NAME not in tensors or len(parts) < 2:
             raise MigrationProtocolError("final frame carries kv rows but the bulk has no kv tensor")
@@ -245,10 +247,7 @@ def _apply_final(tensors: dict[str, torch.Tensor], final: FinalFrame, parts: lis
         if int(index.min()) < 0 or int(index.max()) >= kv.shape[KV_ROW_DIM]:
             raise MigrationProtocolError(f"kv delta rows outside [0, {kv.shape[KV_ROW_DIM]})")
         kv.index_copy_(KV_ROW_DIM, index.to(kv.device), rows.to(kv.device).view(row_shape))
-    for name, value in unpack(final.manifest, parts).items():
-        if name not in tensors or tensors[name].shape != value.shape or tensors[name].dtype != value.dtype:
-            raise MigrationProtocolError(f"re-sent tensor {name!r} does not match the bulk copy")
-        tensors[name] = value
+    tensors.update(unpack(final.manifest, parts))
 
 
 def _numel(shape: tuple[int, ...]) -> int:

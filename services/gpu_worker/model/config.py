@@ -86,6 +86,8 @@ class StreamConfig:
     timestep_shift: float = 5.0
     warp_timesteps: bool = True
     """Self-Forcing's ``warp_denoising_step``: condition on the shifted timestep rather than the listed one."""
+    recache_on_prompt_switch: bool = False
+    """LongLive's KV re-cache: on a prompt switch, recompute the cached chunks' K/V under the new prompt."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,14 +1,16 @@
-"""The contract between the worker and any streaming video model: the reference DiT implements it today, and a
-real checkpoint (LongLive, Self-Forcing) can implement it later without the worker changing.
+"""The contract between the worker and a streaming video model: ``WanStreamingModel`` implements it for every Wan2.1
+causal checkpoint (Self-Forcing, CausVid, LongLive), and a model of another family could without the worker
+changing.
 
 Invariants every implementation keeps:
 
 * ``generate`` runs one batched forward for all handles it is given and is deterministic per session: a session's
   frames depend only on its seed, its prompt history and its chunk index, never on which other sessions shared the
   batch (bit-equal, or equal within ``ModelConfig.batch_tolerance`` where batched BLAS reorders sums).
-* ``export_state`` / ``import_state`` round-trip everything the next chunk depends on (rolling KV cache, prompt
-  cross-attention cache, frame cursor, RNG), so a session continues identically on another worker or after
-  an offload. Exported tensors are named, contiguous, and may live on any device; import copies them in.
+* ``export_state`` / ``import_state`` round-trip everything the next chunk depends on (rolling KV cache and the
+  latents behind it, prompt cross-attention cache, the VAE decoder's causal cache, frame cursor, RNG), so a
+  session continues identically on another worker or after an offload. Exported tensors are named, contiguous,
+  and may live on any device; import copies them in.
 """
 
 from __future__ import annotations

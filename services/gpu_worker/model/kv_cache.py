@@ -1,8 +1,10 @@
-"""Per-slot cache storage: the rolling self-attention KV (sink rows + ring) and the prompt's cross-attention K/V.
+"""Per-slot cache storage: the rolling self-attention KV (sink rows + ring), the prompt's cross-attention K/V, and
+the clean latents of the chunks the KV holds (what a KV re-cache on a prompt switch recomputes from).
 
 Row layout of a slot, in tokens: rows [0, sink_tokens) hold the first ``sink_chunks`` chunks forever; rows
 [sink_tokens, capacity) are a ring of the last ``window_chunks`` chunks, a chunk always occupying one whole,
 aligned segment of it. A session that has finished n chunks has rows [0, min(n * chunk_tokens, capacity)) valid.
+Latents use the same layout one segment per chunk.
 """
 
 from __future__ import annotations
@@ -28,6 +30,16 @@ class CacheLayout:
             return chunk_index * c.chunk_tokens
         return c.sink_tokens + ((chunk_index - c.sink_chunks) % c.window_chunks) * c.chunk_tokens
 
+    def segment(self, chunk_index: int) -> int:
+        """The chunk-sized segment of the slot chunk ``chunk_index`` occupies."""
+        return self.first_row(chunk_index) // self.config.chunk_tokens
+
+    def cached_chunks(self, chunks_done: int) -> list[int]:
+        """The chunks whose K/V the cache holds after ``chunks_done`` chunks, oldest first."""
+        c = self.config
+        sink = list(range(min(chunks_done, c.sink_chunks)))
+        return sink + list(range(max(c.sink_chunks, chunks_done - c.window_chunks), chunks_done))
+
     def valid_rows(self, chunks_done: int) -> int:
         """Rows holding K/V after ``chunks_done`` chunks: what attention reads and what export sends."""
         return min(chunks_done * self.config.chunk_tokens, self.config.cache_capacity_tokens)
@@ -44,7 +56,8 @@ class CacheLayout:
 
 class CachePools:
     """Device tensors for all slots: ``k_pools[layer]``/``v_pools[layer]`` [slots, capacity, heads, head_dim],
-    ``cross_k[layer]``/``cross_v[layer]`` [slots, text_len, heads, head_dim]."""
+    ``cross_k[layer]``/``cross_v[layer]`` [slots, text_len, heads, head_dim], ``latents`` [slots, segments,
+    channels, frames_per_chunk, height, width]."""
 
     def __init__(self, config: ModelConfig, max_sessions: int, device: torch.device, dtype: torch.dtype) -> None:
         self.config = config
@@ -56,6 +69,10 @@ class CachePools:
         self.v_pools = [torch.zeros(kv_shape, device=device, dtype=dtype) for _ in range(d.num_layers)]
         self.cross_k = [torch.zeros(cross_shape, device=device, dtype=dtype) for _ in range(d.num_layers)]
         self.cross_v = [torch.zeros(cross_shape, device=device, dtype=dtype) for _ in range(d.num_layers)]
+        s = config.stream
+        segments = config.sink_chunks + config.window_chunks
+        latent_shape = (max_sessions, segments, d.in_dim, s.frames_per_chunk, s.latent_height, s.latent_width)
+        self.latents = torch.zeros(latent_shape, device=device, dtype=dtype)
 
     def write_index(self, slots: list[int], chunk_indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(slot, row) index tensors [B * chunk_tokens] addressing where each session's chunk K/V goes."""
@@ -79,6 +96,22 @@ class CachePools:
         rows = kv.shape[2]
         flat = kv.to(device=self.k_pools[0].device, dtype=self.k_pools[0].dtype).contiguous().view(-1)
         kernels.unpack_kv(flat, self.k_pools, self.v_pools, slot, rows)
+
+    def store_latents(self, slots: list[int], chunk_indices: list[int], latents: torch.Tensor) -> None:
+        """Keep each session's clean chunk [B, C, F, h, w] in the segment its K/V occupies."""
+        slot_index = torch.tensor(slots, dtype=torch.long, device=self.latents.device)
+        segments = torch.tensor([self.layout.segment(c) for c in chunk_indices], dtype=torch.long,
+                                device=self.latents.device)
+        self.latents.index_put_((slot_index, segments), latents.to(self.latents.dtype))
+
+    def move_ring_rows(self, slot: int, moves: list[tuple[int, int]]) -> None:
+        """Copy each (from_row, to_row) chunk-sized block of ``slot``'s K and V, all read before any is written."""
+        tokens = self.config.chunk_tokens
+        device = self.k_pools[0].device
+        source = torch.tensor([r + i for r, _ in moves for i in range(tokens)], dtype=torch.long, device=device)
+        target = torch.tensor([r + i for _, r in moves for i in range(tokens)], dtype=torch.long, device=device)
+        for pool in (*self.k_pools, *self.v_pools):
+            pool[slot].index_copy_(0, target, pool[slot].index_select(0, source))
 
     def export_cross(self, slot: int) -> torch.Tensor:
         """The slot's prompt K/V as [layers, 2, text_len, heads, head_dim]."""

@@ -90,7 +90,8 @@ def _assign(module: nn.Module, path: Path, state: Mapping[str, torch.Tensor], de
             dtype: torch.dtype) -> nn.Module:
     compare_keys(path, module.state_dict(), state)
     module.load_state_dict(state, strict=True, assign=True)
-    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # nn.Module's own .to: diffusers' override warns about fp32-only modules, and Wan's VAE has none.
+    return nn.Module.to(module, device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 Names and layouts (L layers, R valid cache rows, T text tokens, H heads, D head dim):
 ``kv`` [L, 2, R, H, D] model dtype (``kernels.pack_kv`` layout, R = rows valid after ``chunk_index`` chunks);
 ``cross_kv`` [L, 2, T, H, D] model dtype (the prompt's cross-attention K/V);
+``cache_latents`` [R / chunk_tokens, C, F, h, w] model dtype (the clean latents of the cached chunks, same layout);
 ``vae_cache.NNN`` the VAE decoder's causal feature cache, one tensor per causal conv, absent before the first
 chunk; ``chunk_index`` [] int64 (next chunk); ``rng_state`` uint8 (``torch.Generator.get_state()``, CPU);
 ``seed`` [] int64.
@@ -19,7 +20,7 @@ from services.gpu_worker.model.config import ModelConfig
 from services.gpu_worker.model.errors import StateMismatch
 from services.gpu_worker.model.kv_cache import CacheLayout
 
-STATE_NAMES = ("kv", "cross_kv", "chunk_index", "rng_state", "seed")
+STATE_NAMES = ("kv", "cross_kv", "cache_latents", "chunk_index", "rng_state", "seed")
 VAE_CACHE_PREFIX = "vae_cache."
 
 
@@ -33,6 +34,7 @@ class SessionState:
 
     kv: torch.Tensor
     cross_kv: torch.Tensor
+    cache_latents: torch.Tensor
     vae_cache: list[torch.Tensor] | None
     chunk_index: int
     rng_state: torch.Tensor
@@ -42,6 +44,7 @@ class SessionState:
         tensors = {
             "kv": self.kv,
             "cross_kv": self.cross_kv,
+            "cache_latents": self.cache_latents,
             "chunk_index": torch.tensor(self.chunk_index, dtype=torch.int64),
             "rng_state": self.rng_state,
             "seed": torch.tensor(self.seed, dtype=torch.int64),
@@ -65,6 +68,8 @@ class SessionState:
         expected = {
             "kv": (d.num_layers, 2, rows, d.num_heads, d.head_dim),
             "cross_kv": (d.num_layers, 2, d.text_len, d.num_heads, d.head_dim),
+            "cache_latents": (rows // config.chunk_tokens, d.in_dim, config.stream.frames_per_chunk,
+                              config.stream.latent_height, config.stream.latent_width),
         }
         vae_names = sorted(name for name in tensors if name.startswith(VAE_CACHE_PREFIX))
         wanted_vae = [vae_cache_name(i) for i in range(len(vae_cache_shapes))] if chunk_index > 0 else []
@@ -81,6 +86,7 @@ class SessionState:
         return cls(
             kv=tensors["kv"],
             cross_kv=tensors["cross_kv"],
+            cache_latents=tensors["cache_latents"],
             vae_cache=[tensors[name] for name in wanted_vae] if wanted_vae else None,
             chunk_index=chunk_index,
             rng_state=tensors["rng_state"].cpu(),

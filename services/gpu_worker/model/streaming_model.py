@@ -5,6 +5,11 @@ batched DiT forward per step (each session attending to its own cache), each flo
 latents (x0 = x_sigma - sigma * v) and re-noised to the next step's level; one more forward of the clean chunk at
 t = 0 writes its K/V into the cache (Self-Forcing's context pass with ``context_noise`` 0); the VAE decodes the
 chunk with each session's causal feature cache.
+
+Where the config asks for it (LongLive), a prompt switch also re-caches: the chunks the KV cache holds are run again
+through that context pass under the new prompt, oldest first, each attending to the ones recomputed before it, so
+the next chunk sees its past as if told the new prompt (LongLive's KV re-cache; it recomputes its whole attention
+window the same way).
 """
 
 from __future__ import annotations
@@ -102,7 +107,11 @@ class WanStreamingModel:
         return SessionHandle(session_id, slot)
 
     def set_prompt(self, handle: SessionHandle, prompt: str) -> None:
-        self._cache_prompt(self._session(handle).slot, prompt)
+        session = self._session(handle)
+        self._cache_prompt(session.slot, prompt)
+        if self.config.stream.recache_on_prompt_switch and session.chunk_index > 0:
+            with torch.inference_mode():
+                self._recache(session)
 
     def generate(self, handles: Sequence[SessionHandle]) -> list[ChunkOutput]:
         sessions = [self._session(handle) for handle in handles]
@@ -125,9 +134,11 @@ class WanStreamingModel:
     def export_state(self, handle: SessionHandle) -> dict[str, torch.Tensor]:
         session = self._session(handle)
         rows = self.pools.layout.valid_rows(session.chunk_index)
+        segments = rows // self.config.chunk_tokens
         return SessionState(
             kv=self.pools.export_kv(session.slot, rows),
             cross_kv=self.pools.export_cross(session.slot),
+            cache_latents=self.pools.latents[session.slot, :segments].clone(),
             vae_cache=[entry.clone() for entry in session.vae_cache] if session.vae_cache is not None else None,
             chunk_index=session.chunk_index,
             rng_state=session.generator.get_state(),
@@ -142,6 +153,7 @@ class WanStreamingModel:
         with torch.inference_mode():
             self.pools.import_kv(slot, state.kv)
             self.pools.import_cross(slot, state.cross_kv.to(self.device, self.dtype))
+            self.pools.latents[slot, : state.cache_latents.shape[0]].copy_(state.cache_latents)
             vae_cache = None if state.vae_cache is None else [
                 entry.to(self.device, self.dtype, copy=True) for entry in state.vae_cache
             ]
@@ -181,13 +193,16 @@ class WanStreamingModel:
     def _chunk_batch(self, sessions: list[_Session]) -> ChunkBatch:
         slots = [s.slot for s in sessions]
         chunks = [s.chunk_index for s in sessions]
-        slot_index = torch.tensor(slots, dtype=torch.long, device=self.device)
-        cache_lens = torch.tensor([self.pools.layout.valid_rows(c) for c in chunks], dtype=torch.long,
-                                  device=self.device)
-        cos, sin = self.rope.tables(chunks)
         write_slots, write_rows = self.pools.write_index(slots, chunks)
+        return self._batch(slots, chunks, [self.pools.layout.valid_rows(c) for c in chunks], write_slots, write_rows)
+
+    def _batch(self, slots: list[int], chunks: list[int], cache_lens: list[int], write_slots: torch.Tensor,
+               write_rows: torch.Tensor) -> ChunkBatch:
+        slot_index = torch.tensor(slots, dtype=torch.long, device=self.device)
+        cos, sin = self.rope.tables(chunks)
         return ChunkBatch(
-            slots=slot_index, cache_lens=cache_lens, rope_cos=cos, rope_sin=sin,
+            slots=slot_index, cache_lens=torch.tensor(cache_lens, dtype=torch.long, device=self.device),
+            rope_cos=cos, rope_sin=sin,
             cross_k=[k.index_select(0, slot_index) for k in self.pools.cross_k],
             cross_v=[v.index_select(0, slot_index) for v in self.pools.cross_v],
             write_slots=write_slots, write_rows=write_rows,
@@ -213,8 +228,27 @@ class WanStreamingModel:
                 x = (1.0 - next_sigma) * clean + next_sigma * noise[:, step + 1]
             self.stage_mark(f"dit_step_{step}")
         self.dit(clean, 0.0, batch, self.pools, write_cache=True)
+        self.pools.store_latents([session.slot for session in sessions], [session.chunk_index for session in sessions],
+                                 clean)
         self.stage_mark("cache_write")
         return clean
+
+    def _recache(self, session: _Session) -> None:
+        """Recompute the K/V of every cached chunk under the slot's (new) prompt: oldest first, each written right
+        after the ones before it (ring chunks unrolled into time order so a prefix of rows is exactly their past),
+        then the ring's chunks moved back to the segments they belong to."""
+        layout, tokens = self.pools.layout, self.config.chunk_tokens
+        chunks = layout.cached_chunks(session.chunk_index)
+        latents = [self.pools.latents[session.slot, layout.segment(chunk)].clone() for chunk in chunks]
+        write_slots = torch.full((tokens,), session.slot, dtype=torch.long, device=self.device)
+        for position, (chunk, clean) in enumerate(zip(chunks, latents, strict=True)):
+            rows = position * tokens + torch.arange(tokens, device=self.device)
+            batch = self._batch([session.slot], [chunk], [position * tokens], write_slots, rows)
+            self.dit(clean[None], 0.0, batch, self.pools, write_cache=True)
+        moves = [(position * tokens, layout.first_row(chunk)) for position, chunk in enumerate(chunks)
+                 if position * tokens != layout.first_row(chunk)]
+        if moves:
+            self.pools.move_ring_rows(session.slot, moves)
 
 
 def _no_mark(_: str) -> None:

@@ -140,7 +140,7 @@ def synthetic_model_on_device(config: ModelConfig, device: torch.device, dtype: 
                 else:
                     fan_in = param[0].numel() if param.dim() > 1 else param.numel()
                     param.normal_(0.0, fan_in**-0.5, generator=generator)
-        module.to(dtype).eval().requires_grad_(False)
+        torch.nn.Module.to(module, dtype=dtype).eval().requires_grad_(False)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=synthetic_tokenizer(config.text_encoder.vocab_size),
                                         pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     text = PromptEncoder(encoder, tokenizer, config.dit.text_len, device, dtype)  # type: ignore[arg-type]
