@@ -7,12 +7,14 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import nats
 from nats.aio.client import Client as NatsClient
 
 from services.common import event_loop
+from services.common.config import ConfigError
 from services.common.telemetry.logs import configure_logging
 from services.common.telemetry.metrics import metrics_endpoint
 from services.common.telemetry.tracing import tracing_from_env
@@ -45,7 +47,9 @@ def shutdown_event() -> asyncio.Event:
 
 def run_service(name: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     """Run `main(stop_event)` until it returns, with its telemetry (logs, tracing, /metrics) around it;
-    returns a process exit code. Tracing is shut down last, so spans of the drain are exported too."""
+    returns a process exit code. Tracing is shut down last, so spans of the drain are exported too. A setting the
+    service cannot start with (a ``ConfigError``: a bad variable, an unusable model directory) is one line on
+    stderr and exit code 2, not a traceback."""
     configure_logging(name)
 
     async def runner() -> None:
@@ -56,4 +60,7 @@ def run_service(name: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> 
         event_loop.run(runner())
     except KeyboardInterrupt:
         pass
+    except ConfigError as exc:
+        print(f"turboserve {name}: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -100,7 +100,12 @@ class Sweeper:
         return SweepReport(tuple(expired), tuple(removed))
 
     async def run(self, interval_s: float) -> None:
-        """Sweep every ``interval_s`` until cancelled; a failed sweep is logged and retried next period."""
+        """Sweep every ``interval_s`` until cancelled; a failed sweep is logged and retried next period.
+
+        A cancel that lands inside the NATS client can be swallowed there (Python 3.11's ``asyncio.wait_for`` drops
+        it when its inner future completes at the same moment), so the loop also checks that it is being cancelled:
+        a lost cancel once left the state store's shutdown waiting forever on a loaded machine."""
+        task = asyncio.current_task()
         while True:
             try:
                 report = await self.sweep_once()
@@ -113,6 +118,8 @@ class Sweeper:
                     log.info(
                         "event=swept expired=%d orphans=%d", len(report.expired_sessions), len(report.orphans_removed)
                     )
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             await asyncio.sleep(interval_s)
 
     async def _candidates(self, now_s: float) -> list[BlobRef]:

@@ -88,6 +88,31 @@ async def test_the_sweep_loop_sweeps_at_once_and_stops_when_cancelled(tmp_path: 
     assert await store.head("closed") is None
 
 
+async def test_the_sweep_loop_stops_even_when_a_sweep_swallows_the_cancel(tmp_path: Path) -> None:
+    """As Python 3.11's wait_for inside the NATS client can: the cancel arrives mid-sweep and never surfaces."""
+    store = DirectorySnapshotStore(tmp_path)
+    sweeper = Sweeper(store, KeyedLocks(), retention_s=1.0, staging_timeout_s=10.0, clock=time.time)
+    sweeping_once = asyncio.Event()
+    sweep_once = sweeper.sweep_once
+
+    async def swallowing_sweep() -> object:
+        sweeping_once.set()
+        try:
+            await asyncio.sleep(0.2)
+        except asyncio.CancelledError:
+            pass  # swallowed
+        return await sweep_once()
+
+    sweeper.sweep_once = swallowing_sweep  # type: ignore[method-assign]
+    sweeping = asyncio.create_task(sweeper.run(interval_s=0.01))
+    await asyncio.wait_for(sweeping_once.wait(), 5.0)
+    sweeping.cancel()
+    deadline = time.monotonic() + 5.0
+    while not sweeping.done() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert sweeping.done() and sweeping.cancelled(), "the sweep loop ran on after its cancel was swallowed"
+
+
 async def test_per_session_locks_serialise_one_session_and_are_forgotten_when_free() -> None:
     locks = KeyedLocks()
     order: list[str] = []

@@ -1,13 +1,19 @@
-"""Typed errors of the model: bad input or a bad model directory, never internal failures."""
+"""Typed errors of the model: bad input or a bad model directory, never internal failures.
+
+A config that does not exist or does not parse, and a model directory that cannot be served, are ``ConfigError``s:
+a service refuses to start on them with one line naming the file, the key or the setting.
+"""
 
 from __future__ import annotations
 
+from services.common.config import ConfigError
 
-class UnknownModelConfig(LookupError):
+
+class UnknownModelConfig(ConfigError, LookupError):
     """``get_config`` was given a name with no config file."""
 
 
-class InvalidModelConfig(ValueError):
+class InvalidModelConfig(ConfigError):
     """A config file's field is out of bounds or unknown; the message names the field and its value."""
 
 
@@ -23,7 +29,7 @@ class StateMismatch(ValueError):
     """Imported tensors are missing a name or do not fit this model's config (shape, dtype or cache layout)."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A model directory cannot be served; subclasses say why, and every message names the file."""
 
 
