@@ -12,7 +12,8 @@ from nats.aio.msg import Msg
 
 from services.common import subjects
 from services.common.control import DrainWorker, OffloadSession, PrepareMigration, StartMigration
-from services.common.errors import ProtocolError, TurboServeError, Unavailable
+from services.common.endpoints import Endpoint, serve
+from services.common.errors import TurboServeError, Unavailable, UnknownMessageType
 from services.common.messages import (
     AttachSession,
     ChangePrompt,
@@ -24,7 +25,6 @@ from services.common.messages import (
 )
 from services.common.telemetry.chunks import worker_chunk_traces
 from services.common.telemetry.metrics import set_sessions
-from services.common.telemetry.tracing import consumer_span
 from services.common.wire import Message, decode, encode
 from services.gpu_worker.engine import ChunkEngine
 from services.gpu_worker.migration_agent import MigrationAgent
@@ -45,24 +45,6 @@ class WorkerRunner:
         self._started_at_s = time.time()
         self._draining = False
 
-    async def _on_control(self, msg: Msg) -> None:
-        """Each control message gets its own consumer span linked to the sender's, so an attach, offload or
-        migration step shows up next to the scheduler decision that caused it (credits are traced per chunk)."""
-        reply: Message
-        try:
-            request = decode(msg.data)
-            attributes: dict[str, str | float] = {"worker.id": self._settings.worker_id}
-            session_id = getattr(request, "session_id", None)
-            if isinstance(session_id, str):
-                attributes["session.id"] = session_id
-            with consumer_span(f"worker.{request.TYPE}", msg.headers, **attributes):
-                reply = await self._handle_control(request)
-        except TurboServeError as exc:
-            log.info("event=control_refused worker=%s code=%s detail=%s", self._settings.worker_id, exc.code, exc)
-            reply = Reply(ok=False, code=exc.code, detail=str(exc))
-        if msg.reply:
-            await msg.respond(encode(reply))
-
     async def _handle_control(self, request: Message) -> Message:
         if isinstance(request, DrainWorker):
             self._draining = True
@@ -82,7 +64,7 @@ class WorkerRunner:
         elif isinstance(request, StartMigration) and self._migrations is not None:
             await self._migrations.start(request)
         else:
-            raise ProtocolError(f"{request.TYPE!r} is not a worker control message")
+            raise UnknownMessageType(f"{request.TYPE!r} is not a worker control message")
         return Reply(ok=True)
 
     def _refuse_new_sessions_while_draining(self, session_id: str) -> None:
@@ -124,7 +106,12 @@ class WorkerRunner:
 
     async def run(self, stop: asyncio.Event) -> None:
         worker_id = self._settings.worker_id
-        control = await self._nc.subscribe(subjects.worker_control(worker_id), cb=self._on_control)
+        # Each control message gets a consumer span linked to the sender's, so an attach, offload or migration
+        # step shows up next to the scheduler decision that caused it (credits are traced per chunk).
+        control = Endpoint("control", subjects.worker_control(worker_id), self._handle_control,
+                           span_attributes={"worker.id": worker_id})
+        service = await serve(self._nc, service="worker", description="chunk generation", endpoints=[control],
+                              queue_group=f"worker-{worker_id}", log=log)
         credit = await self._nc.subscribe(subjects.worker_credit(worker_id), cb=self._on_credit)
         await self._nc.flush()
         log.info("event=worker_ready worker=%s model=%s", worker_id, self._settings.model)
@@ -133,7 +120,7 @@ class WorkerRunner:
                 tasks.create_task(self._engine.run(stop))
                 tasks.create_task(self._heartbeat_loop(stop))
         finally:
-            await control.unsubscribe()
+            await service.stop()
             await credit.unsubscribe()
             if self._nc.is_connected:
                 await self._nc.publish(subjects.SCHED_WORKER_GONE, encode(WorkerGone(worker_id=worker_id)))

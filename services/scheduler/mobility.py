@@ -7,18 +7,18 @@ only source, so two rules cannot race to move the same session.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Self, TypeVar, cast
+from typing import Self
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.micro.service import Service
 
 from services.common import subjects
 from services.common.admin import MigrateSession, OffloadRequest
+from services.common.endpoints import Endpoint, serve
 from services.common.errors import (
     InvalidState,
     TurboServeError,
@@ -26,14 +26,13 @@ from services.common.errors import (
     UnknownSession,
 )
 from services.common.messages import Reply, UpdateSession, WorkerHeartbeat
-from services.common.wire import Message, decode, encode
+from services.common.wire import Message, decode
 from services.scheduler.state_mover import NatsStateMover
 from services.scheduler.store.protocol import SchedulerStore
 from services.state_store.client import SnapshotClient
 
 log = logging.getLogger("turboserve.scheduler.mobility")
 QUEUE_GROUP = "turboserve-scheduler-admin"
-M = TypeVar("M", bound=Message)
 
 
 class MobilityService:
@@ -45,12 +44,18 @@ class MobilityService:
         self._mover = mover
         self._snapshots = SnapshotClient(nats)
         self._subscriptions: list[Subscription] = []
+        self._service: Service | None = None
 
     async def __aenter__(self) -> Self:
         await self._mover.start()
+        self._service = await serve(self._nats, service="scheduler_admin", description="operator moves",
+                                    endpoints=[
+                                        Endpoint.typed("migrate", subjects.SCHED_ADMIN_MIGRATE, MigrateSession,
+                                                       self.migrate),
+                                        Endpoint.typed("offload", subjects.SCHED_ADMIN_OFFLOAD, OffloadRequest,
+                                                       self.offload),
+                                    ], queue_group=QUEUE_GROUP, log=log)
         self._subscriptions = [
-            await self._nats.subscribe(subjects.SCHED_ADMIN_MIGRATE, queue=QUEUE_GROUP, cb=self._on_migrate),
-            await self._nats.subscribe(subjects.SCHED_ADMIN_OFFLOAD, queue=QUEUE_GROUP, cb=self._on_offload),
             await self._nats.subscribe(subjects.SCHED_HEARTBEAT, cb=self._on_heartbeat),
             await self._nats.subscribe(subjects.SCHED_UPDATE, cb=self._on_update),
         ]
@@ -59,6 +64,9 @@ class MobilityService:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
+        service, self._service = self._service, None
+        if service is not None and not self._nats.is_closed:
+            await service.stop()
         subscriptions, self._subscriptions = self._subscriptions, []
         for subscription in subscriptions:
             if not self._nats.is_closed:
@@ -106,23 +114,3 @@ class MobilityService:
                 await self._snapshots.mark_closed(update.session_id)
         except TurboServeError as exc:
             log.info("event=snapshot_close_failed detail=%s", exc)
-
-    async def _on_migrate(self, msg: Msg) -> None:
-        await self._answer(msg, MigrateSession, self.migrate)
-
-    async def _on_offload(self, msg: Msg) -> None:
-        await self._answer(msg, OffloadRequest, self.offload)
-
-    async def _answer(self, msg: Msg, kind: type[M], handle: Callable[[M], Awaitable[Message]]) -> None:
-        response: Message
-        try:
-            response = await handle(cast(M, decode(msg.data, expect=kind)))
-        except asyncio.CancelledError:
-            raise
-        except TurboServeError as exc:
-            response = Reply(ok=False, code=exc.code, detail=str(exc))
-        except Exception:
-            log.exception("event=admin_failed subject=%s", msg.subject)
-            response = Reply(ok=False, code="internal", detail="the scheduler failed to handle the request")
-        if msg.reply:
-            await msg.respond(encode(response))

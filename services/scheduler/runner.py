@@ -16,8 +16,10 @@ from typing import Protocol, TypeVar, cast
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.micro.service import Service
 
 from services.common import subjects
+from services.common.endpoints import Endpoint, serve
 from services.common.errors import TurboServeError
 from services.common.messages import OpenSession, Placement, Reply, UpdateSession, WorkerGone, WorkerHeartbeat
 from services.common.telemetry.db import traced_store
@@ -59,13 +61,16 @@ class SchedulerRunner:
         self._events = events
         self._sweep_interval_s = sweep_interval_s
         self._subscriptions: list[Subscription] = []
+        self._service: Service | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> SchedulerRunner:
         await self._coordinator.start()
+        self._service = await serve(self._nats, service="scheduler", description="session placement", endpoints=[
+            Endpoint.typed("open", subjects.SCHED_OPEN, OpenSession, self._open),
+            Endpoint.typed("update", subjects.SCHED_UPDATE, UpdateSession, self._update),
+        ], queue_group=QUEUE_GROUP, log=log)
         self._subscriptions = [
-            await self._nats.subscribe(subjects.SCHED_OPEN, queue=QUEUE_GROUP, cb=self._on_open),
-            await self._nats.subscribe(subjects.SCHED_UPDATE, queue=QUEUE_GROUP, cb=self._on_update),
             await self._nats.subscribe(subjects.SCHED_HEARTBEAT, cb=self._on_heartbeat),
             await self._nats.subscribe(subjects.SCHED_WORKER_GONE, cb=self._on_worker_gone),
         ]
@@ -84,38 +89,28 @@ class SchedulerRunner:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+        service, self._service = self._service, None
+        if service is not None and not self._nats.is_closed:
+            await service.stop()
         subscriptions, self._subscriptions = self._subscriptions, []
         for subscription in subscriptions:
             if not self._nats.is_closed:
                 await subscription.unsubscribe()
 
-    async def _on_open(self, msg: Msg) -> None:
-        await self._answer(msg, OpenSession, self._coordinator.open_session)
+    async def _open(self, request: OpenSession) -> Placement | Reply:
+        placement = await self._coordinator.open_session(request)
+        self._trigger(request.TYPE)
+        return placement
 
-    async def _on_update(self, msg: Msg) -> None:
-        await self._answer(msg, UpdateSession, self._coordinator.update_session)
+    async def _update(self, request: UpdateSession) -> Placement | Reply:
+        answer = await self._coordinator.update_session(request)
+        self._trigger(request.status)
+        return answer
 
-    async def _answer(self, msg: Msg, kind: type[M], handle: Callable[[M], Awaitable[Placement | Reply]]) -> None:
-        """Every request gets exactly one answer: the decision, or a Reply whose code says what went wrong."""
-        response: Message
-        try:
-            with consumer_span(f"scheduler.{kind.TYPE}", msg.headers):
-                request = cast(M, decode(msg.data, expect=kind))
-                response = await handle(request)
-            if self._events is not None:
-                self._events.trigger(getattr(request, "status", kind.TYPE))
-        except asyncio.CancelledError:
-            raise
-        except TurboServeError as exc:
-            log.info("event=refused subject=%s code=%s detail=%r", msg.subject, exc.code, str(exc))
-            response = Reply(ok=False, code=exc.code, detail=str(exc))
-        except Exception:
-            log.exception("event=handler_failed subject=%s", msg.subject)
-            response = Reply(ok=False, code="internal", detail="the scheduler failed to handle the request")
-        if msg.reply:
-            await msg.respond(encode(response))
-        else:
-            log.warning("event=no_reply_subject subject=%s: a request was published without a reply inbox", msg.subject)
+    def _trigger(self, event: str) -> None:
+        """A handled request is a scheduling event: the control loop decides on it."""
+        if self._events is not None:
+            self._events.trigger(event)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         async def handle(beat: WorkerHeartbeat) -> None:

@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Callable
 
-from nats import micro
 from nats.aio.client import Client as NatsClient
-from nats.micro.request import Request
 
-from services.common.errors import TurboServeError, UnknownSession
+from services.common.endpoints import Endpoint, serve
+from services.common.errors import UnknownSession
 from services.common.messages import Reply
 from services.common.snapshots import (
     MAX_HEAD_BYTES,
@@ -31,14 +29,12 @@ from services.common.snapshots import (
     SnapshotHead,
     SnapshotQuery,
 )
-from services.common.wire import Message, decode, encode
+from services.common.wire import Message
 from services.state_store.expiry import KeyedLocks, Sweeper
 from services.state_store.protocol import SnapshotStore
 from services.state_store.settings import StateStoreSettings, open_store
 
 log = logging.getLogger("turboserve.state_store")
-M = TypeVar("M", bound=Message)
-SERVICE_VERSION = "1.0.0"
 
 
 class StateStoreHandlers:
@@ -84,26 +80,6 @@ class StateStoreHandlers:
         return Reply(ok=True)
 
 
-def _endpoint(expect: type[M], action: Callable[[M], Awaitable[Message]]) -> Callable[[Request], Awaitable[None]]:
-    """Decode, act, and always answer: a refusal becomes a Reply with the error's code, never a silent drop."""
-
-    async def handle(request: Request) -> None:
-        try:
-            msg = decode(request.data, max_bytes=MAX_HEAD_BYTES, expect=expect)
-            assert isinstance(msg, expect)
-            answer = await action(msg)
-        except asyncio.CancelledError:
-            raise
-        except TurboServeError as exc:
-            answer = Reply(ok=False, code=exc.code, detail=str(exc))
-        except Exception as exc:  # a bug or a lost JetStream: answer so the caller fails fast, and log it
-            log.exception("event=request_failed subject=%s", request.subject)
-            answer = Reply(ok=False, code="internal", detail=f"{type(exc).__name__}: {exc}")
-        await request.respond(encode(answer))
-
-    return handle
-
-
 async def run_state_store(
     settings: StateStoreSettings,
     nats_client: NatsClient,
@@ -118,25 +94,16 @@ async def run_state_store(
     sweeper = Sweeper(
         store, locks, retention_s=settings.retention_s, staging_timeout_s=settings.staging_timeout_s, clock=clock
     )
-    service = await micro.add_service(
-        nats_client,
-        name="turboserve_state_store",
-        version=SERVICE_VERSION,
-        description="durable session snapshots",
-        queue_group="state_store",
-    )
+    endpoints = [
+        Endpoint.typed("describe", STATE_DESCRIBE, DescribeStore, handlers.describe, MAX_HEAD_BYTES),
+        Endpoint.typed("commit", STATE_COMMIT, SnapshotHead, handlers.commit, MAX_HEAD_BYTES),
+        Endpoint.typed("get", STATE_GET, SnapshotQuery, handlers.get, MAX_HEAD_BYTES),
+        Endpoint.typed("delete", STATE_DELETE, SnapshotQuery, handlers.delete, MAX_HEAD_BYTES),
+        Endpoint.typed("close", STATE_CLOSE, SnapshotQuery, handlers.close, MAX_HEAD_BYTES),
+    ]
+    service = await serve(nats_client, service="state_store", description="durable session snapshots",
+                          endpoints=endpoints, queue_group="state_store", log=log)
     try:
-        await service.add_endpoint(
-            name="describe", subject=STATE_DESCRIBE, handler=_endpoint(DescribeStore, handlers.describe)
-        )
-        await service.add_endpoint(
-            name="commit", subject=STATE_COMMIT, handler=_endpoint(SnapshotHead, handlers.commit)
-        )
-        await service.add_endpoint(name="get", subject=STATE_GET, handler=_endpoint(SnapshotQuery, handlers.get))
-        await service.add_endpoint(
-            name="delete", subject=STATE_DELETE, handler=_endpoint(SnapshotQuery, handlers.delete)
-        )
-        await service.add_endpoint(name="close", subject=STATE_CLOSE, handler=_endpoint(SnapshotQuery, handlers.close))
         log.info("event=state_store_ready backend=%s name=%s", store.location.backend, store.location.name)
         async with asyncio.TaskGroup() as tasks:
             sweeping = tasks.create_task(sweeper.run(settings.sweep_interval_s))

@@ -69,3 +69,40 @@ async def test_a_draining_worker_refuses_new_sessions_keeps_its_own_and_reports_
         stop.set()
         await running
         await nc.close()
+
+
+async def test_a_control_message_that_fails_unexpectedly_is_answered_internal_at_once(nats_url: str) -> None:
+    """Before the shared endpoint skeleton, only TurboServeErrors were answered: this attach left its caller
+    waiting out the whole request timeout."""
+    config = get_config("tiny")
+    settings = dataclasses.replace(WorkerSettings.from_env(), worker_id="broken-w1", heartbeat_interval_s=0.05)
+    nc = await nats.connect(nats_url)
+
+    async def emit(session_id: str, payload: bytes) -> None:
+        await nc.publish(subjects.chunks(session_id), payload)
+
+    engine = ChunkEngine(
+        load_tiny(max_sessions=2), JpegEncoder(80), emit, worker_id=settings.worker_id, model_name="tiny",
+        frame_size=(config.width_px, config.height_px), max_batch=2, replay_depth=2,
+    )
+
+    async def broken_attach(_: AttachSession) -> None:
+        raise RuntimeError("a bug in attach")
+
+    engine.attach = broken_attach  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    running = asyncio.create_task(WorkerRunner(settings, nc, engine).run(stop))
+    try:
+        started = asyncio.get_running_loop().time()
+        for _ in range(100):  # until the worker's endpoint is up
+            try:
+                answer = await control(nc, settings.worker_id, attach("s1"))
+                break
+            except nats.errors.NoRespondersError:
+                await asyncio.sleep(0.05)
+        assert (answer.ok, answer.code) == (False, "internal")
+        assert asyncio.get_running_loop().time() - started < 5.0
+    finally:
+        stop.set()
+        await running
+        await nc.close()
