@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 
 bench: $(STAMP)
-	$(PY) bench/model.py && $(PY) bench/e2e.py && $(PY) bench/event_loop.py && $(PY) bench/state.py && $(PY) bench/policies.py && $(PY) bench/scheduler_speed.py && $(PY) bench/kernels.py
+	$(PY) bench/model.py && $(PY) bench/wire.py && $(PY) bench/e2e.py && $(PY) bench/event_loop.py && $(PY) bench/state.py && $(PY) bench/policies.py && $(PY) bench/scheduler_speed.py && $(PY) bench/kernels.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check services tests bench
