@@ -15,8 +15,8 @@ def env_str(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
-def env_int(name: str, default: int, *, low: int, high: int) -> int:
-    raw = os.environ.get(name)
+def env_int(name: str, default: int, *, low: int, high: int, environ: Mapping[str, str] = os.environ) -> int:
+    raw = environ.get(name)
     if raw is None:
         return default
     try:

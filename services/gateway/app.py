@@ -21,8 +21,6 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from services.common.config import CommonSettings
-from services.common.service import nats_connection, run_service
 from services.gateway.auth import presented_token
 from services.gateway.connection import ClientConnection
 from services.gateway.hub import SessionHub
@@ -126,15 +124,3 @@ async def serve_gateway(settings: GatewaySettings, nats: NatsClient, stop: async
     async with running_gateway(settings, nats) as gateway:
         log.info("gateway listening url=%s", gateway.http_url)
         await stop.wait()
-
-
-async def main(stop: asyncio.Event) -> None:
-    """`turboserve gateway`: settings from the environment, our own NATS connection, serve until SIGTERM."""
-    common = CommonSettings.from_env()
-    settings = GatewaySettings.from_env()
-    async with nats_connection(common.nats_url, "turboserve-gateway") as nats:
-        await serve_gateway(settings, nats, stop)
-
-
-def run() -> int:
-    return run_service("gateway", main)

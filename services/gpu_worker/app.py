@@ -12,14 +12,14 @@ from services.common.config import ConfigError
 from services.common.control import MigrationReport
 from services.common.telemetry.chunks import worker_chunk_traces
 from services.common.wire import encode
-from services.gpu_worker.engine import ChunkEngine
+from services.gpu_worker.engine import ChunkEngine, SessionTable
 from services.gpu_worker.frames import JpegEncoder
-from services.gpu_worker.migration_agent import MigrationAgent
+from services.gpu_worker.migration.agent import MigrationAgent
 from services.gpu_worker.model import load_model
-from services.gpu_worker.residency import SessionResidency, StoreSpill
 from services.gpu_worker.runner import WorkerRunner
 from services.gpu_worker.settings import WorkerSettings
 from services.gpu_worker.state.offload import SessionStateManager
+from services.gpu_worker.state.residency import SessionResidency, StoreSpill
 from services.state_store.client import SnapshotClient
 
 
@@ -39,19 +39,19 @@ async def run_worker(settings: WorkerSettings, nc: NatsClient, stop: asyncio.Eve
         headers = worker_chunk_traces.published(session_id, payload)
         await nc.publish(subjects.chunks(session_id), payload, headers=headers)
 
-    engine = ChunkEngine(
-        model, JpegEncoder(settings.jpeg_quality), emit, worker_id=settings.worker_id, model_name=settings.model,
-        frame_size=(config.width_px, config.height_px), max_batch=settings.max_batch,
-        replay_depth=settings.replay_chunks,
-    )
+    table = SessionTable()
     snapshots = SnapshotClient(nc)
     manager = SessionStateManager(
         model, device=torch.device(settings.device), device_budget_bytes=settings.device_state_bytes,
         host_budget_bytes=settings.host_state_bytes,
-        spill_target=StoreSpill(engine, snapshots, asyncio.get_running_loop()),
+        spill_target=StoreSpill(table, snapshots, asyncio.get_running_loop()),
     )
-    residency = SessionResidency(engine, manager, snapshots, every_chunks=settings.snapshot_every_chunks)
-    engine.hooks = residency
+    residency = SessionResidency(table, manager, snapshots, every_chunks=settings.snapshot_every_chunks)
+    engine = ChunkEngine(
+        model, JpegEncoder(settings.jpeg_quality), emit, worker_id=settings.worker_id, model_name=settings.model,
+        frame_size=(config.width_px, config.height_px), max_batch=settings.max_batch,
+        replay_depth=settings.replay_chunks, table=table, hooks=residency,
+    )
 
     async def report(migration: MigrationReport) -> None:
         await nc.publish(subjects.SCHED_MIGRATION_REPORT, encode(migration))

@@ -3,8 +3,8 @@
 Coalescing is the point (the reference implementation ran one session at a time): all ready sessions share one
 ``model.generate`` call. Each chunk leaves as soon as its own frames are encoded, while the rest of the batch is
 still encoding, so a batch's chunks reach the gateway spread out rather than as one burst that the last of them
-waits behind. Model calls happen on one thread at a time, serialized by ``_model_lock``, so attaching a session
-never races a forward pass. I/O is injected (``emit``), so this module never touches NATS.
+waits behind. Model calls happen on one thread at a time, serialized by the table's model lock, so attaching a
+session never races a forward pass. I/O is injected (``emit``), so this module never touches NATS.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -66,8 +66,17 @@ class _BatchDone:
     """States copied for snapshots, by session id."""
 
 
+@dataclass(frozen=True, slots=True)
+class SessionTable:
+    """The worker's resident sessions and the lock held while the model runs (whoever holds it sees every session
+    at a chunk boundary). The engine drives both; residency and spilling read them, and need nothing else of it."""
+
+    model_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    sessions: dict[str, ResidentSession] = field(default_factory=dict)
+
+
 class ResidencyHooks(Protocol):
-    """Where state lives beyond the device slot (services.gpu_worker.residency); None means device only."""
+    """Where state lives beyond the device slot (services.gpu_worker.state.residency); None means device only."""
 
     async def ensure_resident(self, session: ResidentSession) -> None:
         """Bring an offloaded session's state back into a slot before it generates."""
@@ -103,6 +112,8 @@ class ChunkEngine:
         frame_size: tuple[int, int],
         max_batch: int,
         replay_depth: int,
+        table: SessionTable | None = None,
+        hooks: ResidencyHooks | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._model = model
@@ -114,11 +125,12 @@ class ChunkEngine:
         self._max_batch = max_batch
         self._replay_depth = replay_depth
         self._clock = clock
-        self._model_lock = asyncio.Lock()
+        self._table = table if table is not None else SessionTable()
+        self._model_lock = self._table.model_lock
         self._work = asyncio.Event()
-        self.sessions: dict[str, ResidentSession] = {}
+        self.sessions = self._table.sessions
         self._batch_samples: deque[tuple[int, float]] = deque(maxlen=64)
-        self.hooks: ResidencyHooks | None = None
+        self.hooks = hooks
 
     @property
     def model_lock(self) -> asyncio.Lock:

@@ -27,9 +27,9 @@ from services.common.telemetry.chunks import worker_chunk_traces
 from services.common.telemetry.metrics import set_sessions
 from services.common.wire import Message, decode, encode
 from services.gpu_worker.engine import ChunkEngine
-from services.gpu_worker.migration_agent import MigrationAgent
-from services.gpu_worker.residency import SessionResidency
+from services.gpu_worker.migration.agent import MigrationAgent
 from services.gpu_worker.settings import WorkerSettings
+from services.gpu_worker.state.residency import SessionResidency
 
 log = logging.getLogger(__name__)
 

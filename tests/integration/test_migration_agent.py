@@ -13,7 +13,7 @@ from services.common.control import MigrationReport, PrepareMigration, StartMigr
 from services.common.messages import RequestChunks
 from services.gpu_worker.engine import ChunkEngine
 from services.gpu_worker.frames import JpegEncoder
-from services.gpu_worker.migration_agent import MigrationAgent
+from services.gpu_worker.migration.agent import MigrationAgent
 from services.gpu_worker.model import StreamingVideoModel
 from tests.synthetic_models import load_tiny
 from tests.unit.test_worker_engine import CONFIG, Captured, assert_same_frames, attach

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
+from services.common.errors import InvalidField
 from services.gpu_worker.model import (
     DuplicateSession,
     InvalidModelConfig,
@@ -95,7 +96,7 @@ def test_importing_into_a_full_model_raises_slots_exhausted() -> None:
 
 
 def test_a_negative_seed_is_refused() -> None:
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(InvalidField, match="seed"):
         load_tiny().new_session("a", "x", -1)
 
 

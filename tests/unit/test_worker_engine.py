@@ -224,9 +224,8 @@ async def test_work_after_the_encoding_counts_as_the_next_chunks_queueing(model:
     captured = Captured()
     engine = ChunkEngine(
         model, JpegEncoder(90), captured.emit, worker_id="w1", model_name="tiny",
-        frame_size=(CONFIG.width_px, CONFIG.height_px), max_batch=4, replay_depth=3,
+        frame_size=(CONFIG.width_px, CONFIG.height_px), max_batch=4, replay_depth=3, hooks=_EverySnapshotHooks(),
     )
-    engine.hooks = _EverySnapshotHooks()
     original = model.export_state
 
     def slow_export(handle: object) -> object:

@@ -13,17 +13,17 @@ import torch
 from services.common.control import OffloadSession
 from services.common.errors import InvalidState
 from services.common.messages import RequestChunks
-from services.gpu_worker.engine import ChunkEngine
+from services.gpu_worker.engine import ChunkEngine, SessionTable
 from services.gpu_worker.frames import JpegEncoder
-from services.gpu_worker.migration_agent import (
+from services.gpu_worker.migration.agent import (
     blob_capacity,
     pack_session,
     unpack_session,
 )
 from services.gpu_worker.model import StreamingVideoModel
-from services.gpu_worker.residency import SessionResidency, StoreSpill
 from services.gpu_worker.session import EncodedChunk, ResidentSession
 from services.gpu_worker.state.offload import Residency, SessionStateManager
+from services.gpu_worker.state.residency import SessionResidency, StoreSpill
 from services.state_store.errors import StaleSnapshot
 from services.state_store.protocol import Snapshot
 from tests.synthetic_models import load_tiny
@@ -67,17 +67,16 @@ Worker = tuple[ChunkEngine, SessionResidency, MemorySnapshots, Captured]
 
 @contextlib.asynccontextmanager
 async def running_worker(model: StreamingVideoModel, host_budget_bytes: int) -> AsyncIterator[Worker]:
-    captured, snapshots = Captured(), MemorySnapshots()
-    engine = ChunkEngine(
-        model, JpegEncoder(90), captured.emit, worker_id="w1", model_name="tiny",
-        frame_size=(CONFIG.width_px, CONFIG.height_px), max_batch=4, replay_depth=3,
-    )
+    captured, snapshots, table = Captured(), MemorySnapshots(), SessionTable()
     manager = SessionStateManager(
         model, device=torch.device("cpu"), device_budget_bytes=1 << 30, host_budget_bytes=host_budget_bytes,
-        spill_target=StoreSpill(engine, snapshots, asyncio.get_running_loop()),  # type: ignore[arg-type]
+        spill_target=StoreSpill(table, snapshots, asyncio.get_running_loop()),  # type: ignore[arg-type]
     )
-    residency = SessionResidency(engine, manager, snapshots, every_chunks=2)  # type: ignore[arg-type]
-    engine.hooks = residency
+    residency = SessionResidency(table, manager, snapshots, every_chunks=2)  # type: ignore[arg-type]
+    engine = ChunkEngine(
+        model, JpegEncoder(90), captured.emit, worker_id="w1", model_name="tiny",
+        frame_size=(CONFIG.width_px, CONFIG.height_px), max_batch=4, replay_depth=3, table=table, hooks=residency,
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(engine.run(stop))
     yield engine, residency, snapshots, captured

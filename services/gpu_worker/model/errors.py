@@ -1,12 +1,20 @@
 """Typed errors of the model: bad input or a bad model directory, never internal failures.
 
-A config that does not exist or does not parse, and a model directory that cannot be served, are ``ConfigError``s:
-a service refuses to start on them with one line naming the file, the key or the setting.
+All of them sit in the shared tree. A config that does not exist or does not parse, and a model directory that
+cannot be served, are ``ConfigError``s: a service refuses to start on them with one line naming the file, the key
+or the setting. Misuse at run time carries the protocol's codes (``unknown_session``, ``invalid_state``,
+``invalid_field``), so a control endpoint answers it like any other refusal.
 """
 
 from __future__ import annotations
 
 from services.common.config import ConfigError
+from services.common.errors import InvalidField, InvalidState, UnknownSession
+
+__all__ = [
+    "CheckpointDtypeError", "CheckpointError", "CheckpointKeyMismatch", "DuplicateSession", "InvalidModelConfig",
+    "MissingCheckpointFile", "StateMismatch", "UnknownModelConfig", "UnknownSession",
+]
 
 
 class UnknownModelConfig(ConfigError, LookupError):
@@ -17,15 +25,11 @@ class InvalidModelConfig(ConfigError):
     """A config file's field is out of bounds or unknown; the message names the field and its value."""
 
 
-class UnknownSession(LookupError):
-    """A handle names a slot this model does not hold for that session (released, or from another model)."""
-
-
-class DuplicateSession(ValueError):
+class DuplicateSession(InvalidState):
     """A session id is already resident in this model, or appears twice in one ``generate`` batch."""
 
 
-class StateMismatch(ValueError):
+class StateMismatch(InvalidField):
     """Imported tensors are missing a name or do not fit this model's config (shape, dtype or cache layout)."""
 
 

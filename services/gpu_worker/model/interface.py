@@ -21,6 +21,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from services.common.errors import Unavailable
+
 
 @dataclass(frozen=True, slots=True)
 class SessionHandle:
@@ -83,5 +85,5 @@ class StreamingVideoModel(Protocol):
         ...
 
 
-class SlotsExhausted(RuntimeError):
+class SlotsExhausted(Unavailable):
     """No free KV-pool slot: the caller must offload a session or place this one elsewhere (recoverable)."""

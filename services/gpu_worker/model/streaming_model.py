@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import AutoencoderKLWan
 
+from services.common.errors import InvalidField
 from services.gpu_worker.model.config import ModelConfig
 from services.gpu_worker.model.dit import ChunkBatch, WanCausalDiT
 from services.gpu_worker.model.errors import DuplicateSession, UnknownSession
@@ -98,7 +99,7 @@ class WanStreamingModel:
 
     def new_session(self, session_id: str, prompt: str, seed: int) -> SessionHandle:
         if not 0 <= seed < _MAX_SEED:
-            raise ValueError(f"seed={seed} must be in [0, 2**63)")
+            raise InvalidField(f"seed={seed} must be in [0, 2**63)")
         slot = self._claim_slot(session_id)
         self._cache_prompt(slot, prompt)
         self._sessions[slot] = _Session(session_id=session_id, slot=slot, seed=seed,

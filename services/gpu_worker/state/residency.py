@@ -22,7 +22,7 @@ import torch
 from services.common.control import OffloadSession
 from services.common.errors import InvalidState, TurboServeError, Unavailable
 from services.common.messages import AttachSession
-from services.gpu_worker.engine import ChunkEngine, ImportedState
+from services.gpu_worker.engine import ImportedState, SessionTable
 from services.gpu_worker.session import ResidentSession
 from services.gpu_worker.state.offload import SessionStateManager
 from services.gpu_worker.state.packing import (
@@ -55,7 +55,7 @@ class SessionResidency:
 
     def __init__(
         self,
-        engine: ChunkEngine,
+        table: SessionTable,
         manager: SessionStateManager,
         snapshots: SnapshotClient,
         *,
@@ -64,7 +64,7 @@ class SessionResidency:
     ) -> None:
         if every_chunks < 1 or max_uploads < 1:
             raise ValueError(f"every_chunks={every_chunks} and max_uploads={max_uploads} must be >= 1")
-        self._engine = engine
+        self._table = table
         self._manager = manager
         self._snapshots = snapshots
         self._every_chunks = every_chunks
@@ -81,7 +81,7 @@ class SessionResidency:
         async with self._lock_for(session.session_id):
             if not session.offloaded:
                 return
-            async with self._engine.model_lock:
+            async with self._table.model_lock:
                 state = self._manager.host_state(session.session_id)
                 started = time.perf_counter()
                 try:
@@ -138,7 +138,7 @@ class SessionResidency:
 
     async def offload(self, msg: OffloadSession) -> None:
         """Free the session's slot; acknowledged once its state is in host memory and in the state store."""
-        session = self._engine.sessions.get(msg.session_id)
+        session = self._table.sessions.get(msg.session_id)
         if session is None or msg.epoch < session.epoch:
             raise InvalidState(f"session {msg.session_id} at epoch {msg.epoch} is not resident here")
         async with self._lock_for(session.session_id):
@@ -146,7 +146,7 @@ class SessionResidency:
                 return
             if session.wants_generation():
                 raise InvalidState(f"session {session.session_id} is generating (credit to {session.credit_up_to})")
-            async with self._engine.model_lock:
+            async with self._table.model_lock:
                 epoch, chunk_seq = session.epoch, session.next_seq - 1
                 host = await asyncio.to_thread(self._manager.offload, session.handle)
                 session.offloaded = True
@@ -165,7 +165,7 @@ class SessionResidency:
         return samples
 
     def offloaded(self) -> tuple[str, ...]:
-        return tuple(sid for sid, s in self._engine.sessions.items() if s.offloaded)
+        return tuple(sid for sid, s in self._table.sessions.items() if s.offloaded)
 
     async def close(self) -> None:
         """Cancel and await the uploads in flight; idempotent."""
@@ -215,15 +215,15 @@ class StoreSpill:
     (StaleSnapshot) and returns; if that upload had failed, this one writes it.
     """
 
-    def __init__(self, engine: ChunkEngine, snapshots: SnapshotClient, loop: asyncio.AbstractEventLoop,
+    def __init__(self, table: SessionTable, snapshots: SnapshotClient, loop: asyncio.AbstractEventLoop,
                  *, timeout_s: float = 30.0) -> None:
-        self._engine = engine
+        self._table = table
         self._snapshots = snapshots
         self._loop = loop
         self._timeout_s = timeout_s
 
     def put(self, session_id: str, manifest: StateManifest, buffers: Sequence[torch.Tensor]) -> None:
-        session = self._engine.sessions.get(session_id)
+        session = self._table.sessions.get(session_id)
         if session is None:
             raise InvalidState(f"cannot spill session {session_id}: it is no longer on this worker")
         call = self._snapshots.put(session_id, session.epoch, max(session.next_seq - 1, 0), manifest.to_wire(),
