@@ -7,16 +7,12 @@ import asyncio
 import torch
 from nats.aio.client import Client as NatsClient
 
-from services.common import subjects
 from services.common.config import ConfigError
-from services.common.control import MigrationReport
-from services.common.telemetry.chunks import worker_chunk_traces
-from services.common.wire import encode
 from services.gpu_worker.engine import ChunkEngine, SessionTable
 from services.gpu_worker.frames import JpegEncoder
 from services.gpu_worker.migration.agent import MigrationAgent
 from services.gpu_worker.model import load_model
-from services.gpu_worker.runner import WorkerRunner
+from services.gpu_worker.runner import WorkerOutbox, WorkerRunner
 from services.gpu_worker.settings import WorkerSettings
 from services.gpu_worker.state.offload import SessionStateManager
 from services.gpu_worker.state.residency import SessionResidency, StoreSpill
@@ -35,10 +31,7 @@ async def run_worker(settings: WorkerSettings, nc: NatsClient, stop: asyncio.Eve
     )
     config = model.config
 
-    async def emit(session_id: str, payload: bytes) -> None:
-        headers = worker_chunk_traces.published(session_id, payload)
-        await nc.publish(subjects.chunks(session_id), payload, headers=headers)
-
+    outbox = WorkerOutbox(nc)
     table = SessionTable()
     snapshots = SnapshotClient(nc)
     manager = SessionStateManager(
@@ -48,16 +41,13 @@ async def run_worker(settings: WorkerSettings, nc: NatsClient, stop: asyncio.Eve
     )
     residency = SessionResidency(table, manager, snapshots, every_chunks=settings.snapshot_every_chunks)
     engine = ChunkEngine(
-        model, JpegEncoder(settings.jpeg_quality), emit, worker_id=settings.worker_id, model_name=settings.model,
-        frame_size=(config.width_px, config.height_px), max_batch=settings.max_batch,
+        model, JpegEncoder(settings.jpeg_quality), outbox.chunk, worker_id=settings.worker_id,
+        model_name=settings.model, frame_size=(config.width_px, config.height_px), max_batch=settings.max_batch,
         replay_depth=settings.replay_chunks, table=table, hooks=residency,
     )
 
-    async def report(migration: MigrationReport) -> None:
-        await nc.publish(subjects.SCHED_MIGRATION_REPORT, encode(migration))
-
     migrations = MigrationAgent(
-        engine, model, report, worker_id=settings.worker_id, host=settings.migration_host,
+        engine, model, outbox.migration_report, worker_id=settings.worker_id, host=settings.migration_host,
         device=torch.device(settings.device), max_state_bytes=settings.device_state_bytes,
     )
     try:

@@ -1,4 +1,5 @@
-"""The worker's only I/O: NATS subscriptions for control and credit, chunk publishing, heartbeats."""
+"""The worker's only NATS code: the control endpoint, credit, heartbeats, and every publish (chunks, migration
+reports, leaving); the engine, residency and migration agent get what they send through here."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from services.common import subjects
-from services.common.control import DrainWorker, OffloadSession, PrepareMigration, StartMigration
+from services.common.control import (
+    DrainWorker,
+    MigrationReport,
+    OffloadSession,
+    PrepareMigration,
+    StartMigration,
+)
 from services.common.endpoints import Endpoint, serve
 from services.common.errors import TurboServeError, Unavailable, UnknownMessageType
 from services.common.messages import (
@@ -32,6 +39,21 @@ from services.gpu_worker.settings import WorkerSettings
 from services.gpu_worker.state.residency import SessionResidency
 
 log = logging.getLogger(__name__)
+
+
+class WorkerOutbox:
+    """What the worker publishes besides heartbeats, each on its subject."""
+
+    def __init__(self, nc: NatsClient) -> None:
+        self._nc = nc
+
+    async def chunk(self, session_id: str, payload: bytes) -> None:
+        """A chunk frame for the session's gateway, with trace headers when the chunk's trace is kept."""
+        headers = worker_chunk_traces.published(session_id, payload)
+        await self._nc.publish(subjects.chunks(session_id), payload, headers=headers)
+
+    async def migration_report(self, report: MigrationReport) -> None:
+        await self._nc.publish(subjects.SCHED_MIGRATION_REPORT, encode(report))
 
 
 class WorkerRunner:
