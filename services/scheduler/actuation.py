@@ -12,6 +12,21 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from services.common.control import MigrationReport
+from services.common.messages import Placement
+from services.common.wire import Message
+
+
+class WorkerChannel(Protocol):
+    """How the scheduler's actors reach workers and gateways; the runner implements it over NATS."""
+
+    async def ask_worker(self, worker_id: str, request: Message) -> Message | None:
+        """A worker's answer to a control message, or None when it did not answer in time (the caller treats that
+        as a refusal)."""
+        ...
+
+    async def publish_placement(self, placement: Placement) -> None:
+        """Tell the session's gateway where the session now lives."""
+        ...
 
 
 class StateMover(Protocol):

@@ -1,7 +1,9 @@
-"""The scheduler's only NATS code: decode what arrives, hand it to the Coordinator, send back what it decided.
+"""The scheduler's only NATS code: every subscription, every endpoint and every publish of the scheduler process.
 
-Requests (open, update) are answered in a queue group, so several schedulers share them; reports (heartbeats,
-worker gone) reach every scheduler, so each keeps its own view of liveness.
+Requests (open, update, the operator's migrate and offload) are answered in a queue group, so several schedulers
+share them; reports (heartbeats, worker gone, migration reports) reach every scheduler and fan out here, once, to
+whoever needs them: the Coordinator, the control loop, the state mover. What the scheduler sends (control requests
+to workers, placements to gateways, scale decisions) goes through ``SchedulerNats``.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Protocol, TypeVar, cast
 
+import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.micro.service import Service
 
 from services.common import subjects
+from services.common.admin import MigrateSession, OffloadRequest
+from services.common.control import DrainWorker, MigrationReport, ScaleDecision
 from services.common.endpoints import Endpoint, serve
 from services.common.errors import TurboServeError
 from services.common.messages import OpenSession, Placement, Reply, UpdateSession, WorkerGone, WorkerHeartbeat
@@ -29,10 +34,11 @@ from services.scheduler.control_runner import open_control_loop
 from services.scheduler.control_settings import ControlSettings
 from services.scheduler.coordinator import Coordinator
 from services.scheduler.migrations import migrate
-from services.scheduler.mobility import MobilityService
+from services.scheduler.mobility import Mobility
 from services.scheduler.settings import SchedulerSettings
-from services.scheduler.state_mover import NatsStateMover
+from services.scheduler.state_mover import WorkerStateMover
 from services.scheduler.store.postgres import PostgresStore
+from services.state_store.client import SnapshotClient
 
 log = logging.getLogger("turboserve.scheduler")
 
@@ -48,17 +54,57 @@ class SchedulingEvents(Protocol):
     def observe_heartbeat(self, beat: WorkerHeartbeat) -> None: ...
 
 
+class SchedulerNats:
+    """Everything the scheduler sends: control requests to workers (the state mover's and the loop's drains),
+    placements to gateways, scale decisions to an external provisioner."""
+
+    def __init__(self, nats: NatsClient, *, request_timeout_s: float = 10.0, drain_timeout_s: float = 2.0) -> None:
+        self._nats = nats
+        self._request_timeout_s = request_timeout_s
+        self._drain_timeout_s = drain_timeout_s
+
+    async def ask_worker(self, worker_id: str, request: Message, timeout_s: float | None = None) -> Message | None:
+        try:
+            msg = await self._nats.request(subjects.worker_control(worker_id), encode(request),
+                                           timeout=timeout_s or self._request_timeout_s)
+            return decode(msg.data)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, TurboServeError) as exc:
+            log.info("event=worker_request_failed worker=%s request=%s detail=%s", worker_id, request.TYPE, exc)
+            return None
+
+    async def publish_placement(self, placement: Placement) -> None:
+        await self._nats.publish(subjects.placement(placement.session_id), encode(placement))
+
+    async def publish_scale(self, decision: ScaleDecision) -> None:
+        await self._nats.publish(subjects.SCHED_SCALE, encode(decision))
+
+    async def drain(self, worker_id: str, reason: str) -> str:
+        """The scheduler's own drain set is what keeps placements off the worker; the worker's answer is only
+        logged (a worker that does not know DrainWorker refuses it, and is drained all the same)."""
+        answer = await self.ask_worker(worker_id, DrainWorker(worker_id, reason), self._drain_timeout_s)
+        if answer is None:
+            return "no answer"
+        if isinstance(answer, Reply):
+            return "ok" if answer.ok else f"{answer.code}: {answer.detail}"
+        return f"unexpected {answer.TYPE}"
+
+
 class SchedulerRunner:
     """Subscriptions and the periodic sweep of one scheduler; entering it means it is serving, leaving it
     unsubscribes and stops the sweep (``close`` is idempotent)."""
 
     def __init__(
         self, nats: NatsClient, coordinator: Coordinator, *, sweep_interval_s: float,
-        events: SchedulingEvents | None = None,
+        events: SchedulingEvents | None = None, mover: WorkerStateMover | None = None,
+        mobility: Mobility | None = None, out: SchedulerNats | None = None,
     ) -> None:
         self._nats = nats
         self._coordinator = coordinator
         self._events = events
+        self._mover = mover
+        self._mobility = mobility
+        self._out = out if out is not None else SchedulerNats(nats)
+        self._background: set[asyncio.Task[None]] = set()
         self._sweep_interval_s = sweep_interval_s
         self._subscriptions: list[Subscription] = []
         self._service: Service | None = None
@@ -66,13 +112,21 @@ class SchedulerRunner:
 
     async def __aenter__(self) -> SchedulerRunner:
         await self._coordinator.start()
-        self._service = await serve(self._nats, service="scheduler", description="session placement", endpoints=[
+        endpoints = [
             Endpoint.typed("open", subjects.SCHED_OPEN, OpenSession, self._open),
             Endpoint.typed("update", subjects.SCHED_UPDATE, UpdateSession, self._update),
-        ], queue_group=QUEUE_GROUP, log=log)
+        ]
+        if self._mobility is not None:
+            endpoints += [
+                Endpoint.typed("migrate", subjects.SCHED_ADMIN_MIGRATE, MigrateSession, self._mobility.migrate),
+                Endpoint.typed("offload", subjects.SCHED_ADMIN_OFFLOAD, OffloadRequest, self._mobility.offload),
+            ]
+        self._service = await serve(self._nats, service="scheduler", description="session placement",
+                                    endpoints=endpoints, queue_group=QUEUE_GROUP, log=log)
         self._subscriptions = [
             await self._nats.subscribe(subjects.SCHED_HEARTBEAT, cb=self._on_heartbeat),
             await self._nats.subscribe(subjects.SCHED_WORKER_GONE, cb=self._on_worker_gone),
+            await self._nats.subscribe(subjects.SCHED_MIGRATION_REPORT, cb=self._on_migration_report),
         ]
         await self._nats.flush()  # the server has the subscriptions once this returns: we are serving
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="scheduler-sweep")
@@ -96,6 +150,10 @@ class SchedulerRunner:
         for subscription in subscriptions:
             if not self._nats.is_closed:
                 await subscription.unsubscribe()
+        background, self._background = list(self._background), set()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
 
     async def _open(self, request: OpenSession) -> Placement | Reply:
         placement = await self._coordinator.open_session(request)
@@ -105,6 +163,10 @@ class SchedulerRunner:
     async def _update(self, request: UpdateSession) -> Placement | Reply:
         answer = await self._coordinator.update_session(request)
         self._trigger(request.status)
+        if self._mobility is not None and request.status == "closed":  # off the reply's path: the store may lag
+            task = asyncio.create_task(self._mobility.session_updated(request), name="snapshot-close")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         return answer
 
     def _trigger(self, event: str) -> None:
@@ -117,6 +179,8 @@ class SchedulerRunner:
             await self._coordinator.observe_heartbeat(beat)
             if self._events is not None:
                 self._events.observe_heartbeat(beat)
+            if self._mover is not None:
+                self._mover.observe(beat)
 
         await self._consume(msg, WorkerHeartbeat, handle)
 
@@ -127,6 +191,13 @@ class SchedulerRunner:
                 self._events.trigger("worker_gone")
 
         await self._consume(msg, WorkerGone, handle)
+
+    async def _on_migration_report(self, msg: Msg) -> None:
+        async def handle(report: MigrationReport) -> None:
+            if self._mover is not None:
+                self._mover.on_report(report)
+
+        await self._consume(msg, MigrationReport, handle)
 
     async def _consume(self, msg: Msg, kind: type[M], handle: Callable[[M], Awaitable[None]]) -> None:
         """Reports have nobody to answer to: a bad one is logged and dropped, the next one may be good."""
@@ -161,7 +232,7 @@ class SchedulerRunner:
 
     async def _publish(self, placements: list[Placement]) -> None:
         for placement in placements:
-            await self._nats.publish(subjects.placement(placement.session_id), encode(placement))
+            await self._out.publish_placement(placement)
 
 
 @contextlib.asynccontextmanager
@@ -171,15 +242,18 @@ async def open_scheduler(settings: SchedulerSettings, nats: NatsClient) -> Async
     async with contextlib.AsyncExitStack() as stack:
         store = traced_store(PostgresStore.connect(settings.database_url))
         stack.push_async_callback(store.close)
-        mover = NatsStateMover(nats, store)  # the StateMover the control loop acts through
-        await stack.enter_async_context(MobilityService(nats, store, mover))
+        out = SchedulerNats(nats)
+        mover = WorkerStateMover(out, store)  # the StateMover the control loop acts through
+        stack.push_async_callback(mover.close)
+        mobility = Mobility(store, mover, SnapshotClient(nats))
         loop = await stack.enter_async_context(
-            open_control_loop(ControlSettings.from_env(), nats, store, mover, offload_after_s=settings.offload_after_s)
+            open_control_loop(ControlSettings.from_env(), out, store, mover, offload_after_s=settings.offload_after_s)
         )
         coordinator = Coordinator(store, worker_timeout_s=settings.worker_timeout_s, place=loop.place)
-        yield await stack.enter_async_context(
-            SchedulerRunner(nats, coordinator, sweep_interval_s=settings.sweep_interval_s, events=loop)
-        )
+        yield await stack.enter_async_context(SchedulerRunner(
+            nats, coordinator, sweep_interval_s=settings.sweep_interval_s, events=loop, mover=mover,
+            mobility=mobility, out=out,
+        ))
 
 
 async def run_scheduler(settings: SchedulerSettings, nats: NatsClient, stop: asyncio.Event) -> None:

@@ -1,4 +1,5 @@
-"""actuation.StateMover over NATS: offload, and live migration whose ownership change is PostgreSQL's epoch bump.
+"""actuation.StateMover: offload, and live migration whose ownership change is PostgreSQL's epoch bump; workers are
+reached through a ``WorkerChannel`` (the runner's NATS), and migration reports come back through ``on_report``.
 
 Migration follows the handshake in services.common.control. The commit order is what makes it safe: the source
 has stopped the session and dropped it before it reports "copied"; only then is the epoch bumped (conditionally,
@@ -16,12 +17,6 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-import nats.errors
-from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-
-from services.common import subjects
 from services.common.control import (
     MigrationReport,
     MigrationTicket,
@@ -29,9 +24,10 @@ from services.common.control import (
     PrepareMigration,
     StartMigration,
 )
-from services.common.errors import StaleEpoch, TurboServeError
+from services.common.errors import StaleEpoch
 from services.common.messages import DetachSession, Placement, Reply, WorkerHeartbeat
-from services.common.wire import Message, decode, encode
+from services.common.wire import Message
+from services.scheduler.actuation import WorkerChannel
 from services.scheduler.store.protocol import SchedulerStore
 
 log = logging.getLogger("turboserve.scheduler.state_mover")
@@ -42,36 +38,27 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class NatsStateMover:
-    """One per scheduler process; ``start`` subscribes to migration reports, ``close`` unsubscribes (idempotent)."""
+class WorkerStateMover:
+    """One per scheduler process; ``close`` gives up on the migrations still waiting for a report (idempotent)."""
 
     def __init__(
         self,
-        nats: NatsClient,
+        channel: WorkerChannel,
         store: SchedulerStore,
         *,
-        request_timeout_s: float = 10.0,
         migration_timeout_s: float = 30.0,
         report_slack_s: float = 5.0,
         wall_clock: Callable[[], datetime] = _utc_now,
     ) -> None:
-        self._nats = nats
+        self._channel = channel
         self._store = store
-        self._request_timeout_s = request_timeout_s
         self._migration_timeout_s = migration_timeout_s
         self._report_timeout_s = migration_timeout_s + report_slack_s
         self._wall_clock = wall_clock
         self._pending: dict[tuple[str, int], asyncio.Future[MigrationReport]] = {}
         self._offloaded: dict[str, frozenset[str]] = {}
-        self._subscription: Subscription | None = None
-
-    async def start(self) -> None:
-        self._subscription = await self._nats.subscribe(subjects.SCHED_MIGRATION_REPORT, cb=self._on_report)
 
     async def close(self) -> None:
-        subscription, self._subscription = self._subscription, None
-        if subscription is not None and not self._nats.is_closed:
-            await subscription.unsubscribe()
         for future in self._pending.values():
             future.cancel()
         self._pending.clear()
@@ -143,7 +130,7 @@ class NatsStateMover:
             await self._request(target, DetachSession(session_id, report.epoch))
             return _failed(session_id, report.epoch, report.source_worker, target, f"not committed: {exc}")
         placement = Placement(session_id, target, moved.epoch, f"migrated: {reason}")
-        await self._nats.publish(subjects.placement(session_id), encode(placement))
+        await self._channel.publish_placement(placement)
         await self._request(report.source_worker, DetachSession(session_id, report.epoch))
         self._offloaded[report.source_worker] = self._offloaded.get(report.source_worker, frozenset()) - {session_id}
         return report
@@ -162,16 +149,11 @@ class NatsStateMover:
         except StaleEpoch:
             return  # another decision already moved it
         placement = Placement(session_id, source, moved.epoch, "migration undecided: placed on its source again")
-        await self._nats.publish(subjects.placement(session_id), encode(placement))
+        await self._channel.publish_placement(placement)
         await self._request(target, DetachSession(session_id, epoch))
 
-    async def _on_report(self, msg: Msg) -> None:
-        try:
-            report = decode(msg.data, expect=MigrationReport)
-        except TurboServeError as exc:
-            log.warning("event=report_dropped detail=%s", exc)
-            return
-        assert isinstance(report, MigrationReport)
+    def on_report(self, report: MigrationReport) -> None:
+        """A source's report of how a migration ended, handed over by the runner."""
         future = self._pending.get((report.session_id, report.epoch))
         if future is None or future.done():
             log.info("event=report_unawaited session=%s outcome=%s", report.session_id, report.outcome)
@@ -179,14 +161,10 @@ class NatsStateMover:
         future.set_result(report)
 
     async def _request(self, worker_id: str, request: Message) -> Message | None:
-        """A worker's answer, or None when it did not answer (the caller treats that as a refusal)."""
-        try:
-            msg = await self._nats.request(subjects.worker_control(worker_id), encode(request),
-                                           timeout=self._request_timeout_s)
-            return decode(msg.data)
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, TurboServeError) as exc:
-            log.info("event=worker_request_failed worker=%s request=%s detail=%s", worker_id, request.TYPE, exc)
-            return None
+        answer = await self._channel.ask_worker(worker_id, request)
+        if answer is None:
+            log.info("event=worker_request_failed worker=%s request=%s", worker_id, request.TYPE)
+        return answer
 
 
 def _failed(session_id: str, epoch: int, source: str, target: str, detail: str) -> MigrationReport:

@@ -4,10 +4,8 @@ the workers leads to (epoch bump, placement, detach) without any socket."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from datetime import UTC, datetime
-from types import SimpleNamespace
-from typing import Any
 
 from services.common import subjects
 from services.common.control import (
@@ -18,48 +16,43 @@ from services.common.control import (
     StartMigration,
 )
 from services.common.messages import DetachSession, Placement, Reply
-from services.common.wire import Message, decode, encode
-from services.scheduler.state_mover import NatsStateMover
+from services.common.wire import Message
+from services.scheduler.state_mover import WorkerStateMover
 from services.scheduler.store.memory import MemoryStore
 from services.scheduler.store.protocol import SessionRecord
 
 AT = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
 
 
-class ScriptedNats:
-    """Answers worker control requests with ``answer(worker, request)``; a source that accepts StartMigration
-    publishes ``report_outcome`` on the report subject right after, as a real one does when the copy ends."""
-
-    is_closed = False
+class ScriptedWorkers:
+    """A WorkerChannel answering control requests with ``answer(worker, request)``; a source that accepts
+    StartMigration reports ``report_outcome`` right after, as a real one does when the copy ends."""
 
     def __init__(self, answer: Callable[[str, Message], Message | None], report_outcome: str | None = "copied") -> None:
         self._answer = answer
         self._report_outcome = report_outcome
         self.requests: list[tuple[str, Message]] = []
         self.published: list[tuple[str, Message]] = []
-        self._callbacks: dict[str, Callable[[Any], Coroutine[Any, Any, None]]] = {}
+        self.mover: WorkerStateMover | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def subscribe(self, subject: str, cb: Callable[[Any], Coroutine[Any, Any, None]], queue: str = "") -> Any:
-        self._callbacks[subject] = cb
-        return SimpleNamespace(unsubscribe=lambda: asyncio.sleep(0))
+    async def publish_placement(self, placement: Placement) -> None:
+        self.published.append((subjects.placement(placement.session_id), placement))
 
-    async def publish(self, subject: str, data: bytes) -> None:
-        self.published.append((subject, decode(data)))
-
-    async def request(self, subject: str, data: bytes, timeout: float) -> Any:
-        worker = subject.split(".")[2]
-        request = decode(data)
+    async def ask_worker(self, worker: str, request: Message) -> Message | None:
         self.requests.append((worker, request))
         answer = self._answer(worker, request)
         if isinstance(request, StartMigration) and isinstance(answer, Reply) and answer.ok and self._report_outcome:
             report = MigrationReport(request.session_id, request.epoch, worker, request.target_worker,
                                      self._report_outcome, next_seq=9, pause_ms=12.0)  # type: ignore[arg-type]
-            callback = self._callbacks[subjects.SCHED_MIGRATION_REPORT]
-            task = asyncio.create_task(callback(SimpleNamespace(data=encode(report))))
+            task = asyncio.create_task(self._report(report))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return SimpleNamespace(data=encode(answer if answer is not None else Reply(ok=False, code="unavailable")))
+        return answer
+
+    async def _report(self, report: MigrationReport) -> None:
+        assert self.mover is not None
+        self.mover.on_report(report)
 
 
 def willing(worker: str, request: Message) -> Message:
@@ -76,16 +69,15 @@ async def stored(store: MemoryStore, *, status: str = "active", epoch: int = 1) 
     return store
 
 
-async def mover_with(nats: ScriptedNats, store: MemoryStore) -> NatsStateMover:
-    mover = NatsStateMover(nats, store, request_timeout_s=1.0, migration_timeout_s=0.2,  # type: ignore[arg-type]
-                           report_slack_s=0.0, wall_clock=lambda: AT)
-    await mover.start()
+async def mover_with(nats: ScriptedWorkers, store: MemoryStore) -> WorkerStateMover:
+    mover = WorkerStateMover(nats, store, migration_timeout_s=0.2, report_slack_s=0.0, wall_clock=lambda: AT)
+    nats.mover = mover
     return mover
 
 
 async def test_a_copied_migration_bumps_the_epoch_publishes_the_placement_then_detaches_the_source() -> None:
     store = await stored(MemoryStore())
-    nats = ScriptedNats(willing)
+    nats = ScriptedWorkers(willing)
     report = await (await mover_with(nats, store)).migrate("s1", "w1", "w2", 1, "rebalance")
     assert report.outcome == "copied" and report.pause_ms == 12.0
     session = await store.get_session("s1")
@@ -97,7 +89,7 @@ async def test_a_copied_migration_bumps_the_epoch_publishes_the_placement_then_d
 
 async def test_a_migration_the_target_refuses_changes_nothing() -> None:
     store = await stored(MemoryStore())
-    nats = ScriptedNats(lambda w, r: Reply(ok=False, code="unavailable", detail="full"))
+    nats = ScriptedWorkers(lambda w, r: Reply(ok=False, code="unavailable", detail="full"))
     report = await (await mover_with(nats, store)).migrate("s1", "w1", "w2", 1, "rebalance")
     assert report.outcome == "failed" and "target refused" in report.detail
     session = await store.get_session("s1")
@@ -106,7 +98,7 @@ async def test_a_migration_the_target_refuses_changes_nothing() -> None:
 
 async def test_a_copy_whose_epoch_moved_meanwhile_is_not_committed_and_the_target_copy_is_dropped() -> None:
     store = await stored(MemoryStore())
-    nats = ScriptedNats(willing)
+    nats = ScriptedWorkers(willing)
     mover = await mover_with(nats, store)
     await store.move_session("s1", expected_epoch=1, worker_id="w3", status="active", at=AT)  # worker lost meanwhile
     report = await mover.migrate("s1", "w1", "w2", 1, "rebalance")
@@ -116,7 +108,7 @@ async def test_a_copy_whose_epoch_moved_meanwhile_is_not_committed_and_the_targe
 
 async def test_a_migration_without_a_report_places_the_session_on_its_source_again_under_a_new_epoch() -> None:
     store = await stored(MemoryStore())
-    nats = ScriptedNats(willing, report_outcome=None)  # the source accepted, then went silent
+    nats = ScriptedWorkers(willing, report_outcome=None)  # the source accepted, then went silent
     report = await (await mover_with(nats, store)).migrate("s1", "w1", "w2", 1, "rebalance")
     assert report.outcome == "failed" and "no report" in report.detail
     session = await store.get_session("s1")
@@ -128,7 +120,7 @@ async def test_a_migration_without_a_report_places_the_session_on_its_source_aga
 
 async def test_an_offloaded_session_moves_by_snapshot_without_a_live_transfer() -> None:
     store = await stored(MemoryStore(), status="idle")
-    nats = ScriptedNats(willing)
+    nats = ScriptedWorkers(willing)
     mover = await mover_with(nats, store)
     assert await mover.offload("s1", "w1", 1, "idle")
     report = await mover.migrate("s1", "w1", "w2", 1, "resume elsewhere")
