@@ -23,7 +23,7 @@ from services.gpu_worker.model.loader import (
     text_encoder_state,
     vae_state,
 )
-from services.gpu_worker.model.vae import vae_cache_shapes
+from services.gpu_worker.model.vae import vae_cache_bytes
 
 _GIB = 1 << 30
 
@@ -56,7 +56,7 @@ class ModelSizes:
     def of(cls, config: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> ModelSizes:
         dit, vae, encoder = on_meta(config)
         element = torch.finfo(dtype).bits // 8
-        vae_cache = sum(element * torch.Size(shape).numel() for shape in vae_cache_shapes(config))
+        vae_cache = vae_cache_bytes(config, element)
 
         def size(module: torch.nn.Module) -> int:
             return sum(p.numel() for p in module.parameters()) * element

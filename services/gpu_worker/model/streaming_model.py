@@ -30,7 +30,7 @@ from services.gpu_worker.model.rope import Rope3D
 from services.gpu_worker.model.sampler import FlowSchedule
 from services.gpu_worker.model.session_state import SessionState
 from services.gpu_worker.model.text_encoder import PromptEncoder
-from services.gpu_worker.model.vae import StreamingVaeDecoder, VaeCache, vae_cache_shapes
+from services.gpu_worker.model.vae import StreamingVaeDecoder, VaeCache, vae_cache_bytes, vae_cache_shapes
 
 _MAX_SEED = 2**63
 
@@ -94,8 +94,7 @@ class WanStreamingModel:
 
     def state_bytes(self) -> StateBytes:
         element = torch.finfo(self.dtype).bits // 8
-        vae = sum(element * _numel(shape) for shape in self.vae_cache_shapes)
-        return StateBytes(kv=self.config.kv_bytes(element), vae=vae)
+        return StateBytes(kv=self.config.kv_bytes(element), vae=vae_cache_bytes(self.config, element))
 
     def new_session(self, session_id: str, prompt: str, seed: int) -> SessionHandle:
         if not 0 <= seed < _MAX_SEED:
@@ -254,10 +253,3 @@ class WanStreamingModel:
 
 def _no_mark(_: str) -> None:
     pass
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count

@@ -12,6 +12,7 @@ latent frames), so a batch decodes as at most two groups, each one batched forwa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -91,6 +92,11 @@ class StreamingVaeDecoder:
         if any(not isinstance(entry, torch.Tensor) for entry in feat_cache):
             raise RuntimeError("the VAE cache is not whole after a chunk; frames_per_chunk must be >= 2")
         return pixels, [entry for entry in feat_cache if isinstance(entry, torch.Tensor)]
+
+
+def vae_cache_bytes(config: ModelConfig, element_bytes: int) -> int:
+    """One session's decoder cache at ``element_bytes`` per value (2 for bf16)."""
+    return sum(element_bytes * math.prod(shape) for shape in vae_cache_shapes(config))
 
 
 def vae_cache_shapes(config: ModelConfig) -> list[tuple[int, ...]]:
