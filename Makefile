@@ -27,7 +27,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check services tests bench
-	$(VENV)/bin/mypy services/common services/scheduler/policy services/scheduler/store services/state_store
+	$(VENV)/bin/mypy services
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -61,7 +61,7 @@ def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of x [N, H, D] in place by per-token angles: cos and sin are [N, D // 2]."""
-    pairs = x.unflatten(-1, (-1, 2))
+    pairs = x.unflatten(-1, (-1, 2))  # type: ignore[no-untyped-call]
     even, odd = pairs[..., 0].clone(), pairs[..., 1].clone()
     c, s = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
     pairs[..., 0] = even * c - odd * s

@@ -31,6 +31,7 @@ from services.gpu_worker.migration.errors import FrameTooLarge, TransferFailed
 from services.gpu_worker.state.packing import DTYPES_BY_NAME, NAMES_BY_DTYPE
 
 logger = logging.getLogger(__name__)
+# torch.distributed's stubs do not re-export its stores and process-group classes: the type ignores below say so.
 
 TARGET_RANK = 0
 SOURCE_RANK = 1
@@ -65,7 +66,8 @@ def backend_for(device: torch.device) -> str:
 class PeerLink:
     """One end of a transfer's two-rank group; sends and receives whole frames, in order."""
 
-    def __init__(self, group: dist.ProcessGroup, store: dist.Store, rank: int, device: torch.device) -> None:
+    def __init__(self, group: dist.ProcessGroup, store: dist.Store,  # type: ignore[name-defined]
+                 rank: int, device: torch.device) -> None:
         self._group = group
         self._store = store  # the group keeps using it; the target's copy also keeps the server alive
         self.rank = rank
@@ -145,7 +147,8 @@ class TransferListener:
         self.host = host
         self._timeout = datetime.timedelta(seconds=timeout_s)
         try:
-            self._store = dist.TCPStore(host, port, 2, is_master=True, wait_for_workers=False, timeout=self._timeout)
+            self._store = dist.TCPStore(  # type: ignore[attr-defined]
+                host, port, 2, is_master=True, wait_for_workers=False, timeout=self._timeout)
         except (RuntimeError, OSError) as exc:
             raise TransferFailed(f"cannot listen for a transfer on {host}:{port}: {exc}") from exc
 
@@ -156,8 +159,8 @@ class TransferListener:
 
     def accept(self, transfer_id: str, device: torch.device) -> PeerLink:
         """Block until the source joins (or the timeout passes, as TransferFailed); one link per listener."""
-        group = _make_group(dist.PrefixStore(f"transfer/{transfer_id}", self._store), TARGET_RANK, device,
-                            self.host, self._timeout)
+        store = dist.PrefixStore(f"transfer/{transfer_id}", self._store)  # type: ignore[attr-defined]
+        group = _make_group(store, TARGET_RANK, device, self.host, self._timeout)
         return PeerLink(group, self._store, TARGET_RANK, device)
 
 
@@ -166,14 +169,15 @@ def connect(host: str, port: int, *, transfer_id: str, device: torch.device, tim
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
         bind_host = _local_address_towards(host, port)
-        store = dist.TCPStore(host, port, 2, is_master=False, timeout=timeout)
+        store = dist.TCPStore(host, port, 2, is_master=False, timeout=timeout)  # type: ignore[attr-defined]
     except (RuntimeError, OSError) as exc:
         raise TransferFailed(f"cannot reach the transfer store at {host}:{port}: {exc}") from exc
-    group = _make_group(dist.PrefixStore(f"transfer/{transfer_id}", store), SOURCE_RANK, device, bind_host, timeout)
+    prefixed = dist.PrefixStore(f"transfer/{transfer_id}", store)  # type: ignore[attr-defined]
+    group = _make_group(prefixed, SOURCE_RANK, device, bind_host, timeout)
     return PeerLink(group, store, SOURCE_RANK, device)
 
 
-def _make_group(store: dist.Store, rank: int, device: torch.device, bind_host: str,
+def _make_group(store: dist.Store, rank: int, device: torch.device, bind_host: str,  # type: ignore[name-defined]
                 timeout: datetime.timedelta) -> dist.ProcessGroup:
     try:
         if backend_for(device) == "nccl":
@@ -183,11 +187,11 @@ def _make_group(store: dist.Store, rank: int, device: torch.device, bind_host: s
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
             nccl_options = dist.ProcessGroupNCCL.Options()
             nccl_options._timeout = timeout
-            return dist.ProcessGroupNCCL(store, rank, 2, nccl_options)
-        gloo_options = dist.ProcessGroupGloo._Options()
+            return dist.ProcessGroupNCCL(store, rank, 2, nccl_options)  # type: ignore[return-value]
+        gloo_options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
         gloo_options._timeout = timeout
         gloo_options._devices = [dist.ProcessGroupGloo.create_device(hostname=bind_host)]
-        return dist.ProcessGroupGloo(store, rank, 2, gloo_options)
+        return dist.ProcessGroupGloo(store, rank, 2, gloo_options)  # type: ignore[return-value]
     except RuntimeError as exc:
         raise TransferFailed(f"rank {rank} could not form the transfer group: {exc}") from exc
 

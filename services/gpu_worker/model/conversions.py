@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -115,7 +115,7 @@ def wan_vae_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 _RESNET_PARTS = {"norm1.gamma": "residual.0.gamma", "conv1": "residual.2", "norm2.gamma": "residual.3.gamma",
                  "conv2": "residual.6", "conv_shortcut": "shortcut"}
 # diffusers name (regex) -> Wan's; the decoder has 3 resnets + 1 upsampler per stage (num_res_blocks 2).
-_VAE_RULES = [
+_VAE_RULES: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
     (re.compile(r"^quant_conv\.(.+)$"), lambda m: f"conv1.{m[1]}"),
     (re.compile(r"^post_quant_conv\.(.+)$"), lambda m: f"conv2.{m[1]}"),
     (re.compile(r"^(encoder|decoder)\.conv_in\.(.+)$"), lambda m: f"{m[1]}.conv1.{m[2]}"),

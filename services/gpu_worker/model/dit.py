@@ -200,7 +200,7 @@ class WanCausalDiT(nn.Module):
         """Zero-padded encoder output [B, text_len, text_dim] -> per layer the cross-attention K, V a session
         caches for its prompt (computed once per prompt, not per chunk)."""
         context = self.text_embedding(text)
-        return [self._block(layer).cross_attn.prompt_kv(context) for layer in range(self.config.num_layers)]
+        return [self.block(layer).cross_attn.prompt_kv(context) for layer in range(self.config.num_layers)]
 
     def forward(self, latents: torch.Tensor, timestep: float, batch: ChunkBatch, pools: CachePools,
                 write_cache: bool = False) -> torch.Tensor | None:
@@ -218,14 +218,15 @@ class WanCausalDiT(nn.Module):
         if write_cache:
             last = self.config.num_layers - 1
             for layer in range(last):
-                x = self._block(layer)(x, time_mod, batch, layer, pools, True)
-            self._block(last).store_only(x, time_mod, batch, last, pools)
+                x = self.block(layer)(x, time_mod, batch, layer, pools, True)
+            self.block(last).store_only(x, time_mod, batch, last, pools)
             return None
         for layer in range(self.config.num_layers):
-            x = self._block(layer)(x, time_mod, batch, layer, pools, False)
+            x = self.block(layer)(x, time_mod, batch, layer, pools, False)
         return self._unpatchify(self.head(x, time.expand(latents.shape[0], -1)), latents.shape)
 
-    def _block(self, layer: int) -> WanAttentionBlock:
+    def block(self, layer: int) -> WanAttentionBlock:
+        """Block ``layer``, typed (``blocks`` is a plain ModuleList)."""
         return cast(WanAttentionBlock, self.blocks[layer])
 
     def _patchify(self, latents: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,13 @@ class FlowSchedule:
         if stream.warp_timesteps:
             sigmas = tuple(grid[1000 - t] for t in stream.denoise_timesteps)
             return cls(sigmas, tuple(1000.0 * s for s in sigmas))
-        sigmas = tuple(min(grid, key=lambda g, t=t: abs(1000.0 * g - t)) for t in stream.denoise_timesteps)
+        sigmas = tuple(_nearest(grid, t / 1000.0) for t in stream.denoise_timesteps)
         return cls(sigmas, tuple(float(t) for t in stream.denoise_timesteps))
 
     @property
     def steps(self) -> int:
         return len(self.sigmas)
+
+
+def _nearest(grid: list[float], value: float) -> float:
+    return min(grid, key=lambda point: abs(point - value))

@@ -65,7 +65,7 @@ class SessionState:
             raise StateMismatch(f"chunk_index={chunk_index} must be >= 0")
         d = config.dit
         rows = CacheLayout(config).valid_rows(chunk_index)
-        expected = {
+        expected: dict[str, tuple[int, ...]] = {
             "kv": (d.num_layers, 2, rows, d.num_heads, d.head_dim),
             "cross_kv": (d.num_layers, 2, d.text_len, d.num_heads, d.head_dim),
             "cache_latents": (rows // config.chunk_tokens, d.in_dim, config.stream.frames_per_chunk,

@@ -14,6 +14,7 @@ import json
 import shutil
 import string
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,17 +47,21 @@ _WORDS = (
 def synthetic_networks(config: ModelConfig, seed: int = 0) -> tuple[WanCausalDiT, AutoencoderKLWan,
                                                                        UMT5EncoderModel]:
     """The three networks with seeded weights (each network its own seed, so changing one leaves the others)."""
-    networks = []
-    for offset, build in enumerate((lambda: WanCausalDiT(config.dit), lambda: build_vae(config.vae),
-                                    lambda: UMT5EncoderModel(umt5_config(config.text_encoder)))):
+    networks: list[torch.nn.Module] = []
+    builders: tuple[Callable[[], torch.nn.Module], ...] = (
+        lambda: WanCausalDiT(config.dit), lambda: build_vae(config.vae),
+        lambda: UMT5EncoderModel(umt5_config(config.text_encoder)),
+    )
+    for offset, build in enumerate(builders):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 3 + offset)
             networks.append(build().eval().requires_grad_(False))
     dit, vae, encoder = networks
+    assert isinstance(dit, WanCausalDiT)
     with torch.no_grad():  # untrained cross-attention barely moves the picture; a prompt switch should show
-        for block in dit.blocks:
-            block.cross_attn.o.weight.mul_(_CROSS_ATTENTION_GAIN)
-    return dit, vae, encoder  # type: ignore[return-value]
+        for layer in range(config.dit.num_layers):
+            dit.block(layer).cross_attn.o.weight.mul_(_CROSS_ATTENTION_GAIN)
+    return dit, vae, encoder
 
 
 def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
@@ -143,7 +148,7 @@ def synthetic_model_on_device(config: ModelConfig, device: torch.device, dtype: 
         torch.nn.Module.to(module, dtype=dtype).eval().requires_grad_(False)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=synthetic_tokenizer(config.text_encoder.vocab_size),
                                         pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    text = PromptEncoder(encoder, tokenizer, config.dit.text_len, device, dtype)  # type: ignore[arg-type]
+    text = PromptEncoder(encoder, tokenizer, config.dit.text_len, device, dtype)
     return WanStreamingModel(config, dit, vae, text, device, dtype, max_sessions)
 
 

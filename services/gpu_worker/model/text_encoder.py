@@ -45,7 +45,8 @@ class PromptEncoder:
 
     @property
     def device(self) -> torch.device:
-        return next(self.encoder.parameters()).device
+        device: torch.device = next(self.encoder.parameters()).device
+        return device
 
     def encode(self, prompt: str) -> torch.Tensor:
         with self._lock:

@@ -25,7 +25,7 @@ class CopyTicket:
         return cls(None, ())
 
     def done(self) -> bool:
-        return self._event is None or self._event.query()
+        return self._event is None or bool(self._event.query())  # type: ignore[no-untyped-call]
 
     def wait(self) -> None:
         """Block the calling thread until every copy landed; only then may host code read the destinations."""
@@ -44,7 +44,7 @@ class StreamCopier:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # type: ignore[no-untyped-call]
 
     def compute_stream(self) -> torch.cuda.Stream | None:
         """The stream model work runs on (the current one), or None off CUDA."""
@@ -65,7 +65,7 @@ class StreamCopier:
                 for tensor in (destination, source):
                     if tensor.is_cuda:
                         tensor.record_stream(self._side_stream)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(self._side_stream)
         keepalive = tuple(tensor for pair in pairs for tensor in pair)
         return CopyTicket(event, keepalive)
