@@ -43,7 +43,7 @@ class StreamingVaeDecoder:
         latent_std = torch.tensor(vae.config.latents_std, dtype=torch.float32)
         param = next(vae.parameters())
         # Channels-last activations make the decoder's many RMS norms (over channels) contiguous reductions and
-        # let oneDNN run the 3D convs: 4x faster on a CPU; on CUDA cuDNN picks its own layout.
+        # let oneDNN run the 3D convs: a batch of 8 decodes twice as fast on a CPU; on CUDA cuDNN picks its own.
         self._memory_format = torch.channels_last_3d if param.device.type == "cpu" else torch.contiguous_format
         for weight in vae.decoder.parameters():
             if weight.dim() == 5:
