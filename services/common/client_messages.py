@@ -80,6 +80,8 @@ def parse_client_message(data: str | bytes) -> ClientMessage:
             obj = json.loads(data)
         except ValueError as exc:
             raise MalformedMessage(f"not valid JSON: {exc}") from None
+        except RecursionError:  # a few KiB of nested brackets is enough to reach Python's recursion limit
+            raise MalformedMessage("not valid JSON: nested too deeply") from None
         msg = from_mapping(obj)
     else:
         msg = decode(data, max_bytes=MAX_CLIENT_MESSAGE_BYTES)

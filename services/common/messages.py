@@ -53,6 +53,8 @@ MAX_PROMPT_CHARS = 2000
 def _check_prompt(prompt: str) -> None:
     if not prompt.strip():
         raise InvalidField("prompt must not be empty")
+    if "\x00" in prompt:  # PostgreSQL text cannot hold it, and no tokenizer wants it
+        raise InvalidField("prompt must not contain NUL characters")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InvalidField(f"prompt of {len(prompt)} characters exceeds the limit of {MAX_PROMPT_CHARS}")
 

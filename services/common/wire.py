@@ -132,4 +132,9 @@ def _checked(value: Any, annotation: Any, name: str) -> Any:
         raise InvalidField(f"field {name!r} must be an integer, got a boolean")
     if isinstance(annotation, type) and not isinstance(value, annotation):
         raise InvalidField(f"field {name!r} must be {annotation.__name__}, got {type(value).__name__}")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # JSON's "\ud800" decodes to a lone surrogate no UTF-8 peer can take
+            raise InvalidField(f"field {name!r} is not valid Unicode (a lone surrogate)") from None
     return value
