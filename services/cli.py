@@ -73,9 +73,12 @@ def _state_store(_: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
+    import os
+
     from services.launcher import run_up
 
-    return run_up(workers=args.workers, model=args.model, port=args.port)
+    port = args.port if args.port is not None else int(os.environ.get("TURBOSERVE_GATEWAY_PORT", "8080"))
+    return run_up(workers=args.workers, model=args.model, port=port)
 
 
 def _model_synth(args: argparse.Namespace) -> int:
@@ -113,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=2, help="worker processes to start (default 2)")
     up.add_argument("--model", default="tiny", help="model config: tiny (CPU, synthetic weights unless "
                     "TURBOSERVE_MODEL_DIR is set), self-forcing, causvid or longlive (GPU, TURBOSERVE_MODEL_DIR)")
-    up.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    up.add_argument("--port", type=int, default=None,
+                    help="gateway port (default TURBOSERVE_GATEWAY_PORT, else 8080)")
     up.set_defaults(run=_up)
 
     for name, run, text in (

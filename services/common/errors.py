@@ -17,6 +17,8 @@ class ProtocolError(TurboServeError):
     """The peer sent something we refuse; answer with an error message and keep the connection."""
 
     code = "bad_request"
+    request_type: str | None = None
+    """The refused message's type when it could be read, so the answer can name the request it refuses."""
 
 
 class MessageTooLarge(ProtocolError):

@@ -20,6 +20,7 @@ from services.common.errors import (
     InvalidField,
     MalformedMessage,
     MessageTooLarge,
+    ProtocolError,
     UnknownMessageType,
     UnsupportedVersion,
 )
@@ -80,8 +81,16 @@ def from_mapping(obj: object, *, expect: type[M] | None = None) -> M | Message:
         raise UnknownMessageType(f"unknown message type {tag!r}")
     if expect is not None and cls is not expect:
         raise UnknownMessageType(f"expected a {expect.TYPE!r} message, got {tag!r}")
+    try:
+        return _validated(cls, obj, tag)
+    except ProtocolError as exc:
+        exc.request_type = tag
+        raise
+
+
+def _validated(cls: type[Message], obj: Mapping[Any, Any], tag: str) -> Message:
     version = obj.get("v", PROTOCOL_VERSION)
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # true and 1.0 == 1 in Python, not on the wire
         raise UnsupportedVersion(f"protocol version {version!r} is not supported (this peer speaks {PROTOCOL_VERSION})")
     hints: dict[str, Any] = cls._hints  # type: ignore[attr-defined]
     kwargs: dict[str, Any] = {}

@@ -81,6 +81,8 @@ class GatewayRoutes:
             return _response(http.HTTPStatus.OK, self.viewer_html, "text/html; charset=utf-8")
         if path == "/healthz":
             return self._health()
+        if path == "/favicon.ico":  # browsers ask on every visit; no icon is not an error
+            return _response(http.HTTPStatus.NO_CONTENT, b"", "image/x-icon")
         return _response(http.HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
 
     def _health(self) -> Response:

@@ -96,7 +96,7 @@ class ClientConnection:
             await self._send_error(TurboServeError(f"internal error ({type(exc).__name__}); no effect"), msg)
 
     async def _send_error(self, error: TurboServeError, msg: ClientMessage | None) -> None:
-        request = msg.TYPE if msg is not None else None
+        request = msg.TYPE if msg is not None else getattr(error, "request_type", None)
         await self._send(error_message(error, request, getattr(msg, "session_id", None)))
 
     def _parse(self, data: str | bytes) -> ClientMessage:

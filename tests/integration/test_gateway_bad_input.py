@@ -67,6 +67,8 @@ async def test_the_viewer_page_and_the_health_check_answer_over_http(nats_url: s
         assert status == 200 and json.loads(body)["nats_connected"] is True
         status, _ = await http_get(stack, "/nowhere")
         assert status == 404
+        status, _ = await http_get(stack, "/favicon.ico")
+        assert status == 204
 
 
 BAD_MESSAGES: dict[str, tuple[str | bytes, str]] = {
@@ -142,3 +144,10 @@ async def test_pausing_a_paused_session_is_an_invalid_state(nats_url: str) -> No
         await client.send(type="pause", session_id=session_id)
         error = await client.next_message()
         assert (error["type"], error["code"]) == ("error", "invalid_state")
+
+
+async def test_an_unsupported_version_of_a_readable_request_names_the_request(nats_url: str) -> None:
+    async with gateway_stack(nats_url) as stack, stack.client() as client:
+        await client.ws.send('{"type": "start", "v": true, "prompt": "a fox"}')
+        error = await client.next_message()
+        assert (error["code"], error["request"]) == ("unsupported_version", "start"), error
