@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -146,5 +147,32 @@ async def _stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def connect_problem(url: str, exc: BaseException) -> str | None:
+    """One line naming a user's mistake with the URL, the token or the gateway, and its fix; None for anything
+    else (a bug, which keeps its traceback)."""
+    from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
+
+    if isinstance(exc, InvalidURI):
+        return f"{url} is not a WebSocket URL: use ws://host:port/ws (or wss://)"
+    if isinstance(exc, InvalidStatus) and exc.response.status_code == 401:
+        return "the gateway refused the token (401): use a token from TURBOSERVE_TOKENS (printed by `turboserve up`)"
+    if isinstance(exc, InvalidStatus):
+        return f"the gateway at {url} answered HTTP {exc.response.status_code}: is the path /ws?"
+    if isinstance(exc, InvalidHandshake):
+        return f"{url} did not answer as a WebSocket server ({exc})"
+    if isinstance(exc, TimeoutError):
+        return f"the gateway at {url} did not answer in time"
+    if isinstance(exc, OSError):
+        return f"cannot reach the gateway at {url} ({exc.strerror or exc}): is it running? (`turboserve up`)"
+    return None
+
+
 def run_client_cli(args: argparse.Namespace) -> int:
-    return event_loop.run(_stream(args))
+    try:
+        return event_loop.run(_stream(args))
+    except Exception as exc:
+        problem = connect_problem(args.url, exc)
+        if problem is None:
+            raise
+        print(f"turboserve client: {problem}", file=sys.stderr)
+        return 2

@@ -151,3 +151,17 @@ async def test_an_unsupported_version_of_a_readable_request_names_the_request(na
         await client.ws.send('{"type": "start", "v": true, "prompt": "a fox"}')
         error = await client.next_message()
         assert (error["code"], error["request"]) == ("unsupported_version", "start"), error
+
+
+async def test_the_client_cli_names_a_refused_token_in_one_line(nats_url: str) -> None:
+    from websockets.exceptions import InvalidStatus
+
+    from services.client import connect_problem
+
+    async with gateway_stack(nats_url) as stack:
+        url = stack.gateway.ws_url("").replace("?token=", "")
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(url, additional_headers={"Authorization": "Bearer not-a-token"}):
+                pass
+    problem = connect_problem(url, refused.value)
+    assert problem is not None and "refused the token (401)" in problem
