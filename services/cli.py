@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("dir")
     check.set_defaults(run=_model_check)
 
-    client = commands.add_parser("client", help="stream a session from the terminal and save frames or a video")
+    client = commands.add_parser("client", help="stream a session from the terminal and save its frames as JPEG files")
     from services.client import add_client_arguments
 
     add_client_arguments(client)

@@ -95,6 +95,8 @@ class UpdateSession(Message):
     session_id: str
     status: SessionStatus
     next_seq: int
+    reason: str = ""
+    """Why, in words, for the scheduler's decision log (a close by the client, a linger that ran out, ...)."""
 
 
 @message

@@ -78,11 +78,11 @@ class SessionHub:
             timer.cancel()
         return session
 
-    async def close(self, session: GatewaySession) -> None:
+    async def close(self, session: GatewaySession, reason: str = "closed by its client") -> None:
         timer = self._lingering.pop(session.session_id, None)
         if timer is not None and timer is not asyncio.current_task():
             timer.cancel()
-        await session.close()
+        await session.close(reason)
         self.registry.remove(session.session_id)
 
     async def release_connection(self, connection_id: int, listener: SessionListener) -> None:
@@ -103,10 +103,11 @@ class SessionHub:
         for timer in timers:
             timer.cancel()
         await asyncio.gather(*timers, return_exceptions=True)
-        await asyncio.gather(*(self.close(session) for session in self.registry.sessions()), return_exceptions=True)
+        await asyncio.gather(*(self.close(session, "the gateway shut down") for session in self.registry.sessions()),
+                             return_exceptions=True)
 
     async def _linger(self, session: GatewaySession) -> None:
         await asyncio.sleep(self.settings.linger_s)
-        log.info("session=%s closed after lingering %.1f s without a connection", session.session_id,
-                 self.settings.linger_s)
-        await self.close(session)
+        reason = f"no connection resumed it within the {self.settings.linger_s:g} s linger"
+        log.info("session=%s closed: %s", session.session_id, reason)
+        await self.close(session, reason)

@@ -124,7 +124,7 @@ class GatewaySession:
                 self._persisted = True
                 await self._attach(placement)
             except BaseException:  # cancelled or refused: leave nothing half-open behind
-                await self._shutdown()
+                await self._shutdown("its start failed")
                 raise
             self.status = "active"
             log.info("event=session_open worker=%s epoch=%d", self.worker_id, self.epoch)
@@ -179,10 +179,10 @@ class GatewaySession:
             self.status = "active"
             await self._open_credit()
 
-    async def close(self) -> None:
+    async def close(self, reason: str = "closed by its client") -> None:
         """Detach from the worker and mark the session closed; idempotent."""
         async with self._lock, self.traces.operation("close"):
-            await self._shutdown()
+            await self._shutdown(reason)
 
     # --- NATS callbacks ------------------------------------------------------------------------------------
 
@@ -262,7 +262,7 @@ class GatewaySession:
         except TurboServeError as exc:  # the pause holds locally; the scheduler reconciles from heartbeats
             log.warning("session=%s could not report idle to the scheduler: %s", self.session_id, exc)
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, reason: str) -> None:
         """Tear down in an order that a cancellation can interrupt and a second call can finish."""
         if self.status == "closed":
             return
@@ -275,7 +275,7 @@ class GatewaySession:
         if self._attached_epoch:
             await _quietly(self._detach(self.worker_id, self._attached_epoch))
         if self._persisted:
-            update = UpdateSession(self.session_id, "closed", self.fence.next_seq)
+            update = UpdateSession(self.session_id, "closed", self.fence.next_seq, reason=reason)
             await _quietly(self._request(subjects.SCHED_UPDATE, update, Message))
         for task in list(self._background):
             task.cancel()

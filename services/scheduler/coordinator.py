@@ -148,7 +148,8 @@ class Coordinator:
                     session.session_id, expected_epoch=session.epoch, status="closed", at=self._wall_clock(),
                     next_seq=request.next_seq,
                 )
-                log_decision("close", session.session_id, "closed by its client", worker=session.worker_id)
+                log_decision("close", session.session_id, request.reason or "closed by its client",
+                             worker=session.worker_id)
                 return Reply(ok=True)
             if request.status == "idle":
                 return await self._pause(session, request.next_seq)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -227,3 +228,16 @@ async def test_a_restarted_coordinator_gives_recorded_workers_a_full_timeout_bef
     clock.now_s += TIMEOUT_S + 0.1
     assert await after.sweep() == []  # lost, but there is nowhere to move s1: it waits unplaced
     assert [w.status for w in await store.list_workers()] == ["lost"]
+
+
+async def test_a_close_is_logged_with_the_reason_the_gateway_gave(
+    coordinator: Coordinator, caplog: pytest.LogCaptureFixture,
+) -> None:
+    await coordinator.observe_heartbeat(beat("w1"))
+    await coordinator.open_session(open_request("s1"))
+    await coordinator.open_session(open_request("s2"))
+    with caplog.at_level(logging.INFO):
+        await coordinator.update_session(UpdateSession("s1", "closed", next_seq=4, reason="the 60 s linger ran out"))
+        await coordinator.update_session(UpdateSession("s2", "closed", next_seq=4))
+    closes = [r.getMessage() for r in caplog.records if "decision=close" in r.getMessage()]
+    assert "reason='the 60 s linger ran out'" in closes[0] and "reason='closed by its client'" in closes[1]
