@@ -20,7 +20,7 @@ def _gateway(_: argparse.Namespace) -> int:
 
     async def main(stop: asyncio.Event) -> None:
         common = CommonSettings.from_env()
-        async with nats_connection(common.nats_url, "gateway") as nc:
+        async with nats_connection(common.nats_url, "gateway", stop) as nc:
             await serve_gateway(GatewaySettings.from_env(), nc, stop)
 
     return run_service("gateway", main)
@@ -37,7 +37,7 @@ def _scheduler(_: argparse.Namespace) -> int:
         common = CommonSettings.from_env()
         settings = SchedulerSettings.from_env()
         async with (
-            nats_connection(common.nats_url, "scheduler") as nc,
+            nats_connection(common.nats_url, "scheduler", stop) as nc,
             FleetObserver(nc, settings.worker_timeout_s).running(),
         ):
             await run_scheduler(settings, nc, stop)
@@ -53,7 +53,7 @@ def _worker(_: argparse.Namespace) -> int:
 
     async def main(stop: asyncio.Event) -> None:
         settings = WorkerSettings.from_env()
-        async with nats_connection(CommonSettings.from_env().nats_url, f"worker-{settings.worker_id}") as nc:
+        async with nats_connection(CommonSettings.from_env().nats_url, f"worker-{settings.worker_id}", stop) as nc:
             await run_worker(settings, nc, stop)
 
     return run_service("worker", main)
@@ -66,7 +66,7 @@ def _state_store(_: argparse.Namespace) -> int:
     from services.state_store.settings import StateStoreSettings
 
     async def main(stop: asyncio.Event) -> None:
-        async with nats_connection(CommonSettings.from_env().nats_url, "state-store") as nc:
+        async with nats_connection(CommonSettings.from_env().nats_url, "state-store", stop) as nc:
             await run_state_store(StateStoreSettings.from_env(), nc, stop)
 
     return run_service("state-store", main)

@@ -15,6 +15,7 @@ from nats.aio.client import Client as NatsClient
 
 from services.common import event_loop
 from services.common.config import ConfigError
+from services.common.errors import Unavailable
 from services.common.telemetry.logs import configure_logging
 from services.common.telemetry.metrics import metrics_endpoint
 from services.common.telemetry.tracing import tracing_from_env
@@ -22,12 +23,39 @@ from services.common.telemetry.tracing import tracing_from_env
 log = logging.getLogger("turboserve")
 
 
+class StartAborted(Exception):
+    """SIGTERM or SIGINT arrived while the service was still starting: leave quietly."""
+
+
+async def _log_nats_error(exc: Exception) -> None:
+    log.warning("event=nats_error detail=%s", exc or type(exc).__name__)
+
+
 @contextlib.asynccontextmanager
-async def nats_connection(url: str, name: str) -> AsyncIterator[NatsClient]:
-    """Connect with unbounded reconnects (a restarting server is not fatal) and drain on exit."""
-    client = await nats.connect(
-        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.2, connect_timeout=5
-    )
+async def nats_connection(url: str, name: str, stop: asyncio.Event | None = None, *,
+                          first_connect_s: float = 30.0) -> AsyncIterator[NatsClient]:
+    """Connect, then reconnect without bound (a restarting server is not fatal) and drain on exit.
+
+    The first connection is bounded: a server that cannot be reached within ``first_connect_s`` is an
+    ``Unavailable`` naming the address, and a stop (SIGTERM) while still connecting ends the wait at once.
+    """
+    connecting = asyncio.ensure_future(nats.connect(
+        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.2, connect_timeout=5,
+        error_cb=_log_nats_error,
+    ))
+    stopping = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    await asyncio.wait([f for f in (connecting, stopping) if f is not None], timeout=first_connect_s,
+                       return_when=asyncio.FIRST_COMPLETED)
+    if stopping is not None:
+        stopping.cancel()
+    if not connecting.done():
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        if stop is not None and stop.is_set():
+            raise StartAborted(f"stopped while connecting to NATS at {url}")
+        raise Unavailable(f"cannot reach NATS at {url} within {first_connect_s:g} s (set NATS_URL)")
+    client = connecting.result()
     try:
         yield client
     finally:
@@ -63,4 +91,9 @@ def run_service(name: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> 
     except ConfigError as exc:
         print(f"turboserve {name}: {exc}", file=sys.stderr)
         return 2
+    except Unavailable as exc:  # a dependency that is not there at start: say which, let the supervisor retry
+        print(f"turboserve {name}: {exc}", file=sys.stderr)
+        return 1
+    except StartAborted:
+        return 0
     return 0

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
 
 from services.common.config import ConfigError
-from services.common.service import run_service
+from services.common.errors import Unavailable
+from services.common.nats_server import free_port
+from services.common.service import StartAborted, nats_connection, run_service
 from services.gpu_worker.model import MissingCheckpointFile
 from services.gpu_worker.model.checkpoint_files import resolve_config
 
@@ -26,3 +29,33 @@ def test_an_unusable_model_directory_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         resolve_config(tmp_path / "missing")
     assert isinstance(raised.value, MissingCheckpointFile) and "does not exist" in str(raised.value)
+
+
+async def test_an_unreachable_nats_is_unavailable_naming_its_address_after_a_bounded_wait() -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match=url):
+        async with nats_connection(url, "probe", first_connect_s=1.0):
+            pass
+    assert time.monotonic() - started < 5.0
+
+
+async def test_a_stop_while_still_connecting_ends_the_wait_at_once() -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.3, stop.set)
+    started = time.monotonic()
+    with pytest.raises(StartAborted):
+        async with nats_connection(f"nats://127.0.0.1:{free_port()}", "probe", stop, first_connect_s=30.0):
+            pass
+    assert time.monotonic() - started < 3.0
+
+
+def test_a_service_whose_dependency_is_missing_at_start_exits_1_with_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async def main(_: asyncio.Event) -> None:
+        raise Unavailable("cannot reach NATS at nats://127.0.0.1:1 within 1 s (set NATS_URL)")
+
+    assert run_service("probe", main) == 1
+    assert capsys.readouterr().err.strip() == (
+        "turboserve probe: cannot reach NATS at nats://127.0.0.1:1 within 1 s (set NATS_URL)")
