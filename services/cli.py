@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 
 def _gateway(_: argparse.Namespace) -> int:
@@ -73,12 +74,16 @@ def _state_store(_: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    import os
-
     from services.launcher import run_up
 
-    port = args.port if args.port is not None else int(os.environ.get("TURBOSERVE_GATEWAY_PORT", "8080"))
-    return run_up(workers=args.workers, model=args.model, port=port)
+    return run_up(workers=args.workers, model=args.model, port=gateway_port(args.port))
+
+
+def gateway_port(flag: int | None, environ: Mapping[str, str] = os.environ) -> int:
+    """``up --port`` when given, else TURBOSERVE_GATEWAY_PORT, else 8080 (a ConfigError names a bad value)."""
+    from services.common.config import env_int
+
+    return flag if flag is not None else env_int("TURBOSERVE_GATEWAY_PORT", 8080, low=0, high=65535, environ=environ)
 
 
 def _model_synth(args: argparse.Namespace) -> int:

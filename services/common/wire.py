@@ -141,7 +141,7 @@ def _checked(value: Any, annotation: Any, name: str) -> Any:
         raise InvalidField(f"field {name!r} must be an integer, got a boolean")
     if isinstance(annotation, type) and not isinstance(value, annotation):
         raise InvalidField(f"field {name!r} must be {annotation.__name__}, got {type(value).__name__}")
-    if isinstance(value, str):
+    if isinstance(value, str) and not value.isascii():  # the chunk path's ids are ASCII: one C scan, no copy
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:  # JSON's "\ud800" decodes to a lone surrogate no UTF-8 peer can take

@@ -161,10 +161,7 @@ class WorkerStateMover:
         future.set_result(report)
 
     async def _request(self, worker_id: str, request: Message) -> Message | None:
-        answer = await self._channel.ask_worker(worker_id, request)
-        if answer is None:
-            log.info("event=worker_request_failed worker=%s request=%s", worker_id, request.TYPE)
-        return answer
+        return await self._channel.ask_worker(worker_id, request)  # the channel logs a worker that did not answer
 
 
 def _failed(session_id: str, epoch: int, source: str, target: str, detail: str) -> MigrationReport:

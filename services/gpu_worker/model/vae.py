@@ -71,7 +71,7 @@ class StreamingVaeDecoder:
             group_frames, group_cache = self._decode_group(latents[rows], stacked)
             for position, b in enumerate(rows):
                 frames[b] = group_frames[position]
-                new_caches[b] = [entry[position].clone() for entry in group_cache]
+                new_caches[b] = [entry[position] for entry in group_cache]  # views: next chunk stacks them anyway
         return [f for f in frames if f is not None], [c for c in new_caches if c is not None]
 
     def _decode_group(self, latents: torch.Tensor, cache: list[torch.Tensor] | None) -> tuple[torch.Tensor,
