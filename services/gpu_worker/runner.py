@@ -124,7 +124,8 @@ class WorkerRunner:
             set_sessions(beat.worker_id, {"active": beat.active_sessions, "idle": idle, "offloaded": offloaded})
             await self._nc.publish(subjects.SCHED_HEARTBEAT, encode(beat))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self._settings.heartbeat_interval_s)
+                async with asyncio.timeout(self._settings.heartbeat_interval_s):  # cancel-safe, unlike wait_for
+                    await stop.wait()
 
     async def run(self, stop: asyncio.Event) -> None:
         worker_id = self._settings.worker_id

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from services.common.messages import WorkerHeartbeat
@@ -84,10 +84,13 @@ class ClusterView:
     def schedulable(self, worker: WorkerRecord) -> bool:
         return worker.status == "live" and worker.worker_id not in self.retired
 
-    def gpu_views(self, workers: Iterable[WorkerRecord]) -> dict[str, GpuView]:
+    def gpu_views(self, workers: Iterable[WorkerRecord], heard: Collection[str]) -> dict[str, GpuView]:
+        """Live workers in the pool, and the ones asked for. A live row this process has not ``heard`` yet keeps
+        its residents but takes nothing new (ready at infinity) until its first heartbeat here."""
         gpus = {
-            w.worker_id: GpuView(w.worker_id, self.policy_kind(w.kind), w.capacity, 0.0,
-                                 w.draining or w.worker_id in self.draining)
+            w.worker_id: GpuView(w.worker_id, self.policy_kind(w.kind), w.capacity,
+                                 0.0 if w.worker_id in heard else math.inf,
+                                 w.draining or w.worker_id in self.draining, w.model)
             for w in workers
             if self.schedulable(w)
         }
@@ -105,19 +108,19 @@ class ClusterView:
         for row in sorted(rows, key=lambda r: r.status != "active"):
             sid = row.session_id
             gpu = gpus.get(row.worker_id) if row.worker_id is not None else None
-            on = row.worker_id if gpu is not None and gpu.ready_at_s == 0.0 else None
+            on = row.worker_id if gpu is not None else None
             size = self.state_bytes.get(sid, 0)
             moved_at = self.migrated_at.get(sid)
             active = row.status == "active"
             out_of_slot = on is None or (not active and sid in self.offloaded.get(on, frozenset()))
             if not active and out_of_slot:
-                views[sid] = SessionView(sid, size, False, None, moved_at, offloaded=True)
+                views[sid] = SessionView(sid, size, False, None, moved_at, True, row.model)
             elif on is not None and room[on] > 0:
                 room[on] -= 1
-                views[sid] = SessionView(sid, size, active, on, moved_at)
+                views[sid] = SessionView(sid, size, active, on, moved_at, False, row.model)
             else:
                 has_state = row.worker_id is not None or row.chunks_produced > 0
-                views[sid] = SessionView(sid, size, active, None, moved_at, offloaded=has_state or not active)
+                views[sid] = SessionView(sid, size, active, None, moved_at, has_state or not active, row.model)
         return views
 
 
@@ -132,7 +135,7 @@ def sync(
             old = snapshot.sessions.get(sid)
             if old is not None and old.gpu_id is not None and old.gpu_id != sessions[sid].gpu_id:
                 snapshot.upsert_session(SessionView(sid, old.state_bytes, old.active, None, old.last_migrated_at_s,
-                                                    old.offloaded))
+                                                    old.offloaded, old.model))
         for sid in [s for s in snapshot.sessions if s not in sessions]:
             snapshot.remove_session(sid)
         for gpu_id in [g for g in snapshot.gpus if g not in gpus]:

@@ -12,29 +12,31 @@ actions into the conditional placement path, the StateMover and the Provisioner.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from opentelemetry.trace import Link
+
 from services.common.control import MigrationReport
-from services.common.errors import StaleEpoch, TurboServeError
+from services.common.errors import StaleEpoch, TurboServeError, Unavailable
 from services.common.messages import Placement, WorkerHeartbeat
 from services.common.telemetry.metrics import record_scale_event
-from services.common.telemetry.tracing import consumer_span, record_decision
+from services.common.telemetry.tracing import linked_span, record_decision, request_links
 from services.scheduler.actuation import Provisioner, StateMover
 from services.scheduler.cluster_view import ClusterView, sync
-from services.scheduler.coordinator import log_decision, utc_now
-from services.scheduler.placement import PlacementChoice, WorkerLoad
+from services.scheduler.liveness import WorkerLiveness, utc_now
 from services.scheduler.policy import (
     Action,
     AddGpus,
     ClosedLoopController,
     ClusterSnapshot,
     DrainGpu,
-    GpuView,
     Migrate,
     Offload,
     Place,
@@ -52,6 +54,15 @@ MAX_PENDING_EVENTS = 64
 DECISION_HISTORY = 4096
 
 
+def log_decision(
+    decision: str, session_id: str, reason: str, *, links: Sequence[Link] | None = None, **fields: object
+) -> None:
+    """Log the decision and record it as a span carrying its reason (STYLE habit 3)."""
+    extra = "".join(f" {name}={value}" for name, value in fields.items())
+    log.info("decision=%s session=%s%s reason=%r", decision, session_id, extra, reason)
+    record_decision(decision, reason, session_id=session_id, links=links, **fields)
+
+
 class LoopIO(Protocol):
     """The two messages the loop sends itself; the runner implements them over NATS."""
 
@@ -62,9 +73,19 @@ class LoopIO(Protocol):
         ...
 
 
+@dataclass(slots=True)
+class _Waiter:
+    """A request waiting for the first decision that began after round ``since_round``."""
+
+    answer: asyncio.Future[Placement | None]
+    since_round: int
+    links: tuple[Link, ...]
+    """The request's trace: the round that answers links to it, and so does the decision made for it."""
+
+
 class ControlLoop:
-    """One per scheduler process. ``place`` is the Coordinator's placement rule (open, resume, re-homing);
-    ``trigger`` marks a scheduling event; ``run`` decides until cancelled."""
+    """One per scheduler process and the scheduler's only decider: ``trigger`` marks a scheduling event,
+    ``decide_for`` waits for the decision on one session, ``run`` decides until cancelled."""
 
     def __init__(
         self,
@@ -73,12 +94,14 @@ class ControlLoop:
         mover: StateMover,
         provisioner: Provisioner,
         io: LoopIO,
+        liveness: WorkerLiveness,
         *,
         control_period_s: float,
         provision_timeout_s: float,
         retire_grace_s: float,
         max_gpus: int,
         offload_after_s: float = 0.0,
+        decision_timeout_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         timer: Callable[[], float] = time.perf_counter,
         wall_clock: Callable[[], datetime] = utc_now,
@@ -93,6 +116,8 @@ class ControlLoop:
         self._retire_grace_s = retire_grace_s
         self._max_gpus = max_gpus
         self._offload_after_s = offload_after_s
+        self._decision_timeout_s = decision_timeout_s
+        self.liveness = liveness
         self._clock = clock
         self._timer = timer
         self._wall_clock = wall_clock
@@ -102,6 +127,10 @@ class ControlLoop:
         self.decide_ms: deque[float] = deque(maxlen=DECISION_HISTORY)
         self._events: set[str] = set()
         self._wake = asyncio.Event()
+        self._waiters: dict[str, _Waiter] = {}
+        self._deciding = asyncio.Lock()
+        self._rounds_started = 0
+        self._worker_status: dict[str, str] = {}
 
     # --- inputs -----------------------------------------------------------------------------------------
 
@@ -133,43 +162,58 @@ class ControlLoop:
         if report.outcome == "copied" and report.state_bytes > 0:
             self.controller.observe_migration(report.state_bytes, report.pause_ms or report.transfer_ms)
 
-    def place(self, workers: Iterable[WorkerLoad], *, model: str) -> PlacementChoice:
-        """The controller's placement rule on the coordinator's view of load, for answering open and resume at
-        once: the full decision (rebalance, scaling) follows as the event's plan."""
-        now_s = self._clock()
-        gpus = [
-            w for w in workers
-            if w.live and w.model == model and not w.draining and w.worker_id not in self.view.draining
-            and w.worker_id not in self.view.retired
-        ]
-        if not gpus:
-            return PlacementChoice(None, None, f"no live worker serves model {model!r} outside a drain")
-        snapshot = ClusterSnapshot.build(
-            (SessionView(f"{w.worker_id}/{i}", 0, True, w.worker_id)
-             for w in gpus for i in range(min(w.active_sessions, w.capacity))),
-            (GpuView(w.worker_id, self.view.kind_of.get(w.worker_id, self.view.scale_kind), w.capacity, 0.0)
-             for w in gpus),
-        )
-        workspace = Workspace(snapshot, self.controller.models.latency, now_s)
-        choice = self.controller.placement.choose(workspace, SessionView("new", 0, True, None), 0.0)
+    # --- answers for requests ---------------------------------------------------------------------------
+
+    async def decide_for(self, session_id: str, event: str) -> Placement | None:
+        """Ask for a decision that sees ``session_id``'s current row and wait for it: the placement it made for
+        the session, or None when it made none (already placed, or no room). Requests that arrive while a
+        decision runs share the next one. Bounded: past ``decision_timeout_s`` it is Unavailable."""
+        waiter = self._waiters.get(session_id)
+        if waiter is None or waiter.answer.done():
+            waiter = _Waiter(asyncio.get_running_loop().create_future(), self._rounds_started, request_links())
+            self._waiters[session_id] = waiter
+        self.trigger(event)
+        try:
+            async with asyncio.timeout(self._decision_timeout_s):
+                return await asyncio.shield(waiter.answer)  # shared: one caller's cancel is not the others'
+        except TimeoutError:
+            raise Unavailable(f"the scheduler made no decision within {self._decision_timeout_s:.0f} s") from None
+
+    def unplaced_reason(self, model: str) -> str:
+        """Why the last decision could not place a session of ``model``, in words a refusal can carry."""
+        serving = [g for g in self.snapshot.gpus.values() if g.model == model and g.ready_at_s == 0.0]
+        if not serving:
+            return f"no live worker serves model {model!r}"
+        return f"all {len(serving)} live workers of model {model!r} are full or draining"
+
+    def migration_target(self, session_id: str, source: str, model: str) -> str:
+        """Where the policy's placement rule would put a session of ``model`` leaving ``source`` (an operator's
+        migrate without a target), on the latest snapshot with ``source`` excluded."""
+        workspace = Workspace(self.snapshot, self.controller.models.latency, self._clock())
+        if source in self.snapshot.gpus:
+            workspace.draining.add(source)
+        leaving = SessionView(session_id, self.view.state_bytes.get(session_id, 0), True, None, model=model)
+        choice = self.controller.placement.choose(workspace, leaving, 0.0)
         if choice is None:
-            return PlacementChoice(None, None, f"all {len(gpus)} live workers of model {model!r} are full")
-        return PlacementChoice(choice[0], None, f"{self.controller.name} placement: {choice[1]}")
+            raise Unavailable(f"no other live worker of model {model!r} to move to")
+        return choice[0]
 
     # --- the loop ---------------------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Decide on every event, or after a quiet control period; a failed round is logged and retried."""
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self._period_s)
-            except TimeoutError:
-                pass
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancel that lands as the event fires,
+            # and the loop would then outlive its scheduler by a whole period.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._period_s):
+                    await self._wake.wait()
             self._wake.clear()
             events, self._events = self._events, set()
             trigger = ",".join(sorted(events)) or "period"
             try:
-                with consumer_span("scheduler.plan", None, trigger=trigger):
+                waiting = tuple(dict.fromkeys(link for w in self._waiters.values() for link in w.links))
+                with linked_span("scheduler.plan", waiting, trigger=trigger):
                     await self.step(trigger)
             except asyncio.CancelledError:
                 raise
@@ -179,19 +223,33 @@ class ControlLoop:
                 log.exception("event=control_round_failed")
 
     async def step(self, trigger: str) -> Plan:
-        """One decision: snapshot, decide (timed), execute in plan order."""
+        """One decision: snapshot, decide (timed), execute in plan order, unplace what lost its worker. Every
+        request that was waiting before it began gets its answer when it ends, placed or not. Decisions never
+        overlap, whoever calls."""
+        async with self._deciding:
+            self._rounds_started += 1
+            this_round = self._rounds_started
+            try:
+                return await self._decide_and_act(trigger)
+            finally:
+                for session_id in [s for s, w in self._waiters.items() if w.since_round < this_round]:
+                    self._answer(session_id, None)
+
+    async def _decide_and_act(self, trigger: str) -> Plan:
         started = self._timer()
         now_s = self._clock()
         await self._expire_pending(now_s)
         rows = await self._store.list_sessions()
         self.view.forget_closed({row.session_id for row in rows})
-        gpus = self.view.gpu_views(await self._store.list_workers())
+        workers = await self._store.list_workers()
+        self._worker_status = {w.worker_id: w.status for w in workers}
+        gpus = self.view.gpu_views(workers, self.liveness.heard)
         self.snapshot = sync(self.snapshot, self.view.session_views(rows, gpus), gpus)
         decide_started = self._timer()
         plan = self.controller.decide(self.snapshot, now_s)
         decide_ms = (self._timer() - decide_started) * 1000
         self.decide_ms.append(decide_ms)
-        for action in plan.actions:  # before any await: placement must stop choosing a worker being drained
+        for action in plan.actions:  # before any await: the snapshot must stop offering a worker being drained
             if isinstance(action, DrainGpu):
                 self.view.draining.add(action.gpu_id)
         quiet = trigger == "period" and not plan.actions  # a periodic round that changed nothing: debug only
@@ -206,6 +264,7 @@ class ControlLoop:
             except TurboServeError as exc:  # one refused action (a provisioner error, a lost row) is not the plan
                 log.warning("event=action_failed action=%s code=%s detail=%r", type(action).__name__, exc.code,
                             str(exc))
+        await self._unplace_orphans(rows)
         return plan
 
     async def _execute(self, action: Action, now_s: float) -> None:
@@ -240,22 +299,61 @@ class ControlLoop:
             self.view.mark_offloaded(action.gpu_id, row.session_id)
 
     async def _place(self, session_id: str, gpu_id: str, reason: str) -> None:
-        """A session with no live state goes through the conditional placement path (epoch bump, Placement
-        to the gateway); one whose state sits on another live worker moves there with the StateMover."""
+        """A session with no live state goes through the conditional placement path (epoch bump; the gateway
+        hears of it unless it is a new session, whose open request gets the answer); one whose state sits on
+        another live worker moves there with the StateMover."""
         row = await self._open_row(session_id)
         if row is None or row.worker_id == gpu_id:
             return
         if row.worker_id is not None and row.worker_id in self.snapshot.gpus:
             await self._migrate(session_id, row.worker_id, gpu_id, reason)
             return
+        if row.worker_id is not None:
+            why = f"worker {row.worker_id} {self._worker_status.get(row.worker_id, 'unknown')}"
+        elif row.epoch > 0 and session_id not in self._waiters:
+            why = "it waited for capacity"
+        else:
+            why = ""
         try:
             moved = await self._store.move_session(session_id, expected_epoch=row.epoch, worker_id=gpu_id,
                                                    status=row.status, at=self._wall_clock())
         except StaleEpoch as exc:
             log_decision("skip", session_id, f"moved by another decision: {exc}")
             return
-        log_decision("place", session_id, reason, worker=gpu_id, epoch=moved.epoch)
-        await self._io.publish_placement(Placement(session_id, gpu_id, moved.epoch, reason))
+        waiter = self._waiters.get(session_id)
+        log_decision("place", session_id, f"{why}; {reason}" if why else reason, worker=gpu_id, epoch=moved.epoch,
+                     links=waiter.links if waiter is not None else None)
+        placement = Placement(session_id, gpu_id, moved.epoch, why or reason)
+        if row.epoch > 0:
+            await self._io.publish_placement(placement)
+        self._answer(session_id, placement)
+
+    async def _unplace_orphans(self, rows: Iterable[SessionRecord]) -> None:
+        """Sessions still recorded on a worker that is not in the pool (lost, gone, released) after the plan
+        ran: unplace them, so a resume or a later round places them afresh. Conditional on the epoch, so one
+        that a migration moved meanwhile stays where it went."""
+        for seen in rows:
+            if seen.worker_id is None or seen.worker_id in self.snapshot.gpus:
+                continue
+            row = await self._open_row(seen.session_id)
+            if row is None or row.worker_id is None or row.worker_id in self.snapshot.gpus:
+                continue
+            why = f"worker {row.worker_id} {self._worker_status.get(row.worker_id, 'not in the pool')}"
+            try:
+                await self._store.clear_placement(row.session_id, expected_epoch=row.epoch, status=row.status,
+                                                  at=self._wall_clock())
+            except StaleEpoch:
+                continue
+            if row.status == "idle":
+                log_decision("unplace", row.session_id, f"{why}; idle, placed again on resume")
+            else:
+                log_decision("unplace", row.session_id, f"{why}; {self.unplaced_reason(row.model)}; "
+                                                        "placed when a worker has room")
+
+    def _answer(self, session_id: str, placement: Placement | None) -> None:
+        waiter = self._waiters.pop(session_id, None)
+        if waiter is not None and not waiter.answer.done():
+            waiter.answer.set_result(placement)
 
     async def _migrate(self, session_id: str, source: str, target: str, reason: str) -> bool:
         row = await self._open_row(session_id)

@@ -14,6 +14,7 @@ from services.common.control import ScaleDecision
 from services.scheduler.actuation import StateMover
 from services.scheduler.control_loop import ControlLoop, LoopIO
 from services.scheduler.control_settings import ControlSettings, build_live_controller, build_provisioner
+from services.scheduler.liveness import WorkerLiveness
 from services.scheduler.store.protocol import SchedulerStore
 
 log = logging.getLogger("turboserve.scheduler.control")
@@ -27,14 +28,15 @@ class ScaleIO(LoopIO, Protocol):
 
 @contextlib.asynccontextmanager
 async def open_control_loop(
-    settings: ControlSettings, io: ScaleIO, store: SchedulerStore, mover: StateMover, *, offload_after_s: float
+    settings: ControlSettings, io: ScaleIO, store: SchedulerStore, mover: StateMover, liveness: WorkerLiveness, *,
+    offload_after_s: float,
 ) -> AsyncIterator[ControlLoop]:
     """A running ControlLoop; leaving stops it and then its provisioner (a local one stops its workers).
     ``offload_after_s``: an idle session is offloaded only once it has been quiet that long, because the
     worker cannot refuse an offload that races with the resume that follows a quick pause."""
     provisioner, retire_grace_s = build_provisioner(settings, io.publish_scale)
     loop = ControlLoop(
-        store, build_live_controller(settings), mover, provisioner, io,
+        store, build_live_controller(settings), mover, provisioner, io, liveness,
         control_period_s=settings.control_period_s, provision_timeout_s=settings.provision_timeout_s,
         retire_grace_s=retire_grace_s, max_gpus=settings.max_gpus, offload_after_s=offload_after_s,
     )

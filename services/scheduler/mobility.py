@@ -8,9 +8,10 @@ only source, so two rules cannot race to move the same session. The runner serve
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 from services.common.admin import MigrateSession, OffloadRequest
-from services.common.errors import InvalidState, TurboServeError, Unavailable, UnknownSession
+from services.common.errors import InvalidState, TurboServeError, UnknownSession
 from services.common.messages import Reply, UpdateSession
 from services.common.wire import Message
 from services.scheduler.state_mover import WorkerStateMover
@@ -20,19 +21,29 @@ from services.state_store.client import SnapshotClient
 log = logging.getLogger("turboserve.scheduler.mobility")
 
 
+class MigrationTargets(Protocol):
+    """Where the decider's placement rule would move a session (the control loop answers)."""
+
+    def migration_target(self, session_id: str, source: str, model: str) -> str: ...
+
+
 class Mobility:
     """Operator migrate and offload requests, and closed sessions' snapshots, around one WorkerStateMover."""
 
-    def __init__(self, store: SchedulerStore, mover: WorkerStateMover, snapshots: SnapshotClient) -> None:
+    def __init__(
+        self, store: SchedulerStore, mover: WorkerStateMover, snapshots: SnapshotClient, targets: MigrationTargets
+    ) -> None:
         self._store = store
         self._mover = mover
         self._snapshots = snapshots
+        self._targets = targets
 
     async def migrate(self, request: MigrateSession) -> Message:
         session = await self._store.get_session(request.session_id)
         if session is None or session.worker_id is None or session.status == "closed":
             raise UnknownSession(f"session {request.session_id} is not placed on any worker")
-        target = request.target_worker or await self._other_worker(session.worker_id, session.model)
+        target = request.target_worker or self._targets.migration_target(session.session_id, session.worker_id,
+                                                                          session.model)
         return await self._mover.migrate(session.session_id, session.worker_id, target, session.epoch, request.reason)
 
     async def offload(self, request: OffloadRequest) -> Message:
@@ -52,11 +63,3 @@ class Mobility:
             await self._snapshots.mark_closed(update.session_id)
         except TurboServeError as exc:
             log.info("event=snapshot_close_failed detail=%s", exc)
-
-    async def _other_worker(self, source: str, model: str) -> str:
-        load = await self._store.active_load()
-        workers = [w for w in await self._store.list_workers()
-                   if w.status == "live" and not w.draining and w.model == model and w.worker_id != source]
-        if not workers:
-            raise Unavailable(f"no other live worker of model {model!r} to move to")
-        return min(workers, key=lambda w: (load.get(w.worker_id, 0) / w.capacity, w.worker_id)).worker_id

@@ -2,7 +2,7 @@
 
 Requests (open, update, the operator's migrate and offload) are answered in a queue group, so several schedulers
 share them; reports (heartbeats, worker gone, migration reports) reach every scheduler and fan out here, once, to
-whoever needs them: the Coordinator, the control loop, the state mover. What the scheduler sends (control requests
+whoever needs them: liveness, the control loop, the state mover. What the scheduler sends (control requests
 to workers, placements to gateways, scale decisions) goes through ``SchedulerNats``.
 """
 
@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import Protocol, TypeVar, cast
+from typing import TypeVar, cast
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -30,9 +30,11 @@ from services.common.messages import OpenSession, Placement, Reply, UpdateSessio
 from services.common.telemetry.db import traced_store
 from services.common.telemetry.tracing import consumer_span
 from services.common.wire import Message, decode, encode
+from services.scheduler.control_loop import ControlLoop
 from services.scheduler.control_runner import open_control_loop
 from services.scheduler.control_settings import ControlSettings
-from services.scheduler.coordinator import Coordinator
+from services.scheduler.lifecycle import SessionLifecycle
+from services.scheduler.liveness import WorkerLiveness
 from services.scheduler.migrations import migrate
 from services.scheduler.mobility import Mobility
 from services.scheduler.settings import SchedulerSettings
@@ -44,14 +46,6 @@ log = logging.getLogger("turboserve.scheduler")
 
 QUEUE_GROUP = "turboserve-scheduler"
 M = TypeVar("M", bound=Message)
-
-
-class SchedulingEvents(Protocol):
-    """Where handled requests and reports go next: the control loop decides on each one."""
-
-    def trigger(self, event: str) -> None: ...
-
-    def observe_heartbeat(self, beat: WorkerHeartbeat) -> None: ...
 
 
 class SchedulerNats:
@@ -90,20 +84,19 @@ class SchedulerNats:
 
 
 class SchedulerRunner:
-    """Subscriptions and the periodic sweep of one scheduler; entering it means it is serving, leaving it
-    unsubscribes and stops the sweep (``close`` is idempotent)."""
+    """Subscriptions and the periodic liveness sweep of one scheduler; entering it means it is serving, leaving
+    it unsubscribes and stops the sweep (``close`` is idempotent)."""
 
     def __init__(
-        self, nats: NatsClient, coordinator: Coordinator, *, sweep_interval_s: float,
-        events: SchedulingEvents | None = None, mover: WorkerStateMover | None = None,
-        mobility: Mobility | None = None, out: SchedulerNats | None = None,
+        self, nats: NatsClient, *, lifecycle: SessionLifecycle, liveness: WorkerLiveness, loop: ControlLoop,
+        mover: WorkerStateMover, mobility: Mobility, sweep_interval_s: float,
     ) -> None:
         self._nats = nats
-        self._coordinator = coordinator
-        self._events = events
+        self._lifecycle = lifecycle
+        self._liveness = liveness
+        self._loop = loop
         self._mover = mover
         self._mobility = mobility
-        self._out = out if out is not None else SchedulerNats(nats)
         self._background: set[asyncio.Task[None]] = set()
         self._sweep_interval_s = sweep_interval_s
         self._subscriptions: list[Subscription] = []
@@ -111,16 +104,13 @@ class SchedulerRunner:
         self._sweeper: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> SchedulerRunner:
-        await self._coordinator.start()
+        await self._liveness.start()
         endpoints = [
-            Endpoint.typed("open", subjects.SCHED_OPEN, OpenSession, self._open),
+            Endpoint.typed("open", subjects.SCHED_OPEN, OpenSession, self._lifecycle.open),
             Endpoint.typed("update", subjects.SCHED_UPDATE, UpdateSession, self._update),
+            Endpoint.typed("migrate", subjects.SCHED_ADMIN_MIGRATE, MigrateSession, self._mobility.migrate),
+            Endpoint.typed("offload", subjects.SCHED_ADMIN_OFFLOAD, OffloadRequest, self._mobility.offload),
         ]
-        if self._mobility is not None:
-            endpoints += [
-                Endpoint.typed("migrate", subjects.SCHED_ADMIN_MIGRATE, MigrateSession, self._mobility.migrate),
-                Endpoint.typed("offload", subjects.SCHED_ADMIN_OFFLOAD, OffloadRequest, self._mobility.offload),
-            ]
         self._service = await serve(self._nats, service="scheduler", description="session placement",
                                     endpoints=endpoints, queue_group=QUEUE_GROUP, log=log)
         self._subscriptions = [
@@ -155,47 +145,33 @@ class SchedulerRunner:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
 
-    async def _open(self, request: OpenSession) -> Placement | Reply:
-        placement = await self._coordinator.open_session(request)
-        self._trigger(request.TYPE)
-        return placement
-
     async def _update(self, request: UpdateSession) -> Placement | Reply:
-        answer = await self._coordinator.update_session(request)
-        self._trigger(request.status)
-        if self._mobility is not None and request.status == "closed":  # off the reply's path: the store may lag
+        answer = await self._lifecycle.update(request)
+        if request.status == "closed":  # off the reply's path: the state store may lag
             task = asyncio.create_task(self._mobility.session_updated(request), name="snapshot-close")
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         return answer
 
-    def _trigger(self, event: str) -> None:
-        """A handled request is a scheduling event: the control loop decides on it."""
-        if self._events is not None:
-            self._events.trigger(event)
-
     async def _on_heartbeat(self, msg: Msg) -> None:
+        """The one heartbeat fan-out: liveness and chunk counts, the loop's view and cost models, the mover."""
         async def handle(beat: WorkerHeartbeat) -> None:
-            await self._coordinator.observe_heartbeat(beat)
-            if self._events is not None:
-                self._events.observe_heartbeat(beat)
-            if self._mover is not None:
-                self._mover.observe(beat)
+            await self._liveness.observe_heartbeat(beat)
+            self._loop.observe_heartbeat(beat)
+            self._mover.observe(beat)
 
         await self._consume(msg, WorkerHeartbeat, handle)
 
     async def _on_worker_gone(self, msg: Msg) -> None:
         async def handle(notice: WorkerGone) -> None:
-            await self._publish(await self._coordinator.worker_gone(notice))
-            if self._events is not None:
-                self._events.trigger("worker_gone")
+            if await self._liveness.worker_gone(notice):
+                self._loop.trigger("worker_gone")
 
         await self._consume(msg, WorkerGone, handle)
 
     async def _on_migration_report(self, msg: Msg) -> None:
         async def handle(report: MigrationReport) -> None:
-            if self._mover is not None:
-                self._mover.on_report(report)
+            self._mover.on_report(report)
 
         await self._consume(msg, MigrationReport, handle)
 
@@ -212,12 +188,12 @@ class SchedulerRunner:
             log.exception("event=report_failed subject=%s", msg.subject)
 
     async def _sweep_forever(self) -> None:
-        """The periodic scheduling event; a failed round (database down) is logged and the next one retries."""
+        """Silence past the timeout makes a worker lost, a scheduling event; a failed sweep (database down) is
+        logged and the next one retries."""
         while True:
             await asyncio.sleep(self._sweep_interval_s)
             try:
-                with consumer_span("scheduler.sweep", None):
-                    placements = await self._coordinator.sweep()
+                lost = await self._liveness.sweep()
             except asyncio.CancelledError:
                 raise
             except TurboServeError as exc:
@@ -226,13 +202,8 @@ class SchedulerRunner:
             except Exception:
                 log.exception("event=sweep_failed")
                 continue
-            await self._publish(placements)
-            if placements and self._events is not None:
-                self._events.trigger("re_placed")
-
-    async def _publish(self, placements: list[Placement]) -> None:
-        for placement in placements:
-            await self._out.publish_placement(placement)
+            if lost:
+                self._loop.trigger("worker_lost")
 
 
 @contextlib.asynccontextmanager
@@ -245,14 +216,13 @@ async def open_scheduler(settings: SchedulerSettings, nats: NatsClient) -> Async
         out = SchedulerNats(nats)
         mover = WorkerStateMover(out, store)  # the StateMover the control loop acts through
         stack.push_async_callback(mover.close)
-        mobility = Mobility(store, mover, SnapshotClient(nats))
-        loop = await stack.enter_async_context(
-            open_control_loop(ControlSettings.from_env(), out, store, mover, offload_after_s=settings.offload_after_s)
-        )
-        coordinator = Coordinator(store, worker_timeout_s=settings.worker_timeout_s, place=loop.place)
+        liveness = WorkerLiveness(store, worker_timeout_s=settings.worker_timeout_s)
+        loop = await stack.enter_async_context(open_control_loop(
+            ControlSettings.from_env(), out, store, mover, liveness, offload_after_s=settings.offload_after_s
+        ))
         yield await stack.enter_async_context(SchedulerRunner(
-            nats, coordinator, sweep_interval_s=settings.sweep_interval_s, events=loop, mover=mover,
-            mobility=mobility, out=out,
+            nats, lifecycle=SessionLifecycle(store, loop), liveness=liveness, loop=loop, mover=mover,
+            mobility=Mobility(store, mover, SnapshotClient(nats), loop), sweep_interval_s=settings.sweep_interval_s,
         ))
 
 
@@ -261,4 +231,3 @@ async def run_scheduler(settings: SchedulerSettings, nats: NatsClient, stop: asy
     async with open_scheduler(settings, nats):
         log.info("event=serving worker_timeout_s=%s sweep_s=%s", settings.worker_timeout_s, settings.sweep_interval_s)
         await stop.wait()
-

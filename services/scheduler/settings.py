@@ -18,7 +18,8 @@ class SchedulerSettings:
     worker_timeout_s: float = 3.0
     """A worker not heard from for this long is lost and its sessions move (TURBOSERVE_WORKER_TIMEOUT_S, 0.1-300)."""
     sweep_interval_s: float = 0.5
-    """How often liveness is checked and unplaced active sessions are retried (TURBOSERVE_SCHED_SWEEP_S, 0.01-60)."""
+    """How often worker liveness is checked (TURBOSERVE_SCHED_SWEEP_S, 0.01-60); the control loop retries unplaced
+    sessions every control period."""
     offload_after_s: float = 10.0
     """The control loop offloads an idle session whose row has not changed for this long (TURBOSERVE_OFFLOAD_AFTER_S,
     0.1-86400)."""

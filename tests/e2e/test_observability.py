@@ -110,12 +110,17 @@ async def test_scheduler_decisions_are_spans_with_their_reason_linked_to_the_req
     )
     opened = only(spans, "gateway.open", **{"session.id": session_id})
     place = only(spans, "decision.place", **{"session.id": session_id})
-    handler = next(s for s in spans if s.span_id == place.parent_span_id)
-    assert handler.name == "scheduler.open_session" and handler.service == "turboserve-scheduler"
-    assert (opened.trace_id, opened.span_id) in handler.links and (opened.trace_id, opened.span_id) in place.links
+    handler = next(s for s in spans if s.name == "scheduler.open_session" and (opened.trace_id, opened.span_id)
+                   in s.links)
+    assert handler.service == "turboserve-scheduler"
+    round_ = next(s for s in spans if s.span_id == place.parent_span_id)  # the control-loop round that placed it
+    assert round_.name == "scheduler.plan" and (handler.trace_id, handler.span_id) in round_.links
+    assert (opened.trace_id, opened.span_id) in place.links and (handler.trace_id, handler.span_id) in place.links
     assert place.attributes["decision.reason"] and place.attributes["decision.worker"] == "worker-1"
     database = {s.name for s in spans if s.trace_id == handler.trace_id and s.parent_span_id == handler.span_id}
-    assert {"db.get_session", "db.insert_session"} <= database
+    assert "db.insert_session" in database
+    placing = {s.name for s in spans if s.trace_id == round_.trace_id and s.parent_span_id == round_.span_id}
+    assert {"db.list_sessions", "db.move_session"} <= placing
 
 
 def value(samples: list[Sample], name: str, **labels: str) -> float:

@@ -3,20 +3,20 @@ snapshot in, plan executed in order, every action with its reason, bounds kept, 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import logging
-from collections.abc import Sequence
-from datetime import UTC, datetime
 
 import pytest
 
 from services.common.control import MigrationReport
 from services.common.errors import InvalidField
-from services.common.messages import Placement, WorkerHeartbeat
+from services.common.messages import WorkerHeartbeat
 from services.common.wire import decode, encode
 from services.scheduler.cluster_view import sync
 from services.scheduler.control_loop import ControlLoop
 from services.scheduler.control_settings import ControlSettings, build_live_controller
-from services.scheduler.placement import WorkerLoad
 from services.scheduler.policy import (
     AddGpus,
     ClusterSnapshot,
@@ -31,97 +31,25 @@ from services.scheduler.policy import (
 )
 from services.scheduler.store.memory import MemoryStore
 from services.scheduler.store.protocol import SessionRecord, WorkerReport
-
-T0 = datetime(2026, 11, 22, 4, 0, tzinfo=UTC)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now_s = 100.0
-
-    def __call__(self) -> float:
-        return self.now_s
-
-
-class Journal:
-    """What the fakes were asked to do, in order, so tests can check the order across them."""
-
-    def __init__(self) -> None:
-        self.entries: list[tuple[str, ...]] = []
-
-
-class FakeMover:
-    def __init__(self, store: MemoryStore, journal: Journal, *, fail: bool = False) -> None:
-        self.store, self.journal, self.fail = store, journal, fail
-
-    async def offload(self, session_id: str, worker_id: str, epoch: int, reason: str) -> bool:
-        self.journal.entries.append(("offload", session_id, worker_id, reason))
-        return True
-
-    async def migrate(self, session_id: str, source: str, target: str, epoch: int, reason: str) -> MigrationReport:
-        self.journal.entries.append(("migrate", session_id, source, target, reason))
-        if self.fail:
-            return MigrationReport(session_id, epoch, source, target, "failed", detail="refused")
-        row = await self.store.get_session(session_id)
-        assert row is not None
-        await self.store.move_session(session_id, expected_epoch=epoch, worker_id=target, status=row.status, at=T0)
-        return MigrationReport(session_id, epoch, source, target, "copied", pause_ms=30.0, state_bytes=10**6)
-
-
-class FakeProvisioner:
-    """Checks the scale-in invariant at the moment of removal: no open session is left on the worker."""
-
-    def __init__(self, store: MemoryStore, journal: Journal) -> None:
-        self.store, self.journal = store, journal
-        self.started = 0
-
-    async def scale_out(self, count: int, reason: str) -> Sequence[str]:
-        ids = [f"new-{self.started + i + 1}" for i in range(count)]
-        self.started += count
-        self.journal.entries.append(("scale_out", str(count), reason))
-        return ids
-
-    async def remove(self, worker_id: str, reason: str) -> None:
-        left = [s.session_id for s in await self.store.list_sessions() if s.worker_id == worker_id]
-        assert not left, f"removing {worker_id} would drop {left}"
-        self.journal.entries.append(("remove", worker_id, reason))
-        await self.store.retire_worker(worker_id, "gone")
-
-    async def close(self) -> None:
-        pass
-
-
-class FakeIO:
-    def __init__(self, journal: Journal) -> None:
-        self.journal = journal
-        self.placements: list[Placement] = []
-
-    async def publish_placement(self, placement: Placement) -> None:
-        self.placements.append(placement)
-
-    async def drain(self, worker_id: str, reason: str) -> str:
-        self.journal.entries.append(("drain", worker_id, reason))
-        return "ok"
+from tests.scheduler_fakes import T0, Clock, FakeIO, FakeMover, FakeProvisioner, Journal, make_decider
 
 
 def session(session_id: str, worker_id: str | None, status: str = "active") -> SessionRecord:
     return SessionRecord(session_id, "owner", "a fox", 1, "tiny", status, worker_id, 1, 3, 3, T0, T0)  # type: ignore[arg-type]
 
 
-async def add_worker(store: MemoryStore, loop: ControlLoop, worker_id: str, offloaded: tuple[str, ...] = ()) -> None:
-    await store.upsert_worker(WorkerReport(worker_id, "cpu", "tiny", 4, 0, False, T0, ()), T0)
-    loop.observe_heartbeat(WorkerHeartbeat(worker_id, "cpu", "tiny", 4, offloaded=offloaded))
+async def add_worker(store: MemoryStore, loop: ControlLoop, worker_id: str, offloaded: tuple[str, ...] = (),
+                     model: str = "tiny") -> None:
+    beat = WorkerHeartbeat(worker_id, "cpu", model, 4, offloaded=offloaded)
+    await loop.liveness.observe_heartbeat(beat)
+    loop.observe_heartbeat(beat)
 
 
 def make_loop(store: MemoryStore, journal: Journal, clock: Clock, *, fail_moves: bool = False,
               max_gpus: int = 3, offload_after_s: float = 0.0) -> tuple[ControlLoop, FakeProvisioner, FakeIO]:
-    settings = ControlSettings(min_gpus=1, max_gpus=max_gpus, scale_in_hold_s=0.0, detector_window_s=10.0,
-                               worker_kind="cpu", worker_capacity=4, provision_timeout_s=60.0)
-    provisioner, io = FakeProvisioner(store, journal), FakeIO(journal)
-    loop = ControlLoop(store, build_live_controller(settings), FakeMover(store, journal, fail=fail_moves),
-                       provisioner, io, control_period_s=2.0, provision_timeout_s=60.0, retire_grace_s=30.0,
-                       max_gpus=max_gpus, offload_after_s=offload_after_s, clock=clock, wall_clock=lambda: T0)
-    return loop, provisioner, io
+    decider = make_decider(store, clock, journal=journal, fail_moves=fail_moves, max_gpus=max_gpus,
+                           offload_after_s=offload_after_s)
+    return decider.loop, decider.provisioner, decider.io
 
 
 @pytest.fixture
@@ -129,16 +57,27 @@ def store() -> MemoryStore:
     return MemoryStore()
 
 
-def test_open_and_resume_are_placed_by_the_controllers_rule_and_never_on_a_draining_or_full_worker(
+async def test_a_new_session_is_placed_by_the_policy_never_on_a_draining_full_unheard_or_other_model_worker(
     store: MemoryStore,
 ) -> None:
-    loop, _, _ = make_loop(store, Journal(), Clock())
+    loop, _, io = make_loop(store, Journal(), Clock())
+    for worker in ("w1", "w2", "w3"):
+        await add_worker(store, loop, worker)
+    await add_worker(store, loop, "other", model="wan-1.3b")
+    await store.upsert_worker(WorkerReport("unheard", "cpu", "tiny", 4, 0, False, T0, ()), T0)  # row only
     loop.view.draining.add("w2")
-    loads = [WorkerLoad("w1", "tiny", 4, 4, True), WorkerLoad("w2", "tiny", 4, 0, True),
-             WorkerLoad("w3", "tiny", 4, 1, True), WorkerLoad("w4", "tiny", 4, 0, False)]
-    choice = loop.place(loads, model="tiny")
-    assert choice.worker_id == "w3" and choice.reason.startswith("ours placement: ")
-    assert loop.place(loads[:2], model="tiny").worker_id is None
+    for index in range(4):
+        await store.insert_session(session(f"full-{index}", "w1"))
+    await store.insert_session(session("one", "w3"))
+    await store.insert_session(dataclasses.replace(session("new", None), epoch=0, chunks_produced=0))
+    plan = await loop.step("open")
+    (place,) = [a for a in plan.actions if isinstance(a, Place)]
+    assert (place.session_id, place.gpu_id) == ("new", "w3") and place.reason.startswith("new; ")
+    row = await store.get_session("new")
+    assert row is not None and (row.worker_id, row.epoch) == ("w3", 1)
+    assert io.placements == []  # a new session's placement is the open's reply, not a broadcast
+    assert loop.unplaced_reason("tiny") == "all 3 live workers of model 'tiny' are full or draining"
+    assert loop.unplaced_reason("ltx") == "no live worker serves model 'ltx'"
 
 
 def test_measured_batch_latencies_from_heartbeats_refit_the_latency_model(store: MemoryStore) -> None:
@@ -307,3 +246,66 @@ async def test_a_session_already_offloaded_is_not_offloaded_again(store: MemoryS
     plan = await loop.step("idle")
     assert not any(isinstance(a, Offload) for a in plan.actions), "its state already left the slot"
     assert [entry[:3] for entry in journal.entries] == [("offload", "s1", "w1")]
+
+
+class HeldMover(FakeMover):
+    """Migrations wait until released, so a test can act while the loop is in the middle of a plan."""
+
+    def __init__(self, store: MemoryStore, journal: Journal) -> None:
+        super().__init__(store, journal)
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def migrate(self, session_id: str, source: str, target: str, epoch: int, reason: str) -> MigrationReport:
+        self.started.set()
+        await self.release.wait()
+        return await super().migrate(session_id, source, target, epoch, reason)
+
+
+async def test_a_worker_killed_while_the_loop_is_mid_rebalance_has_each_orphan_placed_exactly_once(
+    store: MemoryStore,
+) -> None:
+    clock = Clock()
+    decider = make_decider(store, clock, max_gpus=3)
+    loop = decider.loop
+    mover = HeldMover(store, decider.journal)
+    loop._mover = mover
+    hot = [f"hot-{i}" for i in range(4)]
+    doomed = ["doomed-0", "doomed-1"]
+    for session_id in hot:
+        await store.insert_session(session(session_id, "w1"))
+    for session_id in doomed:
+        await store.insert_session(session(session_id, "w2"))
+    measured = ((4, 900.0), (2, 300.0), (1, 200.0))  # four on one worker miss the 400 ms target: rebalance
+    for worker in ("w1", "w2", "w3"):
+        for _ in range(50):
+            await decider.beat(WorkerHeartbeat(worker, "cpu", "tiny", 4, recent_batches=measured))
+    runner = asyncio.create_task(loop.run())
+    try:
+        loop.trigger("period")
+        await asyncio.wait_for(mover.started.wait(), timeout=5)  # a rebalancing migration is in flight
+        clock.now_s += 10.0  # w2 goes silent; w1 and w3 keep beating
+        for worker in ("w1", "w3"):
+            await decider.beat(WorkerHeartbeat(worker, "cpu", "tiny", 4))
+        assert await decider.liveness.sweep() == ["w2"]
+        loop.trigger("worker_lost")
+        extra = asyncio.create_task(loop.step("worker_lost"))  # a second caller while the plan runs
+        await asyncio.sleep(0.05)
+        mover.release.set()
+        await asyncio.wait_for(extra, timeout=5)
+        for _ in range(3):
+            await loop.step("period")
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+    moves = [entry for entry in decider.journal.entries if entry[0] == "migrate"]
+    assert moves and all(entry[2] == "w1" for entry in moves), "the plan in flight was a rebalance off w1"
+    placed = [p.session_id for p in decider.io.placements]
+    assert sorted(placed) == doomed, f"each orphan placed exactly once, got {placed}"
+    live = {w.worker_id for w in await store.list_workers() if w.status == "live"}
+    rows = {row.session_id: row for row in await store.list_sessions()}
+    assert all(rows[s].worker_id in live and rows[s].epoch == 2 for s in doomed)
+    assert all(row.worker_id in live for row in rows.values())
+    per_worker = [sum(row.worker_id == w for row in rows.values()) for w in live]
+    assert max(per_worker) <= 4

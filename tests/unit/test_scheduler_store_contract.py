@@ -3,6 +3,7 @@ tests/integration/test_scheduler_postgres.py (which subclasses StoreContract).""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -78,29 +79,17 @@ class StoreContract:
         cleared = await store.clear_placement("s1", expected_epoch=1, status="closed", at=T0)
         assert (cleared.worker_id, cleared.epoch, cleared.status) == (None, 1, "closed")
 
-    async def test_orphans_are_open_sessions_on_dead_workers_and_unplaced_active_ones_oldest_first(
-        self, store: SchedulerStore
-    ) -> None:
-        await store.upsert_worker(a_report("w1"), T0)
-        await store.upsert_worker(a_report("w2"), T0)
-        await store.insert_session(a_session("on-live", worker_id="w1", minute=0))
-        await store.insert_session(a_session("on-lost-idle", worker_id="w2", status="idle", minute=3))
-        await store.insert_session(a_session("on-lost-active", worker_id="w2", minute=2))
-        await store.insert_session(a_session("unplaced-active", worker_id=None, minute=1))
-        await store.insert_session(a_session("unplaced-idle", worker_id=None, status="idle", minute=4))
-        await store.insert_session(a_session("closed", worker_id="w2", status="closed", minute=5))
-        await store.insert_session(a_session("unknown-worker", worker_id="w9", minute=6))
-        assert await store.retire_worker("w2", "lost")
-        orphans = [s.session_id for s in await store.orphaned_sessions()]
-        assert orphans == ["unplaced-active", "on-lost-active", "on-lost-idle", "unknown-worker"]
-
-    async def test_active_load_counts_only_active_placed_sessions(self, store: SchedulerStore) -> None:
-        await store.insert_session(a_session("a", worker_id="w1"))
-        await store.insert_session(a_session("b", worker_id="w1"))
-        await store.insert_session(a_session("c", worker_id="w1", status="idle"))
-        await store.insert_session(a_session("d", worker_id="w2"))
-        await store.insert_session(a_session("e", worker_id=None))
-        assert await store.active_load() == {"w1": 2, "w2": 1}
+    async def test_only_a_session_never_placed_can_be_withdrawn(self, store: SchedulerStore) -> None:
+        never = dataclasses.replace(a_session("never", worker_id=None), epoch=0)
+        await store.insert_session(never)
+        await store.insert_session(dataclasses.replace(a_session("placed", worker_id="w1"), epoch=1))
+        await store.insert_session(dataclasses.replace(a_session("unplaced-later", worker_id=None), epoch=2))
+        assert await store.withdraw_unplaced("never")
+        assert await store.get_session("never") is None
+        assert not await store.withdraw_unplaced("placed")
+        assert not await store.withdraw_unplaced("unplaced-later")  # it was placed once: clients know it
+        assert not await store.withdraw_unplaced("never")
+        await store.insert_session(never)  # the id is free again
 
     async def test_listed_sessions_are_the_open_ones_oldest_first(self, store: SchedulerStore) -> None:
         await store.insert_session(a_session("late", worker_id=None, minute=2))

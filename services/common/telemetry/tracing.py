@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 
 from opentelemetry import trace
@@ -110,21 +110,44 @@ def consumer_span(name: str, headers: Mapping[str, str] | None, **attributes: st
         yield
         return
     cause = extract(headers)
-    links = (Link(cause),) if cause is not None else ()
-    with tracer().start_as_current_span(
-        name, context=Context(), kind=SpanKind.CONSUMER, links=links, attributes=attributes
-    ):
-        token = _cause_links.set(links)
+    with linked_span(name, (Link(cause),) if cause is not None else (), kind=SpanKind.CONSUMER, **attributes):
+        yield
+
+
+@contextlib.contextmanager
+def linked_span(
+    name: str, links: Sequence[Link], *, kind: SpanKind = SpanKind.INTERNAL, **attributes: str | float
+) -> Iterator[None]:
+    """A new trace linked to ``links``: work done for several causes at once (one control-loop round answers
+    every request that waited for it). Decisions made inside carry the same links."""
+    if not switch.enabled:
+        yield
+        return
+    with tracer().start_as_current_span(name, context=Context(), kind=kind, links=links, attributes=attributes):
+        token = _cause_links.set(tuple(links))
         try:
             yield
         finally:
             _cause_links.reset(token)
 
 
-def record_decision(decision: str, reason: str, *, session_id: str | None = None, **attributes: object) -> None:
+def request_links() -> tuple[Link, ...]:
+    """Links to the work in progress (the current span and what caused it), to hand to work done later for it."""
+    if not switch.enabled:
+        return ()
+    current = trace.get_current_span().get_span_context()
+    own = (Link(current),) if current.is_valid else ()
+    return own + _cause_links.get()
+
+
+def record_decision(
+    decision: str, reason: str, *, session_id: str | None = None, links: Sequence[Link] | None = None,
+    **attributes: object,
+) -> None:
     """A finished decision as a zero-length child span, reason attached and linked to the message that caused
     it, so an operator finds why a session went where it went from the request's trace. None values are left
-    out; values other than str, int and float are recorded as text."""
+    out; values other than str, int and float are recorded as text. ``links`` replaces the current causes (a
+    decision made in a shared round for one request links to that request)."""
     if not switch.enabled:
         return
     values: dict[str, str | int | float] = {
@@ -135,7 +158,8 @@ def record_decision(decision: str, reason: str, *, session_id: str | None = None
     values.update({"decision": decision, "decision.reason": reason})
     if session_id is not None:
         values["session.id"] = session_id
-    tracer().start_span(f"decision.{decision}", links=_cause_links.get(), attributes=values).end()
+    chosen = _cause_links.get() if links is None else links
+    tracer().start_span(f"decision.{decision}", links=chosen, attributes=values).end()
 
 
 def inject_current() -> dict[str, str] | None:

@@ -162,7 +162,8 @@ class ClosedLoopController:
         mover = min(members, key=lambda s: sessions[s].state_bytes)
         pause_ms = self.models.migration.cost_ms(sessions[mover].state_bytes)
         for target_kind, target_count in workspace.open_levels():
-            target = workspace.first_usable(target_kind, target_count, excluding=gpu_id)
+            target = workspace.first_usable(target_kind, target_count, excluding=gpu_id,
+                                            model=sessions[mover].model)
             if target is None:
                 continue
             after_ms = workspace.latency_ms(target_kind, target_count + 1)

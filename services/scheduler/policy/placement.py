@@ -37,7 +37,7 @@ class MinBottleneckPlacement:
         current_ms = workspace.bottleneck_ms()
         best: tuple[tuple[float, ...], str, float] | None = None
         for kind, count in workspace.open_levels():
-            gpu_id = workspace.first_usable(kind, count)
+            gpu_id = workspace.first_usable(kind, count, model=session.model)
             if gpu_id is None:
                 continue
             after_ms = workspace.latency_ms(kind, count + 1)
@@ -65,7 +65,7 @@ class LeastLoadedPlacement:
     def choose(self, workspace: Workspace, session: SessionView, restore_ms: float) -> tuple[str, str] | None:
         best: tuple[float, str] | None = None
         for kind, count in workspace.open_levels():
-            gpu_id = workspace.first_usable(kind, count)
+            gpu_id = workspace.first_usable(kind, count, model=session.model)
             if gpu_id is None:
                 continue
             load = count / workspace.snapshot.gpus[gpu_id].capacity
@@ -86,7 +86,8 @@ class ByMemoryPlacement:
         best: tuple[int, str] | None = None
         snapshot = workspace.snapshot
         for gpu_id, gpu in snapshot.gpus.items():
-            if not workspace.usable(gpu_id) or workspace.count(gpu_id) >= gpu.capacity:
+            if (not workspace.usable(gpu_id) or workspace.count(gpu_id) >= gpu.capacity
+                    or not workspace.serves(gpu_id, session.model)):
                 continue
             used = sum(snapshot.sessions[s].state_bytes for s in workspace.members(gpu_id) if s in snapshot.sessions)
             free = gpu.capacity * session.state_bytes - used
@@ -110,6 +111,7 @@ class RoundRobinPlacement:
             gpu_id
             for gpu_id, gpu in workspace.snapshot.gpus.items()
             if workspace.usable(gpu_id) and workspace.count(gpu_id) < gpu.capacity
+            and workspace.serves(gpu_id, session.model)
         )
         if not candidates:
             return None

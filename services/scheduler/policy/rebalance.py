@@ -102,8 +102,9 @@ class MinMaxRebalance:
             workspace.bottleneck_ms(without=(kind, count)), workspace.latency_ms(kind, count - 1), self.floor_ms
         )
         best: _Move | None = None
+        model = workspace.snapshot.sessions[session_id].model
         for target_kind, target_count in workspace.open_levels():
-            target = workspace.first_usable(target_kind, target_count, excluding=source)
+            target = workspace.first_usable(target_kind, target_count, excluding=source, model=model)
             if target is None:
                 continue
             after_ms = workspace.latency_ms(target_kind, target_count + 1)

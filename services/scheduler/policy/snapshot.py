@@ -17,7 +17,8 @@ class SnapshotError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class SessionView:
-    """One session. ``offloaded`` means its state sits in host memory, so placing it is a restore."""
+    """One session. ``offloaded`` means its state sits in host memory, so placing it is a restore; ``model``
+    (empty: any) limits it to GPUs serving that model."""
 
     session_id: str
     state_bytes: int
@@ -25,17 +26,20 @@ class SessionView:
     gpu_id: str | None
     last_migrated_at_s: float | None = None
     offloaded: bool = False
+    model: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class GpuView:
-    """One GPU: at most ``capacity`` resident sessions; unusable before ``ready_at_s``; ``draining`` takes none."""
+    """One GPU: at most ``capacity`` resident sessions; unusable before ``ready_at_s``; ``draining`` takes none;
+    ``model`` (empty: any) is the only model whose sessions it takes."""
 
     gpu_id: str
     kind: str
     capacity: int
     ready_at_s: float
     draining: bool = False
+    model: str = ""
 
 
 class ClusterSnapshot:

@@ -80,10 +80,16 @@ class Workspace:
     def level_gpus(self, kind: str, count: int) -> dict[str, None]:
         return self._levels.get((kind, count), {})
 
-    def first_usable(self, kind: str, count: int, excluding: str | None = None) -> str | None:
-        """The first GPU (in a deterministic order) of this level that can take a session now."""
+    def serves(self, gpu_id: str, model: str) -> bool:
+        """Whether the GPU runs ``model``; an empty model on either side (the simulator's) matches any."""
+        gpu_model = self.snapshot.gpus[gpu_id].model
+        return not model or not gpu_model or gpu_model == model
+
+    def first_usable(self, kind: str, count: int, excluding: str | None = None, model: str = "") -> str | None:
+        """The first GPU (in a deterministic order) of this level that can take a session of ``model`` now."""
         for gpu_id in self._levels.get((kind, count), ()):
-            if gpu_id != excluding and self.usable(gpu_id) and count < self.snapshot.gpus[gpu_id].capacity:
+            if (gpu_id != excluding and self.usable(gpu_id) and count < self.snapshot.gpus[gpu_id].capacity
+                    and self.serves(gpu_id, model)):
                 return gpu_id
         return None
 

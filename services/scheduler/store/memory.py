@@ -71,22 +71,12 @@ class MemoryStore:
         self._sessions[session.session_id] = session
         return session
 
-    async def orphaned_sessions(self) -> list[SessionRecord]:
-        live = {w.worker_id for w in self._workers.values() if w.status == "live"}
-        orphans = [
-            s
-            for s in self._sessions.values()
-            if s.status != "closed"
-            and (s.status == "active" if s.worker_id is None else s.worker_id not in live)
-        ]
-        return sorted(orphans, key=lambda s: (s.created_at, s.session_id))
-
-    async def active_load(self) -> dict[str, int]:
-        load: dict[str, int] = {}
-        for s in self._sessions.values():
-            if s.status == "active" and s.worker_id is not None:
-                load[s.worker_id] = load.get(s.worker_id, 0) + 1
-        return load
+    async def withdraw_unplaced(self, session_id: str) -> bool:
+        session = self._sessions.get(session_id)
+        if session is None or session.epoch != 0 or session.worker_id is not None:
+            return False
+        del self._sessions[session_id]
+        return True
 
     async def list_sessions(self) -> list[SessionRecord]:
         open_sessions = [s for s in self._sessions.values() if s.status != "closed"]

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, and_, bindparam, func, literal_column, or_, select, update
+from sqlalchemy import bindparam, delete, func, literal_column, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -153,30 +153,12 @@ class PostgresStore:
             values["next_seq"] = next_seq
         return await self._fenced_update(session_id, expected_epoch, values)
 
-    async def orphaned_sessions(self) -> list[SessionRecord]:
-        placed_on_dead: ColumnElement[bool] = and_(
-            SessionRow.worker_id.is_not(None), or_(WorkerRow.id.is_(None), WorkerRow.status != "live")
-        )
-        unplaced_active = and_(SessionRow.worker_id.is_(None), SessionRow.status == "active")
-        statement = (
-            select(*_SESSION_COLUMNS)
-            .outerjoin(WorkerRow, WorkerRow.id == SessionRow.worker_id)
-            .where(SessionRow.status != "closed", or_(unplaced_active, placed_on_dead))
-            .order_by(SessionRow.created_at, SessionRow.id)
+    async def withdraw_unplaced(self, session_id: str) -> bool:
+        statement = delete(SessionRow).where(
+            SessionRow.id == session_id, SessionRow.epoch == 0, SessionRow.worker_id.is_(None)
         )
         async with self._transaction() as conn:
-            rows = (await conn.execute(statement)).all()
-        return [_session(row) for row in rows]
-
-    async def active_load(self) -> dict[str, int]:
-        statement = (
-            select(SessionRow.worker_id, func.count())
-            .where(SessionRow.status == "active", SessionRow.worker_id.is_not(None))
-            .group_by(SessionRow.worker_id)
-        )
-        async with self._transaction() as conn:
-            rows = (await conn.execute(statement)).all()
-        return {worker_id: int(count) for worker_id, count in rows if worker_id is not None}
+            return bool((await conn.execute(statement.returning(SessionRow.id))).first())
 
     async def list_sessions(self) -> list[SessionRecord]:
         statement = (

@@ -121,13 +121,9 @@ class SchedulerStore(Protocol):
         ``next_seq`` records how far its client got when the client closed it."""
         ...
 
-    async def orphaned_sessions(self) -> list[SessionRecord]:
-        """Sessions that need a placement decision: not closed and placed on a worker that is not live, or
-        active and unplaced. Oldest first, so waiting sessions are served in arrival order."""
-        ...
-
-    async def active_load(self) -> dict[str, int]:
-        """Active sessions placed on each worker (workers with none are absent)."""
+    async def withdraw_unplaced(self, session_id: str) -> bool:
+        """Delete a session that was never placed (epoch 0, no worker): an open the scheduler refused leaves no
+        row behind, so the client may open it again. False when it was placed meanwhile (or is not there)."""
         ...
 
     async def list_sessions(self) -> list[SessionRecord]:
