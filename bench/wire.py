@@ -1,11 +1,13 @@
-"""Wire codec: today's reflection-based ``common/wire.py`` against ``msgspec`` on the chunk path's messages.
+"""Wire codec on the chunk path's messages: ``common/wire.py`` (dataclass messages, decoded by msgspec from their
+annotations) against the reflection decoder it replaced and against msgspec's own tagged ``Struct``s.
 
 Run: ``.venv/bin/python bench/wire.py`` (seconds). Writes ``bench/results/wire.json``.
 
-The msgspec side declares the same four messages as tagged ``Struct``s with the same bounds (``Meta``) and the
-same ``t``/``v`` keys, so both sides produce and accept the same bytes and do the same validation: the bytes one
-side encodes are decoded by the other in the check below. Times are the median per message of 7 rounds of
-``--count`` calls, rounds of the two sides interleaved so both see the same machine.
+The former decoder (msgpack-python, then a walk over each field's type hints) is kept below as the baseline,
+verbatim. The Struct side declares the same four messages with the same bounds (``Meta``) and the same ``t``/``v``
+keys: it is the floor a full switch to Structs could reach. All three accept the same bytes (checked below).
+Times are the median per message of 7 rounds of ``--count`` calls, rounds of the sides interleaved so all see the
+same machine.
 """
 
 from __future__ import annotations
@@ -24,13 +26,20 @@ from typing import Annotated, Any, Literal
 # the `kernels` package transformers probes for.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import dataclasses  # noqa: E402
+import types  # noqa: E402
+import typing  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
+
+import msgpack  # noqa: E402
 import msgspec  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from services.common.chunk_frame import ChunkHeader  # noqa: E402
+from services.common.errors import InvalidField, UnsupportedVersion  # noqa: E402
 from services.common.messages import AttachSession, RequestChunks, WorkerHeartbeat  # noqa: E402
-from services.common.wire import Message, decode, encode  # noqa: E402
+from services.common.wire import _REGISTRY, Message, decode, encode  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "wire.json"
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -88,6 +97,82 @@ class WorkerHeartbeatS(_Tagged, tag="worker_heartbeat"):
     state_bytes: dict[str, int] = {}
 
 
+
+
+# --- the former decoder, the baseline ------------------------------------------------------------------------
+
+
+def reflection_decode(data: bytes) -> Message:
+    obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    return _validated(_REGISTRY[obj["t"]], obj, obj["t"])
+
+
+PROTOCOL_VERSION = 1
+_HINTS = {cls: typing.get_type_hints(cls) for cls in _REGISTRY.values()}  # the former code cached them too
+
+
+def _validated(cls: type[Message], obj: Mapping[Any, Any], tag: str) -> Message:
+    version = obj.get("v", PROTOCOL_VERSION)
+    if type(version) is not int or version != PROTOCOL_VERSION:  # true and 1.0 == 1 in Python, not on the wire
+        raise UnsupportedVersion(f"protocol version {version!r} is not supported (this peer speaks {PROTOCOL_VERSION})")
+    hints: dict[str, Any] = _HINTS[cls]
+    kwargs: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        if field.name in obj:
+            kwargs[field.name] = _checked(obj[field.name], hints[field.name], field.name)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise InvalidField(f"{tag}: missing required field {field.name!r}")
+    msg = cls(**kwargs)
+    msg.check()
+    return msg
+
+
+
+def _checked(value: Any, annotation: Any, name: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _checked(value, option, name)
+            except InvalidField:
+                continue
+        raise InvalidField(f"field {name!r} has the wrong type {type(value).__name__}")
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise InvalidField(f"field {name!r} must be null")
+    if origin is typing.Literal:
+        if value in typing.get_args(annotation):
+            return value
+        raise InvalidField(f"field {name!r} must be one of {typing.get_args(annotation)}, got {value!r}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise InvalidField(f"field {name!r} must be a list")
+        args = typing.get_args(annotation)
+        if origin is list or (len(args) == 2 and args[1] is Ellipsis):
+            return tuple(_checked(item, args[0], name) for item in value)
+        if len(value) != len(args):
+            raise InvalidField(f"field {name!r} must have {len(args)} items, got {len(value)}")
+        return tuple(_checked(item, item_type, name) for item, item_type in zip(value, args, strict=True))
+    if origin is dict:
+        key_type, value_type = typing.get_args(annotation)
+        if not isinstance(value, Mapping):
+            raise InvalidField(f"field {name!r} must be a map")
+        return {_checked(k, key_type, name): _checked(v, value_type, name) for k, v in value.items()}
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, bool):
+        raise InvalidField(f"field {name!r} must be an integer, got a boolean")
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        raise InvalidField(f"field {name!r} must be {annotation.__name__}, got {type(value).__name__}")
+    if isinstance(value, str) and not value.isascii():  # the chunk path's ids are ASCII: one C scan, no copy
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # JSON's "\ud800" decodes to a lone surrogate no UTF-8 peer can take
+            raise InvalidField(f"field {name!r} is not valid Unicode (a lone surrogate)") from None
+    return value
+
+
 Union = RequestChunksS | ChunkHeaderS | AttachSessionS | WorkerHeartbeatS
 ENCODER = msgspec.msgpack.Encoder()
 DECODER = msgspec.msgpack.Decoder(Union)
@@ -131,21 +216,28 @@ def main() -> int:
         struct = DECODER.decode(data)
         assert isinstance(struct, struct_type)
         assert decode(ENCODER.encode(struct)) == msg, f"{name}: msgspec's bytes do not decode to the same message"
-        timings: dict[str, list[float]] = {k: [] for k in ("ours_encode", "ours_decode", "ms_encode", "ms_decode")}
+        assert reflection_decode(data) == msg, f"{name}: the former decoder reads these bytes differently"
+        sides = {
+            "ours_encode": lambda msg=msg: encode(msg),
+            "structs_encode": lambda s=struct: ENCODER.encode(s),
+            "former_decode": lambda d=data: reflection_decode(d),
+            "ours_decode": lambda d=data: decode(d),
+            "structs_decode": lambda d=data: DECODER.decode(d),
+        }
+        timings: dict[str, list[float]] = {k: [] for k in sides}
         for _ in range(args.rounds):
-            timings["ours_encode"].append(per_call_us(lambda msg=msg: encode(msg), args.count))
-            timings["ms_encode"].append(per_call_us(lambda s=struct: ENCODER.encode(s), args.count))
-            timings["ours_decode"].append(per_call_us(lambda d=data: decode(d), args.count))
-            timings["ms_decode"].append(per_call_us(lambda d=data: DECODER.decode(d), args.count))
+            for key, action in sides.items():
+                timings[key].append(per_call_us(action, args.count))
         row = {"message": name, "bytes": len(data), **{k: statistics.median(v) for k, v in timings.items()}}
         rows.append(row)
     table = Table(title=f"wire codec per message, median of {args.rounds} rounds of {args.count} (us)")
-    for column in ("message", "bytes", "ours encode", "msgspec encode", "ours decode", "msgspec decode",
-                   "decode speedup"):
+    for column in ("message", "bytes", "encode", "Structs encode", "former decode", "decode", "Structs decode",
+                   "decode vs former"):
         table.add_column(column, justify="right")
     for r in rows:
-        table.add_row(r["message"], str(r["bytes"]), f"{r['ours_encode']:.2f}", f"{r['ms_encode']:.2f}",
-                      f"{r['ours_decode']:.2f}", f"{r['ms_decode']:.2f}", f"{r['ours_decode'] / r['ms_decode']:.1f}x")
+        table.add_row(r["message"], str(r["bytes"]), f"{r['ours_encode']:.2f}", f"{r['structs_encode']:.2f}",
+                      f"{r['former_decode']:.2f}", f"{r['ours_decode']:.2f}", f"{r['structs_decode']:.2f}",
+                      f"{r['former_decode'] / r['ours_decode']:.1f}x faster")
     console.print(table)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
