@@ -94,8 +94,12 @@ class TurboServeClient:
         await self.send({"type": "pause", "session_id": session_id})
         return await self.expect("state")
 
-    async def resume(self, session_id: str) -> dict[str, Any]:
-        await self.send({"type": "resume", "session_id": session_id})
+    async def resume(self, session_id: str, next_seq: int | None = None) -> dict[str, Any]:
+        """``next_seq``: the seq wanted next (one past the last held), so any gateway continues exactly there."""
+        message: dict[str, Any] = {"type": "resume", "session_id": session_id}
+        if next_seq is not None:
+            message["next_seq"] = next_seq
+        await self.send(message)
         return await self.expect("state")
 
     async def close_session(self, session_id: str) -> dict[str, Any]:

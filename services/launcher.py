@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +65,11 @@ def own_database(handle: PostgresHandle, name: str = "turboserve") -> str:
     return handle.url.rsplit("/", 1)[0] + f"/{name}"
 
 
-def start_services(env: dict[str, str], *, workers: int, log_dir: Path) -> list[Child]:
-    """Scheduler, state store, workers (ids worker-1..N) and gateway, in the order they depend on each other.
+def start_services(
+    env: dict[str, str], *, workers: int, log_dir: Path, more_gateway_ports: Sequence[int] = ()
+) -> list[Child]:
+    """Scheduler, state store, workers (ids worker-1..N) and gateway, in the order they depend on each other;
+    ``more_gateway_ports``: further gateways (gateway-2, ...) beside the first, any of which serves any session.
     With TURBOSERVE_PROVISIONER=local the scheduler starts the N workers itself, so it can also stop them."""
     if env.get("TURBOSERVE_PROVISIONER") == "local":
         env = {**env, "TURBOSERVE_LOCAL_WORKERS": str(workers), "TURBOSERVE_LOG_DIR": str(log_dir)}
@@ -74,6 +78,8 @@ def start_services(env: dict[str, str], *, workers: int, log_dir: Path) -> list[
     for index in range(1, workers + 1):
         children.append(spawn(f"worker-{index}", "worker", {**env, "TURBOSERVE_WORKER_ID": f"worker-{index}"}, log_dir))
     children.append(spawn("gateway", "gateway", env, log_dir))
+    for index, port in enumerate(more_gateway_ports, start=2):
+        children.append(spawn(f"gateway-{index}", "gateway", {**env, "TURBOSERVE_GATEWAY_PORT": str(port)}, log_dir))
     return children
 
 

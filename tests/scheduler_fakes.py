@@ -81,6 +81,9 @@ class FakeIO:
     async def publish_placement(self, placement: Placement) -> None:
         self.placements.append(placement)
 
+    async def release(self, worker_id: str, session_id: str, epoch: int) -> None:
+        self.journal.entries.append(("release", worker_id, session_id))
+
     async def drain(self, worker_id: str, reason: str) -> str:
         self.journal.entries.append(("drain", worker_id, reason))
         return "ok"

@@ -57,6 +57,13 @@ class Pause(Message):
 class Resume(Message):
     TYPE = "resume"
     session_id: str
+    next_seq: int | None = None
+    """The seq the client needs next (one past the last it holds); given, a gateway that takes the session over
+    continues exactly there. Omitted: where the session's last gateway recorded its client to be."""
+
+    def check(self) -> None:
+        if self.next_seq is not None and self.next_seq < 0:
+            raise InvalidField("next_seq must not be negative")
 
 
 @message

@@ -81,9 +81,75 @@ class OpenSession(Message):
     prompt: str
     seed: int
     model: str
+    gateway_id: str = ""
+    """The gateway that holds the client's connection; it keeps the session's lease alive."""
+    lease_s: float = 0.0
+    """How long the lease lasts without a renewal; 0: no lease (the session is only closed by a request)."""
+    max_open_per_owner: int = 0
+    """Refuse with limit_exceeded when the owner already holds this many open sessions; 0: no limit."""
 
     def check(self) -> None:
         _check_prompt(self.prompt)
+        if self.lease_s < 0 or self.max_open_per_owner < 0:
+            raise InvalidField("lease_s and max_open_per_owner must not be negative")
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class ClaimSession(Message):
+    """A gateway takes over a session of ``owner`` that another gateway (maybe dead) held: the answer is the
+    session as the scheduler records it, and from now on this gateway's lease keeps it."""
+
+    TYPE = "claim_session"
+    session_id: str
+    owner: str
+    gateway_id: str
+    lease_s: float = 0.0
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class SessionClaim(Message):
+    """What a gateway needs to drive a session it did not open: its spec, its prompt history, the seq its
+    client was last known to need, and where it lives (``worker_id`` empty: not placed)."""
+
+    TYPE = "session_claim"
+    session_id: str
+    seed: int
+    model: str
+    status: SessionStatus
+    prompts: tuple[tuple[int, str], ...]
+    next_seq: int
+    worker_id: str = ""
+    epoch: int = 0
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class RecordPrompt(Message):
+    """A prompt change the worker accepted, from chunk ``from_seq`` on: kept so any gateway can re-attach the
+    session with its whole history."""
+
+    TYPE = "record_prompt"
+    session_id: str
+    from_seq: int
+    prompt: str
+
+    def check(self) -> None:
+        _check_prompt(self.prompt)
+        if self.from_seq < 0:
+            raise InvalidField("from_seq must not be negative")
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class GatewayLease(Message):
+    """A gateway's periodic renewal of the sessions it holds, with the seq each one's client needs next."""
+
+    TYPE = "gateway_lease"
+    gateway_id: str
+    lease_s: float
+    next_seqs: dict[str, int]
 
 
 @message
@@ -97,6 +163,8 @@ class UpdateSession(Message):
     next_seq: int
     reason: str = ""
     """Why, in words, for the scheduler's decision log (a close by the client, a linger that ran out, ...)."""
+    gateway_id: str = ""
+    """The gateway asking; refused (invalid_state) when another gateway has taken the session over."""
 
 
 @message

@@ -109,6 +109,7 @@ async def running_gateway(settings: GatewaySettings, nats: NatsClient) -> AsyncI
     """Serve until the block exits; then close the connections, and after them every session."""
     hub = SessionHub(settings, nats)
     routes = GatewayRoutes(hub, nats)
+    leases = asyncio.create_task(hub.renew_leases(), name="gateway-leases")
     try:
         async with serve(
             routes.handle, settings.host, settings.port, process_request=routes.process_request,
@@ -118,6 +119,8 @@ async def running_gateway(settings: GatewaySettings, nats: NatsClient) -> AsyncI
             port = int(server.sockets[0].getsockname()[1])
             yield RunningGateway(settings.host, port, hub)
     finally:
+        leases.cancel()
+        await asyncio.gather(leases, return_exceptions=True)
         await hub.aclose()
 
 

@@ -122,13 +122,13 @@ class ClientConnection:
                 session = self.hub.get(self.owner, session_id, self.connection_id)
                 stops_at_seq = await session.pause()
                 await self._send(state_message(session, "paused", stops_at_seq))
-            case Resume(session_id=session_id):
-                session = self.hub.adopt(self.owner, session_id, self.connection_id)
+            case Resume(session_id=session_id, next_seq=next_seq):
+                session = await self.hub.adopt(self.owner, session_id, self.connection_id, next_seq)
                 self._drive(session)
                 await session.resume()
                 await self._send(state_message(session, "resumed"))
             case Close(session_id=session_id):
-                session = self.hub.adopt(self.owner, session_id, self.connection_id)
+                session = await self.hub.adopt(self.owner, session_id, self.connection_id)
                 await self._stop_writer(session_id)
                 await self.hub.close(session)
                 await self._send(server_message("closed", session_id=session_id, reason="client"))

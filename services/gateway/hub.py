@@ -1,7 +1,11 @@
-"""All sessions of one gateway: creation with the per-token limit, ownership checks, and the linger after a drop.
+"""All sessions of one gateway: creation, ownership checks, takeovers, leases, and the linger after a drop.
 
-A session outlives the connection that started it: when a connection drops, its sessions pause and linger for
-``linger_s``, still owned by the token, so a reconnecting client resumes them by id; after that they are closed.
+A session belongs to the system, not to this gateway: the scheduler records it with its token's owner, and the
+per-token limit is one conditional insert there, whichever gateway asks. A session outlives the connection that
+started it: when a connection drops, its sessions pause and linger for ``linger_s``, still owned by the token,
+so a reconnecting client resumes them by id, through this gateway or any other (which takes it over); after that
+they are closed. This gateway renews the lease of every session it holds; if it dies, the scheduler closes them
+once the lease and the linger have run out, unless a client resumed them elsewhere.
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ import uuid
 
 from nats.aio.client import Client as NatsClient
 
+from services.common import subjects
 from services.common.client_messages import Start
-from services.common.errors import InvalidField
+from services.common.errors import InvalidField, InvalidState, Unavailable, UnknownSession
+from services.common.messages import ClaimSession, GatewayLease, SessionClaim
 from services.gateway.registry import SessionRegistry
+from services.gateway.rpc import PeerRefused, publish, request
 from services.gateway.session import (
     GatewaySession,
     SessionLimits,
@@ -33,10 +40,12 @@ class SessionHub:
 
     def __init__(self, settings: GatewaySettings, nats: NatsClient) -> None:
         self.settings = settings
-        self.registry: SessionRegistry[GatewaySession] = SessionRegistry(settings.max_sessions_per_token)
+        self.registry: SessionRegistry[GatewaySession] = SessionRegistry()
         self._nats = nats
-        self._limits = SessionLimits(settings.credit_chunks, settings.queue_chunks, settings.request_timeout_s)
+        self._limits = SessionLimits(settings.credit_chunks, settings.queue_chunks, settings.request_timeout_s,
+                                     settings.gateway_id, settings.lease_s, settings.max_sessions_per_token)
         self._lingering: dict[str, asyncio.Task[None]] = {}
+        self._claims = asyncio.Lock()
 
     @property
     def lingering_count(self) -> int:
@@ -70,13 +79,51 @@ class SessionHub:
     def get(self, owner: str, session_id: str, connection_id: int) -> GatewaySession:
         return self.registry.get(owner, session_id, connection_id)
 
-    def adopt(self, owner: str, session_id: str, connection_id: int) -> GatewaySession:
-        """Take over a lingering session of the same token (or keep driving our own)."""
+    async def adopt(
+        self, owner: str, session_id: str, connection_id: int, next_seq: int | None = None
+    ) -> GatewaySession:
+        """Take over a lingering session of the same token (or keep driving our own); a session this gateway
+        does not hold is claimed from the scheduler, at ``next_seq`` when the client says what it holds."""
+        async with self._claims:  # two resumes of one session must not both claim it
+            if session_id not in self.registry:
+                await self._claim(owner, session_id, connection_id, next_seq)
         session = self.registry.adopt(owner, session_id, connection_id)
         timer = self._lingering.pop(session_id, None)
         if timer is not None:
             timer.cancel()
         return session
+
+    async def _claim(self, owner: str, session_id: str, connection_id: int, next_seq: int | None) -> None:
+        claim = ClaimSession(session_id, owner, self.settings.gateway_id, self.settings.lease_s)
+        try:
+            record = await request(self._nats, subjects.SCHED_CLAIM, claim, SessionClaim,
+                                   timeout_s=self.settings.request_timeout_s)
+        except PeerRefused as exc:
+            if exc.code == UnknownSession.code:
+                raise UnknownSession(f"no session {session_id!r} for this token") from None
+            raise
+        if record.model != self.settings.model:
+            raise InvalidState(f"session {session_id!r} runs model {record.model!r}; this gateway serves "
+                               f"{self.settings.model!r}")
+        spec = SessionSpec(session_id, owner, record.prompts[0][1], record.seed, record.model)
+        session = GatewaySession(spec, self._limits, self._nats)
+        await session.take_over(record, next_seq)
+        self.registry.admit(owner, session_id, session, None)
+        log.info("session=%s taken over from another gateway", session_id)
+
+    async def renew_leases(self) -> None:
+        """Renew the lease of every session this gateway holds, a third of the lease apart, until cancelled; a
+        renewal lost to a NATS hiccup is made up by the next one."""
+        interval_s = self.settings.lease_s / 3
+        while True:
+            next_seqs = {s.session_id: s.fence.next_seq for s in self.registry.sessions() if s.status != "closed"}
+            if next_seqs:
+                lease = GatewayLease(self.settings.gateway_id, self.settings.lease_s, next_seqs)
+                try:
+                    await publish(self._nats, subjects.SCHED_GATEWAY_LEASE, lease)
+                except Unavailable as exc:
+                    log.warning("event=lease_not_renewed sessions=%d detail=%s", len(next_seqs), exc)
+            await asyncio.sleep(interval_s)
 
     async def close(self, session: GatewaySession, reason: str = "closed by its client") -> None:
         timer = self._lingering.pop(session.session_id, None)

@@ -1,9 +1,10 @@
-"""Who owns which session and which connection drives it: the per-token limit and the isolation between tokens.
+"""Who owns which session and which connection drives it: the isolation between tokens on this gateway.
 
 Invariants: a session belongs to exactly one owner (token) for its whole life; a client can only ever reach its
 own owner's sessions (another owner's session looks exactly like one that does not exist); a session is driven by
 at most one connection at a time, and one whose connection dropped is *lingering* until a connection of the same
-owner adopts it. Lingering sessions count against the owner's limit. Pure bookkeeping: no I/O, no timers.
+owner adopts it. The per-token limit is not here: it spans gateways, so the scheduler enforces it. Pure
+bookkeeping: no I/O, no timers.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from services.common.errors import InvalidState, LimitExceeded, UnknownSession
+from services.common.errors import InvalidState, UnknownSession
 
 S = TypeVar("S")
 
@@ -26,30 +27,23 @@ class _Entry(Generic[S]):
 class SessionRegistry(Generic[S]):
     """Sessions by id, with their owner and the connection (if any) that drives them."""
 
-    def __init__(self, max_sessions_per_owner: int) -> None:
-        if max_sessions_per_owner < 1:
-            raise ValueError(f"max_sessions_per_owner={max_sessions_per_owner} must be >= 1")
-        self.max_sessions_per_owner = max_sessions_per_owner
+    def __init__(self) -> None:
         self._entries: dict[str, _Entry[S]] = {}
-        self._count_by_owner: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def count(self, owner: str) -> int:
-        return self._count_by_owner.get(owner, 0)
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._entries
 
-    def admit(self, owner: str, session_id: str, session: S, connection_id: int) -> None:
-        """Register a new session bound to ``connection_id``, or raise LimitExceeded when the owner is full."""
-        held = self.count(owner)
-        if held >= self.max_sessions_per_owner:
-            raise LimitExceeded(
-                f"this token already holds {held} sessions (limit {self.max_sessions_per_owner}); close one first"
-            )
+    def count(self, owner: str) -> int:
+        return sum(entry.owner == owner for entry in self._entries.values())
+
+    def admit(self, owner: str, session_id: str, session: S, connection_id: int | None) -> None:
+        """Register a session bound to ``connection_id`` (None: lingering, to be adopted)."""
         if session_id in self._entries:
             raise ValueError(f"session {session_id} is already registered")
         self._entries[session_id] = _Entry(owner, session, connection_id)
-        self._count_by_owner[owner] = held + 1
 
     def get(self, owner: str, session_id: str, connection_id: int) -> S:
         """The session if this connection drives it; a detached one must be adopted (resumed) first."""
@@ -80,14 +74,8 @@ class SessionRegistry(Generic[S]):
         return detached
 
     def remove(self, session_id: str) -> None:
-        """Forget a closed session and give its slot back to the owner; removing twice is harmless."""
-        entry = self._entries.pop(session_id, None)
-        if entry is not None:
-            remaining = self._count_by_owner[entry.owner] - 1
-            if remaining:
-                self._count_by_owner[entry.owner] = remaining
-            else:
-                del self._count_by_owner[entry.owner]
+        """Forget a closed session; removing twice is harmless."""
+        self._entries.pop(session_id, None)
 
     def sessions(self) -> list[S]:
         return [entry.session for entry in self._entries.values()]

@@ -36,8 +36,10 @@ from services.common.messages import (
     DetachSession,
     OpenSession,
     Placement,
+    RecordPrompt,
     Reply,
     RequestChunks,
+    SessionClaim,
     UpdateSession,
 )
 from services.common.telemetry.chunks import GatewayChunkSpans
@@ -74,9 +76,14 @@ class SessionSpec:
 
 @dataclass(frozen=True, slots=True)
 class SessionLimits:
+    """What the gateway's settings give every session it drives."""
+
     credit_chunks: int
     queue_chunks: int
     request_timeout_s: float
+    gateway_id: str = "gateway"
+    lease_s: float = 0.0
+    max_open_per_owner: int = 0
 
 
 class GatewaySession:
@@ -93,6 +100,7 @@ class GatewaySession:
         self.listener: SessionListener | None = None
         self.dropped: collections.Counter[str] = collections.Counter()
         self._nats = nats
+        self._limits = limits
         self._timeout_s = limits.request_timeout_s
         self._lock = asyncio.Lock()
         self._credit_open = False
@@ -118,8 +126,9 @@ class GatewaySession:
                     await self._nats.subscribe(subjects.chunks(self.session_id), cb=self._on_chunk),
                     await self._nats.subscribe(subjects.placement(self.session_id), cb=self._on_placement),
                 ]
-                spec = self.spec
-                opened = OpenSession(spec.session_id, spec.owner, spec.prompt, spec.seed, spec.model)
+                spec, limits = self.spec, self._limits
+                opened = OpenSession(spec.session_id, spec.owner, spec.prompt, spec.seed, spec.model,
+                                     limits.gateway_id, limits.lease_s, limits.max_open_per_owner)
                 placement = await self._request(subjects.SCHED_OPEN, opened, Placement)
                 self._persisted = True
                 await self._attach(placement)
@@ -129,6 +138,22 @@ class GatewaySession:
             self.status = "active"
             log.info("event=session_open worker=%s epoch=%d", self.worker_id, self.epoch)
             await self._open_credit()
+
+    async def take_over(self, claim: SessionClaim, next_seq: int | None) -> None:
+        """Drive a session another gateway opened (its client reconnected here, or that gateway died): idle,
+        with the recorded prompt history, at ``next_seq`` (what the client holds) or the recorded resume point.
+        The resume that follows re-attaches it on its worker at exactly that seq."""
+        async with self._lock, self.traces.operation("take_over"):
+            self._subscriptions = [
+                await self._nats.subscribe(subjects.chunks(self.session_id), cb=self._on_chunk),
+                await self._nats.subscribe(subjects.placement(self.session_id), cb=self._on_placement),
+            ]
+            self.prompts = [(seq, prompt) for seq, prompt in claim.prompts]
+            self.fence = ChunkFence(epoch=0, credit_chunks=self._limits.credit_chunks,
+                                    next_seq=claim.next_seq if next_seq is None else next_seq)
+            self._persisted = True  # worker_id stays empty: the resume's placement attaches it afresh
+            self.status = "idle"
+            log.info("event=session_taken_over next_seq=%d worker=%s", self.fence.next_seq, claim.worker_id)
 
     async def change_prompt(self, prompt: str) -> int:
         """Use ``prompt`` from the first chunk the worker was never asked for; returns that seq."""
@@ -146,6 +171,10 @@ class GatewaySession:
                 self.prompts[-1] = (from_seq, prompt)
             else:
                 self.prompts.append((from_seq, prompt))
+            try:  # so a gateway that takes the session over re-attaches it with its whole history
+                await self._request(subjects.SCHED_PROMPT, RecordPrompt(self.session_id, from_seq, prompt), Reply)
+            except TurboServeError as exc:
+                log.warning("session=%s prompt change not recorded by the scheduler: %s", self.session_id, exc)
             return from_seq
 
     async def pause(self) -> int:
@@ -172,7 +201,7 @@ class GatewaySession:
         """Tell the scheduler, re-attach if it answers with a newer placement (moved while idle), restart credit."""
         async with self._lock, self.traces.operation("resume"):
             self._require("idle")
-            update = UpdateSession(self.session_id, "active", self.fence.next_seq)
+            update = UpdateSession(self.session_id, "active", self.fence.next_seq, gateway_id=self._limits.gateway_id)
             answer = await self._request(subjects.SCHED_UPDATE, update, Message)
             if isinstance(answer, Placement) and answer.epoch > self._attached_epoch:
                 await self._attach(answer)
@@ -256,7 +285,8 @@ class GatewaySession:
     async def _go_idle(self) -> None:
         self.status = "idle"
         self._credit_open = False
-        update = UpdateSession(self.session_id, "idle", self.fence.granted_up_to + 1)
+        update = UpdateSession(self.session_id, "idle", self.fence.granted_up_to + 1,
+                               gateway_id=self._limits.gateway_id)
         try:
             await self._request(subjects.SCHED_UPDATE, update, Message)
         except TurboServeError as exc:  # the pause holds locally; the scheduler reconciles from heartbeats
@@ -272,11 +302,16 @@ class GatewaySession:
         subscriptions, self._subscriptions = self._subscriptions, []
         for subscription in subscriptions:
             await _quietly(subscription.unsubscribe())
-        if self._attached_epoch:
+        closed_here = not self._persisted
+        if self._persisted:  # first: if another gateway holds the session now, its worker state is not ours to drop
+            update = UpdateSession(self.session_id, "closed", self.fence.next_seq, reason, self._limits.gateway_id)
+            try:
+                await self._request(subjects.SCHED_UPDATE, update, Message)
+                closed_here = True
+            except TurboServeError as exc:  # handed over, or no scheduler: the lease running out closes it there
+                log.info("session=%s not closed by this gateway: %s", self.session_id, exc)
+        if self._attached_epoch and closed_here:
             await _quietly(self._detach(self.worker_id, self._attached_epoch))
-        if self._persisted:
-            update = UpdateSession(self.session_id, "closed", self.fence.next_seq, reason=reason)
-            await _quietly(self._request(subjects.SCHED_UPDATE, update, Message))
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 
 from services.common.client_messages import MAX_CLIENT_MESSAGE_BYTES
@@ -38,7 +40,14 @@ class GatewaySettings:
     queue_chunks: int = 4
     """Per-session chunks waiting for the socket; overflow closes with 1013 (TURBOSERVE_QUEUE_CHUNKS, [1, 64])."""
     linger_s: float = 60.0
-    """How long a dropped connection's sessions stay resumable by their token (TURBOSERVE_LINGER_S, [0, 3600])."""
+    """How long a dropped connection's sessions stay resumable by their token (TURBOSERVE_LINGER_S, [0, 3600]);
+    the scheduler closes a dead gateway's sessions this long after their lease ran out."""
+    gateway_id: str = "gateway"
+    """This gateway's name in the sessions' leases; unique per gateway process (TURBOSERVE_GATEWAY_ID, default
+    gateway-<host>-<pid>)."""
+    lease_s: float = 6.0
+    """How long a session stays this gateway's without a renewal; renewed every third of it, so a gateway that
+    died is noticed after this long (TURBOSERVE_LEASE_S, [1, 300])."""
     request_timeout_s: float = 5.0
     """Deadline of one NATS request to the scheduler or a worker (TURBOSERVE_REQUEST_TIMEOUT_S, [0.05, 60])."""
     playback_fps: float = 16.0
@@ -92,6 +101,8 @@ class GatewaySettings:
             credit_chunks=env_int("TURBOSERVE_CREDIT_CHUNKS", 2, low=1, high=16),
             queue_chunks=env_int("TURBOSERVE_QUEUE_CHUNKS", 4, low=1, high=64),
             linger_s=env_float("TURBOSERVE_LINGER_S", 60.0, low=0.0, high=3600.0),
+            gateway_id=env_str("TURBOSERVE_GATEWAY_ID", f"gateway-{socket.gethostname()}-{os.getpid()}"),
+            lease_s=env_float("TURBOSERVE_LEASE_S", 6.0, low=1.0, high=300.0),
             request_timeout_s=env_float("TURBOSERVE_REQUEST_TIMEOUT_S", 5.0, low=0.05, high=60.0),
             playback_fps=env_float("TURBOSERVE_PLAYBACK_FPS", 16.0, low=1.0, high=120.0),
         )

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from opentelemetry.trace import Link
@@ -64,9 +64,14 @@ def log_decision(
 
 
 class LoopIO(Protocol):
-    """The two messages the loop sends itself; the runner implements them over NATS."""
+    """The messages the loop sends itself; the runner implements them over NATS."""
 
     async def publish_placement(self, placement: Placement) -> None: ...
+
+    async def release(self, worker_id: str, session_id: str, epoch: int) -> None:
+        """Tell a worker to drop a closed session's state (best effort: a worker that does not answer is lost
+        or restarting, and holds nothing for it afterwards)."""
+        ...
 
     async def drain(self, worker_id: str, reason: str) -> str:
         """Tell a worker it is being drained; returns its answer in words, for the log."""
@@ -101,6 +106,7 @@ class ControlLoop:
         retire_grace_s: float,
         max_gpus: int,
         offload_after_s: float = 0.0,
+        linger_s: float = 60.0,
         decision_timeout_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         timer: Callable[[], float] = time.perf_counter,
@@ -117,6 +123,7 @@ class ControlLoop:
         self._max_gpus = max_gpus
         self._offload_after_s = offload_after_s
         self._decision_timeout_s = decision_timeout_s
+        self._linger_s = linger_s
         self.liveness = liveness
         self._clock = clock
         self._timer = timer
@@ -239,7 +246,7 @@ class ControlLoop:
         started = self._timer()
         now_s = self._clock()
         await self._expire_pending(now_s)
-        rows = await self._store.list_sessions()
+        rows = await self._close_abandoned(await self._store.list_sessions())
         self.view.forget_closed({row.session_id for row in rows})
         workers = await self._store.list_workers()
         self._worker_status = {w.worker_id: w.status for w in workers}
@@ -349,6 +356,26 @@ class ControlLoop:
             else:
                 log_decision("unplace", row.session_id, f"{why}; {self.unplaced_reason(row.model)}; "
                                                         "placed when a worker has room")
+
+    async def _close_abandoned(self, rows: list[SessionRecord]) -> list[SessionRecord]:
+        """Close the sessions whose gateway stopped renewing their lease more than ``linger_s`` ago (it died,
+        and no client came back through another gateway): their capacity is freed. Returns the rows kept."""
+        now = self._wall_clock()
+        lapsed_before = now - timedelta(seconds=self._linger_s)
+        kept: list[SessionRecord] = []
+        for row in rows:
+            if row.lease_until is None or row.lease_until >= lapsed_before:
+                kept.append(row)
+                continue
+            closed = await self._store.close_abandoned(row.session_id, lapsed_before=lapsed_before, at=now)
+            if closed is None:  # renewed or claimed since the rows were read
+                kept.append(row)
+                continue
+            log_decision("close", row.session_id, f"gateway {closed.gateway_id} stopped renewing its lease and no "
+                         f"client resumed it within the {self._linger_s:g} s linger", worker=closed.worker_id)
+            if closed.worker_id is not None:
+                await self._io.release(closed.worker_id, closed.session_id, closed.epoch)
+        return kept
 
     def _answer(self, session_id: str, placement: Placement | None) -> None:
         waiter = self._waiters.pop(session_id, None)

@@ -29,7 +29,7 @@ class ScaleIO(LoopIO, Protocol):
 @contextlib.asynccontextmanager
 async def open_control_loop(
     settings: ControlSettings, io: ScaleIO, store: SchedulerStore, mover: StateMover, liveness: WorkerLiveness, *,
-    offload_after_s: float,
+    offload_after_s: float, linger_s: float = 60.0,
 ) -> AsyncIterator[ControlLoop]:
     """A running ControlLoop; leaving stops it and then its provisioner (a local one stops its workers).
     ``offload_after_s``: an idle session is offloaded only once it has been quiet that long, because the
@@ -38,7 +38,7 @@ async def open_control_loop(
     loop = ControlLoop(
         store, build_live_controller(settings), mover, provisioner, io, liveness,
         control_period_s=settings.control_period_s, provision_timeout_s=settings.provision_timeout_s,
-        retire_grace_s=retire_grace_s, max_gpus=settings.max_gpus, offload_after_s=offload_after_s,
+        retire_grace_s=retire_grace_s, max_gpus=settings.max_gpus, offload_after_s=offload_after_s, linger_s=linger_s,
     )
     task: asyncio.Task[None] | None = None
     try:

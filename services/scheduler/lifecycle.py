@@ -1,17 +1,27 @@
-"""A session's life as the scheduler records it: open, pause, resume, close. Each step is one conditional store
-transition; where the session goes is never decided here. Open and resume ask the control loop (the only
-decider) for a decision that sees the new row, and answer with what it did.
+"""A session's life as the scheduler records it: open, pause, resume, close, a gateway taking it over, its
+prompt history and its gateway's lease. Each step is one conditional store transition; where the session goes
+is never decided here. Open and resume ask the control loop (the only decider) for a decision that sees the new
+row, and answer with what it did; the loop also closes sessions whose lease lapsed.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from services.common.errors import InvalidState, Unavailable, UnknownSession
-from services.common.messages import OpenSession, Placement, Reply, UpdateSession
+from services.common.messages import (
+    ClaimSession,
+    GatewayLease,
+    OpenSession,
+    Placement,
+    RecordPrompt,
+    Reply,
+    SessionClaim,
+    UpdateSession,
+)
 from services.scheduler.control_loop import log_decision
 from services.scheduler.liveness import subject_token, utc_now
 from services.scheduler.store.protocol import SchedulerStore, SessionExists, SessionRecord
@@ -50,10 +60,11 @@ class SessionLifecycle:
         session = SessionRecord(
             session_id=request.session_id, owner=request.owner, prompt=request.prompt, seed=request.seed,
             model=request.model, status="active", worker_id=None, epoch=0, chunks_produced=0, next_seq=0,
-            created_at=now, updated_at=now,
+            created_at=now, updated_at=now, prompts=((0, request.prompt),),
+            gateway_id=request.gateway_id or None, lease_until=self._lease_until(request.lease_s),
         )
         try:
-            await self._store.insert_session(session)
+            await self._store.insert_session(session, max_open_per_owner=request.max_open_per_owner)
         except SessionExists:
             existing = await self._store.get_session(request.session_id)
             if existing is None or existing.owner != request.owner or existing.status == "closed":
@@ -74,6 +85,25 @@ class SessionLifecycle:
         log_decision("refuse", request.session_id, reason)
         raise NoCapacity(reason)
 
+    async def claim(self, request: ClaimSession) -> SessionClaim:
+        """Another gateway takes the session over (its client reconnected there, or its gateway died)."""
+        row = await self._store.claim_session(request.session_id, owner=request.owner, gateway_id=request.gateway_id,
+                                              lease_until=self._lease_until(request.lease_s))
+        log_decision("claim", row.session_id, f"gateway {request.gateway_id} takes it over", worker=row.worker_id)
+        return SessionClaim(row.session_id, row.seed, row.model, row.status, row.prompt_history, row.next_seq,
+                            row.worker_id or "", row.epoch)
+
+    async def record_prompt(self, request: RecordPrompt) -> Reply:
+        await self._store.record_prompt(request.session_id, request.from_seq, request.prompt)
+        return Reply(ok=True)
+
+    async def renew_leases(self, lease: GatewayLease) -> None:
+        await self._store.renew_leases(lease.gateway_id, lease.next_seqs, self._lease_until(lease.lease_s) or
+                                       self._wall_clock())
+
+    def _lease_until(self, lease_s: float) -> datetime | None:
+        return self._wall_clock() + timedelta(seconds=lease_s) if lease_s > 0 else None
+
     async def update(self, request: UpdateSession) -> Placement | Reply:
         session = await self._store.get_session(request.session_id)
         if session is None:
@@ -82,6 +112,8 @@ class SessionLifecycle:
             if request.status == "closed":
                 return Reply(ok=True, detail="already closed")
             raise InvalidState(f"session {request.session_id} is closed and cannot become {request.status}")
+        if request.gateway_id and session.gateway_id not in (None, request.gateway_id):
+            raise InvalidState(f"session {request.session_id} was taken over by gateway {session.gateway_id}")
         if request.status == "closed":
             await self._store.clear_placement(
                 session.session_id, expected_epoch=session.epoch, status="closed", at=self._wall_clock(),

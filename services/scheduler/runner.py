@@ -26,7 +26,18 @@ from services.common.admin import MigrateSession, OffloadRequest
 from services.common.control import DrainWorker, MigrationReport, ScaleDecision
 from services.common.endpoints import Endpoint, serve
 from services.common.errors import TurboServeError
-from services.common.messages import OpenSession, Placement, Reply, UpdateSession, WorkerGone, WorkerHeartbeat
+from services.common.messages import (
+    ClaimSession,
+    DetachSession,
+    GatewayLease,
+    OpenSession,
+    Placement,
+    RecordPrompt,
+    Reply,
+    UpdateSession,
+    WorkerGone,
+    WorkerHeartbeat,
+)
 from services.common.telemetry.db import traced_store
 from services.common.telemetry.tracing import consumer_span
 from services.common.wire import Message, decode, encode
@@ -69,6 +80,11 @@ class SchedulerNats:
     async def publish_placement(self, placement: Placement) -> None:
         await self._nats.publish(subjects.placement(placement.session_id), encode(placement))
 
+    async def release(self, worker_id: str, session_id: str, epoch: int) -> None:
+        answer = await self.ask_worker(worker_id, DetachSession(session_id, epoch), self._drain_timeout_s)
+        if isinstance(answer, Reply) and not answer.ok:
+            log.info("event=release_refused worker=%s session=%s detail=%s", worker_id, session_id, answer.detail)
+
     async def publish_scale(self, decision: ScaleDecision) -> None:
         await self._nats.publish(subjects.SCHED_SCALE, encode(decision))
 
@@ -108,6 +124,8 @@ class SchedulerRunner:
         endpoints = [
             Endpoint.typed("open", subjects.SCHED_OPEN, OpenSession, self._lifecycle.open),
             Endpoint.typed("update", subjects.SCHED_UPDATE, UpdateSession, self._update),
+            Endpoint.typed("claim", subjects.SCHED_CLAIM, ClaimSession, self._lifecycle.claim),
+            Endpoint.typed("prompt", subjects.SCHED_PROMPT, RecordPrompt, self._lifecycle.record_prompt),
             Endpoint.typed("migrate", subjects.SCHED_ADMIN_MIGRATE, MigrateSession, self._mobility.migrate),
             Endpoint.typed("offload", subjects.SCHED_ADMIN_OFFLOAD, OffloadRequest, self._mobility.offload),
         ]
@@ -117,6 +135,7 @@ class SchedulerRunner:
             await self._nats.subscribe(subjects.SCHED_HEARTBEAT, cb=self._on_heartbeat),
             await self._nats.subscribe(subjects.SCHED_WORKER_GONE, cb=self._on_worker_gone),
             await self._nats.subscribe(subjects.SCHED_MIGRATION_REPORT, cb=self._on_migration_report),
+            await self._nats.subscribe(subjects.SCHED_GATEWAY_LEASE, cb=self._on_gateway_lease),
         ]
         await self._nats.flush()  # the server has the subscriptions once this returns: we are serving
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="scheduler-sweep")
@@ -169,6 +188,9 @@ class SchedulerRunner:
 
         await self._consume(msg, WorkerGone, handle)
 
+    async def _on_gateway_lease(self, msg: Msg) -> None:
+        await self._consume(msg, GatewayLease, self._lifecycle.renew_leases)
+
     async def _on_migration_report(self, msg: Msg) -> None:
         async def handle(report: MigrationReport) -> None:
             self._mover.on_report(report)
@@ -218,7 +240,8 @@ async def open_scheduler(settings: SchedulerSettings, nats: NatsClient) -> Async
         stack.push_async_callback(mover.close)
         liveness = WorkerLiveness(store, worker_timeout_s=settings.worker_timeout_s)
         loop = await stack.enter_async_context(open_control_loop(
-            ControlSettings.from_env(), out, store, mover, liveness, offload_after_s=settings.offload_after_s
+            ControlSettings.from_env(), out, store, mover, liveness, offload_after_s=settings.offload_after_s,
+            linger_s=settings.linger_s,
         ))
         yield await stack.enter_async_context(SchedulerRunner(
             nats, lifecycle=SessionLifecycle(store, loop), liveness=liveness, loop=loop, mover=mover,

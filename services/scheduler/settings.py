@@ -20,6 +20,9 @@ class SchedulerSettings:
     sweep_interval_s: float = 0.5
     """How often worker liveness is checked (TURBOSERVE_SCHED_SWEEP_S, 0.01-60); the control loop retries unplaced
     sessions every control period."""
+    linger_s: float = 60.0
+    """A session whose gateway stopped renewing its lease is closed this long after the lease ran out, unless a
+    client resumed it through another gateway (TURBOSERVE_LINGER_S, the gateway's linger, 0-3600)."""
     offload_after_s: float = 10.0
     """The control loop offloads an idle session whose row has not changed for this long (TURBOSERVE_OFFLOAD_AFTER_S,
     0.1-86400)."""
@@ -40,4 +43,5 @@ class SchedulerSettings:
             worker_timeout_s=env_float("TURBOSERVE_WORKER_TIMEOUT_S", 3.0, low=0.1, high=300.0),
             sweep_interval_s=env_float("TURBOSERVE_SCHED_SWEEP_S", 0.5, low=0.01, high=60.0),
             offload_after_s=env_float("TURBOSERVE_OFFLOAD_AFTER_S", 10.0, low=0.1, high=86400.0),
+            linger_s=env_float("TURBOSERVE_LINGER_S", 60.0, low=0.0, high=3600.0),
         )

@@ -36,6 +36,8 @@ class RunningSystem:
     children: list[Child]
     env: dict[str, str]
     log_dir: Path
+    more_ws_urls: list[str]
+    """The WebSocket URLs of the gateways beside the first (gateway-2, ...)."""
 
     def child(self, name: str) -> Child:
         return next(c for c in self.children if c.name == name)
@@ -69,7 +71,7 @@ def decoded(chunks: list[ReceivedChunk]) -> np.ndarray:
 @contextmanager
 def running_system(
     nats_url: str, database_url: str, *, workers: int, settings: Mapping[str, str] = (),
-    inherited: Mapping[str, str] | None = None,
+    inherited: Mapping[str, str] | None = None, gateways: int = 1,
 ) -> Iterator[RunningSystem]:
     """Start, wait until the gateway answers, yield; print the logs if anything failed; stop and clean up."""
     port = free_port()
@@ -82,13 +84,16 @@ def running_system(
         "TURBOSERVE_STATE_DIR": str(log_dir / "state"), "TURBOSERVE_LOG_DIR": str(log_dir), "PYTHONUNBUFFERED": "1",
         **dict(settings),
     }
-    children = start_services(env, workers=workers, log_dir=log_dir)
+    more_ports = [free_port() for _ in range(gateways - 1)]
+    children = start_services(env, workers=workers, log_dir=log_dir, more_gateway_ports=more_ports)
     running = RunningSystem(
         ws_url=f"ws://127.0.0.1:{port}/ws", http_url=f"http://127.0.0.1:{port}", database_url=database_url,
         nats_url=nats_url, children=children, env=env, log_dir=log_dir,
+        more_ws_urls=[f"ws://127.0.0.1:{p}/ws" for p in more_ports],
     )
     try:
-        wait_http_ok(f"{running.http_url}/healthz", children, timeout_s=90)
+        for http_port in (port, *more_ports):
+            wait_http_ok(f"http://127.0.0.1:{http_port}/healthz", children, timeout_s=90)
         yield running
     except BaseException:
         print(running.logs())

@@ -75,13 +75,15 @@ class Recorder:
 
 @dataclass
 class FakeScheduler:
-    """Places every session on ``worker_id`` at epoch 1 and acknowledges status updates."""
+    """Places every session on ``worker_id`` at epoch 1, refuses an open past the owner's limit the way the real
+    scheduler does (limit_exceeded), and acknowledges status updates."""
 
     nats: NatsClient
     worker_id: str = "w1"
     refuse_open_with: str = ""
     recorder: Recorder = field(default_factory=Recorder)
     epochs: dict[str, tuple[str, int]] = field(default_factory=dict)
+    open_by_owner: dict[str, set[str]] = field(default_factory=dict)
 
     async def start(self) -> None:
         await self.nats.subscribe(subjects.SCHED_OPEN, cb=self._on_open)
@@ -94,6 +96,11 @@ class FakeScheduler:
         if self.refuse_open_with:
             await msg.respond(encode(Reply(ok=False, code=self.refuse_open_with, detail="no capacity")))
             return
+        held = self.open_by_owner.setdefault(request.owner, set())
+        if 0 < request.max_open_per_owner <= len(held):
+            await msg.respond(encode(Reply(ok=False, code="limit_exceeded", detail=f"limit {len(held)}")))
+            return
+        held.add(request.session_id)
         self.epochs[request.session_id] = (self.worker_id, 1)
         await msg.respond(encode(Placement(request.session_id, self.worker_id, 1, reason="test")))
 
@@ -105,6 +112,9 @@ class FakeScheduler:
             worker_id, epoch = self.epochs[request.session_id]
             await msg.respond(encode(Placement(request.session_id, worker_id, epoch, reason="resume")))
         else:
+            if request.status == "closed":
+                for held in self.open_by_owner.values():
+                    held.discard(request.session_id)
             await msg.respond(encode(Reply(ok=True)))
 
     async def move(self, session_id: str, worker_id: str) -> int:

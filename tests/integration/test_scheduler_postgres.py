@@ -74,7 +74,7 @@ async def test_upgrade_to_head_on_an_empty_database_creates_the_schema_and_repea
         assert public_tables(url) == ["alembic_version", "sessions", "workers"]
         await asyncio.gather(migrate(url), migrate(url))  # two schedulers starting together
         with psycopg.connect(url) as conn:
-            assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+            assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
     finally:
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

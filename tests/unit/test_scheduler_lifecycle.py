@@ -13,8 +13,19 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from services.common.errors import InvalidState, UnknownSession
-from services.common.messages import OpenSession, Placement, Reply, UpdateSession, WorkerGone, WorkerHeartbeat
+from services.common.errors import InvalidState, LimitExceeded, UnknownSession
+from services.common.messages import (
+    ClaimSession,
+    GatewayLease,
+    OpenSession,
+    Placement,
+    RecordPrompt,
+    Reply,
+    SessionClaim,
+    UpdateSession,
+    WorkerGone,
+    WorkerHeartbeat,
+)
 from services.scheduler.lifecycle import NoCapacity, SessionLifecycle
 from services.scheduler.store.memory import MemoryStore
 from services.scheduler.store.protocol import SessionExists
@@ -307,3 +318,61 @@ async def test_a_close_is_logged_with_the_reason_the_gateway_gave(
         await scheduler.sessions.update(UpdateSession("s2", "closed", next_seq=4))
     closes = [r.getMessage() for r in caplog.records if "decision=close" in r.getMessage()]
     assert "reason='the 60 s linger ran out'" in closes[0] and "reason='closed by its client'" in closes[1]
+
+
+class Wall:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+async def test_a_session_whose_gateway_died_is_closed_after_lease_and_linger_and_its_worker_told(
+    start: StartScheduler, store: MemoryStore
+) -> None:
+    wall = Wall()
+    async with start(wall=wall) as scheduler:
+        await scheduler.beat(beat("w1"))
+        kept = OpenSession("kept", "alice", "a red fox", 1, "tiny", gateway_id="g1", lease_s=6.0)
+        dead = OpenSession("dead", "alice", "a red fox", 1, "tiny", gateway_id="g2", lease_s=6.0)
+        await scheduler.sessions.open(kept)
+        placed = await scheduler.sessions.open(dead)
+        wall.now += timedelta(seconds=50)
+        await scheduler.sessions.renew_leases(GatewayLease("g1", 6.0, {"kept": 12}))
+        wall.now += timedelta(seconds=20)  # g2's lease ran out 64 s ago; the linger is 60 s
+        await scheduler.decider.loop.step("period")
+        gone = await store.get_session("dead")
+        assert gone is not None and (gone.status, gone.worker_id) == ("closed", None)
+        assert ("release", "w1", "dead") in scheduler.decider.journal.entries
+        alive = await store.get_session("kept")
+        assert alive is not None and (alive.status, alive.next_seq) == ("active", 12)
+        assert placed.worker_id == "w1"
+
+
+async def test_another_gateway_takes_a_session_over_with_its_prompt_history_and_the_first_one_is_refused(
+    scheduler: Scheduler,
+) -> None:
+    await scheduler.beat(beat("w1"))
+    opened = await scheduler.sessions.open(
+        OpenSession("s1", "alice", "a red fox", 5, "tiny", gateway_id="g1", lease_s=6.0)
+    )
+    await scheduler.sessions.record_prompt(RecordPrompt("s1", 9, "a fox in the snow"))
+    with pytest.raises(UnknownSession):
+        await scheduler.sessions.claim(ClaimSession("s1", "mallory", "g2", 6.0))
+    claim = await scheduler.sessions.claim(ClaimSession("s1", "alice", "g2", 6.0))
+    assert claim == SessionClaim("s1", 5, "tiny", "active", ((0, "a red fox"), (9, "a fox in the snow")), 0,
+                                 opened.worker_id, opened.epoch + 1)
+    with pytest.raises(InvalidState, match="taken over by gateway g2"):
+        await scheduler.sessions.update(UpdateSession("s1", "closed", 4, "linger ran out", gateway_id="g1"))
+    assert await scheduler.sessions.update(UpdateSession("s1", "closed", 4, gateway_id="g2")) == Reply(ok=True)
+
+
+async def test_opens_past_the_per_token_limit_are_refused_whichever_gateway_asks(scheduler: Scheduler) -> None:
+    await scheduler.beat(beat("w1"))
+    for index, gateway in enumerate(("g1", "g2")):
+        await scheduler.sessions.open(OpenSession(f"s{index}", "alice", "a fox", 1, "tiny", gateway_id=gateway,
+                                                  max_open_per_owner=2))
+    with pytest.raises(LimitExceeded, match="limit 2"):
+        await scheduler.sessions.open(OpenSession("s2", "alice", "a fox", 1, "tiny", gateway_id="g3",
+                                                  max_open_per_owner=2))

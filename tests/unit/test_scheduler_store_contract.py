@@ -3,13 +3,14 @@ tests/integration/test_scheduler_postgres.py (which subclasses StoreContract).""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.common.errors import StaleEpoch, UnknownSession
+from services.common.errors import LimitExceeded, StaleEpoch, UnknownSession
 from services.common.messages import SessionStatus
 from services.scheduler.store.memory import MemoryStore
 from services.scheduler.store.protocol import (
@@ -90,6 +91,66 @@ class StoreContract:
         assert not await store.withdraw_unplaced("unplaced-later")  # it was placed once: clients know it
         assert not await store.withdraw_unplaced("never")
         await store.insert_session(never)  # the id is free again
+
+    async def test_the_per_token_limit_counts_open_sessions_of_that_owner_only(self, store: SchedulerStore) -> None:
+        for index in range(2):
+            await store.insert_session(a_session(f"a{index}"), max_open_per_owner=2)
+        with pytest.raises(LimitExceeded, match="holds 2 sessions .limit 2."):
+            await store.insert_session(a_session("a2"), max_open_per_owner=2)
+        await store.insert_session(dataclasses.replace(a_session("b0"), owner="other"), max_open_per_owner=2)
+        await store.clear_placement("a0", expected_epoch=1, status="closed", at=T0)
+        await store.insert_session(a_session("a2"), max_open_per_owner=2)  # a closed one frees its slot
+        with pytest.raises(SessionExists):
+            await store.insert_session(a_session("a2"), max_open_per_owner=2)
+
+    async def test_concurrent_admits_of_one_owner_never_overshoot_the_limit(self, store: SchedulerStore) -> None:
+        results = await asyncio.gather(
+            *(store.insert_session(a_session(f"c{index}"), max_open_per_owner=3) for index in range(8)),
+            return_exceptions=True,
+        )
+        assert sum(r is None for r in results) == 3
+        assert all(isinstance(r, LimitExceeded) for r in results if r is not None)
+
+    async def test_a_claim_hands_the_session_to_another_gateway_of_the_same_owner_only(
+        self, store: SchedulerStore
+    ) -> None:
+        until = T0 + timedelta(seconds=6)
+        await store.insert_session(dataclasses.replace(a_session("s1"), gateway_id="g1", lease_until=until))
+        with pytest.raises(UnknownSession):
+            await store.claim_session("s1", owner="mallory", gateway_id="g2", lease_until=until)
+        claimed = await store.claim_session("s1", owner="owner", gateway_id="g2", lease_until=until)
+        assert (claimed.gateway_id, claimed.worker_id, claimed.epoch) == ("g2", "w1", 2)  # g1's credit is stale
+        await store.clear_placement("s1", expected_epoch=2, status="closed", at=T0)
+        with pytest.raises(UnknownSession):
+            await store.claim_session("s1", owner="owner", gateway_id="g1", lease_until=until)
+
+    async def test_the_prompt_history_grows_and_a_change_at_the_same_seq_replaces(self, store: SchedulerStore) -> None:
+        await store.insert_session(dataclasses.replace(a_session("s1"), prompts=((0, "a red fox"),)))
+        await store.record_prompt("s1", 12, "a fox in the snow")
+        await store.record_prompt("s1", 12, "a fox in the rain")
+        await store.record_prompt("s1", 30, "night falls")
+        row = await store.get_session("s1")
+        assert row is not None
+        assert row.prompt_history == ((0, "a red fox"), (12, "a fox in the rain"), (30, "night falls"))
+        with pytest.raises(UnknownSession):
+            await store.record_prompt("nope", 1, "x")
+
+    async def test_leases_renew_only_for_the_holding_gateway_and_a_lapsed_one_closes_once(
+        self, store: SchedulerStore
+    ) -> None:
+        await store.insert_session(dataclasses.replace(a_session("s1"), gateway_id="g1", lease_until=T0))
+        await store.insert_session(dataclasses.replace(a_session("s2"), gateway_id="g2", lease_until=T0))
+        later = T0 + timedelta(seconds=30)
+        assert await store.renew_leases("g1", {"s1": 7, "s2": 9}, later) == 1
+        s1, s2 = await store.get_session("s1"), await store.get_session("s2")
+        assert s1 is not None and (s1.lease_until, s1.next_seq) == (later, 7)
+        assert s2 is not None and (s2.lease_until, s2.next_seq) == (T0, 0)
+        assert await store.close_abandoned("s1", lapsed_before=T0 + timedelta(seconds=10), at=later) is None
+        closed = await store.close_abandoned("s2", lapsed_before=T0 + timedelta(seconds=10), at=later)
+        assert closed is not None and (closed.worker_id, closed.epoch) == ("w1", 1)
+        row = await store.get_session("s2")
+        assert row is not None and (row.status, row.worker_id) == ("closed", None)
+        assert await store.close_abandoned("s2", lapsed_before=T0 + timedelta(seconds=10), at=later) is None
 
     async def test_listed_sessions_are_the_open_ones_oldest_first(self, store: SchedulerStore) -> None:
         await store.insert_session(a_session("late", worker_id=None, minute=2))

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Literal
 
-from services.common.errors import StaleEpoch, UnknownSession
+from services.common.errors import LimitExceeded, StaleEpoch, UnknownSession
 from services.common.messages import SessionStatus
 from services.scheduler.store.protocol import (
     MAX_LATENCY_SAMPLES,
@@ -19,6 +19,7 @@ from services.scheduler.store.protocol import (
     SessionRecord,
     WorkerRecord,
     WorkerReport,
+    open_sessions_limit,
 )
 
 
@@ -29,10 +30,48 @@ class MemoryStore:
         self._sessions: dict[str, SessionRecord] = {}
         self._workers: dict[str, WorkerRecord] = {}
 
-    async def insert_session(self, session: SessionRecord) -> None:
+    async def insert_session(self, session: SessionRecord, *, max_open_per_owner: int = 0) -> None:
         if session.session_id in self._sessions:
             raise SessionExists(f"session {session.session_id} already exists")
+        if max_open_per_owner > 0:
+            held = sum(s.owner == session.owner and s.status != "closed" for s in self._sessions.values())
+            if held >= max_open_per_owner:
+                raise LimitExceeded(open_sessions_limit(held, max_open_per_owner))
         self._sessions[session.session_id] = session
+
+    async def claim_session(
+        self, session_id: str, *, owner: str, gateway_id: str, lease_until: datetime | None
+    ) -> SessionRecord:
+        session = self._sessions.get(session_id)
+        if session is None or session.owner != owner or session.status == "closed":
+            raise UnknownSession(f"no session {session_id!r} for this token")
+        return self._save(dataclasses.replace(session, gateway_id=gateway_id, lease_until=lease_until,
+                                              epoch=session.epoch + 1))
+
+    async def record_prompt(self, session_id: str, from_seq: int, prompt: str) -> None:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise UnknownSession(f"session {session_id} does not exist")
+        history = [entry for entry in session.prompt_history if entry[0] != from_seq] + [(from_seq, prompt)]
+        self._save(dataclasses.replace(session, prompts=tuple(sorted(history))))
+
+    async def close_abandoned(self, session_id: str, *, lapsed_before: datetime, at: datetime) -> SessionRecord | None:
+        session = self._sessions.get(session_id)
+        if (session is None or session.status == "closed" or session.lease_until is None
+                or session.lease_until >= lapsed_before):
+            return None
+        self._save(dataclasses.replace(session, status="closed", worker_id=None, updated_at=at))
+        return session
+
+    async def renew_leases(self, gateway_id: str, next_seqs: Mapping[str, int], until: datetime) -> int:
+        renewed = 0
+        for session_id, next_seq in next_seqs.items():
+            session = self._sessions.get(session_id)
+            if session is None or session.gateway_id != gateway_id or session.status == "closed":
+                continue
+            self._save(dataclasses.replace(session, lease_until=until, next_seq=max(session.next_seq, next_seq)))
+            renewed += 1
+        return renewed
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         return self._sessions.get(session_id)

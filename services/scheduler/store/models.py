@@ -23,6 +23,7 @@ class SessionRow(Base):
         CheckConstraint("epoch >= 0 AND chunks_produced >= 0 AND next_seq >= 0", name="sessions_counters_valid"),
         Index("sessions_worker_idx", "worker_id", postgresql_where=text("worker_id IS NOT NULL")),
         Index("sessions_open_idx", "status", "created_at", postgresql_where=text("status <> 'closed'")),
+        Index("sessions_owner_open_idx", "owner", postgresql_where=text("status <> 'closed'")),
     )
 
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
@@ -37,6 +38,9 @@ class SessionRow(Base):
     next_seq: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    prompts: Mapped[list[Any]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    gateway_id: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class WorkerRow(Base):

@@ -11,14 +11,14 @@ from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import bindparam, delete, func, literal_column, select, update
+from sqlalchemy import bindparam, delete, func, literal, literal_column, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from services.common.config import normalize_database_url
-from services.common.errors import StaleEpoch, UnknownSession
+from services.common.errors import LimitExceeded, StaleEpoch, UnknownSession
 from services.common.messages import SessionStatus
 from services.scheduler.store.models import SessionRow, WorkerRow
 from services.scheduler.store.protocol import (
@@ -29,6 +29,7 @@ from services.scheduler.store.protocol import (
     WorkerRecord,
     WorkerReport,
     WorkerStatus,
+    open_sessions_limit,
 )
 
 _SESSION_COLUMNS = tuple(SessionRow.__table__.columns)
@@ -49,6 +50,9 @@ def _session(row: Any) -> SessionRecord:
         next_seq=row.next_seq,
         created_at=row.created_at,
         updated_at=row.updated_at,
+        prompts=tuple((int(seq), str(text)) for seq, text in row.prompts),
+        gateway_id=row.gateway_id,
+        lease_until=row.lease_until,
     )
 
 
@@ -89,7 +93,7 @@ class PostgresStore:
         except (OperationalError, InterfaceError, PoolTimeout, OSError) as exc:
             raise StoreUnavailable(f"database unavailable: {getattr(exc, 'orig', None) or exc}") from exc
 
-    async def insert_session(self, session: SessionRecord) -> None:
+    async def insert_session(self, session: SessionRecord, *, max_open_per_owner: int = 0) -> None:
         values = {
             "id": session.session_id,
             "owner": session.owner,
@@ -103,12 +107,93 @@ class PostgresStore:
             "next_seq": session.next_seq,
             "created_at": session.created_at,
             "updated_at": session.updated_at,
+            "prompts": [list(entry) for entry in session.prompts],
+            "gateway_id": session.gateway_id,
+            "lease_until": session.lease_until,
         }
-        statement = insert(SessionRow).values(values).on_conflict_do_nothing(index_elements=["id"])
+        open_of_owner = (
+            select(func.count()).select_from(SessionRow)
+            .where(SessionRow.owner == session.owner, SessionRow.status != "closed").scalar_subquery()
+        )
+        source = select(*(literal(v, SessionRow.__table__.c[k].type).label(k) for k, v in values.items()))
+        if max_open_per_owner > 0:
+            source = source.where(open_of_owner < max_open_per_owner)
+        statement = (
+            insert(SessionRow).from_select(list(values), source).on_conflict_do_nothing(index_elements=["id"])
+        )
         async with self._transaction() as conn:
+            if max_open_per_owner > 0:  # one admit per owner at a time, so the count below cannot go stale
+                await conn.execute(select(func.pg_advisory_xact_lock(func.hashtext(session.owner))))
             inserted = (await conn.execute(statement.returning(SessionRow.id))).first()
-        if inserted is None:
+            if inserted is not None:
+                return
+            exists = (await conn.execute(select(SessionRow.id).where(SessionRow.id == session.session_id))).first()
+            held = int((await conn.execute(select(open_of_owner))).scalar_one())
+        if exists is not None:
             raise SessionExists(f"session {session.session_id} already exists")
+        raise LimitExceeded(open_sessions_limit(held, max_open_per_owner))
+
+    async def claim_session(
+        self, session_id: str, *, owner: str, gateway_id: str, lease_until: datetime | None
+    ) -> SessionRecord:
+        statement = (
+            update(SessionRow)
+            .where(SessionRow.id == session_id, SessionRow.owner == owner, SessionRow.status != "closed")
+            .values(gateway_id=gateway_id, lease_until=lease_until, epoch=SessionRow.epoch + 1)
+            .returning(*_SESSION_COLUMNS)
+        )
+        async with self._transaction() as conn:
+            row = (await conn.execute(statement)).first()
+        if row is None:
+            raise UnknownSession(f"no session {session_id!r} for this token")
+        return _session(row)
+
+    async def record_prompt(self, session_id: str, from_seq: int, prompt: str) -> None:
+        entry = func.jsonb_build_array(from_seq, prompt)
+        kept = func.coalesce(
+            select(func.jsonb_agg(literal_column("e")))
+            .select_from(func.jsonb_array_elements(SessionRow.prompts).alias("e"))
+            .where(literal_column("(e->>0)::bigint") != from_seq)
+            .scalar_subquery(),
+            literal_column("'[]'::jsonb"),
+        )
+        statement = (
+            update(SessionRow).where(SessionRow.id == session_id)
+            .values(prompts=kept.op("||")(func.jsonb_build_array(entry))).returning(SessionRow.id)
+        )
+        async with self._transaction() as conn:
+            if (await conn.execute(statement)).first() is None:
+                raise UnknownSession(f"session {session_id} does not exist")
+
+    async def close_abandoned(self, session_id: str, *, lapsed_before: datetime, at: datetime) -> SessionRecord | None:
+        lapsed = (
+            select(*_SESSION_COLUMNS)
+            .where(SessionRow.id == session_id, SessionRow.status != "closed", SessionRow.lease_until < lapsed_before)
+            .with_for_update()
+        )
+        async with self._transaction() as conn:  # the row lock holds off a renewal or a claim until we are done
+            row = (await conn.execute(lapsed)).first()
+            if row is None:
+                return None
+            await conn.execute(
+                update(SessionRow).where(SessionRow.id == session_id).values(status="closed", worker_id=None,
+                                                                              updated_at=at)
+            )
+        return _session(row)
+
+    async def renew_leases(self, gateway_id: str, next_seqs: Mapping[str, int], until: datetime) -> int:
+        if not next_seqs:
+            return 0
+        statement = (
+            update(SessionRow)
+            .where(SessionRow.id == bindparam("b_id"), SessionRow.gateway_id == gateway_id,
+                   SessionRow.status != "closed")
+            .values(lease_until=until, next_seq=func.greatest(SessionRow.next_seq, bindparam("b_next")))
+        )
+        params = [{"b_id": sid, "b_next": seq} for sid, seq in next_seqs.items()]
+        async with self._transaction() as conn:
+            result = await conn.execute(statement, params)
+        return max(result.rowcount, 0)
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         async with self._transaction() as conn:

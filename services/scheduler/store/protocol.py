@@ -44,9 +44,16 @@ class StoreUnavailable(Unavailable):
     """The database cannot be reached right now; the request may be retried."""
 
 
+def open_sessions_limit(held: int, limit: int) -> str:
+    return f"this token already holds {held} sessions (limit {limit}); close one first"
+
+
 @dataclass(frozen=True, slots=True)
 class SessionRecord:
-    """A session row. ``worker_id`` None means unplaced; ``epoch`` counts placements (1 after the first)."""
+    """A session row. ``worker_id`` None means unplaced; ``epoch`` counts placements (1 after the first).
+    ``prompts``: the prompt history as (from_seq, prompt), the first at 0 (empty means just ``prompt``);
+    ``gateway_id`` holds the client's connection and keeps the lease alive until ``lease_until`` (None: no
+    lease, the session is closed only by a request)."""
 
     session_id: str
     owner: str
@@ -60,6 +67,13 @@ class SessionRecord:
     next_seq: int
     created_at: datetime
     updated_at: datetime
+    prompts: tuple[tuple[int, str], ...] = ()
+    gateway_id: str | None = None
+    lease_until: datetime | None = None
+
+    @property
+    def prompt_history(self) -> tuple[tuple[int, str], ...]:
+        return self.prompts or ((0, self.prompt),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +110,32 @@ class SchedulerStore(Protocol):
     """Durable sessions and workers. Every method is one atomic step; errors are TurboServeError subclasses
     (StoreUnavailable when the database is down)."""
 
-    async def insert_session(self, session: SessionRecord) -> None:
-        """Persist a new session; raises SessionExists if the id is taken."""
+    async def insert_session(self, session: SessionRecord, *, max_open_per_owner: int = 0) -> None:
+        """Persist a new session; raises SessionExists if the id is taken, and LimitExceeded when
+        ``max_open_per_owner`` > 0 and its owner already holds that many open sessions (decided atomically, so
+        gateways that admit at once cannot overshoot together)."""
+        ...
+
+    async def claim_session(
+        self, session_id: str, *, owner: str, gateway_id: str, lease_until: datetime | None
+    ) -> SessionRecord:
+        """Hand an open session of ``owner`` to ``gateway_id`` with epoch + 1, which fences off whatever the
+        previous gateway still asks of the worker; UnknownSession when there is none (another owner's session
+        looks exactly like a missing one)."""
+        ...
+
+    async def record_prompt(self, session_id: str, from_seq: int, prompt: str) -> None:
+        """Append to the prompt history (replacing an entry at the same ``from_seq``)."""
+        ...
+
+    async def close_abandoned(self, session_id: str, *, lapsed_before: datetime, at: datetime) -> SessionRecord | None:
+        """Close the session if its lease ran out before ``lapsed_before`` (a renewal or a claim since then
+        keeps it open); returns the row as it was before closing, or None when it was kept."""
+        ...
+
+    async def renew_leases(self, gateway_id: str, next_seqs: Mapping[str, int], until: datetime) -> int:
+        """Extend the lease of the open sessions ``gateway_id`` still holds, and raise their resume points to
+        the given seqs; returns how many rows it renewed."""
         ...
 
     async def get_session(self, session_id: str) -> SessionRecord | None: ...
