@@ -1,13 +1,14 @@
-"""`turboserve up`: NATS, PostgreSQL and every service as child processes, stopped together on Ctrl-C.
+"""`turboserve up`: NATS, PostgreSQL and every service as supervised child processes, stopped together on
+Ctrl-C; ``start_services`` starts the same services unsupervised (the end-to-end tests and benchmarks own them).
 
-Children get PR_SET_PDEATHSIG, so even a `kill -9` of this process leaves no orphan; temp dirs (NATS JetStream,
-embedded Postgres, logs) are removed on exit.
+Children get PR_SET_PDEATHSIG and TURBOSERVE_SUPERVISOR_PID, so even a `kill -9` of this process leaves no
+orphan; temp dirs (NATS JetStream, embedded Postgres, logs) are removed on exit, except the logs of services
+that crashed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import secrets
 import shutil
@@ -17,7 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,15 +27,11 @@ from rich.console import Console
 
 from services.common.nats_server import NatsServer, start_nats_server
 from services.common.postgres_server import PostgresHandle, locate_postgres
+from services.common.processes import end_with_parent, process_alive
+from services.common.service import SUPERVISOR_PID_ENV
+from services.supervisor import Program, Supervisor, become_subreaper
 
 console = Console()
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
 
 @dataclass
 class Child:
@@ -43,26 +40,40 @@ class Child:
     log_path: Path
 
 
-def spawn(name: str, command: str, env: dict[str, str], log_dir: Path) -> Child:
+def spawn(name: str, command: str, env: dict[str, str], log_dir: Path, *, die_with_parent: bool = True) -> Child:
+    """``turboserve <command>`` logging to ``<log_dir>/<name>.log``; by default it gets SIGTERM when its parent
+    dies (a worker under a supervisor does not: it outlives a scheduler crash, see provisioners/local.py)."""
     log_path = log_dir / f"{name}.log"
-    log_file = log_path.open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", command], env=env, stdout=log_file, stderr=subprocess.STDOUT,
-        preexec_fn=_die_with_parent,
-    )
-    log_file.close()
-    return Child(name, process, log_path)
+    return Child(name, start_service(command, env, log_path, die_with_parent=die_with_parent), log_path)
 
 
-def own_database(handle: PostgresHandle, name: str = "turboserve") -> str:
-    """On the shared local server use a database of our own, created on first use."""
+def start_service(
+    command: str, env: dict[str, str], log_path: Path, *, die_with_parent: bool = True
+) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.cli", command], env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            preexec_fn=end_with_parent if die_with_parent else None,
+        )
+
+
+def instance_database(handle: PostgresHandle) -> tuple[str, str | None]:
+    """The URL to use, and the database this instance created for itself on a shared local server (dropped when
+    it stops): two ``up``s on one host never share sessions or workers. A ``DATABASE_URL`` is used as given."""
     if handle.source != "local":
-        return handle.url
+        return handle.url, None
+    name = f"turboserve_{os.getpid()}_{secrets.token_hex(3)}"
     with psycopg.connect(handle.url, autocommit=True) as conn:
-        exists = conn.execute("select 1 from pg_database where datname = %s", (name,)).fetchone()
-        if not exists:
-            conn.execute(f'create database "{name}"')
-    return handle.url.rsplit("/", 1)[0] + f"/{name}"
+        for (stale,) in conn.execute("select datname from pg_database where datname ~ '^turboserve_[0-9]+_'"):
+            if not process_alive(int(stale.split("_")[1])):  # left by an instance killed with -9
+                conn.execute(f'drop database if exists "{stale}" with (force)')
+        conn.execute(f'create database "{name}"')
+    return handle.url.rsplit("/", 1)[0] + f"/{name}", name
+
+
+def drop_database(handle: PostgresHandle, name: str) -> None:
+    with contextlib.suppress(psycopg.Error), psycopg.connect(handle.url, autocommit=True) as conn:
+        conn.execute(f'drop database if exists "{name}" with (force)')
 
 
 def start_services(
@@ -97,22 +108,6 @@ def wait_http_ok(url: str, children: list[Child], timeout_s: float) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout_s} s")
 
 
-def wait_workers_heard(database_url: str, count: int, children: list[Child], timeout_s: float) -> None:
-    """Until the scheduler has recorded ``count`` workers heart-beating just now: only then can a session start."""
-    deadline = time.monotonic() + timeout_s
-    query = "select count(*) from workers where status = 'live' and last_seen > now() - interval '3 seconds'"
-    while time.monotonic() < deadline:
-        for child in children:
-            if child.process.poll() is not None:
-                raise RuntimeError(f"{child.name} exited with code {child.process.returncode}; see {child.log_path}")
-        with contextlib.suppress(psycopg.Error), psycopg.connect(database_url, connect_timeout=2) as conn:
-            row = conn.execute(query).fetchone()
-            if row is not None and row[0] >= count:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"{count} workers did not register with the scheduler within {timeout_s} s")
-
-
 def stop_children(children: list[Child], timeout_s: float = 10.0) -> None:
     for child in reversed(children):  # gateway first, scheduler last
         if child.process.poll() is None:
@@ -141,12 +136,57 @@ def model_directory(model: str, scratch: Path) -> Path:
     return write_synthetic_dir(get_config(model), scratch)
 
 
+def supervised_programs(env: dict[str, str], *, workers: int) -> list[Program]:
+    """What ``up`` keeps running: scheduler, state store, workers unless the scheduler's local provisioner starts
+    them (then they belong to no single scheduler process, see provisioners/local.py), and the gateway."""
+    def program(name: str, command: str, extra: dict[str, str] | None = None) -> Program:
+        return Program(name, lambda log_path: start_service(command, {**env, **(extra or {})}, log_path))
+
+    programs = [program("scheduler", "scheduler"), program("state-store", "state-store")]
+    if env.get("TURBOSERVE_PROVISIONER") != "local":
+        programs += [program(f"worker-{i}", "worker", {"TURBOSERVE_WORKER_ID": f"worker-{i}"})
+                     for i in range(1, workers + 1)]
+    return [*programs, program("gateway", "gateway")]
+
+
+def wait_until(ready: Callable[[], bool], supervisor: Supervisor, what: str, timeout_s: float) -> None:
+    """Poll ``ready`` while the supervisor restarts what crashes; a service that refuses its settings ends it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for event in supervisor.check():
+            console.print(f"[yellow]{event}[/]")
+        if supervisor.failed:
+            name, code, log_path = supervisor.failed[0]
+            raise RuntimeError(f"{name} exited with code {code}: {log_path.read_text(errors='replace')[-600:]}")
+        if ready():
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} within {timeout_s:g} s")
+
+
+def http_ok(url: str) -> bool:
+    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=0.5) as response:
+        return bool(response.status == 200)
+    return False
+
+
+def workers_heard(database_url: str, count: int) -> bool:
+    query = "select count(*) from workers where status = 'live' and last_seen > now() - interval '3 seconds'"
+    with contextlib.suppress(psycopg.Error), psycopg.connect(database_url, connect_timeout=2) as conn:
+        row = conn.execute(query).fetchone()
+        return row is not None and row[0] >= count
+    return False
+
+
 def run_up(*, workers: int, model: str, port: int) -> int:
+    """Everything of one instance under a supervisor until Ctrl-C: a crashed service is restarted (its log
+    kept), and the instance has a database of its own, so two ``up``s on one host never meet."""
     log_dir = Path(tempfile.mkdtemp(prefix="turboserve-logs-"))
     weights_dir = log_dir / "synthetic-weights"
     nats: NatsServer | None = None
     postgres: PostgresHandle | None = None
-    children: list[Child] = []
+    database: str | None = None
+    supervisor = Supervisor(log_dir)
     stop_requested = False
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -155,6 +195,7 @@ def run_up(*, workers: int, model: str, port: int) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    become_subreaper()
     try:
         with console.status("starting NATS and PostgreSQL"):
             nats_url = os.environ.get("NATS_URL")
@@ -162,7 +203,7 @@ def run_up(*, workers: int, model: str, port: int) -> int:
                 nats = start_nats_server()
                 nats_url = nats.url
             postgres = locate_postgres()
-            database_url = own_database(postgres)
+            database_url, database = instance_database(postgres)
         with console.status("reading the model directory"):
             model_dir = model_directory(model, weights_dir)
         first_entry = os.environ.get("TURBOSERVE_TOKENS", "").split(",")[0]
@@ -171,27 +212,39 @@ def run_up(*, workers: int, model: str, port: int) -> int:
         env = {
             **os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url, "TURBOSERVE_MODEL": model,
             "TURBOSERVE_MODEL_DIR": str(model_dir), "TURBOSERVE_TOKENS": os.environ.get("TURBOSERVE_TOKENS", token),
-            "TURBOSERVE_GATEWAY_PORT": str(port),
+            "TURBOSERVE_GATEWAY_PORT": str(port), SUPERVISOR_PID_ENV: str(os.getpid()),
             "PYTHONUNBUFFERED": "1", "TURBOSERVE_PROVISIONER": os.environ.get("TURBOSERVE_PROVISIONER", "local"),
+            "TURBOSERVE_LOCAL_WORKERS": str(workers), "TURBOSERVE_LOG_DIR": str(log_dir),
         }
         with console.status("starting scheduler, state store, workers and gateway"):
-            children.extend(start_services(env, workers=workers, log_dir=log_dir))
-            wait_http_ok(f"http://127.0.0.1:{port}/healthz", children, timeout_s=60)
-            wait_workers_heard(database_url, workers, children, timeout_s=120)
+            for program in supervised_programs(env, workers=workers):
+                supervisor.add(program)
+            wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), supervisor,
+                       f"the gateway did not answer on port {port}", 60)
+            wait_until(lambda: workers_heard(database_url, workers), supervisor,
+                       f"{workers} workers did not register with the scheduler", 120)
         weights = "synthetic weights" if model_dir == weights_dir else str(model_dir)
         console.print(f"[bold green]TurboServe is up[/] ({workers} workers, model {model}, {weights})")
         console.print(f"  viewer:   [link]http://127.0.0.1:{port}/?token={token}[/link]")
         console.print(f"  token:    {token}")
-        console.print(f"  NATS:     {nats_url}   PostgreSQL: {postgres.source}")
+        console.print(f"  NATS:     {nats_url}   PostgreSQL: {postgres.source}"
+                      + (f" (database {database}, this instance's own)" if database else ""))
         console.print(f"  logs:     {log_dir}")
-        console.print("  Ctrl-C stops everything.")
+        console.print("  A service that crashes is restarted; Ctrl-C stops everything.")
         while not stop_requested:
-            dead = [c for c in children if c.process.poll() is not None]
-            if dead:
-                console.print(f"[red]{dead[0].name} exited with code {dead[0].process.returncode}[/]; "
-                              f"last lines of {dead[0].log_path}:")
-                console.print(dead[0].log_path.read_text(errors="replace")[-2000:])
+            for event in supervisor.check():
+                console.print(f"[yellow]{event}[/]")
+            if supervisor.failed:
+                name, code, log_path = supervisor.failed[0]
+                console.print(f"[red]{name} cannot run (exit code {code})[/]; last lines of {log_path}:")
+                console.print(log_path.read_text(errors="replace")[-2000:])
                 return 1
+            if nats is not None and nats.process.poll() is not None:
+                console.print("[yellow]NATS exited; restarting it on the same port[/] (its JetStream data is lost; "
+                              "the services reconnect)")
+                crashed = nats
+                crashed.stop()
+                nats = start_nats_server(crashed.port)
             time.sleep(0.2)
         return 0
     except RuntimeError as exc:
@@ -199,10 +252,16 @@ def run_up(*, workers: int, model: str, port: int) -> int:
         return 1
     finally:
         with console.status("stopping"):
-            stop_children(children)
+            supervisor.stop()
             if nats is not None:
                 nats.stop()
             if postgres is not None:
+                if database is not None:
+                    drop_database(postgres, database)
                 postgres.stop()
-        shutil.rmtree(log_dir, ignore_errors=True)
-        console.print("stopped; no processes or temp dirs left behind")
+        if supervisor.crash_logs:
+            console.print(f"logs of crashed services kept in {log_dir}: "
+                          + ", ".join(path.name for path in supervisor.crash_logs))
+        else:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        console.print("stopped; no processes left behind")

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.processes import end_with_parent
+
 
 class NatsServerError(RuntimeError):
     """The nats-server binary is missing or did not become ready."""
@@ -64,6 +66,7 @@ def start_nats_server(port: int | None = None, ready_timeout_s: float = 10.0) ->
         [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store_dir)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=end_with_parent,
     )
     server = NatsServer(port=port, process=process, store_dir=store_dir)
     deadline = time.monotonic() + ready_timeout_s

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +17,7 @@ from nats.aio.client import Client as NatsClient
 from services.common import event_loop
 from services.common.config import ConfigError
 from services.common.errors import Unavailable
+from services.common.processes import process_alive
 from services.common.telemetry.logs import configure_logging
 from services.common.telemetry.metrics import metrics_endpoint
 from services.common.telemetry.tracing import tracing_from_env
@@ -64,13 +66,35 @@ async def nats_connection(url: str, name: str, stop: asyncio.Event | None = None
                 await client.drain()
 
 
+SUPERVISOR_PID_ENV = "TURBOSERVE_SUPERVISOR_PID"
+"""Set by ``turboserve up`` for every process of its instance: they stop when that process is gone."""
+SUPERVISOR_CHECK_S = 1.0
+_watchers: set[asyncio.Task[None]] = set()
+
+
 def shutdown_event() -> asyncio.Event:
-    """An event set on SIGTERM or SIGINT, so `main` can wait on it and then unwind its exit stack."""
+    """An event set on SIGTERM or SIGINT, so `main` can wait on it and then unwind its exit stack; also set when
+    the supervisor named by ``TURBOSERVE_SUPERVISOR_PID`` is gone (even killed with -9), so no service of a
+    dead instance keeps running."""
     event = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, event.set)
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
+    if supervisor.isdigit():
+        watcher = asyncio.create_task(_stop_when_gone(int(supervisor), event), name="supervisor-watch")
+        _watchers.add(watcher)
+        watcher.add_done_callback(_watchers.discard)
     return event
+
+
+async def _stop_when_gone(pid: int, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        if not process_alive(pid):
+            log.warning("event=supervisor_gone pid=%d reason='the instance this service belongs to stopped'", pid)
+            stop.set()
+            return
+        await asyncio.sleep(SUPERVISOR_CHECK_S)
 
 
 def run_service(name: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> int:

@@ -15,6 +15,7 @@ from services.scheduler.actuation import StateMover
 from services.scheduler.control_loop import ControlLoop, LoopIO
 from services.scheduler.control_settings import ControlSettings, build_live_controller, build_provisioner
 from services.scheduler.liveness import WorkerLiveness
+from services.scheduler.provisioners.local import LocalProcessProvisioner
 from services.scheduler.store.protocol import SchedulerStore
 
 log = logging.getLogger("turboserve.scheduler.control")
@@ -42,9 +43,11 @@ async def open_control_loop(
     )
     task: asyncio.Task[None] | None = None
     try:
-        if settings.provisioner == "local" and settings.initial_workers > 0:
-            ids = await provisioner.scale_out(settings.initial_workers, "initial pool of the local provisioner")
-            loop.view.add_pending(ids, len(ids), time.monotonic())
+        if isinstance(provisioner, LocalProcessProvisioner):  # less the workers a crashed scheduler left running
+            missing = settings.initial_workers - len(provisioner.worker_ids)
+            if missing > 0:
+                ids = await provisioner.scale_out(missing, "initial pool of the local provisioner")
+                loop.view.add_pending(ids, len(ids), time.monotonic())
         task = asyncio.create_task(loop.run(), name="control-loop")
         log.info("event=control_loop_started policy=%s provisioner=%s period_s=%s min_gpus=%d max_gpus=%d",
                  settings.policy, settings.provisioner, settings.control_period_s, settings.min_gpus,

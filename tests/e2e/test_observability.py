@@ -114,7 +114,7 @@ async def test_scheduler_decisions_are_spans_with_their_reason_linked_to_the_req
                    in s.links)
     assert handler.service == "turboserve-scheduler"
     round_ = next(s for s in spans if s.span_id == place.parent_span_id)  # the control-loop round that placed it
-    assert round_.name == "scheduler.plan" and (handler.trace_id, handler.span_id) in round_.links
+    assert round_.name == "scheduler.plan"  # linked to the requests waiting when it began; this one may have come later
     assert (opened.trace_id, opened.span_id) in place.links and (handler.trace_id, handler.span_id) in place.links
     assert place.attributes["decision.reason"] and place.attributes["decision.worker"] == "worker-1"
     database = {s.name for s in spans if s.trace_id == handler.trace_id and s.parent_span_id == handler.span_id}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 import pytest
 
 from services.common.control import ScaleDecision
+from services.common.service import SUPERVISOR_PID_ENV
 from services.launcher import Child
 from services.scheduler.control_settings import ControlSettings
 from services.scheduler.provisioners import ProvisionerError
@@ -84,8 +87,8 @@ async def test_external_publishes_each_decision_and_knows_no_ids_in_advance() ->
 async def test_local_starts_workers_under_their_own_ids_and_stops_them_with_sigterm(tmp_path: Path) -> None:
     spawned: dict[str, dict[str, str]] = {}
 
-    def spawn(name: str, command: str, env: dict[str, str], log_dir: Path) -> Child:
-        assert command == "worker"
+    def spawn(name: str, command: str, env: dict[str, str], log_dir: Path, *, die_with_parent: bool) -> Child:
+        assert command == "worker" and die_with_parent  # no supervisor: a worker dies with its scheduler
         spawned[name] = env
         process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         return Child(name, process, log_dir / f"{name}.log")
@@ -100,6 +103,29 @@ async def test_local_starts_workers_under_their_own_ids_and_stops_them_with_sigt
         await provisioner.remove("worker-7", "drained")
     await provisioner.close()
     assert provisioner.worker_ids == ()
+
+
+async def test_under_a_supervisor_a_restarted_scheduler_adopts_the_workers_still_running_and_can_stop_them(
+    tmp_path: Path,
+) -> None:
+    def spawn(name: str, command: str, env: dict[str, str], log_dir: Path, *, die_with_parent: bool) -> Child:
+        assert not die_with_parent  # the supervisor, not the scheduler, bounds a worker's life
+        process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        return Child(name, process, log_dir / f"{name}.log")
+
+    supervised = {SUPERVISOR_PID_ENV: str(os.getpid())}
+    crashed = LocalProcessProvisioner(supervised, tmp_path, spawn_worker=spawn)
+    await crashed.scale_out(2, "initial")
+    first = crashed._children["worker-1"].process  # the scheduler dies here without closing its provisioner
+    restarted = LocalProcessProvisioner(supervised, tmp_path, spawn_worker=spawn)
+    assert restarted.worker_ids == ("worker-1", "worker-2")
+    assert await restarted.scale_out(1, "load rose") == ["worker-3"]  # numbering goes on past the adopted
+    await restarted.remove("worker-1", "drained")
+    assert first.wait(timeout=10) == -signal.SIGTERM
+    assert not (tmp_path / "worker-1.pid").exists()
+    await restarted.close()
+    assert restarted.worker_ids == () and not list(tmp_path.glob("*.pid"))
+    assert LocalProcessProvisioner(supervised, tmp_path, spawn_worker=spawn).worker_ids == ()
 
 
 def test_provisioner_settings_refuse_an_unknown_kind_and_bounds_that_cross() -> None:
