@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,11 +41,23 @@ class NatsServer:
     port: int
     process: subprocess.Popen[bytes]
     store_dir: Path
+    monitor_port: int = 0
     _stopped: bool = field(default=False, repr=False)
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
+
+    def wait_jetstream_ready(self, timeout_s: float = 30.0) -> None:
+        """Until the server's own health check passes: in a cluster, JetStream has elected its leader."""
+        url = f"http://127.0.0.1:{self.monitor_port}/healthz"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+            time.sleep(0.1)
+        raise NatsServerError(f"nats-server on port {self.port} was not healthy within {timeout_s:g} s")
 
     def stop(self) -> None:
         if self._stopped:
@@ -58,17 +72,28 @@ class NatsServer:
         shutil.rmtree(self.store_dir, ignore_errors=True)
 
 
-def start_nats_server(port: int | None = None, ready_timeout_s: float = 10.0) -> NatsServer:
-    """Launch and wait until the server accepts TCP connections (retrying, not sleeping a fixed time)."""
+def start_nats_server(
+    port: int | None = None, ready_timeout_s: float = 10.0, *, cluster: tuple[str, int, list[int]] | None = None
+) -> NatsServer:
+    """Launch and wait until the server accepts TCP connections (retrying, not sleeping a fixed time).
+    ``cluster``: (cluster name, this node's route port, every node's route port) to join a cluster."""
     port = port or free_port()
     store_dir = Path(tempfile.mkdtemp(prefix="turboserve-nats-"))
+    monitor_port = free_port()
+    argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store_dir),
+            "-m", str(monitor_port)]
+    if cluster is not None:
+        name, route_port, route_ports = cluster
+        routes = ",".join(f"nats://127.0.0.1:{p}" for p in route_ports if p != route_port)
+        argv += ["--server_name", f"{name}-{port}", "--cluster_name", name,
+                 "--cluster", f"nats://127.0.0.1:{route_port}", "--routes", routes]
     process = subprocess.Popen(
-        [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store_dir)],
+        argv,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         preexec_fn=end_with_parent,
     )
-    server = NatsServer(port=port, process=process, store_dir=store_dir)
+    server = NatsServer(port=port, process=process, store_dir=store_dir, monitor_port=monitor_port)
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -82,3 +107,20 @@ def start_nats_server(port: int | None = None, ready_timeout_s: float = 10.0) ->
             time.sleep(0.02)
     server.stop()
     raise NatsServerError(f"nats-server on port {port} not ready after {ready_timeout_s} s")
+
+
+def start_nats_cluster(size: int = 3, name: str = "turboserve") -> list[NatsServer]:
+    """``size`` servers on loopback routed into one cluster with JetStream (replicated streams need at least 3);
+    a client given all their URLs (comma-separated ``NATS_URL``) fails over when one dies."""
+    route_ports = [free_port() for _ in range(size)]
+    servers: list[NatsServer] = []
+    try:
+        for route_port in route_ports:
+            servers.append(start_nats_server(cluster=(name, route_port, route_ports)))
+        for server in servers:
+            server.wait_jetstream_ready()
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers

@@ -33,6 +33,11 @@ async def _log_nats_error(exc: Exception) -> None:
     log.warning("event=nats_error detail=%s", exc or type(exc).__name__)
 
 
+def nats_servers(url: str) -> list[str]:
+    """``NATS_URL`` may name several servers of a cluster, comma-separated: the client fails over between them."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 @contextlib.asynccontextmanager
 async def nats_connection(url: str, name: str, stop: asyncio.Event | None = None, *,
                           first_connect_s: float = 30.0) -> AsyncIterator[NatsClient]:
@@ -42,7 +47,7 @@ async def nats_connection(url: str, name: str, stop: asyncio.Event | None = None
     ``Unavailable`` naming the address, and a stop (SIGTERM) while still connecting ends the wait at once.
     """
     connecting = asyncio.ensure_future(nats.connect(
-        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.2, connect_timeout=5,
+        nats_servers(url), name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.2, connect_timeout=5,
         error_cb=_log_nats_error,
     ))
     stopping = asyncio.ensure_future(stop.wait()) if stop is not None else None

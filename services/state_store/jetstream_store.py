@@ -16,6 +16,7 @@ from datetime import datetime
 import msgpack
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, ObjectStoreConfig
 from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError, NotFoundError, ObjectNotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
@@ -61,7 +62,9 @@ class JetStreamSnapshotStore:
         self._headless_seen_at_s: dict[str, float] = {}
 
     @classmethod
-    async def open(cls, nc: NatsClient, bucket: str, *, create: bool, timeout_s: float = 5.0) -> JetStreamSnapshotStore:
+    async def open(
+        cls, nc: NatsClient, bucket: str, *, create: bool, timeout_s: float = 5.0, replicas: int = 1
+    ) -> JetStreamSnapshotStore:
         """Open the buckets; with ``create`` (the service) make any that are missing, else a missing one means the
         state_store never ran: Unavailable. ``timeout_s`` bounds the wait for one chunk or one acknowledgement."""
         js = nc.jetstream()
@@ -72,9 +75,12 @@ class JetStreamSnapshotStore:
         except BucketNotFoundError:
             if not create:
                 raise Unavailable(f"snapshot bucket {bucket!r} does not exist: is the state_store running?") from None
-            objects = await js.create_object_store(bucket, description="TurboServe session snapshots")
-            heads = await js.create_key_value(bucket=_heads_bucket(bucket), history=1)
-            closed = await js.create_key_value(bucket=_closed_bucket(bucket), history=1)
+            objects = await js.create_object_store(bucket, config=ObjectStoreConfig(
+                bucket=bucket, description="TurboServe session snapshots", replicas=replicas))
+            heads = await js.create_key_value(
+                KeyValueConfig(bucket=_heads_bucket(bucket), history=1, replicas=replicas))
+            closed = await js.create_key_value(
+                KeyValueConfig(bucket=_closed_bucket(bucket), history=1, replicas=replicas))
         chunk_bytes = min(MAX_CHUNK_BYTES, nc.max_payload)
         return cls(js, bucket, objects, heads, closed, chunk_bytes=chunk_bytes, timeout_s=timeout_s)
 

@@ -88,7 +88,7 @@ async def run_state_store(
     clock: Callable[[], float] = time.time,
 ) -> None:
     """Serve until ``stop`` is set: open (or create) the store, add the endpoints, sweep in the background."""
-    store = await open_store(settings.location, nats_client, create=True)
+    store = await open_store(settings.location, nats_client, create=True, replicas=settings.replicas)
     locks = KeyedLocks()
     handlers = StateStoreHandlers(store, locks, clock)
     sweeper = Sweeper(

@@ -9,7 +9,7 @@ from typing import Literal
 
 from nats.aio.client import Client as NatsClient
 
-from services.common.config import ConfigError, env_float, env_str
+from services.common.config import ConfigError, env_float, env_int, env_str
 from services.common.snapshots import StoreLocation
 from services.state_store.directory_store import DirectorySnapshotStore
 from services.state_store.jetstream_store import JetStreamSnapshotStore
@@ -36,6 +36,9 @@ class StateStoreSettings:
     staging_timeout_s: float
     """TURBOSERVE_SNAPSHOT_STAGING_TIMEOUT_S: staged bytes no head names after this long are a dead writer's
     leftovers and are removed, in [10 s, 1 day]; must exceed the longest upload."""
+    replicas: int = 1
+    """TURBOSERVE_SNAPSHOT_REPLICAS: JetStream copies of every snapshot bucket, in [1, 5]; 3 on a 3-node NATS
+    cluster, so losing a node loses no snapshot. Applies when the buckets are created."""
 
     def __post_init__(self) -> None:
         if not _BUCKET.match(self.bucket):
@@ -53,6 +56,7 @@ class StateStoreSettings:
             retention_s=env_float("TURBOSERVE_SNAPSHOT_RETENTION_S", 3600.0, low=0.0, high=30 * DAY_S),
             sweep_interval_s=env_float("TURBOSERVE_SNAPSHOT_SWEEP_INTERVAL_S", 30.0, low=0.05, high=3600.0),
             staging_timeout_s=env_float("TURBOSERVE_SNAPSHOT_STAGING_TIMEOUT_S", 900.0, low=10.0, high=DAY_S),
+            replicas=env_int("TURBOSERVE_SNAPSHOT_REPLICAS", 1, low=1, high=5),
         )
 
     @property
@@ -61,10 +65,11 @@ class StateStoreSettings:
         return StoreLocation(backend=self.backend, name=name)
 
 
-async def open_store(location: StoreLocation, nc: NatsClient, *, create: bool) -> SnapshotStore:
-    """The store at ``location``; ``create`` (the service only) makes missing buckets or directories."""
+async def open_store(location: StoreLocation, nc: NatsClient, *, create: bool, replicas: int = 1) -> SnapshotStore:
+    """The store at ``location``; ``create`` (the service only) makes missing buckets (with ``replicas``
+    copies) or directories."""
     if location.backend == "jetstream":
-        return await JetStreamSnapshotStore.open(nc, location.name, create=create)
+        return await JetStreamSnapshotStore.open(nc, location.name, create=create, replicas=replicas)
     root = Path(location.name)
     if not create and not root.is_dir():
         raise ConfigError(f"snapshot directory {root} is not visible here; the directory backend needs a shared path")
