@@ -63,6 +63,11 @@ class TurboServeClient:
             else:
                 await self._routes.messages.put(json.loads(raw))
 
+    @property
+    def connected(self) -> bool:
+        """False once the gateway closed the connection (or died): reconnect, through another gateway if need be."""
+        return not self._reader.done()
+
     async def send(self, message: dict[str, Any]) -> None:
         await self._ws.send(json.dumps(message))
 

@@ -99,6 +99,16 @@ class DrainWorker(Message):
 
 @message
 @dataclass(frozen=True, slots=True)
+class ProbeWorker(Message):
+    """Are you there? Sent to a worker whose heartbeat is late: any answer means alive; NATS answering that
+    nobody listens on its control subject means its process is gone (its connection closed)."""
+
+    TYPE = "probe_worker"
+    worker_id: str
+
+
+@message
+@dataclass(frozen=True, slots=True)
 class ScaleDecision(Message):
     """The scheduler's scaling decision, published on ``subjects.SCHED_SCALE`` for an external provisioner.
 

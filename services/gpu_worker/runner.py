@@ -17,6 +17,7 @@ from services.common.control import (
     MigrationReport,
     OffloadSession,
     PrepareMigration,
+    ProbeWorker,
     StartMigration,
 )
 from services.common.endpoints import Endpoint, serve
@@ -68,7 +69,9 @@ class WorkerRunner:
         self._draining = False
 
     async def _handle_control(self, request: Message) -> Message:
-        if isinstance(request, DrainWorker):
+        if isinstance(request, ProbeWorker):
+            pass  # answering is the whole point
+        elif isinstance(request, DrainWorker):
             self._draining = True
             log.info("event=draining worker=%s reason=%r", self._settings.worker_id, request.reason)
         elif isinstance(request, AttachSession):

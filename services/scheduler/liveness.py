@@ -1,5 +1,10 @@
-"""Which workers are alive, from heartbeats, goodbyes and silence. Nothing here places a session: a worker found
-lost or gone is a scheduling event, and the control loop's next decision moves what it held.
+"""Which workers are alive, from heartbeats, goodbyes, silence and probes. Nothing here places a session: a worker
+found lost or gone is a scheduling event, and the control loop's next decision moves what it held.
+
+A worker whose heartbeat is late (1.5 of its own intervals) is probed: if NATS says nobody listens on its control
+subject any more, its process is gone (a killed process's connection closes at once) and it is lost right away,
+without waiting out the timeout. A frozen or partitioned worker still has its subscription, so for it only the
+timeout decides.
 
 Liveness is per scheduler process. A worker this process has not heard yet is not offered new sessions even if
 its row says live (it may not be subscribed), and a restarted scheduler forgives a recorded worker one full
@@ -52,6 +57,7 @@ class WorkerLiveness:
         self._clock = clock
         self._wall_clock = wall_clock
         self._last_heard_s: dict[str, float] = {}
+        self._interval_s: dict[str, float] = {}
         self.heard: set[str] = set()
 
     async def start(self) -> None:
@@ -74,7 +80,13 @@ class WorkerLiveness:
         subject_token("worker_id", beat.worker_id)
         if beat.worker_id not in self.heard:
             log.info("event=worker_live worker=%s model=%s capacity=%d", beat.worker_id, beat.model, beat.capacity)
-        self._last_heard_s[beat.worker_id] = self._clock()
+        now_s = self._clock()
+        previous_s = self._last_heard_s.get(beat.worker_id)
+        if previous_s is not None and beat.worker_id in self.heard:  # its heartbeat interval, smoothed
+            gap_s = now_s - previous_s
+            known_s = self._interval_s.get(beat.worker_id, gap_s)
+            self._interval_s[beat.worker_id] = 0.8 * known_s + 0.2 * gap_s
+        self._last_heard_s[beat.worker_id] = now_s
         self.heard.add(beat.worker_id)
         now = self._wall_clock()
         report = WorkerReport(
@@ -116,6 +128,24 @@ class WorkerLiveness:
                 lost.append(worker_id)
         return lost
 
+    def late(self) -> list[str]:
+        """Workers heard here whose heartbeat is overdue by half an interval, but not yet timed out: probe them."""
+        now_s = self._clock()
+        return [
+            worker_id for worker_id, heard_s in self._last_heard_s.items()
+            if worker_id in self._interval_s
+            and max(0.05, 1.5 * self._interval_s[worker_id]) < now_s - heard_s <= self._worker_timeout_s
+        ]
+
+    async def lose(self, worker_id: str, reason: str) -> bool:
+        """Mark a worker lost before its timeout (a probe showed its process is gone); True if this changed it."""
+        self._forget(worker_id)
+        if await self._store.retire_worker(worker_id, "lost"):
+            log.info("event=worker_lost worker=%s reason=%r", worker_id, reason)
+            return True
+        return False
+
     def _forget(self, worker_id: str) -> None:
         self._last_heard_s.pop(worker_id, None)
+        self._interval_s.pop(worker_id, None)
         self.heard.discard(worker_id)

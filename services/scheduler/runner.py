@@ -23,7 +23,7 @@ from nats.micro.service import Service
 
 from services.common import subjects
 from services.common.admin import MigrateSession, OffloadRequest
-from services.common.control import DrainWorker, MigrationReport, ScaleDecision
+from services.common.control import DrainWorker, MigrationReport, ProbeWorker, ScaleDecision
 from services.common.endpoints import Endpoint, serve
 from services.common.errors import TurboServeError
 from services.common.messages import (
@@ -63,10 +63,12 @@ class SchedulerNats:
     """Everything the scheduler sends: control requests to workers (the state mover's and the loop's drains),
     placements to gateways, scale decisions to an external provisioner."""
 
-    def __init__(self, nats: NatsClient, *, request_timeout_s: float = 10.0, drain_timeout_s: float = 2.0) -> None:
+    def __init__(self, nats: NatsClient, *, request_timeout_s: float = 10.0, drain_timeout_s: float = 2.0,
+                 probe_timeout_s: float = 0.5) -> None:
         self._nats = nats
         self._request_timeout_s = request_timeout_s
         self._drain_timeout_s = drain_timeout_s
+        self._probe_timeout_s = probe_timeout_s
 
     async def ask_worker(self, worker_id: str, request: Message, timeout_s: float | None = None) -> Message | None:
         try:
@@ -76,6 +78,18 @@ class SchedulerNats:
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError, TurboServeError) as exc:
             log.info("event=worker_request_failed worker=%s request=%s detail=%s", worker_id, request.TYPE, exc)
             return None
+
+    async def probe(self, worker_id: str) -> bool | None:
+        """True: the worker answered; False: nobody listens on its control subject (its process is gone);
+        None: no answer in time (frozen, overloaded or cut off: only its heartbeat timeout can tell)."""
+        try:
+            await self._nats.request(subjects.worker_control(worker_id), encode(ProbeWorker(worker_id)),
+                                     timeout=self._probe_timeout_s)
+        except nats.errors.NoRespondersError:
+            return False
+        except nats.errors.TimeoutError:
+            return None
+        return True
 
     async def publish_placement(self, placement: Placement) -> None:
         await self._nats.publish(subjects.placement(placement.session_id), encode(placement))
@@ -105,9 +119,10 @@ class SchedulerRunner:
 
     def __init__(
         self, nats: NatsClient, *, lifecycle: SessionLifecycle, liveness: WorkerLiveness, loop: ControlLoop,
-        mover: WorkerStateMover, mobility: Mobility, sweep_interval_s: float,
+        mover: WorkerStateMover, mobility: Mobility, out: SchedulerNats, sweep_interval_s: float,
     ) -> None:
         self._nats = nats
+        self._out = out
         self._lifecycle = lifecycle
         self._liveness = liveness
         self._loop = loop
@@ -216,6 +231,7 @@ class SchedulerRunner:
             await asyncio.sleep(self._sweep_interval_s)
             try:
                 lost = await self._liveness.sweep()
+                lost += await self._probe_late_workers()
             except asyncio.CancelledError:
                 raise
             except TurboServeError as exc:
@@ -226,6 +242,18 @@ class SchedulerRunner:
                 continue
             if lost:
                 self._loop.trigger("worker_lost")
+
+
+    async def _probe_late_workers(self) -> list[str]:
+        late = self._liveness.late()
+        answers = await asyncio.gather(*(self._out.probe(worker_id) for worker_id in late))
+        lost = []
+        for worker_id, answer in zip(late, answers, strict=True):
+            if answer is False and await self._liveness.lose(
+                worker_id, "its heartbeat is late and nobody listens on its control subject: the process is gone"
+            ):
+                lost.append(worker_id)
+        return lost
 
 
 @contextlib.asynccontextmanager
@@ -245,7 +273,8 @@ async def open_scheduler(settings: SchedulerSettings, nats: NatsClient) -> Async
         ))
         yield await stack.enter_async_context(SchedulerRunner(
             nats, lifecycle=SessionLifecycle(store, loop), liveness=liveness, loop=loop, mover=mover,
-            mobility=Mobility(store, mover, SnapshotClient(nats), loop), sweep_interval_s=settings.sweep_interval_s,
+            mobility=Mobility(store, mover, SnapshotClient(nats), loop), out=out,
+            sweep_interval_s=settings.sweep_interval_s,
         ))
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from services.client import ReceivedChunk, ServerError, TurboServeClient
 from services.common.nats_server import free_port
-from services.launcher import Child, start_services, stop_children, wait_http_ok
+from services.launcher import Child, spawn, start_services, stop_children, wait_http_ok
 from tests.synthetic_models import tiny_model_dir
 
 TOKENS = ("token-alpha", "token-beta")
@@ -41,6 +41,15 @@ class RunningSystem:
 
     def child(self, name: str) -> Child:
         return next(c for c in self.children if c.name == name)
+
+    def restart(self, name: str) -> Child:
+        """Start a service again after a crash, as a supervisor would (same name, settings and log file)."""
+        old = self.child(name)
+        command = "state-store" if name == "state-store" else name.split("-")[0]
+        env = {**self.env, "TURBOSERVE_WORKER_ID": name} if command == "worker" else self.env
+        fresh = spawn(name, command, env, self.log_dir)
+        self.children[self.children.index(old)] = fresh
+        return fresh
 
     def logs(self) -> str:
         """The tail of every service's log, workers started later by a provisioner included."""

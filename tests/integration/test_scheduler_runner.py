@@ -280,3 +280,37 @@ async def test_a_restarted_scheduler_reads_sessions_and_workers_back_from_postgr
     assert placement == Placement("kept", "w-second", 2, "worker w-first lost")
     kept = await row(db, "kept")
     assert (kept.status, kept.next_seq, kept.prompt) == ("active", 8, "a red fox running")
+
+
+async def test_a_worker_whose_process_is_gone_is_lost_long_before_its_heartbeat_timeout(
+    nc: NatsClient, db: PostgresStore, settings: SchedulerSettings
+) -> None:
+    model = a_model()
+    patient = SchedulerSettings(nats_url=settings.nats_url, database_url=settings.database_url,
+                                worker_timeout_s=30.0, sweep_interval_s=0.05)
+    vanished, other = FakeWorker(nc, "w-vanished", model), FakeWorker(nc, "w-other", model)
+
+    async def beat(worker: FakeWorker, stop: asyncio.Event) -> None:
+        while not stop.is_set():  # nobody listens on this worker's control subject: a probe finds that out
+            await nc.publish(subjects.SCHED_HEARTBEAT, encode(worker.heartbeat()))
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    async def live(worker_id: str) -> bool:
+        return any(w.worker_id == worker_id and w.status == "live" for w in await db.list_workers())
+
+    stop_vanished, stop_other = asyncio.Event(), asyncio.Event()
+    async with open_scheduler(patient, nc), placements_published(nc) as heard:
+        beaters = [asyncio.create_task(beat(vanished, stop_vanished))]
+        await eventually(lambda: live("w-vanished"))
+        await request(nc, subjects.SCHED_OPEN, an_open(model, "orphan"))
+        beaters.append(asyncio.create_task(beat(other, stop_other)))
+        await eventually(lambda: live("w-other"))
+        await asyncio.sleep(5 * HEARTBEAT_INTERVAL_S)  # enough beats for the scheduler to learn their interval
+        stopped_at_s = time.monotonic()
+        stop_vanished.set()
+        placement = await asyncio.wait_for(heard.get(), timeout=10)
+        noticed_after_s = time.monotonic() - stopped_at_s
+        stop_other.set()
+        await asyncio.gather(*beaters)
+    assert placement == Placement("orphan", "w-other", 2, "worker w-vanished lost")
+    assert noticed_after_s < 3.0, f"noticed after {noticed_after_s:.1f} s; the timeout alone would take 30 s"

@@ -1,0 +1,144 @@
+"""One fault at a time under streaming sessions, end to end: kill -9 of the scheduler or of the state store (then
+restarted, as a supervisor does) and a SIGSTOP of a worker. No session is lost; no client sees a chunk twice, out
+of order, or a gap in seqs; the scheduler and the state store are off the chunk path, so their crash does not
+even slow a stream. (Worker and gateway kills: test_state_mobility.py, test_gateways.py; a NATS node:
+test_nats_cluster.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+import pytest_asyncio
+
+from services.client import ReceivedChunk, ServerError, TurboServeClient
+from tests.e2e.conftest import TOKENS, RunningSystem, receive, running_system, start_when_workers_registered
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+SESSIONS = 4
+STALL_S = 4.0
+"""How long the stopped worker stays frozen; past the 1.5 s worker timeout, so its sessions move."""
+
+
+@pytest.fixture(scope="module")
+def faulty(nats_url: str, database_url: str) -> Iterator[RunningSystem]:
+    settings = {"TURBOSERVE_WORKER_CAPACITY": "8", "TURBOSERVE_SNAPSHOT_EVERY_CHUNKS": "4"}
+    with running_system(nats_url, database_url, workers=2, settings=settings) as running:
+        yield running
+
+
+@dataclass
+class Streams:
+    clients: list[TurboServeClient]
+    session_ids: list[str]
+    chunks: list[list[ReceivedChunk]]
+
+    async def more(self, count: int, timeout_s: float = 20.0) -> None:
+        async def take(index: int) -> None:
+            for _ in range(count):
+                chunk = await self.clients[index].next_chunk(self.session_ids[index], timeout_s=timeout_s)
+                self.chunks[index].append(chunk)
+        await asyncio.gather(*(take(i) for i in range(len(self.clients))))
+
+    def check(self) -> float:
+        """Every stream contiguous from seq 0; returns the longest wait between two chunks any client saw."""
+        longest_ms = 0.0
+        for session_id, chunks in zip(self.session_ids, self.chunks, strict=True):
+            seqs = [c.header.seq for c in chunks]
+            assert seqs == list(range(len(chunks))), f"{session_id}: gap, duplicate or reorder in {seqs}"
+            gaps = [b.received_at_unix_ms - a.received_at_unix_ms for a, b in zip(chunks, chunks[1:], strict=False)]
+            longest_ms = max([longest_ms, *gaps])
+        return longest_ms / 1e3
+
+
+@pytest_asyncio.fixture
+async def streams(faulty: RunningSystem) -> AsyncIterator[Streams]:
+    clients = [await TurboServeClient.connect(faulty.ws_url, TOKENS[i % 2]) for i in range(SESSIONS)]
+    ids = [str((await start_when_workers_registered(c, f"fault {i}", 900 + i))["session_id"])
+           for i, c in enumerate(clients)]
+    running = Streams(clients, ids, [await receive(c, s, 3) for c, s in zip(clients, ids, strict=True)])
+    try:
+        yield running
+    finally:
+        for client, session_id in zip(clients, ids, strict=True):
+            await close_even_if_moved(client, session_id)
+            await client.close()
+
+
+async def close_even_if_moved(client: TurboServeClient, session_id: str) -> None:
+    """Close; notices that the session moved ("state", reason "moved") may come first."""
+    await client.send({"type": "close", "session_id": session_id})
+    for _ in range(8):
+        try:
+            await client.expect("closed")
+            return
+        except ServerError as exc:
+            if "'moved'" not in str(exc):
+                raise
+    raise AssertionError(f"session {session_id} was not closed")
+
+
+async def kill_and_restart(system: RunningSystem, name: str, streams: Streams) -> float:
+    """kill -9 ``name`` while every session streams, restart it a second later; the longest client wait."""
+    system.child(name).process.send_signal(signal.SIGKILL)
+    await streams.more(3)
+    await asyncio.sleep(1.0)
+    system.restart(name)
+    await streams.more(3)
+    return streams.check()
+
+
+async def test_a_scheduler_killed_mid_stream_does_not_stop_a_stream_and_its_restart_serves_new_sessions(
+    faulty: RunningSystem, streams: Streams,
+) -> None:
+    longest_s = await kill_and_restart(faulty, "scheduler", streams)
+    assert longest_s < 3.0, f"a stream stalled {longest_s:.1f} s while the scheduler was down"
+    client = await TurboServeClient.connect(faulty.ws_url, TOKENS[0])
+    try:
+        started = await start_when_workers_registered(client, "after the scheduler came back", 1)
+        await receive(client, str(started["session_id"]), 2)
+        await client.close_session(str(started["session_id"]))
+    finally:
+        await client.close()
+
+
+async def test_a_state_store_killed_mid_stream_does_not_stop_a_stream(
+    faulty: RunningSystem, streams: Streams,
+) -> None:
+    longest_s = await kill_and_restart(faulty, "state-store", streams)
+    assert longest_s < 3.0, f"a stream stalled {longest_s:.1f} s while the state store was down"
+
+
+async def test_a_worker_frozen_by_sigstop_loses_no_chunk_and_rejoins_when_it_thaws(
+    faulty: RunningSystem, streams: Streams,
+) -> None:
+    frozen = streams.chunks[0][-1].header.worker_id
+    process = faulty.child(frozen).process
+    process.send_signal(signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        await streams.more(4, timeout_s=20.0)  # its sessions move to the other worker meanwhile
+    finally:
+        await asyncio.sleep(max(0.0, STALL_S - (time.monotonic() - stopped_at)))
+        process.send_signal(signal.SIGCONT)
+    await streams.more(2)
+    streams.check()
+    deadline = time.monotonic() + 15
+    while not await asyncio.to_thread(worker_is_live, faulty.database_url, frozen):
+        assert time.monotonic() < deadline, f"{frozen} did not rejoin after SIGCONT"
+        await asyncio.sleep(0.2)
+
+
+def worker_is_live(database_url: str, worker_id: str) -> bool:
+    query = "select status = 'live' and last_seen > now() - interval '2 seconds' from workers where id = %s"
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(query, (worker_id,)).fetchone()
+    return bool(row and row[0])
+
+
