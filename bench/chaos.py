@@ -226,37 +226,41 @@ async def run_stream(stream: Stream, urls: list[str], before: int, after: int, f
             await client.close()
 
 
+Inject = Callable[[ChaosSystem, str], Awaitable[None]]
+"""Hit the system; the second argument is the worker serving the most sessions just now (the worker faults' victim)."""
+
+
 @dataclass
 class Fault:
     name: str
-    inject: Callable[[ChaosSystem], Awaitable[None]]
+    inject: Inject
 
 
-def kill_and_restart(name: Callable[[ChaosSystem], str]) -> Callable[[ChaosSystem], Awaitable[None]]:
-    async def inject(system: ChaosSystem) -> None:
-        victim = name(system)
+def kill_and_restart(name: Callable[[str], str]) -> Inject:
+    async def inject(system: ChaosSystem, busiest_worker: str) -> None:
+        victim = name(busiest_worker)
         system.child(victim).process.send_signal(signal.SIGKILL)
         await asyncio.sleep(1.0)
         system.restart(victim)
     return inject
 
 
-async def kill_nats_node(system: ChaosSystem) -> None:
+async def kill_nats_node(system: ChaosSystem, busiest_worker: str) -> None:
     system.nats[0].process.send_signal(signal.SIGKILL)
 
 
-async def freeze_worker(system: ChaosSystem) -> None:
-    process = system.child("worker-1").process
+async def freeze_worker(system: ChaosSystem, busiest_worker: str) -> None:
+    process = system.child(busiest_worker).process
     process.send_signal(signal.SIGSTOP)
     await asyncio.sleep(10.0)
     process.send_signal(signal.SIGCONT)
 
 
 FAULTS = [
-    Fault("kill -9 a worker", kill_and_restart(lambda s: "worker-1")),
-    Fault("kill -9 the scheduler", kill_and_restart(lambda s: "scheduler")),
-    Fault("kill -9 a gateway", kill_and_restart(lambda s: "gateway")),
-    Fault("kill -9 the state store", kill_and_restart(lambda s: "state-store")),
+    Fault("kill -9 a worker", kill_and_restart(lambda busiest: busiest)),
+    Fault("kill -9 the scheduler", kill_and_restart(lambda _: "scheduler")),
+    Fault("kill -9 a gateway", kill_and_restart(lambda _: "gateway")),
+    Fault("kill -9 the state store", kill_and_restart(lambda _: "state-store")),
     Fault("kill -9 a NATS node", kill_nats_node),
     Fault("SIGSTOP a worker for 10 s", freeze_worker),
 ]
@@ -285,9 +289,11 @@ async def one_fault(system: ChaosSystem, fault: Fault, sessions: int, before: in
     tasks = [asyncio.create_task(run_stream(s, system.ws_urls, before, after, fault_at, r))
              for s, r in zip(streams, ready, strict=True)]
     await asyncio.wait_for(asyncio.gather(*(r.wait() for r in ready)), timeout=120)
+    serving = [s.chunks[-1].header.worker_id for s in streams if s.chunks]
+    busiest = max(set(serving), key=serving.count)
     fault_ms = time.time() * 1e3
     fault_at.set()
-    await fault.inject(system)
+    await fault.inject(system, busiest)
     for stream, result in zip(streams, await asyncio.gather(*tasks, return_exceptions=True), strict=True):
         if isinstance(result, BaseException):
             stream.lost_session = stream.lost_session or f"client failed: {result!r}"
@@ -311,7 +317,7 @@ async def one_fault(system: ChaosSystem, fault: Fault, sessions: int, before: in
         default=float("nan"),
     )
     entry = {
-        "fault": fault.name, "sessions": sessions,
+        "fault": fault.name, "sessions": sessions, "sessions_on_the_victim_worker": serving.count(busiest),
         "sessions_lost": sum(bool(s.lost_session) for s in streams),
         "chunks_lost": sum(s.lost for s in streams), "chunks_duplicated": sum(s.duplicated for s in streams),
         "chunks_reordered": sum(s.reordered for s in streams), "frames_differing": mismatched,

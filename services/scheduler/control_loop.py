@@ -1,12 +1,14 @@
-"""The live closed loop: on every scheduling event and at least every control period, build the snapshot from
-PostgreSQL and this process's knowledge, ask the policy for a plan, and carry the plan out in its order.
+"""The scheduler's only decider: on every scheduling event and at least every control period, build the snapshot
+from PostgreSQL and this process's knowledge, ask the policy for a plan, and carry the plan out in its order.
 
-Deciding is the policy's (services/scheduler/policy, the code the simulator runs); this module only translates
-actions into the conditional placement path, the StateMover and the Provisioner. Invariants it keeps:
+Deciding is the policy's (services/scheduler/policy, the code the simulator runs); this module translates actions
+into the conditional placement path, the StateMover and the Provisioner, and answers the requests that wait for a
+decision (open, resume). Invariants it keeps:
 - every write about a session is conditional on the epoch it read, so a plan made on a stale snapshot loses
-  to the newer decision instead of overwriting it;
+  to the newer decision instead of overwriting it; decisions of one process never overlap;
 - a worker is removed only when PostgreSQL shows no open session on it: active sessions were migrated by the
-  plan, idle ones' state is moved here (live, or by snapshot when offloaded) before the provisioner stops it.
+  plan, idle ones' state is moved here (live, or by snapshot when offloaded) before the provisioner stops it;
+- a session whose gateway stopped renewing its lease is closed once the linger ran out too, and its worker told.
 """
 
 from __future__ import annotations
