@@ -14,6 +14,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from services.common import subjects
 from services.common.messages import OpenSession, Placement, Reply, UpdateSession, WorkerGone, WorkerHeartbeat
@@ -46,12 +47,14 @@ async def eventually(probe: Callable[[], Awaitable[T | None]], *, timeout_s: flo
 
 
 class FakeWorker:
-    """A worker as the scheduler sees it: heartbeats on a timer until stopped."""
+    """A worker as the scheduler sees it: heartbeats on a timer until stopped, and answers on its control subject
+    until closed. Stopped but not closed, it is a frozen or cut-off worker: only the heartbeat timeout finds it."""
 
     def __init__(self, nc: NatsClient, worker_id: str, model: str, *, capacity: int = 4) -> None:
         self.nc, self.worker_id, self.model, self.capacity = nc, worker_id, model, capacity
         self.chunks: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
+        self._control: Subscription | None = None
 
     def heartbeat(self) -> WorkerHeartbeat:
         return WorkerHeartbeat(worker_id=self.worker_id, kind="cpu", model=self.model, capacity=self.capacity,
@@ -62,7 +65,11 @@ class FakeWorker:
             await self.nc.publish(subjects.SCHED_HEARTBEAT, encode(self.heartbeat()))
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        async def answer(msg: Msg) -> None:
+            await msg.respond(encode(Reply(ok=True)))
+
+        self._control = await self.nc.subscribe(subjects.worker_control(self.worker_id), cb=answer)
         self._task = asyncio.create_task(self._beat_forever())
 
     async def stop(self) -> None:
@@ -71,6 +78,12 @@ class FakeWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    async def close(self) -> None:
+        await self.stop()
+        if self._control is not None:
+            await self._control.unsubscribe()
+            self._control = None
 
 
 @pytest.fixture
@@ -103,7 +116,7 @@ async def workers(nc: NatsClient, db: PostgresStore) -> AsyncIterator[Callable[.
 
     async def start(worker_id: str, model: str, **kwargs: int) -> FakeWorker:
         worker = FakeWorker(nc, worker_id, model, **kwargs)
-        worker.start()
+        await worker.start()
         started.append(worker)
 
         async def recorded_live() -> bool:
@@ -114,7 +127,7 @@ async def workers(nc: NatsClient, db: PostgresStore) -> AsyncIterator[Callable[.
 
     yield start
     for worker in started:
-        await worker.stop()
+        await worker.close()
 
 
 async def request(nc: NatsClient, subject: str, message: Message) -> Message:
