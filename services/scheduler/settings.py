@@ -17,8 +17,9 @@ class SchedulerSettings:
     """PostgreSQL URL with the psycopg driver (DATABASE_URL); the schema is migrated to head at start."""
     worker_timeout_s: float = 3.0
     """A worker not heard from for this long is lost and its sessions move (TURBOSERVE_WORKER_TIMEOUT_S, 0.1-300)."""
-    sweep_interval_s: float = 0.5
-    """How often worker liveness is checked (TURBOSERVE_SCHED_SWEEP_S, 0.01-60); the control loop retries unplaced
+    sweep_interval_s: float = 0.1
+    """How often worker liveness is checked and late workers probed (TURBOSERVE_SCHED_SWEEP_S, 0.01-60): it bounds
+    how soon a killed worker is found; cheap, as only late workers are probed. The control loop retries unplaced
     sessions every control period."""
     linger_s: float = 60.0
     """A session whose gateway stopped renewing its lease is closed this long after the lease ran out, unless a
@@ -41,7 +42,7 @@ class SchedulerSettings:
             nats_url=common.nats_url,
             database_url=common.database_url,
             worker_timeout_s=env_float("TURBOSERVE_WORKER_TIMEOUT_S", 3.0, low=0.1, high=300.0),
-            sweep_interval_s=env_float("TURBOSERVE_SCHED_SWEEP_S", 0.5, low=0.01, high=60.0),
+            sweep_interval_s=env_float("TURBOSERVE_SCHED_SWEEP_S", 0.1, low=0.01, high=60.0),
             offload_after_s=env_float("TURBOSERVE_OFFLOAD_AFTER_S", 10.0, low=0.1, high=86400.0),
             linger_s=env_float("TURBOSERVE_LINGER_S", 60.0, low=0.0, high=3600.0),
         )
