@@ -36,9 +36,6 @@ class SessionRegistry(Generic[S]):
     def __contains__(self, session_id: object) -> bool:
         return session_id in self._entries
 
-    def count(self, owner: str) -> int:
-        return sum(entry.owner == owner for entry in self._entries.values())
-
     def admit(self, owner: str, session_id: str, session: S, connection_id: int | None) -> None:
         """Register a session bound to ``connection_id`` (None: lingering, to be adopted)."""
         if session_id in self._entries:
