@@ -108,12 +108,13 @@ def from_mapping(obj: object, *, expect: type[M] | None = None) -> M | Message:
     try:
         _check_version(obj.get("v", PROTOCOL_VERSION))
         fields = {name: value for name, value in obj.items() if name not in ("t", "type", "v")}
+        for name, value in fields.items():  # first: msgspec cannot even word its error about such a string
+            _check_unicode(name, "name")
+            _check_unicode(value, name)
         try:
             msg = msgspec.convert(fields, cls)
         except msgspec.ValidationError as exc:
             raise InvalidField(f"{tag}: {exc}") from None
-        for field in dataclasses.fields(msg):
-            _check_unicode(getattr(msg, field.name), field.name)
         msg.check()
         return msg
     except ProtocolError as exc:
