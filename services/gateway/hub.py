@@ -113,9 +113,12 @@ class SessionHub:
 
     async def renew_leases(self) -> None:
         """Renew the lease of every session this gateway holds, a third of the lease apart, until cancelled; a
-        renewal lost to a NATS hiccup is made up by the next one."""
+        renewal lost to a NATS hiccup is made up by the next one. Each round also re-credits a stream that went
+        silent for a whole round (its credit or chunk was lost in flight)."""
         interval_s = self.settings.lease_s / 3
         while True:
+            for session in self.registry.sessions():
+                await session.refresh_credit(stalled_after_s=interval_s)
             next_seqs = {s.session_id: s.fence.next_seq for s in self.registry.sessions() if s.status != "closed"}
             if next_seqs:
                 lease = GatewayLease(self.settings.gateway_id, self.settings.lease_s, next_seqs)

@@ -13,6 +13,7 @@ import asyncio
 import collections
 import collections.abc
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
@@ -106,6 +107,8 @@ class GatewaySession:
         self._credit_open = False
         self._resend_from: int | None = None
         self._attached_epoch = 0
+        self._progress_s = time.monotonic()
+        """When a chunk last arrived or credit was last granted: a session silent past that is re-credited."""
         self._persisted = False
         self._subscriptions: list[Subscription] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -228,6 +231,7 @@ class GatewaySession:
         if verdict not in (Verdict.READY, Verdict.HELD):
             self._drop(verdict.value, f"chunk epoch={header.epoch} seq={header.seq} (at epoch={self.epoch})")
             return
+        self._progress_s = time.monotonic()
         self.traces.arrived(header.seq, msg.headers)
         self._deliver_ready()
         await self._grant_credit()
@@ -345,7 +349,25 @@ class GatewaySession:
 
     async def _open_credit(self) -> None:
         self._credit_open = True
+        self._progress_s = time.monotonic()
         await self._grant_credit()
+
+    async def refresh_credit(self, stalled_after_s: float) -> None:
+        """Ask again for what is owed when nothing arrived for ``stalled_after_s``: a credit message or a chunk
+        lost in flight (a NATS node died under it) would otherwise stall the stream for good. Idempotent: the
+        worker replays from the next seq we need, and the fence drops whatever arrives twice."""
+        owed = self.fence.granted_up_to >= self.fence.next_seq
+        if not (self._credit_open and self.status == "active" and owed):
+            return
+        if time.monotonic() - self._progress_s < stalled_after_s:
+            return
+        self._progress_s = time.monotonic()
+        credit = RequestChunks(self.session_id, self.epoch, self.fence.granted_up_to, self.fence.next_seq)
+        log.info("session=%s stalled at seq=%d; credit sent again", self.session_id, self.fence.next_seq)
+        try:
+            await publish(self._nats, subjects.worker_credit(self.worker_id), credit)
+        except Unavailable as exc:
+            log.warning("session=%s credit refresh not sent: %s", self.session_id, exc)
 
     async def _grant_credit(self) -> None:
         if not self._credit_open:
