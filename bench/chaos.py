@@ -55,7 +55,7 @@ from services.launcher import (  # noqa: E402
     Child,
     drop_database,
     instance_database,
-    spawn,
+    restart_service,
     start_services,
     stop_children,
     wait_http_ok,
@@ -124,14 +124,7 @@ class ChaosSystem:
         return next(c for c in self.children if c.name == name)
 
     def restart(self, name: str) -> None:
-        old = self.child(name)
-        command = "state-store" if name == "state-store" else name.split("-")[0]
-        env = dict(self.env)
-        if command == "worker":
-            env["TURBOSERVE_WORKER_ID"] = name
-        if name == "gateway-2":
-            env["TURBOSERVE_GATEWAY_PORT"] = str(self.ports[1])
-        self.children[self.children.index(old)] = spawn(name, command, env, self.log_dir)
+        restart_service(self.children, name, self.env, self.log_dir, self.ports[1:])
 
 
 @dataclass

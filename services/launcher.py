@@ -94,6 +94,21 @@ def start_services(
     return children
 
 
+def restart_service(
+    children: list[Child], name: str, env: dict[str, str], log_dir: Path, more_gateway_ports: Sequence[int] = ()
+) -> Child:
+    """Start a service of ``start_services`` again after a crash, as a supervisor would: same name, settings and
+    log file (and gateway-N on its own port); it replaces the dead one in ``children``."""
+    old = next(c for c in children if c.name == name)
+    command = "state-store" if name == "state-store" else name.split("-")[0]
+    extra = {"TURBOSERVE_WORKER_ID": name} if command == "worker" else {}
+    if command == "gateway" and name != "gateway":
+        extra["TURBOSERVE_GATEWAY_PORT"] = str(more_gateway_ports[int(name.split("-")[1]) - 2])
+    fresh = spawn(name, command, {**env, **extra}, log_dir)
+    children[children.index(old)] = fresh
+    return fresh
+
+
 def wait_http_ok(url: str, children: list[Child], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

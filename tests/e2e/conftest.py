@@ -22,7 +22,7 @@ from PIL import Image
 
 from services.client import ReceivedChunk, ServerError, TurboServeClient
 from services.common.nats_server import free_port
-from services.launcher import Child, spawn, start_services, stop_children, wait_http_ok
+from services.launcher import Child, restart_service, start_services, stop_children, wait_http_ok
 from tests.synthetic_models import tiny_model_dir
 
 TOKENS = ("token-alpha", "token-beta")
@@ -38,20 +38,19 @@ class RunningSystem:
     children: list[Child]
     env: dict[str, str]
     log_dir: Path
-    more_ws_urls: list[str]
-    """The WebSocket URLs of the gateways beside the first (gateway-2, ...)."""
+    more_gateway_ports: list[int]
+    """The ports of the gateways beside the first (gateway-2, ...)."""
+
+    @property
+    def more_ws_urls(self) -> list[str]:
+        return [f"ws://127.0.0.1:{port}/ws" for port in self.more_gateway_ports]
 
     def child(self, name: str) -> Child:
         return next(c for c in self.children if c.name == name)
 
     def restart(self, name: str) -> Child:
         """Start a service again after a crash, as a supervisor would (same name, settings and log file)."""
-        old = self.child(name)
-        command = "state-store" if name == "state-store" else name.split("-")[0]
-        env = {**self.env, "TURBOSERVE_WORKER_ID": name} if command == "worker" else self.env
-        fresh = spawn(name, command, env, self.log_dir)
-        self.children[self.children.index(old)] = fresh
-        return fresh
+        return restart_service(self.children, name, self.env, self.log_dir, self.more_gateway_ports)
 
     def logs(self) -> str:
         """The tail of every service's log, workers started later by a provisioner included."""
@@ -69,6 +68,19 @@ async def start_when_workers_registered(client: TurboServeClient, prompt: str, s
                 raise
             await asyncio.sleep(0.1)
     raise AssertionError("no worker registered with the scheduler")
+
+
+async def close_tolerating_moves(client: TurboServeClient, session_id: str) -> None:
+    """Close; the gateway's notices that the session moved ("state", reason "moved") may come first."""
+    await client.send({"type": "close", "session_id": session_id})
+    for _ in range(8):
+        try:
+            await client.expect("closed")
+            return
+        except ServerError as exc:
+            if "'moved'" not in str(exc):
+                raise
+    raise AssertionError(f"session {session_id} was not closed")
 
 
 async def receive(client: TurboServeClient, session_id: str, count: int) -> list[ReceivedChunk]:
@@ -108,7 +120,7 @@ def running_system(
     running = RunningSystem(
         ws_url=f"ws://127.0.0.1:{port}/ws", http_url=f"http://127.0.0.1:{port}", database_url=database_url,
         nats_url=nats_url, children=children, env=env, log_dir=log_dir,
-        more_ws_urls=[f"ws://127.0.0.1:{p}/ws" for p in more_ports],
+        more_gateway_ports=more_ports,
     )
     try:
         for http_port in (port, *more_ports):

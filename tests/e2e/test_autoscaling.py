@@ -13,8 +13,14 @@ from typing import Any
 import psycopg
 import pytest
 
-from services.client import ReceivedChunk, ServerError, TurboServeClient
-from tests.e2e.conftest import TOKENS, RunningSystem, running_system, start_when_workers_registered
+from services.client import ReceivedChunk, TurboServeClient
+from tests.e2e.conftest import (
+    TOKENS,
+    RunningSystem,
+    close_tolerating_moves,
+    running_system,
+    start_when_workers_registered,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -60,18 +66,6 @@ async def expect_state(client: TurboServeClient, reason: str) -> dict[str, Any]:
         if message["reason"] == reason:
             return message
     raise AssertionError(f"no {reason!r} state message")
-
-
-async def close_tolerating_moves(client: TurboServeClient, session_id: str) -> None:
-    await client.send({"type": "close", "session_id": session_id})
-    for _ in range(8):
-        try:
-            await client.expect("closed")
-            return
-        except ServerError as exc:
-            if "'moved'" not in str(exc):
-                raise
-    raise AssertionError(f"session {session_id} was not closed")
 
 
 def drain_queue(client: TurboServeClient, session_id: str) -> list[ReceivedChunk]:

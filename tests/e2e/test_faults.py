@@ -16,8 +16,15 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from services.client import ReceivedChunk, ServerError, TurboServeClient
-from tests.e2e.conftest import TOKENS, RunningSystem, receive, running_system, start_when_workers_registered
+from services.client import ReceivedChunk, TurboServeClient
+from tests.e2e.conftest import (
+    TOKENS,
+    RunningSystem,
+    close_tolerating_moves,
+    receive,
+    running_system,
+    start_when_workers_registered,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -67,21 +74,8 @@ async def streams(faulty: RunningSystem) -> AsyncIterator[Streams]:
         yield running
     finally:
         for client, session_id in zip(clients, ids, strict=True):
-            await close_even_if_moved(client, session_id)
+            await close_tolerating_moves(client, session_id)
             await client.close()
-
-
-async def close_even_if_moved(client: TurboServeClient, session_id: str) -> None:
-    """Close; notices that the session moved ("state", reason "moved") may come first."""
-    await client.send({"type": "close", "session_id": session_id})
-    for _ in range(8):
-        try:
-            await client.expect("closed")
-            return
-        except ServerError as exc:
-            if "'moved'" not in str(exc):
-                raise
-    raise AssertionError(f"session {session_id} was not closed")
 
 
 async def kill_and_restart(system: RunningSystem, name: str, streams: Streams) -> float:

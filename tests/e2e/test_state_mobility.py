@@ -20,13 +20,21 @@ import pytest_asyncio
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from services.client import ReceivedChunk, ServerError, TurboServeClient
+from services.client import ReceivedChunk, TurboServeClient
 from services.common import subjects
 from services.common.admin import MigrateSession, OffloadRequest
 from services.common.control import MigrationReport
 from services.common.messages import Reply, WorkerHeartbeat
 from services.common.wire import Message, decode, encode
-from tests.e2e.conftest import TOKENS, RunningSystem, decoded, receive, running_system, start_when_workers_registered
+from tests.e2e.conftest import (
+    TOKENS,
+    RunningSystem,
+    close_tolerating_moves,
+    decoded,
+    receive,
+    running_system,
+    start_when_workers_registered,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -86,19 +94,6 @@ async def reference_run(system: RunningSystem, prompt: str, seed: int, count: in
         await client.close()
 
 
-async def close_after_moves(client: TurboServeClient, session_id: str) -> None:
-    """Close; the gateway's notices that the session moved ("state", reason "moved") may come first."""
-    await client.send({"type": "close", "session_id": session_id})
-    for _ in range(4):
-        try:
-            await client.expect("closed")
-            return
-        except ServerError as exc:
-            if "'moved'" not in str(exc):
-                raise
-    raise AssertionError(f"session {session_id} was not closed")
-
-
 def assert_contiguous(chunks: list[ReceivedChunk], label: str) -> None:
     seqs = [c.header.seq for c in chunks]
     assert seqs == list(range(len(chunks))), f"{label}: gap, duplicate or reorder in {seqs}"
@@ -124,7 +119,7 @@ async def test_a_session_migrated_there_and_back_mid_stream_has_no_gap_and_the_f
             moves.append((report, asked_at_ms, during))
             chunks += during
         chunks += await receive(client, session_id, 16 - len(chunks))
-        await close_after_moves(client, session_id)
+        await close_tolerating_moves(client, session_id)
     finally:
         await client.close()
     assert_contiguous(chunks, "migrated session")
@@ -162,7 +157,7 @@ async def test_a_paused_session_offloaded_when_idle_and_resumed_on_the_other_wor
         assert (notice["reason"], notice["worker_id"]) == ("moved", moved.target_worker)
         await client.resume(session_id)
         chunks += await receive(client, session_id, 10 - len(chunks))
-        await close_after_moves(client, session_id)
+        await close_tolerating_moves(client, session_id)
     finally:
         await client.close()
     assert_contiguous(chunks, "offloaded session")
@@ -199,7 +194,7 @@ async def test_after_kill_9_of_a_worker_every_one_of_8_streaming_sessions_contin
             *(stream_until_served_by_another(c, sid, victim, 4) for c, sid in zip(clients, ids, strict=True))
         )
         for client, session_id in zip(clients, ids, strict=True):
-            await close_after_moves(client, session_id)
+            await close_tolerating_moves(client, session_id)
     finally:
         for client in clients:
             await client.close()
