@@ -3,13 +3,16 @@
 Run: ``.venv/bin/python bench/chaos.py`` (a few minutes). Writes ``bench/results/chaos.json`` (``faults``: one
 entry per fault) and ``bench/results/chaos_gaps.png`` (each client's waits between chunks around the fault).
 
-The system: a 3-node NATS cluster (snapshots replicated 3 times), PostgreSQL (a database of this run's own), the
+The system: a 3-node NATS cluster (snapshots replicated 3 times), PostgreSQL (an embedded server of this run's own,
+so that it can be crashed and restarted; a ``DATABASE_URL`` is used as given and that fault skipped), the
 scheduler, the state store, three workers and two gateways, all separate processes. A killed service is started
 again a second later, as ``turboserve up``'s supervisor does. Every client checks its stream itself: a seq
 twice (duplicated), a seq below the last (reordered), a seq skipped (lost), and every chunk's frames against an
 undisturbed run of the same session. When its gateway dies the client reconnects through the other one and
-resumes at the seq after the last it holds. Generation is not paced to playback yet (#13), so a "gap" here is
-measured against chunks that come every few tens of milliseconds, not every 750 ms.
+resumes at the seq after the last it holds. Generation is paced to playback (a 12-frame chunk every 750 ms at
+16 fps, two chunks ahead), so a client holds up to ~1.5 s of picture when a fault hits: "longest gap" is the
+longest wait between two chunks' arrivals, "stalls" / "longest stall" what a 16 fps player showed frozen (the
+arrivals replayed through the gateway's playback model).
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ from websockets.exceptions import ConnectionClosed  # noqa: E402
 
 from services.client import ReceivedChunk, ServerError, TurboServeClient  # noqa: E402
 from services.common.nats_server import NatsServer, free_port, start_nats_cluster  # noqa: E402
-from services.common.postgres_server import locate_postgres  # noqa: E402
+from services.common.postgres_server import PostgresHandle, locate_postgres  # noqa: E402
+from services.gateway.playback import PlaybackClock  # noqa: E402
 from services.gpu_worker.model.synth import temporary_synthetic_dir  # noqa: E402
 from services.launcher import (  # noqa: E402
     Child,
@@ -68,11 +72,15 @@ FRAME_TOLERANCE = 1.0
 """Mean JPEG levels two runs of the same session may differ by (batched sums reorder; the encoder rounds): up to
 0.05 measured here, against about 34 between two different sessions."""
 console = Console(width=150)
+PLAYBACK_FPS = 16.0
+POSTGRES_DOWN_S = 3.0
+"""Long enough that every service meets the outage (leases, heartbeats, a decision round), short enough to wait."""
 
 
 class ChaosSystem:
-    def __init__(self, database_url: str, nats: list[NatsServer]) -> None:
+    def __init__(self, database_url: str, nats: list[NatsServer], postgres: PostgresHandle) -> None:
         self.nats = nats
+        self.postgres = postgres
         self.ports = [free_port(), free_port()]
         self.log_dir = Path(tempfile.mkdtemp(prefix="turboserve-chaos-"))
         self.env = {
@@ -153,6 +161,19 @@ class Stream:
             return
         self.lost += seq - last - 1
         self.chunks.append(chunk)
+
+
+def playback_stalls(stream: Stream, after_ms: float) -> list[float]:
+    """How long the picture froze (s) each time a chunk that arrived after ``after_ms`` came after the previous one
+    finished playing, replaying the arrivals through the gateway's own model of a 16 fps player."""
+    clock = PlaybackClock(fps=PLAYBACK_FPS, lead_chunks=2, next_seq=stream.chunks[0].header.seq if stream.chunks else 0)
+    stalls = []
+    for chunk in stream.chunks:
+        before = clock.stalled_s
+        clock.delivered(chunk.header.seq, len(chunk.frames), chunk.received_at_unix_ms / 1e3)
+        if clock.stalled_s > before and chunk.received_at_unix_ms >= after_ms:
+            stalls.append(clock.stalled_s - before)
+    return stalls
 
 
 async def start(client: TurboServeClient, prompt: str, seed: int) -> str:
@@ -242,6 +263,10 @@ async def kill_nats_node(system: ChaosSystem, busiest_worker: str) -> None:
     system.nats[0].process.send_signal(signal.SIGKILL)
 
 
+async def restart_postgres(system: ChaosSystem, busiest_worker: str) -> None:
+    await asyncio.to_thread(system.postgres.crash_and_restart, POSTGRES_DOWN_S)
+
+
 async def freeze_worker(system: ChaosSystem, busiest_worker: str) -> None:
     process = system.child(busiest_worker).process
     process.send_signal(signal.SIGSTOP)
@@ -255,6 +280,7 @@ FAULTS = [
     Fault("kill -9 a gateway", kill_and_restart(lambda _: "gateway")),
     Fault("kill -9 the state store", kill_and_restart(lambda _: "state-store")),
     Fault("kill -9 a NATS node", kill_nats_node),
+    Fault(f"PostgreSQL down {POSTGRES_DOWN_S:.0f} s (crash, restart)", restart_postgres),
     Fault("SIGSTOP a worker for 10 s", freeze_worker),
 ]
 
@@ -305,6 +331,7 @@ async def one_fault(system: ChaosSystem, fault: Fault, sessions: int, before: in
         for s in streams for a, b in zip(s.chunks, s.chunks[1:], strict=False)
         if b.received_at_unix_ms >= fault_ms
     ]
+    stalls_s = [stall for stream in streams for stall in playback_stalls(stream, after_ms=fault_ms)]
     recovered_s = max(
         ((s.chunks[min(len(s.chunks) - 1, before + 1)].received_at_unix_ms - fault_ms) / 1e3 for s in streams),
         default=float("nan"),
@@ -314,7 +341,8 @@ async def one_fault(system: ChaosSystem, fault: Fault, sessions: int, before: in
         "sessions_lost": sum(bool(s.lost_session) for s in streams),
         "chunks_lost": sum(s.lost for s in streams), "chunks_duplicated": sum(s.duplicated for s in streams),
         "chunks_reordered": sum(s.reordered for s in streams), "frames_differing": mismatched,
-        "longest_gap_s": max(gaps_s, default=0.0), "recover_s": recovered_s,
+        "longest_gap_s": max(gaps_s, default=0.0), "longest_stall_s": max(stalls_s, default=0.0),
+        "stalls": len(stalls_s), "recover_s": recovered_s,
         "reconnects": sum(s.reconnects for s in streams), "left_open_after_close": left_open,
         "why_lost": [s.lost_session for s in streams if s.lost_session],
     }
@@ -337,12 +365,15 @@ def plot(timelines: list[tuple[str, list[Stream], float]]) -> None:
 
 async def run(args: argparse.Namespace) -> int:
     nats = start_nats_cluster(3)
-    postgres = locate_postgres()
+    postgres = locate_postgres(allow_local=False)  # a server of our own, to crash and restart
     database_url, database = instance_database(postgres)
-    system = ChaosSystem(database_url, nats)
+    system = ChaosSystem(database_url, nats, postgres)
     rows: list[dict[str, Any]] = []
     timelines: list[tuple[str, list[Stream], float]] = []
     faults = [f for f in FAULTS if not args.only or any(word in f.name for word in args.only)]
+    if not postgres.owned:
+        console.print(f"DATABASE_URL names a {postgres.source} PostgreSQL, not ours to restart: that fault is skipped")
+        faults = [f for f in faults if f.inject is not restart_postgres]
     try:
         system.start()
         with Progress(console=console) as progress:
@@ -355,7 +386,7 @@ async def run(args: argparse.Namespace) -> int:
                 timelines.append((fault.name, streams, fault_ms))
                 progress.advance(task)
     finally:
-        system.stop(keep_logs=len(rows) < len(faults))
+        system.stop(keep_logs=args.keep_logs or len(rows) < len(faults))
         for server in nats:
             server.stop()
         if database is not None:
@@ -363,12 +394,12 @@ async def run(args: argparse.Namespace) -> int:
         postgres.stop()
     table = Table(title=f"{args.sessions} sessions streaming, one fault at a time (tiny model, this machine)")
     for column in ("fault", "sessions lost", "chunks lost", "duplicated", "reordered", "frames differing",
-                   "longest gap (s)", "recovered (s)", "reconnects"):
+                   "longest gap (s)", "stalls", "longest stall (s)", "recovered (s)", "reconnects"):
         table.add_column(column, justify="right")
     for r in rows:
         table.add_row(r["fault"], str(r["sessions_lost"]), str(r["chunks_lost"]), str(r["chunks_duplicated"]),
                       str(r["chunks_reordered"]), str(r["frames_differing"]), f"{r['longest_gap_s']:.2f}",
-                      f"{r['recover_s']:.2f}", str(r["reconnects"]))
+                      str(r["stalls"]), f"{r['longest_stall_s']:.2f}", f"{r['recover_s']:.2f}", str(r["reconnects"]))
     console.print(table)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
@@ -388,6 +419,7 @@ def main() -> int:
     parser.add_argument("--before", type=int, default=4, help="chunks per session before the fault")
     parser.add_argument("--after", type=int, default=12, help="chunks per session after it")
     parser.add_argument("--only", nargs="*", default=[], help="run only the faults whose name has one of these")
+    parser.add_argument("--keep-logs", action="store_true", help="keep every service's log (kept anyway on a failure)")
     return asyncio.run(run(parser.parse_args()))
 
 

@@ -255,11 +255,9 @@ def run_up(*, workers: int, model: str, port: int) -> int:
                 console.print(log_path.read_text(errors="replace")[-2000:])
                 return 1
             if nats is not None and nats.process.poll() is not None:
-                console.print("[yellow]NATS exited; restarting it on the same port[/] (its JetStream data is lost; "
-                              "the services reconnect)")
-                crashed = nats
-                crashed.stop()
-                nats = start_nats_server(crashed.port)
+                console.print("[yellow]NATS exited; restarting it on the same port and JetStream data[/] "
+                              "(the services reconnect)")
+                nats = nats.restart_after_crash()
             time.sleep(0.2)
         return 0
     except RuntimeError as exc:

@@ -42,6 +42,13 @@ def env_float(name: str, default: float, *, low: float, high: float,
     return value
 
 
+def env_choice(name: str, default: str, choices: tuple[str, ...], environ: Mapping[str, str] = os.environ) -> str:
+    value = environ.get(name, default)
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class CommonSettings:
     """What every service needs."""

@@ -177,6 +177,8 @@ class Placement(Message):
     worker_id: str
     epoch: int
     reason: str = ""
+    gateway_id: str = ""
+    """The gateway that drives the session now ('' when none holds it): any other gateway lets its copy go."""
 
 
 @message
@@ -245,6 +247,14 @@ class RequestChunks(Message):
     epoch: int
     up_to_seq: int
     resend_from_seq: int | None = None
+    due_unix_ms: float = 0.0
+    """When chunk ``up_to_seq`` must reach the client to play without a stall (0: no deadline, as soon as may be);
+    an earlier seq is due ``interval_ms`` earlier per seq. The worker's batches serve the earliest deadline first."""
+    interval_ms: float = 0.0
+    """How long one chunk plays."""
+    exact: bool = False
+    """``up_to_seq`` replaces the credit even if lower (a pause takes back what was not generated yet); otherwise
+    credit only grows."""
 
 
 @message

@@ -71,14 +71,23 @@ class NatsServer:
             self.process.wait()
         shutil.rmtree(self.store_dir, ignore_errors=True)
 
+    def restart_after_crash(self) -> NatsServer:
+        """A new server on this one's port and JetStream directory (a supervisor's restart): streams and KV
+        buckets survive, and clients reconnect to the address they know."""
+        self._stopped = True
+        self.process.wait()
+        return start_nats_server(self.port, store_dir=self.store_dir)
+
 
 def start_nats_server(
-    port: int | None = None, ready_timeout_s: float = 10.0, *, cluster: tuple[str, int, list[int]] | None = None
+    port: int | None = None, ready_timeout_s: float = 10.0, *, cluster: tuple[str, int, list[int]] | None = None,
+    store_dir: Path | None = None,
 ) -> NatsServer:
     """Launch and wait until the server accepts TCP connections (retrying, not sleeping a fixed time).
-    ``cluster``: (cluster name, this node's route port, every node's route port) to join a cluster."""
+    ``cluster``: (cluster name, this node's route port, every node's route port) to join a cluster;
+    ``store_dir``: JetStream data to start from (a fresh temp dir by default)."""
     port = port or free_port()
-    store_dir = Path(tempfile.mkdtemp(prefix="turboserve-nats-"))
+    store_dir = store_dir if store_dir is not None else Path(tempfile.mkdtemp(prefix="turboserve-nats-"))
     monitor_port = free_port()
     argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store_dir),
             "-m", str(monitor_port)]

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import socket
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +26,19 @@ class PostgresHandle:
     url: str
     source: str  # "env" | "local" | "embedded"
     _cleanup: Callable[[], None] | None = None
+    _restart: Callable[[float], None] | None = None
+
+    @property
+    def owned(self) -> bool:
+        """Started by us, so ours to crash and restart (a fault in bench/chaos.py and the e2e tests)."""
+        return self._restart is not None
+
+    def crash_and_restart(self, down_s: float) -> None:
+        """Stop the server the way a crash does (immediate: every connection cut, recovery on start), keep it down
+        ``down_s``, then start it again on the same data, address and socket."""
+        if self._restart is None:
+            raise RuntimeError(f"the {self.source} PostgreSQL is not ours to restart")
+        self._restart(down_s)
 
     def stop(self) -> None:
         if self._cleanup is not None:
@@ -54,7 +69,18 @@ def locate_postgres(*, allow_local: bool = True) -> PostgresHandle:
         server.cleanup()
         shutil.rmtree(data_dir, ignore_errors=True)
 
-    return PostgresHandle(url=server.get_uri(), source="embedded", _cleanup=cleanup)
+    def restart(down_s: float) -> None:
+        from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
+
+        # postmaster.opts holds the command line the server runs with; start gets the same options back
+        options = shlex.split((server.pgdata / "postmaster.opts").read_text())[1:]
+        data_flag = options.index("-D")
+        del options[data_flag:data_flag + 2]
+        pg_ctl(["-w", "stop", "-m", "immediate"], pgdata=server.pgdata, user=server.system_user, timeout=30)
+        time.sleep(down_s)
+        pg_ctl(["-w", "start", "-o", shlex.join(options)], pgdata=server.pgdata, user=server.system_user, timeout=30)
+
+    return PostgresHandle(url=server.get_uri(), source="embedded", _cleanup=cleanup, _restart=restart)
 
 
 @contextlib.contextmanager

@@ -72,9 +72,12 @@ class ChunkFence(Generic[T]):
             raise ValueError(f"advance past seq {self.next_seq}, which has not arrived")
         self.next_seq += 1
 
-    def grant(self) -> int | None:
-        """Extend the credit to keep ``credit_chunks`` in flight; the new ``up_to_seq``, or None if nothing is due."""
+    def grant(self, limit: int | None = None) -> int | None:
+        """Extend the credit to keep ``credit_chunks`` in flight, but not past ``limit`` (playback pacing); the new
+        ``up_to_seq``, or None if nothing is due."""
         up_to = credit_up_to(self.next_seq, self.credit_chunks)
+        if limit is not None:
+            up_to = min(up_to, limit)
         if up_to <= self.granted_up_to:
             return None
         self.granted_up_to = up_to
@@ -87,6 +90,11 @@ class ChunkFence(Generic[T]):
         self._held.clear()
         self.granted_up_to = self.next_seq - 1
         self.highest_requested = self.next_seq - 1
+
+    def take_back(self, up_to: int) -> None:
+        """Lower the credit to ``up_to`` (a pause): chunks past it are no longer wanted, held or arriving."""
+        self.granted_up_to = min(self.granted_up_to, up_to)
+        self._held = {seq: item for seq, item in self._held.items() if seq <= self.granted_up_to}
 
     def revoke_credit(self) -> None:
         """Forget credit for chunks we refused (queue overflow), so the next grant asks for them again."""

@@ -43,7 +43,8 @@ class SessionHub:
         self.registry: SessionRegistry[GatewaySession] = SessionRegistry()
         self._nats = nats
         self._limits = SessionLimits(settings.credit_chunks, settings.queue_chunks, settings.request_timeout_s,
-                                     settings.gateway_id, settings.lease_s, settings.max_sessions_per_token)
+                                     settings.gateway_id, settings.lease_s, settings.max_sessions_per_token,
+                                     settings.playback_fps, settings.lead_chunks, settings.paced)
         self._lingering: dict[str, asyncio.Task[None]] = {}
         self._claims = asyncio.Lock()
 
@@ -67,7 +68,7 @@ class SessionHub:
                 f"{served[0]}x{served[1]}"
             )
         spec = SessionSpec(uuid.uuid4().hex, owner, start.prompt, start.seed, self.settings.model)
-        session = GatewaySession(spec, self._limits, self._nats)
+        session = GatewaySession(spec, self._limits, self._nats, handed_over=self._forget)
         self.registry.admit(owner, spec.session_id, session, connection_id)
         try:
             await session.open()
@@ -106,7 +107,7 @@ class SessionHub:
             raise InvalidState(f"session {session_id!r} runs model {record.model!r}; this gateway serves "
                                f"{self.settings.model!r}")
         spec = SessionSpec(session_id, owner, record.prompts[0][1], record.seed, record.model)
-        session = GatewaySession(spec, self._limits, self._nats)
+        session = GatewaySession(spec, self._limits, self._nats, handed_over=self._forget)
         await session.take_over(record, next_seq)
         self.registry.admit(owner, session_id, session, None)
         log.info("session=%s taken over from another gateway", session_id)
@@ -155,6 +156,13 @@ class SessionHub:
         await asyncio.gather(*timers, return_exceptions=True)
         await asyncio.gather(*(self.close(session, "the gateway shut down") for session in self.registry.sessions()),
                              return_exceptions=True)
+
+    def _forget(self, session: GatewaySession) -> None:
+        """Another gateway drives ``session`` now: no linger, no lease, no place in this gateway's registry."""
+        timer = self._lingering.pop(session.session_id, None)
+        if timer is not None:
+            timer.cancel()
+        self.registry.remove(session.session_id, session)
 
     async def _linger(self, session: GatewaySession) -> None:
         await asyncio.sleep(self.settings.linger_s)

@@ -70,9 +70,11 @@ class SessionRegistry(Generic[S]):
                 detached.append((session_id, entry.session))
         return detached
 
-    def remove(self, session_id: str) -> None:
-        """Forget a closed session; removing twice is harmless."""
-        self._entries.pop(session_id, None)
+    def remove(self, session_id: str, session: S | None = None) -> None:
+        """Forget a closed session (only if it is still ``session``, when given); removing twice is harmless."""
+        entry = self._entries.get(session_id)
+        if entry is not None and (session is None or entry.session is session):
+            del self._entries[session_id]
 
     def sessions(self) -> list[S]:
         return [entry.session for entry in self._entries.values()]

@@ -47,6 +47,7 @@ from services.common.telemetry.chunks import GatewayChunkSpans
 from services.common.wire import Message, decode
 from services.gateway.fencing import ChunkFence, Verdict
 from services.gateway.outgoing import OutgoingChunk, OutgoingChunks, SlowConsumer
+from services.gateway.playback import PlaybackClock
 from services.gateway.rpc import publish, request
 
 log = logging.getLogger("turboserve.gateway.session")
@@ -85,12 +86,16 @@ class SessionLimits:
     gateway_id: str = "gateway"
     lease_s: float = 0.0
     max_open_per_owner: int = 0
+    playback_fps: float = 16.0
+    lead_chunks: int = 2
+    paced: bool = True
 
 
 class GatewaySession:
     """A session's NATS side: open, attach, credit, prompt, pause, resume, move and close."""
 
-    def __init__(self, spec: SessionSpec, limits: SessionLimits, nats: NatsClient) -> None:
+    def __init__(self, spec: SessionSpec, limits: SessionLimits, nats: NatsClient, *,
+                 handed_over: Callable[[GatewaySession], None] | None = None) -> None:
         self.spec = spec
         self.session_id = spec.session_id
         self.prompts: list[tuple[int, str]] = [(0, spec.prompt)]
@@ -113,6 +118,13 @@ class GatewaySession:
         self._subscriptions: list[Subscription] = []
         self._background: set[asyncio.Task[None]] = set()
         self.traces = GatewayChunkSpans(spec.session_id)
+        self._handed_over = handed_over
+        """Told when another gateway drives the session now, so the one holding this copy drops it."""
+        self.playback = PlaybackClock(fps=limits.playback_fps, lead_chunks=limits.lead_chunks)
+        self._frames_of: dict[int, int] = {}
+        """Frame count of each chunk the fence holds, for the playback clock when it is delivered."""
+        self._pacing: asyncio.TimerHandle | None = None
+        """Wakes the credit when the next chunk starts playing."""
 
     @property
     def epoch(self) -> int:
@@ -154,6 +166,8 @@ class GatewaySession:
             self.prompts = [(seq, prompt) for seq, prompt in claim.prompts]
             self.fence = ChunkFence(epoch=0, credit_chunks=self._limits.credit_chunks,
                                     next_seq=claim.next_seq if next_seq is None else next_seq)
+            self.playback = PlaybackClock(fps=self._limits.playback_fps, lead_chunks=self._limits.lead_chunks,
+                                          next_seq=self.fence.next_seq)
             self._persisted = True  # worker_id stays empty: the resume's placement attaches it afresh
             self.status = "idle"
             log.info("event=session_taken_over next_seq=%d worker=%s", self.fence.next_seq, claim.worker_id)
@@ -232,6 +246,7 @@ class GatewaySession:
             self._drop(verdict.value, f"chunk epoch={header.epoch} seq={header.seq} (at epoch={self.epoch})")
             return
         self._progress_s = time.monotonic()
+        self._frames_of[header.seq] = len(header.frame_sizes)
         self.traces.arrived(header.seq, msg.headers)
         self._deliver_ready()
         await self._grant_credit()
@@ -246,6 +261,11 @@ class GatewaySession:
         async with self._lock, self.traces.operation("move"):
             if self.status == "closed" or placement.epoch <= self._attached_epoch:
                 return  # open() holds the lock, so a placement racing it is judged against open's epoch
+            if placement.gateway_id and placement.gateway_id != self._limits.gateway_id:
+                await self._let_go(placement.gateway_id)
+                return
+            if not placement.worker_id:
+                return  # a claim's notice: it tells the other gateways, and this one already has the claim's answer
             log.info("session=%s moves to worker=%s epoch=%d reason=%r next_seq=%d", self.session_id,
                      placement.worker_id, placement.epoch, placement.reason, self.fence.next_seq)
             try:
@@ -289,6 +309,9 @@ class GatewaySession:
     async def _go_idle(self) -> None:
         self.status = "idle"
         self._credit_open = False
+        self._stop_pacing()
+        self.playback.pause()
+        await self._take_back_credit()
         update = UpdateSession(self.session_id, "idle", self.fence.granted_up_to + 1,
                                gateway_id=self._limits.gateway_id)
         try:
@@ -296,18 +319,31 @@ class GatewaySession:
         except TurboServeError as exc:  # the pause holds locally; the scheduler reconciles from heartbeats
             log.warning("session=%s could not report idle to the scheduler: %s", self.session_id, exc)
 
-    async def _shutdown(self, reason: str) -> None:
+    async def _let_go(self, gateway_id: str) -> None:
+        """Another gateway claimed the session (its client resumed there): stop listening at once rather than
+        receive, and fence off, its chunks until this copy's linger ends. Its worker state and its row are the new
+        gateway's now, so neither is touched."""
+        listener = self.listener
+        await self._shutdown(f"taken over by gateway {gateway_id}", handed_over=True)
+        if listener is not None:
+            listener.session_failed(self, InvalidState(
+                f"session {self.session_id!r} was resumed on another connection (gateway {gateway_id})"))
+        if self._handed_over is not None:
+            self._handed_over(self)
+
+    async def _shutdown(self, reason: str, *, handed_over: bool = False) -> None:
         """Tear down in an order that a cancellation can interrupt and a second call can finish."""
         if self.status == "closed":
             return
         self._credit_open = False
+        self._stop_pacing()
         self.listener = None
         self.outgoing.clear()
         subscriptions, self._subscriptions = self._subscriptions, []
         for subscription in subscriptions:
             await _quietly(subscription.unsubscribe())
-        closed_here = not self._persisted
-        if self._persisted:  # first: if another gateway holds the session now, its worker state is not ours to drop
+        closed_here = not self._persisted and not handed_over
+        if self._persisted and not handed_over:  # first: if another gateway holds it now, its worker state is not ours
             update = UpdateSession(self.session_id, "closed", self.fence.next_seq, reason, self._limits.gateway_id)
             try:
                 await self._request(subjects.SCHED_UPDATE, update, Message)
@@ -320,7 +356,7 @@ class GatewaySession:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self.status = "closed"
-        log.info("event=session_closed next_seq=%d", self.fence.next_seq)
+        log.info("event=session_closed next_seq=%d reason=%r", self.fence.next_seq, reason)
         self.traces.close("closed")
 
     async def _detach(self, worker_id: str, epoch: int) -> None:
@@ -336,7 +372,9 @@ class GatewaySession:
             except SlowConsumer as exc:
                 self._on_slow_consumer(exc)
                 return
+            seq = self.fence.next_seq
             self.fence.advance()
+            self.playback.delivered(seq, self._frames_of.pop(seq, 0), time.time())
 
     def _on_slow_consumer(self, error: SlowConsumer) -> None:
         """Refuse the chunk, stop the credit and remember to ask for it again when the client resumes."""
@@ -369,14 +407,48 @@ class GatewaySession:
         except Unavailable as exc:
             log.warning("session=%s credit refresh not sent: %s", self.session_id, exc)
 
+    async def _take_back_credit(self) -> None:
+        """Generation stops within one chunk of a pause: the worker keeps credit only for the chunk the client
+        needs next (it may be in the batch running now); what it made past that is asked for again on resume."""
+        stop_at = self.fence.next_seq
+        if not self.worker_id or self.fence.granted_up_to <= stop_at:
+            return
+        self.fence.take_back(stop_at)
+        self._resend_from = stop_at + 1
+        try:
+            await publish(self._nats, subjects.worker_credit(self.worker_id),
+                          RequestChunks(self.session_id, self.epoch, stop_at, exact=True))
+        except Unavailable as exc:  # the worker then makes the little credit it had left; nothing is lost
+            log.warning("session=%s credit not taken back: %s", self.session_id, exc)
+
+    def _stop_pacing(self) -> None:
+        if self._pacing is not None:
+            self._pacing.cancel()
+            self._pacing = None
+
+    def _pace(self, now: float) -> None:
+        """Grant again when the next chunk starts playing (that is when the credit may grow)."""
+        self._stop_pacing()
+        if not (self._limits.paced and self._credit_open and self.status == "active"):
+            return
+        at = self.playback.next_credit_at(now)
+        if at is not None:
+            self._pacing = asyncio.get_running_loop().call_later(
+                max(0.0, at - now) + 0.001, lambda: self._in_background(self._grant_credit()))
+
     async def _grant_credit(self) -> None:
         if not self._credit_open:
             return
-        up_to = self.fence.grant()
+        now = time.time()
+        paced = self._limits.paced
+        up_to = self.fence.grant(self.playback.credit_up_to(now) if paced else None)
+        self._pace(now)
         if up_to is None:
             return
         resend_from, self._resend_from = self._resend_from, None
-        credit = RequestChunks(self.session_id, self.epoch, up_to, resend_from)
+        due_unix_ms = self.playback.deadline(up_to, now) * 1e3 if paced else 0.0
+        credit = RequestChunks(self.session_id, self.epoch, up_to, resend_from, due_unix_ms=due_unix_ms,
+                               interval_ms=self.playback.chunk_s * 1e3)
         headers = self.traces.credit_headers(self.fence.next_seq, up_to, self.epoch, self.worker_id)
         try:
             await publish(self._nats, subjects.worker_credit(self.worker_id), credit, headers)

@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass
 
 from services.common.client_messages import MAX_CLIENT_MESSAGE_BYTES
-from services.common.config import ConfigError, env_float, env_int, env_str
+from services.common.config import ConfigError, env_choice, env_float, env_int, env_str
 from services.common.messages import MAX_PROMPT_CHARS
 from services.gateway.auth import TokenTable, parse_tokens
 
@@ -52,6 +52,11 @@ class GatewaySettings:
     """Deadline of one NATS request to the scheduler or a worker (TURBOSERVE_REQUEST_TIMEOUT_S, [0.05, 60])."""
     playback_fps: float = 16.0
     """Frames per second the viewer plays at; Wan2.1 models render 16 (TURBOSERVE_PLAYBACK_FPS, [1, 120])."""
+    lead_chunks: int = 2
+    """How far a session is generated ahead of the chunk its client plays (TURBOSERVE_LEAD_CHUNKS, [1, 16])."""
+    paced: bool = True
+    """Generation paced to playback (TURBOSERVE_PACING=playback, the default) or only to delivery
+    (TURBOSERVE_PACING=delivery: as fast as the client takes chunks, for load tests and offline renders)."""
     frame_width_px: int = 64
     """Width the model renders; a start asking for another size is refused (TURBOSERVE_FRAME_WIDTH)."""
     frame_height_px: int = 64
@@ -105,4 +110,6 @@ class GatewaySettings:
             lease_s=env_float("TURBOSERVE_LEASE_S", 6.0, low=1.0, high=300.0),
             request_timeout_s=env_float("TURBOSERVE_REQUEST_TIMEOUT_S", 5.0, low=0.05, high=60.0),
             playback_fps=env_float("TURBOSERVE_PLAYBACK_FPS", 16.0, low=1.0, high=120.0),
+            lead_chunks=env_int("TURBOSERVE_LEAD_CHUNKS", 2, low=1, high=16),
+            paced=env_choice("TURBOSERVE_PACING", "playback", ("playback", "delivery")) == "playback",
         )

@@ -186,7 +186,9 @@ class ChunkEngine:
         if resend_from is not None and not session.can_replay_from(resend_from):
             await self._rewind(session, resend_from)
             session = self.sessions[msg.session_id]
-        session.credit_up_to = max(session.credit_up_to, msg.up_to_seq)
+        session.credit_up_to = msg.up_to_seq if msg.exact else max(session.credit_up_to, msg.up_to_seq)
+        if msg.due_unix_ms:
+            session.due_unix_ms, session.due_seq, session.interval_ms = msg.due_unix_ms, msg.up_to_seq, msg.interval_ms
         if resend_from is not None:
             session.next_send_seq = min(session.next_send_seq, resend_from)
         self._wake(session)
@@ -223,8 +225,19 @@ class ChunkEngine:
             stop_wait.cancel()
 
     def _ready_batch(self) -> list[ResidentSession]:
+        """Earliest deadline first: the chunk whose first frame must play soonest. A session without a deadline
+        (delivery pacing, or silently catching up before its first credit) counts as due when it became ready,
+        so it neither starves nor jumps a stream that is about to stall."""
+        now_ms, now_s = time.time() * 1e3, self._clock()
         ready = [s for s in self.sessions.values() if s.wants_generation() and not s.offloaded]
-        ready.sort(key=lambda s: (s.ready_since_s or 0.0, s.session_id))  # oldest waiting first: no starvation
+
+        def due_ms(session: ResidentSession) -> float:
+            deadline = session.deadline_ms(session.next_seq)
+            if deadline is not None:
+                return deadline
+            return now_ms - (now_s - (session.ready_since_s if session.ready_since_s is not None else now_s)) * 1e3
+
+        ready.sort(key=lambda s: (due_ms(s), s.session_id))
         return ready[: self._max_batch]
 
     async def _step(self, batch: list[ResidentSession]) -> None:
@@ -254,6 +267,9 @@ class ChunkEngine:
                         "ready_at_unix_ms": started_wall_ms - queue_ms, "queue_ms": queue_ms,
                         "model_ms": item.model_ms, "encode_ms": item.encode_wait_ms, "batch": float(len(batch)),
                     }
+                    deadline = session.deadline_ms(item.output.chunk_index)
+                    if deadline is not None:
+                        timings["due_unix_ms"] = deadline
                     session.record(EncodedChunk(item.output.chunk_index, item.output.first_frame, item.frames,
                                                 timings))
                     series.observe_chunk(queue_ms / 1e3, self._clock() - ready_s[item.index])

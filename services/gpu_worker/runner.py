@@ -22,6 +22,7 @@ from services.common.control import (
 )
 from services.common.endpoints import Endpoint, serve
 from services.common.errors import TurboServeError, Unavailable, UnknownMessageType
+from services.common.keyed_tasks import KeyedTasks
 from services.common.messages import (
     AttachSession,
     ChangePrompt,
@@ -67,6 +68,8 @@ class WorkerRunner:
         self._migrations = migrations
         self._started_at_s = time.time()
         self._draining = False
+        self._tasks = KeyedTasks("worker")
+        """One session's control messages and credits in their order, other sessions' beside them."""
 
     async def _handle_control(self, request: Message) -> Message:
         if isinstance(request, ProbeWorker):
@@ -100,8 +103,17 @@ class WorkerRunner:
     async def _on_credit(self, msg: Msg) -> None:
         try:
             request = decode(msg.data, expect=RequestChunks)
-            assert isinstance(request, RequestChunks)
-            worker_chunk_traces.credited(request.session_id, msg.headers)
+        except TurboServeError as exc:
+            log.info("event=credit_refused worker=%s code=%s detail=%s", self._settings.worker_id, exc.code, exc)
+            return
+        assert isinstance(request, RequestChunks)
+        await self._tasks.submit(request.session_id, lambda: self._credit(request, msg.headers))
+
+    async def _credit(self, request: RequestChunks, headers: dict[str, str] | None) -> None:
+        """After the session's earlier control messages and credits, beside other sessions' (a restore from host
+        RAM or a rewind here must not hold up the rest)."""
+        try:
+            worker_chunk_traces.credited(request.session_id, headers)
             await self._engine.credit(request)
         except TurboServeError as exc:
             log.info("event=credit_refused worker=%s code=%s detail=%s", self._settings.worker_id, exc.code, exc)
@@ -137,7 +149,7 @@ class WorkerRunner:
         control = Endpoint("control", subjects.worker_control(worker_id), self._handle_control,
                            span_attributes={"worker.id": worker_id})
         service = await serve(self._nc, service="worker", description="chunk generation", endpoints=[control],
-                              queue_group=f"worker-{worker_id}", log=log)
+                              queue_group=f"worker-{worker_id}", log=log, tasks=self._tasks)
         credit = await self._nc.subscribe(subjects.worker_credit(worker_id), cb=self._on_credit)
         await self._nc.flush()
         log.info("event=worker_ready worker=%s model=%s", worker_id, self._settings.model)
@@ -146,8 +158,8 @@ class WorkerRunner:
                 tasks.create_task(self._engine.run(stop))
                 tasks.create_task(self._heartbeat_loop(stop))
         finally:
-            await service.stop()
             await credit.unsubscribe()
+            await service.stop()
             if self._nc.is_connected:
                 await self._nc.publish(subjects.SCHED_WORKER_GONE, encode(WorkerGone(worker_id=worker_id)))
                 await self._nc.flush()

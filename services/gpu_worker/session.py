@@ -37,6 +37,10 @@ class ResidentSession:
     credit_up_to: int = -1
     silent_until: int = 0
     ready_since_s: float | None = None
+    due_unix_ms: float = 0.0
+    """When chunk ``due_seq`` must reach its client (0: no deadline given); earlier seqs ``interval_ms`` apart."""
+    due_seq: int = 0
+    interval_ms: float = 0.0
     offloaded: bool = False
     """The state is in host memory or the state store, not in ``handle``'s slot; restore before generating."""
     replay: deque[EncodedChunk] = field(default_factory=deque)
@@ -47,6 +51,12 @@ class ResidentSession:
     def wants_generation(self) -> bool:
         """Ready for the next batch: credited by the gateway, or still catching up silently."""
         return not self.offloaded and (self.next_seq <= self.credit_up_to or self.next_seq < self.silent_until)
+
+    def deadline_ms(self, seq: int) -> float | None:
+        """When chunk ``seq`` must reach the client to play without a stall (unix ms), if the gateway said."""
+        if not self.due_unix_ms:
+            return None
+        return self.due_unix_ms - (self.due_seq - seq) * self.interval_ms
 
     def prompt_for(self, seq: int) -> str:
         index = bisect.bisect_right([start for start, _ in self.prompts], seq) - 1

@@ -332,7 +332,7 @@ class ControlLoop:
         waiter = self._waiters.get(session_id)
         log_decision("place", session_id, f"{why}; {reason}" if why else reason, worker=gpu_id, epoch=moved.epoch,
                      links=waiter.links if waiter is not None else None)
-        placement = Placement(session_id, gpu_id, moved.epoch, why or reason)
+        placement = Placement(session_id, gpu_id, moved.epoch, why or reason, moved.gateway_id or "")
         if row.epoch > 0:
             await self._io.publish_placement(placement)
         self._answer(session_id, placement)

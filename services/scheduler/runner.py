@@ -19,12 +19,11 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.micro.service import Service
 
 from services.common import subjects
 from services.common.admin import MigrateSession, OffloadRequest
 from services.common.control import DrainWorker, MigrationReport, ProbeWorker, ScaleDecision
-from services.common.endpoints import Endpoint, serve
+from services.common.endpoints import Endpoint, Serving, serve
 from services.common.errors import TurboServeError
 from services.common.messages import (
     ClaimSession,
@@ -34,6 +33,7 @@ from services.common.messages import (
     Placement,
     RecordPrompt,
     Reply,
+    SessionClaim,
     UpdateSession,
     WorkerGone,
     WorkerHeartbeat,
@@ -131,7 +131,7 @@ class SchedulerRunner:
         self._background: set[asyncio.Task[None]] = set()
         self._sweep_interval_s = sweep_interval_s
         self._subscriptions: list[Subscription] = []
-        self._service: Service | None = None
+        self._service: Serving | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> SchedulerRunner:
@@ -139,7 +139,7 @@ class SchedulerRunner:
         endpoints = [
             Endpoint.typed("open", subjects.SCHED_OPEN, OpenSession, self._lifecycle.open),
             Endpoint.typed("update", subjects.SCHED_UPDATE, UpdateSession, self._update),
-            Endpoint.typed("claim", subjects.SCHED_CLAIM, ClaimSession, self._lifecycle.claim),
+            Endpoint.typed("claim", subjects.SCHED_CLAIM, ClaimSession, self._claim),
             Endpoint.typed("prompt", subjects.SCHED_PROMPT, RecordPrompt, self._lifecycle.record_prompt),
             Endpoint.typed("migrate", subjects.SCHED_ADMIN_MIGRATE, MigrateSession, self._mobility.migrate),
             Endpoint.typed("offload", subjects.SCHED_ADMIN_OFFLOAD, OffloadRequest, self._mobility.offload),
@@ -178,6 +178,14 @@ class SchedulerRunner:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+
+    async def _claim(self, request: ClaimSession) -> SessionClaim:
+        """Claim, then tell the gateway that held the session: a placement with no worker, naming the new gateway,
+        which makes the old one drop its copy and stop receiving the session's chunks."""
+        claim = await self._lifecycle.claim(request)
+        await self._out.publish_placement(
+            Placement(claim.session_id, "", claim.epoch, "claimed by another gateway", request.gateway_id))
+        return claim
 
     async def _update(self, request: UpdateSession) -> Placement | Reply:
         answer = await self._lifecycle.update(request)

@@ -129,7 +129,7 @@ class WorkerStateMover:
         except StaleEpoch as exc:  # another decision moved or closed it: the copy on the target is an orphan
             await self._request(target, DetachSession(session_id, report.epoch))
             return _failed(session_id, report.epoch, report.source_worker, target, f"not committed: {exc}")
-        placement = Placement(session_id, target, moved.epoch, f"migrated: {reason}")
+        placement = Placement(session_id, target, moved.epoch, f"migrated: {reason}", moved.gateway_id or "")
         await self._channel.publish_placement(placement)
         await self._request(report.source_worker, DetachSession(session_id, report.epoch))
         self._offloaded[report.source_worker] = self._offloaded.get(report.source_worker, frozenset()) - {session_id}
@@ -148,7 +148,8 @@ class WorkerStateMover:
             )
         except StaleEpoch:
             return  # another decision already moved it
-        placement = Placement(session_id, source, moved.epoch, "migration undecided: placed on its source again")
+        placement = Placement(session_id, source, moved.epoch, "migration undecided: placed on its source again",
+                              moved.gateway_id or "")
         await self._channel.publish_placement(placement)
         await self._request(target, DetachSession(session_id, epoch))
 

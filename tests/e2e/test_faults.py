@@ -1,12 +1,13 @@
 """One fault at a time under streaming sessions, end to end: kill -9 of the scheduler or of the state store (then
-restarted, as a supervisor does) and a SIGSTOP of a worker. No session is lost; no client sees a chunk twice, out
-of order, or a gap in seqs; the scheduler and the state store are off the chunk path, so their crash does not
-even slow a stream. (Worker and gateway kills: test_state_mobility.py, test_gateways.py; a NATS node:
-test_nats_cluster.py.)"""
+restarted, as a supervisor does), a crash and restart of PostgreSQL, and a SIGSTOP of a worker. No session is lost;
+no client sees a chunk twice, out of order, or a gap in seqs; the scheduler, the state store and the database are
+off the chunk path, so their crash does not even slow a stream. (Worker and gateway kills: test_state_mobility.py,
+test_gateways.py; a NATS node: test_nats_cluster.py.)"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -17,6 +18,7 @@ import pytest
 import pytest_asyncio
 
 from services.client import ReceivedChunk, TurboServeClient
+from services.common.postgres_server import PostgresHandle, locate_postgres, scratch_database
 from tests.e2e.conftest import (
     TOKENS,
     RunningSystem,
@@ -66,7 +68,14 @@ class Streams:
 
 @pytest_asyncio.fixture
 async def streams(faulty: RunningSystem) -> AsyncIterator[Streams]:
-    clients = [await TurboServeClient.connect(faulty.ws_url, TOKENS[i % 2]) for i in range(SESSIONS)]
+    async with streaming(faulty) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def streaming(system: RunningSystem) -> AsyncIterator[Streams]:
+    """SESSIONS sessions, each 3 chunks in; closed afterwards."""
+    clients = [await TurboServeClient.connect(system.ws_url, TOKENS[i % 2]) for i in range(SESSIONS)]
     ids = [str((await start_when_workers_registered(c, f"fault {i}", 900 + i))["session_id"])
            for i, c in enumerate(clients)]
     running = Streams(clients, ids, [await receive(c, s, 3) for c, s in zip(clients, ids, strict=True)])
@@ -76,6 +85,17 @@ async def streams(faulty: RunningSystem) -> AsyncIterator[Streams]:
         for client, session_id in zip(clients, ids, strict=True):
             await close_tolerating_moves(client, session_id)
             await client.close()
+
+
+async def a_new_session_streams(system: RunningSystem, prompt: str) -> None:
+    """After the fault: a new session opens, streams and closes."""
+    client = await TurboServeClient.connect(system.ws_url, TOKENS[0])
+    try:
+        started = await start_when_workers_registered(client, prompt, 1)
+        await receive(client, str(started["session_id"]), 2)
+        await client.close_session(str(started["session_id"]))
+    finally:
+        await client.close()
 
 
 async def kill_and_restart(system: RunningSystem, name: str, streams: Streams) -> float:
@@ -93,13 +113,7 @@ async def test_a_scheduler_killed_mid_stream_does_not_stop_a_stream_and_its_rest
 ) -> None:
     longest_s = await kill_and_restart(faulty, "scheduler", streams)
     assert longest_s < 3.0, f"a stream stalled {longest_s:.1f} s while the scheduler was down"
-    client = await TurboServeClient.connect(faulty.ws_url, TOKENS[0])
-    try:
-        started = await start_when_workers_registered(client, "after the scheduler came back", 1)
-        await receive(client, str(started["session_id"]), 2)
-        await client.close_session(str(started["session_id"]))
-    finally:
-        await client.close()
+    await a_new_session_streams(faulty, "after the scheduler came back")
 
 
 async def test_a_state_store_killed_mid_stream_does_not_stop_a_stream(
@@ -136,3 +150,32 @@ def worker_is_live(database_url: str, worker_id: str) -> bool:
     return bool(row and row[0])
 
 
+
+
+@pytest.fixture(scope="module")
+def own_postgres_system(nats_url: str) -> Iterator[tuple[RunningSystem, PostgresHandle]]:
+    """A system on an embedded PostgreSQL of its own: the shared one is not ours to crash."""
+    postgres = locate_postgres(allow_local=False)
+    if not postgres.owned:
+        postgres.stop()
+        pytest.skip(f"DATABASE_URL names a {postgres.source} PostgreSQL, not ours to restart")
+    try:
+        with scratch_database(postgres.url, "turboserve_pg_fault") as database_url, \
+                running_system(nats_url, database_url, workers=2) as running:
+            yield running, postgres
+    finally:
+        postgres.stop()
+
+
+async def test_a_postgres_crash_does_not_stop_a_stream_and_the_system_serves_new_sessions_after_it(
+    own_postgres_system: tuple[RunningSystem, PostgresHandle],
+) -> None:
+    system, postgres = own_postgres_system
+    async with streaming(system) as streams:
+        outage = asyncio.create_task(asyncio.to_thread(postgres.crash_and_restart, 3.0))
+        await streams.more(4)
+        await outage
+        await streams.more(3)
+        longest_s = streams.check()
+        assert longest_s < 3.0, f"a stream stalled {longest_s:.1f} s while PostgreSQL was down"
+    await a_new_session_streams(system, "after PostgreSQL came back")

@@ -15,7 +15,15 @@ import psycopg
 import pytest
 
 from services.client import ReceivedChunk, ServerError, TurboServeClient
-from tests.e2e.conftest import TOKENS, RunningSystem, decoded, receive, running_system, start_when_workers_registered
+from tests.e2e.conftest import (
+    TOKENS,
+    RunningSystem,
+    assert_same_frames,
+    decoded,
+    receive,
+    running_system,
+    start_when_workers_registered,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -28,6 +36,21 @@ def two_gateways(nats_url: str, database_url: str) -> Iterator[RunningSystem]:
     settings = {"TURBOSERVE_LEASE_S": str(LEASE_S), "TURBOSERVE_LINGER_S": str(LINGER_S)}
     with running_system(nats_url, database_url, workers=2, gateways=2, settings=settings) as running:
         yield running
+
+
+async def let_go_by_gateway_1(system: RunningSystem, session_id: str, timeout_s: float = 10.0) -> None:
+    """Gateway 1 dropped its copy because gateway 2 took the session over, not because its linger ran out (it
+    would have received and fenced off the session's chunks until then)."""
+    log = system.log_dir / "gateway.log"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        closed = [line for line in log.read_text(errors="replace").splitlines()
+                  if f"session_id={session_id}" in line and "event=session_closed" in line]
+        if closed:
+            assert "taken over by gateway" in closed[0], closed[0]
+            return
+        assert time.monotonic() < deadline, f"gateway 1 still holds {session_id} after {timeout_s:g} s"
+        await asyncio.sleep(0.05)
 
 
 def session_row(system: RunningSystem, session_id: str) -> tuple[str, str | None] | None:
@@ -79,8 +102,9 @@ async def test_a_client_reconnecting_through_the_other_gateway_continues_at_its_
         await client.close()  # the session lingers on gateway 1
 
     chunks = await stream_across_gateways(two_gateways, "a lighthouse in a storm", 31, drop_connection)
+    await let_go_by_gateway_1(two_gateways, chunks[0].header.session_id)
     expected = await reference_frames(two_gateways.ws_url, "a lighthouse in a storm", 31, 6)
-    assert np.array_equal(decoded(chunks), expected), "the other gateway's stream differs from an undisturbed one"
+    assert_same_frames(decoded(chunks), expected, "the other gateway's stream")
 
 
 async def test_another_tokens_session_cannot_be_taken_over_through_the_other_gateway(
@@ -134,7 +158,7 @@ async def test_a_gateway_killed_mid_stream_loses_no_chunk_the_client_continues_t
 
     chunks = await stream_across_gateways(two_gateways, "a train crossing a bridge", 77, kill_gateway)
     expected = await reference_frames(two_gateways.more_ws_urls[0], "a train crossing a bridge", 77, 6)
-    assert np.array_equal(decoded(chunks), expected)
+    assert_same_frames(decoded(chunks), expected, "the stream across a gateway kill")
     while session_row(two_gateways, abandoned[0]) != ("closed", None):  # the scheduler closes what nobody resumed
         assert time.monotonic() - killed_at[0] < LEASE_S + LINGER_S + 15, "a dead gateway's session was never closed"
         await asyncio.sleep(0.2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -62,5 +63,36 @@ async def test_every_outcome_of_a_handler_is_one_prompt_answer_with_a_documented
         assert (await _ask(nc, subject, b"\xc1 not msgpack")).code == "malformed"
         stats = json.loads((await nc.request("$SRV.STATS.turboserve_probe", b"", timeout=5.0)).data)
         assert stats["endpoints"][0]["num_requests"] == 5 and stats["endpoints"][0]["subject"] == subject
+    finally:
+        await service.stop()
+
+
+async def test_a_waiting_request_holds_up_only_its_own_session(nc: NatsClient) -> None:
+    """A handler that waits (an attach waiting for the batch in flight) must not delay other sessions' requests,
+    while one session's requests are still handled in the order they came."""
+    subject = "test.endpoints.ordered"
+    release = asyncio.Event()
+    handled: list[str] = []
+
+    async def handle(query: SnapshotQuery) -> Message:
+        if query.session_id == "slow" and not handled:
+            handled.append("slow-1 started")
+            await release.wait()
+        handled.append(query.session_id)
+        return Reply(ok=True, detail=query.session_id)
+
+    service = await serve(nc, service="probe", description="test", queue_group="probe", log=log,
+                          endpoints=[Endpoint.typed("query", subject, SnapshotQuery, handle)])
+    try:
+        first_slow = asyncio.create_task(nc.request(subject, encode(SnapshotQuery(session_id="slow")), timeout=5.0))
+        await asyncio.sleep(0.05)
+        second_slow = asyncio.create_task(nc.request(subject, encode(SnapshotQuery(session_id="slow")), timeout=5.0))
+        await asyncio.sleep(0.05)
+        other = await _ask(nc, subject, encode(SnapshotQuery(session_id="other")))
+        assert other.detail == "other"
+        assert handled == ["slow-1 started", "other"], "the slow session's second request waits for its first"
+        release.set()
+        await asyncio.gather(first_slow, second_slow)
+        assert handled == ["slow-1 started", "other", "slow", "slow"]
     finally:
         await service.stop()

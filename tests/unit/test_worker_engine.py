@@ -245,3 +245,47 @@ async def test_work_after_the_encoding_counts_as_the_next_chunks_queueing(model:
         model.export_state = original  # type: ignore[method-assign]
         await engine.detach(DetachSession(session_id="a", epoch=1))
     assert second.timings_ms["queue_ms"] >= 150, second.timings_ms
+
+
+async def test_the_chunk_due_soonest_is_generated_first(model: StreamingVideoModel) -> None:
+    """Batches serve the earliest deadline, not the earliest credit: a stream about to stall goes before one that
+    has a chunk in hand, whatever order their credits came in."""
+    captured = Captured()
+    order: list[str] = []
+
+    async def emit(session_id: str, payload: bytes) -> None:
+        order.append(session_id)
+        await captured.emit(session_id, payload)
+
+    engine = ChunkEngine(model, JpegEncoder(90), emit, worker_id="w1", model_name="tiny",
+                         frame_size=(CONFIG.width_px, CONFIG.height_px), max_batch=1, replay_depth=3)
+    now_ms = time.time() * 1e3
+    for sid, due_in_ms in (("relaxed", 3000.0), ("urgent", 100.0), ("soon", 900.0)):
+        await engine.attach(attach(sid))
+        await engine.credit(RequestChunks(session_id=sid, epoch=1, up_to_seq=0, due_unix_ms=now_ms + due_in_ms,
+                                          interval_ms=750.0))
+    stop = asyncio.Event()
+    task = asyncio.create_task(engine.run(stop))
+    try:
+        await captured.wait_for("relaxed", 1)
+    finally:
+        stop.set()
+        await task
+    assert order == ["urgent", "soon", "relaxed"]
+    header, _ = captured.chunks["urgent"][0]
+    assert header.timings_ms["due_unix_ms"] == pytest.approx(now_ms + 100.0), "each chunk says when it was due"
+    for sid in order:
+        await engine.detach(DetachSession(session_id=sid, epoch=1))
+
+
+async def test_an_exact_credit_takes_back_what_was_not_generated_yet(running: tuple[ChunkEngine, Captured]) -> None:
+    """A pause: credit up to seq 5 lowered to seq 0 stops the stream after at most the batch already running."""
+    engine, captured = running
+    await engine.attach(attach("a"))
+    async with engine.model_lock:  # hold the first batch so the take-back lands before it ends
+        await engine.credit(RequestChunks(session_id="a", epoch=1, up_to_seq=5))
+        await asyncio.sleep(0.05)
+        await engine.credit(RequestChunks(session_id="a", epoch=1, up_to_seq=0, exact=True))
+    await captured.wait_for("a", 1)
+    await asyncio.sleep(0.5)
+    assert engine.chunks_produced()["a"] <= 1 and len(captured.chunks["a"]) == 1

@@ -1,0 +1,105 @@
+"""Where a client's playback of one stream is, derived from what the gateway delivered and the frame rate.
+
+A stream plays at its frame rate, so a chunk generated long before it plays is compute nobody needed yet, and it
+hides how many sessions a GPU can hold in real time. The gateway therefore keeps the worker at most ``lead_chunks``
+ahead of the chunk playing now, and tells it when each chunk must arrive: its deadline is the moment its first
+frame plays, and a chunk that arrives later stalls the picture.
+
+The model of the player: it starts the first chunk when it arrives and plays each next one when the previous
+ends, or, if that one is late, when it arrives (a stall). A client that reports what it played (``played``) moves
+the clock to its own. Pure: no I/O; every method takes ``now`` (seconds, wall clock, so deadlines mean the same
+on the worker).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Scheduled:
+    """A delivered chunk and when the player shows it."""
+
+    seq: int
+    starts_s: float
+    ends_s: float
+
+
+class PlaybackClock:
+    def __init__(self, *, fps: float, lead_chunks: int, next_seq: int = 0) -> None:
+        if fps <= 0 or lead_chunks < 1:
+            raise ValueError(f"fps={fps} must be > 0 and lead_chunks={lead_chunks} >= 1")
+        self.fps = fps
+        self.lead_chunks = lead_chunks
+        self.next_seq = next_seq
+        """The next seq to deliver; everything before it is scheduled or played."""
+        self.stalls = 0
+        """Chunks that arrived after the previous one finished playing (the picture froze waiting for them)."""
+        self.stalled_s = 0.0
+        self._queue: deque[Scheduled] = deque()
+        self._played_until_s: float | None = None
+        """When the last scheduled chunk ends; None before the first or after a pause (playback restarts)."""
+        self._chunk_s = 0.0
+
+    def delivered(self, seq: int, frames: int, now: float) -> Scheduled:
+        """Chunk ``seq`` (the next one) reached the client with ``frames`` frames."""
+        if seq != self.next_seq:
+            raise ValueError(f"delivered seq {seq}, expected {self.next_seq}")
+        ends_before = self._played_until_s
+        if ends_before is not None and now > ends_before:
+            self.stalls += 1
+            self.stalled_s += now - ends_before
+        starts = now if ends_before is None else max(ends_before, now)
+        duration = frames / self.fps
+        self._chunk_s = duration if duration > 0 else self._chunk_s
+        scheduled = Scheduled(seq, starts, starts + duration)
+        self._queue.append(scheduled)
+        self._played_until_s = scheduled.ends_s
+        self.next_seq = seq + 1
+        return scheduled
+
+    def played(self, seq: int, now: float) -> None:
+        """The client says chunk ``seq`` started playing at ``now``: shift what follows to its clock."""
+        for index, item in enumerate(self._queue):
+            if item.seq == seq:
+                shift = now - item.starts_s
+                self._queue = deque(Scheduled(s.seq, s.starts_s + shift, s.ends_s + shift)
+                                    for s in list(self._queue)[index:])
+                self._played_until_s = self._queue[-1].ends_s
+                return
+
+    def pause(self) -> None:
+        """The client paused: what it holds plays when it resumes, so the clock starts again at the next chunk."""
+        self._queue.clear()
+        self._played_until_s = None
+
+    def playing(self, now: float) -> int:
+        """The seq on screen at ``now``; the last delivered one when the player ran dry; -1 before any."""
+        while len(self._queue) > 1 and self._queue[1].starts_s <= now:
+            self._queue.popleft()
+        if not self._queue or self._queue[0].starts_s > now:
+            return self.next_seq - 1 - len(self._queue)
+        return self._queue[0].seq
+
+    def credit_up_to(self, now: float) -> int:
+        """The last seq the worker may generate now: ``lead_chunks`` past the one playing."""
+        return self.playing(now) + self.lead_chunks
+
+    def next_credit_at(self, now: float) -> float | None:
+        """When ``credit_up_to`` next grows (the next scheduled chunk starts playing); None when it grows only
+        on a delivery."""
+        self.playing(now)
+        upcoming = [s.starts_s for s in self._queue if s.starts_s > now]
+        return upcoming[0] if upcoming else None
+
+    def deadline(self, seq: int, now: float) -> float:
+        """When chunk ``seq`` (not yet delivered) must arrive for the picture not to freeze."""
+        if self._played_until_s is None:
+            return now + max(0, seq - self.next_seq) * self._chunk_s  # nothing plays: each is wanted at once
+        return max(self._played_until_s, now) + max(0, seq - self.next_seq) * self._chunk_s
+
+    @property
+    def chunk_s(self) -> float:
+        """How long the last delivered chunk plays (0 before the first)."""
+        return self._chunk_s
