@@ -15,12 +15,14 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 
 from services.common import event_loop
 from services.common.chunk_frame import ChunkHeader, unpack_chunk
+
+T = TypeVar("T")
 
 
 class ServerError(Exception):
@@ -73,7 +75,7 @@ class TurboServeClient:
 
     async def expect(self, kind: str, timeout_s: float = 30.0) -> dict[str, Any]:
         """The next text message; an error message raises ServerError, another kind is a protocol surprise."""
-        message = await asyncio.wait_for(self._routes.messages.get(), timeout_s)
+        message = await self._next(self._routes.messages, timeout_s, "no answer")
         if message.get("type") == "error":
             raise ServerError(str(message.get("code")), str(message.get("message")))
         if message.get("type") != kind:
@@ -85,7 +87,20 @@ class TurboServeClient:
         return await self.expect("started")
 
     async def next_chunk(self, session_id: str, timeout_s: float = 30.0) -> ReceivedChunk:
-        return await asyncio.wait_for(self._routes.chunks[session_id].get(), timeout_s)
+        return await self._next(self._routes.chunks[session_id], timeout_s, f"no chunk of {session_id}")
+
+    async def _next(self, queue: asyncio.Queue[T], timeout_s: float, what: str) -> T:
+        """What ``queue`` holds next; ConnectionError as soon as the connection is gone and the queue is empty
+        (rather than waiting out ``timeout_s``), TimeoutError after ``timeout_s``."""
+        if not queue.empty() or not self._reader.done():
+            got = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({got, self._reader}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            if got in done:
+                return got.result()
+            got.cancel()
+            if not done:
+                raise TimeoutError(f"{what} within {timeout_s:g} s")
+        raise ConnectionError("the connection to the gateway is closed")
 
     def pending_chunks(self, session_id: str) -> int:
         return self._routes.chunks[session_id].qsize()

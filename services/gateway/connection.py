@@ -124,6 +124,8 @@ class ClientConnection:
                 await self._send(state_message(session, "paused", stops_at_seq))
             case Resume(session_id=session_id, next_seq=next_seq):
                 session = await self.hub.adopt(self.owner, session_id, self.connection_id, next_seq)
+                if next_seq is not None:
+                    session.rewind_to(next_seq)
                 self._drive(session)
                 await session.resume()
                 await self._send(state_message(session, "resumed"))

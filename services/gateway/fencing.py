@@ -91,6 +91,15 @@ class ChunkFence(Generic[T]):
         self.granted_up_to = self.next_seq - 1
         self.highest_requested = self.next_seq - 1
 
+    def rewind(self, next_seq: int) -> None:
+        """The client lost what was handed to it from ``next_seq`` on (a cut connection): hand it over again from
+        there, with no credit until the next grant asks the worker to replay it."""
+        if next_seq > self.next_seq:
+            raise ValueError(f"rewind to {next_seq} is past the next seq {self.next_seq}")
+        self.next_seq = next_seq
+        self._held.clear()
+        self.granted_up_to = next_seq - 1
+
     def take_back(self, up_to: int) -> None:
         """Lower the credit to ``up_to`` (a pause): chunks past it are no longer wanted, held or arriving."""
         self.granted_up_to = min(self.granted_up_to, up_to)

@@ -26,6 +26,7 @@ from nats.errors import Error as NatsError
 from services.common import subjects
 from services.common.chunk_frame import read_header
 from services.common.errors import (
+    InvalidField,
     InvalidState,
     ProtocolError,
     TurboServeError,
@@ -215,8 +216,13 @@ class GatewaySession:
                 await self._go_idle()
 
     async def resume(self) -> None:
-        """Tell the scheduler, re-attach if it answers with a newer placement (moved while idle), restart credit."""
+        """Tell the scheduler, re-attach if it answers with a newer placement (moved while idle), restart credit.
+        A session still active (the client's new connection came before the old one's end was seen) just gets
+        its credit again, from where ``rewind_to`` put it."""
         async with self._lock, self.traces.operation("resume"):
+            if self.status == "active":
+                await self._open_credit()
+                return
             self._require("idle")
             update = UpdateSession(self.session_id, "active", self.fence.next_seq, gateway_id=self._limits.gateway_id)
             answer = await self._request(subjects.SCHED_UPDATE, update, Message)
@@ -224,6 +230,24 @@ class GatewaySession:
                 await self._attach(answer)
             self.status = "active"
             await self._open_credit()
+
+    def rewind_to(self, next_seq: int) -> None:
+        """The client wants ``next_seq`` next (one past the last chunk it holds): chunks handed to a connection
+        that was cut before they reached the client are delivered again. Call it before a new connection starts
+        writing the session's queue, which may hold chunks past ``next_seq``."""
+        if next_seq > self.fence.next_seq:
+            raise InvalidField(f"next_seq {next_seq} is past what session {self.session_id!r} has produced "
+                               f"({self.fence.next_seq})")
+        if next_seq == self.fence.next_seq:
+            return
+        log.info("session=%s rewinds to seq=%d from %d: the client did not get them", self.session_id, next_seq,
+                 self.fence.next_seq)
+        self.outgoing.clear()
+        self._frames_of.clear()
+        self.fence.rewind(next_seq)
+        self.playback = PlaybackClock(fps=self._limits.playback_fps, lead_chunks=self._limits.lead_chunks,
+                                      next_seq=next_seq)
+        self._resend_from = next_seq
 
     async def close(self, reason: str = "closed by its client") -> None:
         """Detach from the worker and mark the session closed; idempotent."""
