@@ -139,29 +139,34 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="a slow sunrise over a violet sea")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunks", type=int, default=8, help="chunks to receive before closing")
-    parser.add_argument("--out", type=Path, default=None, help="directory to save frames as JPEG files")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="clip.mp4 (or .mkv, .webm): a video at the stream's frame rate; any other path: a folder "
+                             "of the JPEG frames")
 
 
 async def _stream(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
+    from services.clip_writer import ClipWriter
+
     client = await TurboServeClient.connect(args.url, args.token)
     try:
         started = await client.start(args.prompt, args.seed)
         session_id = started["session_id"]
-        if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-        with Progress() as progress:
-            task = progress.add_task(f"session {session_id[:8]}", total=args.chunks)
-            for _ in range(args.chunks):
-                chunk = await client.next_chunk(session_id)
-                if args.out:
-                    for index, frame in enumerate(chunk.frames):
-                        (args.out / f"frame_{chunk.header.first_frame + index:06d}.jpg").write_bytes(frame)
-                shown = {k: v for k, v in chunk.header.timings_ms.items() if not k.endswith("_unix_ms")}
-                timings = ", ".join(f"{k}={v:.1f}" for k, v in shown.items())
-                progress.console.print(f"chunk {chunk.header.seq}: {len(chunk.frames)} frames ({timings})")
-                progress.advance(task)
+        with contextlib.ExitStack() as stack:
+            clip = stack.enter_context(ClipWriter(args.out, float(started["fps"]))) if args.out else None
+            with Progress() as progress:
+                task = progress.add_task(f"session {session_id[:8]}", total=args.chunks)
+                for _ in range(args.chunks):
+                    chunk = await client.next_chunk(session_id)
+                    if clip is not None:
+                        clip.add(chunk.header.first_frame, chunk.frames)
+                    shown = {k: v for k, v in chunk.header.timings_ms.items() if not k.endswith("_unix_ms")}
+                    timings = ", ".join(f"{k}={v:.1f}" for k, v in shown.items())
+                    progress.console.print(f"chunk {chunk.header.seq}: {len(chunk.frames)} frames ({timings})")
+                    progress.advance(task)
+        if clip is not None:
+            print(f"wrote {clip.frames} frames to {args.out}")
         await client.close_session(session_id)
     except ServerError as exc:
         print(f"server error {exc}")

@@ -73,8 +73,23 @@ class Close(Message):
     session_id: str
 
 
-ClientMessage = Start | SetPrompt | Pause | Resume | Close
-_CLIENT_TYPES = (Start, SetPrompt, Pause, Resume, Close)
+@message
+@dataclass(frozen=True, slots=True)
+class Played(Message):
+    """Chunk ``seq`` started playing just now. Optional: without it the gateway assumes a player that starts each
+    chunk when the previous ends; with it (a buffering or throttled player) generation follows the real one."""
+
+    TYPE = "played"
+    session_id: str
+    seq: int
+
+    def check(self) -> None:
+        if self.seq < 0:
+            raise InvalidField("seq must not be negative")
+
+
+ClientMessage = Start | SetPrompt | Pause | Resume | Close | Played
+_CLIENT_TYPES = (Start, SetPrompt, Pause, Resume, Close, Played)
 
 
 def parse_client_message(data: str | bytes) -> ClientMessage:

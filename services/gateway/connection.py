@@ -20,6 +20,7 @@ from services.common.client_messages import (
     ClientMessage,
     Close,
     Pause,
+    Played,
     Resume,
     SetPrompt,
     Start,
@@ -129,6 +130,8 @@ class ClientConnection:
                 self._drive(session)
                 await session.resume()
                 await self._send(state_message(session, "resumed"))
+            case Played(session_id=session_id, seq=seq):
+                await self.hub.get(self.owner, session_id, self.connection_id).played(seq)
             case Close(session_id=session_id):
                 session = await self.hub.adopt(self.owner, session_id, self.connection_id)
                 await self._stop_writer(session_id)

@@ -38,6 +38,9 @@ class PlaybackClock:
         """Chunks that arrived after the previous one finished playing (the picture froze waiting for them)."""
         self.stalled_s = 0.0
         self._queue: deque[Scheduled] = deque()
+        """Delivered chunks from the one on screen on."""
+        self._recent: deque[Scheduled] = deque(maxlen=64)
+        """The last delivered chunks, played or not, for a client's ``played`` report."""
         self._played_until_s: float | None = None
         """When the last scheduled chunk ends; None before the first or after a pause (playback restarts)."""
         self._chunk_s = 0.0
@@ -55,23 +58,26 @@ class PlaybackClock:
         self._chunk_s = duration if duration > 0 else self._chunk_s
         scheduled = Scheduled(seq, starts, starts + duration)
         self._queue.append(scheduled)
+        self._recent.append(scheduled)
         self._played_until_s = scheduled.ends_s
         self.next_seq = seq + 1
         return scheduled
 
     def played(self, seq: int, now: float) -> None:
-        """The client says chunk ``seq`` started playing at ``now``: shift what follows to its clock."""
-        for index, item in enumerate(self._queue):
-            if item.seq == seq:
-                shift = now - item.starts_s
-                self._queue = deque(Scheduled(s.seq, s.starts_s + shift, s.ends_s + shift)
-                                    for s in list(self._queue)[index:])
-                self._played_until_s = self._queue[-1].ends_s
-                return
+        """The client says chunk ``seq`` started playing at ``now``: move it and what follows to its clock, behind
+        our model (a player that buffered) or ahead of it. A seq not delivered lately is ignored."""
+        recent = [s for s in self._recent if s.seq >= seq]
+        if not recent or recent[0].seq != seq:
+            return
+        shift = now - recent[0].starts_s
+        self._queue = deque(Scheduled(s.seq, s.starts_s + shift, s.ends_s + shift) for s in recent)
+        self._recent = deque(self._queue, maxlen=self._recent.maxlen)
+        self._played_until_s = self._queue[-1].ends_s
 
     def pause(self) -> None:
         """The client paused: what it holds plays when it resumes, so the clock starts again at the next chunk."""
         self._queue.clear()
+        self._recent.clear()
         self._played_until_s = None
 
     def playing(self, now: float) -> int:

@@ -231,6 +231,11 @@ class GatewaySession:
             self.status = "active"
             await self._open_credit()
 
+    async def played(self, seq: int) -> None:
+        """The client's player started chunk ``seq`` now: pace to its clock rather than our model of it."""
+        self.playback.played(seq, time.time())
+        await self._grant_credit()
+
     def rewind_to(self, next_seq: int) -> None:
         """The client wants ``next_seq`` next (one past the last chunk it holds): chunks handed to a connection
         that was cut before they reached the client are delivered again. Call it before a new connection starts

@@ -10,6 +10,7 @@ import io
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -58,16 +59,20 @@ class RunningSystem:
         return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}" for path in paths)
 
 
-async def start_when_workers_registered(client: TurboServeClient, prompt: str, seed: int) -> dict[str, object]:
-    """Workers register by heartbeat a moment after the gateway is up; retry only that one answer."""
-    for _ in range(100):
+async def start_when_workers_registered(client: TurboServeClient, prompt: str, seed: int,
+                                        within_s: float = 90.0) -> dict[str, object]:
+    """Workers register by heartbeat once their model is loaded, a while after the gateway is up (tens of seconds
+    on a machine busy with another test run); retry only that one answer."""
+    deadline = time.monotonic() + within_s
+    while True:
         try:
             return await client.start(prompt, seed)
         except ServerError as exc:
             if exc.code != "unavailable":
                 raise
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no worker took the session within {within_s:g} s: {exc}") from exc
             await asyncio.sleep(0.1)
-    raise AssertionError("no worker registered with the scheduler")
 
 
 async def close_tolerating_moves(client: TurboServeClient, session_id: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from websockets.asyncio.client import connect
@@ -182,3 +183,48 @@ async def test_a_client_that_stops_reading_gets_slow_consumer_and_close_1013(
             await stack.worker.recorder.wait_for(RequestChunks, session_id=session_id, resend_from_seq=idle.next_seq)
             after = [chunk.seq for chunk in await again.chunks_until(3)]
             assert before + after == list(range(len(before) + len(after)))  # the refused chunk was asked for again
+
+
+async def test_credit_follows_playback_and_a_played_report_moves_it_to_the_clients_clock(nats_url: str) -> None:
+    """One frame a chunk at 1 fps: a chunk plays for a second. The worker may run two chunks past the one on
+    screen, not further, however fast it is; each credit says when its chunk must arrive; a client that says it
+    plays the next chunk already gets the credit that goes with it at once."""
+    async with gateway_stack(nats_url, auto=False, playback_fps=1.0, lead_chunks=2, credit_chunks=4) as stack, \
+            stack.client() as client:
+        session_id = await start_session(client)
+        worker, recorder = stack.worker, stack.worker.recorder
+        await recorder.wait_for(RequestChunks, session_id=session_id, up_to_seq=1)
+        await worker.publish(session_id, 1, 0)
+        await worker.publish(session_id, 1, 1)
+        await client.chunks_until(2)
+        delivered_ms = time.time() * 1e3
+        credit = await recorder.wait_for(RequestChunks, session_id=session_id, up_to_seq=2)
+        assert credit.due_unix_ms == pytest.approx(delivered_ms + 2000.0, abs=300.0), "due when chunk 1 ends"
+        assert credit.interval_ms == pytest.approx(1000.0)
+        await asyncio.sleep(0.4)
+        assert max(m.up_to_seq for m in recorder.messages if isinstance(m, RequestChunks)) == 2, \
+            "credit ran ahead of playback"
+        await client.send(type="played", session_id=session_id, seq=1)  # its player is a little ahead of ours
+        await recorder.wait_for(RequestChunks, session_id=session_id, up_to_seq=3, timeout_s=0.5)
+
+
+async def test_a_pause_takes_back_the_credit_the_worker_has_not_used(nats_url: str) -> None:
+    """Generation stops within one chunk of a pause: the worker keeps credit only for the chunk the client needs
+    next; the rest is asked for again on resume."""
+    async with gateway_stack(nats_url, auto=False, playback_fps=1.0) as stack, stack.client() as client:
+        session_id = await start_session(client)
+        worker, recorder = stack.worker, stack.worker.recorder
+        await recorder.wait_for(RequestChunks, session_id=session_id, up_to_seq=1)
+        await worker.publish(session_id, 1, 0)
+        await client.chunks_until(1)
+        await recorder.wait_for(RequestChunks, session_id=session_id, up_to_seq=2)
+        await client.send(type="pause", session_id=session_id)
+        paused = await client.next_message()
+        taken_back = await recorder.wait_for(RequestChunks, session_id=session_id, exact=True)
+        assert taken_back.up_to_seq == 1 and paused["next_seq"] == 2
+        await worker.publish(session_id, 1, 1)  # the chunk in flight still arrives
+        assert [c.seq for c in await client.chunks_until(2)] == [0, 1]
+        await client.send(type="resume", session_id=session_id)
+        assert (await client.next_message())["status"] == "active"
+        resumed = await recorder.wait_for(RequestChunks, session_id=session_id, up_to_seq=3)
+        assert resumed.resend_from_seq == 2, "what the worker made past the pause is asked for again"

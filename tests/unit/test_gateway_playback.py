@@ -64,3 +64,16 @@ def test_the_fence_grants_up_to_the_pacing_limit_and_a_pause_takes_back_the_rest
     fence.take_back(1)
     assert fence.granted_up_to == 1 and fence.offer(1, 3, b"d").value == "beyond_credit"
     assert fence.peek_ready() == b"a"
+
+
+def test_a_client_behind_our_model_holds_the_credit_back_to_its_own_clock() -> None:
+    """A player that buffered: our model has chunk 1 long finished when the client says it starts now."""
+    clock = PlaybackClock(fps=FPS, lead_chunks=2)
+    for seq in range(3):
+        clock.delivered(seq, frames=12, now=0.1 * seq)
+    assert clock.playing(2.0) == 2
+    clock.played(1, now=2.0)
+    assert clock.playing(2.5) == 1 and clock.credit_up_to(2.5) == 3
+    assert clock.next_credit_at(2.5) == pytest.approx(2.75)
+    clock.played(99, now=3.0)  # never delivered: ignored
+    assert clock.playing(2.5) == 1

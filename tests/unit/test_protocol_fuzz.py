@@ -19,8 +19,8 @@ from services.common.errors import ProtocolError
 
 PARSE_CODES = {"malformed", "unknown_type", "invalid_field", "unsupported_version", "message_too_large"}
 """The codes docs/protocol.md lists for a message refused before it reaches a session."""
-TYPES = ["start", "prompt", "pause", "resume", "close", "chunk", "placement", "open_session", "", "Start"]
-FIELDS = ["type", "t", "v", "session_id", "prompt", "seed", "width", "height", "next_seq", "epoch", "extra"]
+TYPES = ["start", "prompt", "pause", "resume", "close", "played", "chunk", "placement", "open_session", "", "Start"]
+FIELDS = ["type", "t", "v", "session_id", "prompt", "seed", "width", "height", "next_seq", "seq", "epoch", "extra"]
 def fuzz(examples: int) -> settings:
     return settings(max_examples=examples, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
