@@ -91,6 +91,10 @@ class SessionLimits:
     lead_chunks: int = 2
     paced: bool = True
 
+    def playback_clock(self, next_seq: int) -> PlaybackClock:
+        """A fresh model of the client's player, whose next chunk is ``next_seq``."""
+        return PlaybackClock(fps=self.playback_fps, lead_chunks=self.lead_chunks, next_seq=next_seq)
+
 
 class GatewaySession:
     """A session's NATS side: open, attach, credit, prompt, pause, resume, move and close."""
@@ -121,7 +125,7 @@ class GatewaySession:
         self.traces = GatewayChunkSpans(spec.session_id)
         self._handed_over = handed_over
         """Told when another gateway drives the session now, so the one holding this copy drops it."""
-        self.playback = PlaybackClock(fps=limits.playback_fps, lead_chunks=limits.lead_chunks)
+        self.playback = limits.playback_clock(0)
         self._frames_of: dict[int, int] = {}
         """Frame count of each chunk the fence holds, for the playback clock when it is delivered."""
         self._pacing: asyncio.TimerHandle | None = None
@@ -167,8 +171,7 @@ class GatewaySession:
             self.prompts = [(seq, prompt) for seq, prompt in claim.prompts]
             self.fence = ChunkFence(epoch=0, credit_chunks=self._limits.credit_chunks,
                                     next_seq=claim.next_seq if next_seq is None else next_seq)
-            self.playback = PlaybackClock(fps=self._limits.playback_fps, lead_chunks=self._limits.lead_chunks,
-                                          next_seq=self.fence.next_seq)
+            self.playback = self._limits.playback_clock(self.fence.next_seq)
             self._persisted = True  # worker_id stays empty: the resume's placement attaches it afresh
             self.status = "idle"
             log.info("event=session_taken_over next_seq=%d worker=%s", self.fence.next_seq, claim.worker_id)
@@ -250,8 +253,7 @@ class GatewaySession:
         self.outgoing.clear()
         self._frames_of.clear()
         self.fence.rewind(next_seq)
-        self.playback = PlaybackClock(fps=self._limits.playback_fps, lead_chunks=self._limits.lead_chunks,
-                                      next_seq=next_seq)
+        self.playback = self._limits.playback_clock(next_seq)
         self._resend_from = next_seq
 
     async def close(self, reason: str = "closed by its client") -> None:

@@ -198,7 +198,7 @@ async def test_after_kill_9_of_a_worker_every_one_of_8_streaming_sessions_contin
     for session_id, first, second in zip(ids, before, after, strict=True):
         chunks = first + second
         assert_contiguous(chunks, session_id)
-        if any(c.header.worker_id == victim for c in chunks):
+        if first[-1].header.worker_id == victim:  # on the victim when it died (a rebalance may have moved one before)
             resumed = next(c for c in second if c.header.worker_id != victim)
             waits_s.append((resumed.received_at_unix_ms - killed_at_ms) / 1e3)
             assert waits_s[-1] <= RECOVERY_BOUND_S, f"{session_id} waited {waits_s[-1]:.1f} s for the other worker"
