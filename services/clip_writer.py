@@ -35,10 +35,6 @@ class ClipWriter:
         self._stream = self._container.add_stream(codec, rate=round(fps))
         self._stream.pix_fmt = "yuv420p"
 
-    @property
-    def is_video(self) -> bool:
-        return self._container is not None
-
     def add(self, first_frame: int, jpeg_frames: list[bytes]) -> None:
         for index, jpeg in enumerate(jpeg_frames):
             if self._container is None:

@@ -146,6 +146,19 @@ async def test_pausing_a_paused_session_is_an_invalid_state(nats_url: str) -> No
         assert (error["type"], error["code"]) == ("error", "invalid_state")
 
 
+async def test_a_resume_past_what_the_session_produced_is_an_invalid_field(nats_url: str) -> None:
+    """A client cannot hold a chunk the gateway never handed out; the session stays as it was."""
+    async with gateway_stack(nats_url) as stack, stack.client() as client:
+        session_id = await start_session(client)
+        await client.send(type="resume", session_id=session_id, next_seq=999)
+        error = await client.next_message()
+        assert (error["type"], error["code"]) == ("error", "invalid_field")
+        await client.send(type="played", session_id=session_id, seq=-1)
+        error = await client.next_message()
+        assert (error["type"], error["code"]) == ("error", "invalid_field")
+        assert [c.seq for c in await client.chunks_until(2)][:2] == [0, 1], "the stream goes on"
+
+
 async def test_an_unsupported_version_of_a_readable_request_names_the_request(nats_url: str) -> None:
     async with gateway_stack(nats_url) as stack, stack.client() as client:
         await client.ws.send('{"type": "start", "v": true, "prompt": "a fox"}')
