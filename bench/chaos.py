@@ -87,7 +87,8 @@ class ChaosSystem:
             **os.environ, "NATS_URL": ",".join(n.url for n in nats), "DATABASE_URL": database_url,
             "TURBOSERVE_MODEL": "tiny", "TURBOSERVE_MODEL_DIR": str(temporary_synthetic_dir("tiny")),
             "TURBOSERVE_TOKENS": TOKEN, "TURBOSERVE_GATEWAY_PORT": str(self.ports[0]),
-            "TURBOSERVE_WORKER_CAPACITY": "8", "TURBOSERVE_MAX_SESSIONS_PER_TOKEN": "64",
+            "TURBOSERVE_WORKER_CAPACITY": "8", "TURBOSERVE_CAPACITY_FROM": "setting",  # faults, not capacity
+            "TURBOSERVE_MAX_SESSIONS_PER_TOKEN": "64",
             "TURBOSERVE_SNAPSHOT_EVERY_CHUNKS": "4", "TURBOSERVE_SNAPSHOT_REPLICAS": "3",
             "TURBOSERVE_HEARTBEAT_S": "0.25", "TURBOSERVE_WORKER_TIMEOUT_S": "1.5", "TURBOSERVE_TRACING": "0",
             "TURBOSERVE_LEASE_S": "3", "TURBOSERVE_LINGER_S": "5", "PYTHONUNBUFFERED": "1",

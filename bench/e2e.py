@@ -351,6 +351,8 @@ class System:
             "TURBOSERVE_MODEL_DIR": str(temporary_synthetic_dir("tiny")),
             "TURBOSERVE_TOKENS": TOKEN, "TURBOSERVE_GATEWAY_PORT": str(self.port), "TURBOSERVE_WORKER_CAPACITY": "32",
             "TURBOSERVE_MAX_RESIDENT": "64", "TURBOSERVE_MAX_SESSIONS_PER_TOKEN": "64", "PYTHONUNBUFFERED": "1",
+            # throughput as fast as the worker goes, at the K configured: bench/realtime.py measures real time
+            "TURBOSERVE_PACING": "delivery", "TURBOSERVE_CAPACITY_FROM": "setting",
             **extra_env,
         }
         if "TURBOSERVE_TRACING" not in extra_env:

@@ -5,10 +5,12 @@ Run: ``.venv/bin/python bench/realtime.py`` (3-6 minutes; nothing else should ru
 
 One worker's engine (the tiny model from a synthetic checkpoint, read by the real loader; JPEG encoding
 included) serves ``n`` sessions whose clients play at 16 frames/s. Each client is paced exactly as the gateway
-paces it (``services/gateway/playback.py``): credit reaches ``lead`` chunks past the chunk on screen, each chunk
-carries the deadline at which its first frame must play, and the engine's batches serve the earliest deadline
-first. Sessions start spread over one chunk interval, as arrivals are. A chunk is *late* when it arrives after
-the previous one finished playing: the picture froze (a stall). The ramp raises ``n`` until more than
+paces it (``services/gateway/playback.py``): at most ``lead`` chunks of video past the playhead, the chunk on
+screen included; each chunk carries the deadline at which its first frame must play, and the engine's batches
+serve the earliest deadline first, a batch that is not full waiting for the streams due to join it while its
+deadline allows (``services/gpu_worker/batch_hold.py``). Sessions start spread over one chunk interval, as
+arrivals are. A chunk is *late* when it arrives after the previous one finished playing: the picture froze (a
+stall). The ramp raises ``n`` until more than
 ``--late-budget`` of the chunks are late; ``sessions_held`` is the last ``n`` within it. The same ramp runs with
 ``max_batch=1`` (one session per forward, the baseline) in the same process, levels interleaved.
 
@@ -238,7 +240,8 @@ async def run(args: argparse.Namespace) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fps", type=float, default=16.0)
-    parser.add_argument("--lead", type=int, default=2, help="chunks generated ahead of the one playing")
+    parser.add_argument("--lead", type=int, default=2,
+                        help="chunks of video past the playhead, the one on screen included (at least 2)")
     parser.add_argument("--chunks", type=int, default=20, help="chunks per session at each level")
     parser.add_argument("--late-budget", type=float, default=0.001, help="largest fraction of late chunks held")
     return asyncio.run(run(parser.parse_args()))

@@ -122,6 +122,11 @@ class TurboServeClient:
         await self.send(message)
         return await self.expect("state")
 
+    async def list_sessions(self) -> list[dict[str, Any]]:
+        """This token's open sessions, through every gateway: ``session_id``, ``status``, ``next_seq``, ``prompt``."""
+        await self.send({"type": "list"})
+        return list((await self.expect("sessions"))["sessions"])
+
     async def close_session(self, session_id: str) -> dict[str, Any]:
         await self.send({"type": "close", "session_id": session_id})
         return await self.expect("closed")

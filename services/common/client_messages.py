@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from services.common.errors import InvalidField, MalformedMessage, MessageTooLarge
+from services.common.errors import InvalidField, MalformedMessage, MessageTooLarge, UnknownMessageType
 from services.common.messages import _check_prompt
 from services.common.wire import Message, decode, from_mapping, message
 
@@ -88,8 +88,16 @@ class Played(Message):
             raise InvalidField("seq must not be negative")
 
 
-ClientMessage = Start | SetPrompt | Pause | Resume | Close | Played
-_CLIENT_TYPES = (Start, SetPrompt, Pause, Resume, Close, Played)
+@message
+@dataclass(frozen=True, slots=True)
+class ListOwnSessions(Message):
+    """Which sessions this token holds open (a reloaded page, a crashed program): answered with ``sessions``."""
+
+    TYPE = "list"
+
+
+ClientMessage = Start | SetPrompt | Pause | Resume | Close | Played | ListOwnSessions
+_CLIENT_TYPES = (Start, SetPrompt, Pause, Resume, Close, Played, ListOwnSessions)
 
 
 def parse_client_message(data: str | bytes) -> ClientMessage:
@@ -108,7 +116,7 @@ def parse_client_message(data: str | bytes) -> ClientMessage:
     else:
         msg = decode(data, max_bytes=MAX_CLIENT_MESSAGE_BYTES)
     if not isinstance(msg, _CLIENT_TYPES):
-        raise MalformedMessage(f"{msg.TYPE!r} is not a client message")
+        raise UnknownMessageType(f"{msg.TYPE!r} is not a client message")
     return msg
 
 

@@ -69,3 +69,18 @@ class StaleEpoch(TurboServeError):
     """A fenced write or chunk from an owner that no longer owns the session (after a migration)."""
 
     code = "stale_epoch"
+
+
+CLIENT_CODES = frozenset({
+    "malformed", "unknown_type", "invalid_field", "unsupported_version", "message_too_large", "unknown_session",
+    "invalid_state", "limit_exceeded", "unavailable", "slow_consumer", "internal",
+})
+"""The error codes a client may see, as docs/protocol.md lists them (a test holds the two together)."""
+
+
+def client_code(code: str) -> str:
+    """What a client is told for an error with ``code``, which may be a peer's: a race with a move or a takeover
+    (``stale_epoch``) is worth a retry; a code no client can act on is our bug."""
+    if code in CLIENT_CODES:
+        return code
+    return "unavailable" if code == StaleEpoch.code else "internal"

@@ -143,6 +143,40 @@ class RecordPrompt(Message):
 
 @message
 @dataclass(frozen=True, slots=True)
+class ListSessions(Message):
+    """A token's open sessions (active or idle, lingering included), so its client can resume or close those a
+    lost page or a crashed program left behind."""
+
+    TYPE = "list_sessions"
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSummary:
+    session_id: str
+    status: SessionStatus
+    next_seq: int
+    """The seq its client was last known to need: where a ``resume`` without ``next_seq`` continues."""
+    prompt: str
+    """The latest prompt, cut to ``SUMMARY_PROMPT_CHARS``."""
+
+
+SUMMARY_PROMPT_CHARS = 120
+MAX_LISTED_SESSIONS = 100
+"""A list answer stays far under a message's size limit: a token holds 4 open sessions by default, 1024 at most."""
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class SessionList(Message):
+    TYPE = "session_list"
+    sessions: tuple[SessionSummary, ...]
+    more: int = 0
+    """Open sessions left out past ``MAX_LISTED_SESSIONS`` (the newest are listed)."""
+
+
+@message
+@dataclass(frozen=True, slots=True)
 class GatewayLease(Message):
     """A gateway's periodic renewal of the sessions it holds, with the seq each one's client needs next."""
 

@@ -12,6 +12,7 @@ SCHED_OPEN = f"{PREFIX}.sched.open"  # OpenSession -> Placement | Reply
 SCHED_UPDATE = f"{PREFIX}.sched.update"  # UpdateSession -> Placement | Reply
 SCHED_CLAIM = f"{PREFIX}.sched.claim"  # ClaimSession -> SessionClaim | Reply (a gateway takes a session over)
 SCHED_PROMPT = f"{PREFIX}.sched.prompt"  # RecordPrompt -> Reply
+SCHED_LIST = f"{PREFIX}.sched.list"  # ListSessions -> SessionList (a token's open sessions, for its client)
 SCHED_GATEWAY_LEASE = f"{PREFIX}.sched.gateway_lease"  # GatewayLease (publish)
 SCHED_HEARTBEAT = f"{PREFIX}.sched.heartbeat"  # WorkerHeartbeat (publish)
 SCHED_WORKER_GONE = f"{PREFIX}.sched.worker_gone"  # WorkerGone (publish)

@@ -81,6 +81,12 @@ class GatewayRoutes:
             return _response(http.HTTPStatus.OK, self.viewer_html, "text/html; charset=utf-8")
         if path == "/healthz":
             return self._health()
+        if path == "/whoami":  # a browser cannot read a refused handshake's status; the viewer asks here
+            owner = self.owner_of(request)
+            if owner is None:
+                return _response(http.HTTPStatus.UNAUTHORIZED, b'{"error":"missing or invalid token"}',
+                                 "application/json", WWW_Authenticate='Bearer realm="turboserve"')
+            return _response(http.HTTPStatus.OK, json.dumps({"owner": owner}).encode(), "application/json")
         if path == "/favicon.ico":  # browsers ask on every visit; no icon is not an error
             return _response(http.HTTPStatus.NO_CONTENT, b"", "image/x-icon")
         return _response(http.HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")

@@ -8,6 +8,7 @@ are handled one at a time, in order; chunk frames flow concurrently from the wri
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 from collections.abc import Coroutine
@@ -19,6 +20,7 @@ from websockets.frames import CloseCode
 from services.common.client_messages import (
     ClientMessage,
     Close,
+    ListOwnSessions,
     Pause,
     Played,
     Resume,
@@ -27,7 +29,7 @@ from services.common.client_messages import (
     parse_client_message,
     server_message,
 )
-from services.common.errors import InvalidField, MessageTooLarge, TurboServeError
+from services.common.errors import InvalidField, MessageTooLarge, TurboServeError, client_code
 from services.common.telemetry.metrics import WEBSOCKET_CONNECTIONS
 from services.gateway.hub import SessionHub
 from services.gateway.outgoing import SlowConsumer
@@ -41,16 +43,20 @@ NOTICE_SEND_TIMEOUT_S = 1.0
 
 
 def state_message(session: GatewaySession, reason: str, next_seq: int | None = None) -> str:
-    """``next_seq`` is where a pause stops the stream; otherwise the next chunk the gateway will hand over."""
+    """``next_seq`` is where a pause stops the stream; otherwise the next chunk the client gets: the oldest one
+    waiting for the socket, else the next one to arrive."""
+    if next_seq is None:
+        waiting = session.outgoing.first_seq()
+        next_seq = session.fence.next_seq if waiting is None else waiting
     return server_message(
         "state", session_id=session.session_id, status=session.status, epoch=session.epoch,
-        worker_id=session.worker_id, next_seq=session.fence.next_seq if next_seq is None else next_seq,
-        reason=reason,
+        worker_id=session.worker_id, next_seq=next_seq, reason=reason,
     )
 
 
 def error_message(error: TurboServeError, request: str | None, session_id: str | None) -> str:
-    return server_message("error", code=error.code, message=str(error), request=request, session_id=session_id)
+    return server_message("error", code=client_code(error.code), message=str(error), request=request,
+                          session_id=session_id)
 
 
 class ClientConnection:
@@ -127,9 +133,10 @@ class ClientConnection:
                 session = await self.hub.adopt(self.owner, session_id, self.connection_id, next_seq)
                 if next_seq is not None:
                     session.rewind_to(next_seq)
-                self._drive(session)
+                session.listener = self
                 await session.resume()
                 await self._send(state_message(session, "resumed"))
+                self._drive(session)  # after the answer: no chunk the resume brings comes before it
             case Played(session_id=session_id, seq=seq):
                 await self.hub.get(self.owner, session_id, self.connection_id).played(seq)
             case Close(session_id=session_id):
@@ -137,6 +144,11 @@ class ClientConnection:
                 await self._stop_writer(session_id)
                 await self.hub.close(session)
                 await self._send(server_message("closed", session_id=session_id, reason="client"))
+            case ListOwnSessions():
+                listed = await self.hub.list_sessions(self.owner)
+                await self._send(server_message(
+                    "sessions", sessions=[dataclasses.asdict(s) for s in listed.sessions], more=listed.more,
+                ))
 
     async def _start(self, start: Start) -> None:
         session = await self.hub.start(self.owner, self.connection_id, start)

@@ -21,7 +21,7 @@ from nats.aio.client import Client as NatsClient
 from services.common import subjects
 from services.common.client_messages import Start
 from services.common.errors import InvalidField, InvalidState, Unavailable, UnknownSession
-from services.common.messages import ClaimSession, GatewayLease, SessionClaim
+from services.common.messages import ClaimSession, GatewayLease, ListSessions, SessionClaim, SessionList
 from services.gateway.registry import SessionRegistry
 from services.gateway.rpc import PeerRefused, publish, request
 from services.gateway.session import (
@@ -93,6 +93,11 @@ class SessionHub:
         if timer is not None:
             timer.cancel()
         return session
+
+    async def list_sessions(self, owner: str) -> SessionList:
+        """``owner``'s open sessions, through every gateway: the scheduler keeps them, not this process."""
+        return await request(self._nats, subjects.SCHED_LIST, ListSessions(owner), SessionList,
+                             timeout_s=self.settings.request_timeout_s)
 
     async def _claim(self, owner: str, session_id: str, connection_id: int, next_seq: int | None) -> None:
         claim = ClaimSession(session_id, owner, self.settings.gateway_id, self.settings.lease_s)

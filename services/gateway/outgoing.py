@@ -55,6 +55,10 @@ class OutgoingChunks:
             await self._not_empty.wait()
         return self._items[0]
 
+    def first_seq(self) -> int | None:
+        """The seq the socket gets next; None when nothing waits."""
+        return self._items[0].seq if self._items else None
+
     def pop(self, chunk: OutgoingChunk) -> None:
         """Remove ``chunk`` after it was sent; it must still be the head."""
         if not self._items or self._items[0] is not chunk:

@@ -1,9 +1,11 @@
 """Where a client's playback of one stream is, derived from what the gateway delivered and the frame rate.
 
 A stream plays at its frame rate, so a chunk generated long before it plays is compute nobody needed yet, and it
-hides how many sessions a GPU can hold in real time. The gateway therefore keeps the worker at most ``lead_chunks``
-ahead of the chunk playing now, and tells it when each chunk must arrive: its deadline is the moment its first
-frame plays, and a chunk that arrives later stalls the picture.
+hides how many sessions a GPU can hold in real time. The gateway therefore lets the worker make at most
+``lead_chunks`` chunks of video past the playhead (the chunk on screen counts: with the default 2, the next chunk
+is generated while one plays), and tells it when each chunk must arrive: its deadline is the moment its first
+frame plays, and a chunk that arrives later stalls the picture. A prompt change therefore reaches the screen
+within ``lead_chunks`` chunk durations.
 
 The model of the player: it starts the first chunk when it arrives and plays each next one when the previous
 ends, or, if that one is late, when it arrives (a stall). A client that reports what it played (``played``) moves
@@ -28,8 +30,8 @@ class Scheduled:
 
 class PlaybackClock:
     def __init__(self, *, fps: float, lead_chunks: int, next_seq: int = 0) -> None:
-        if fps <= 0 or lead_chunks < 1:
-            raise ValueError(f"fps={fps} must be > 0 and lead_chunks={lead_chunks} >= 1")
+        if fps <= 0 or lead_chunks < 2:
+            raise ValueError(f"fps={fps} must be > 0 and lead_chunks={lead_chunks} >= 2 (one plays, one is made)")
         self.fps = fps
         self.lead_chunks = lead_chunks
         self.next_seq = next_seq
@@ -89,8 +91,9 @@ class PlaybackClock:
         return self._queue[0].seq
 
     def credit_up_to(self, now: float) -> int:
-        """The last seq the worker may generate now: ``lead_chunks`` past the one playing."""
-        return self.playing(now) + self.lead_chunks
+        """The last seq the worker may generate now: ``lead_chunks`` chunks from the one playing, that one
+        included."""
+        return self.playing(now) + self.lead_chunks - 1
 
     def next_credit_at(self, now: float) -> float | None:
         """When ``credit_up_to`` next grows (the next scheduled chunk starts playing); None when it grows only

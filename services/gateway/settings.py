@@ -53,7 +53,8 @@ class GatewaySettings:
     playback_fps: float = 16.0
     """Frames per second the viewer plays at; Wan2.1 models render 16 (TURBOSERVE_PLAYBACK_FPS, [1, 120])."""
     lead_chunks: int = 2
-    """How far a session is generated ahead of the chunk its client plays (TURBOSERVE_LEAD_CHUNKS, [1, 16])."""
+    """How many chunks of video a session may have past its client's playhead, the one on screen included
+    (TURBOSERVE_LEAD_CHUNKS, [2, 16]): 2 generates the next chunk while one plays."""
     paced: bool = True
     """Generation paced to playback (TURBOSERVE_PACING=playback, the default) or only to delivery
     (TURBOSERVE_PACING=delivery: as fast as the client takes chunks, for load tests and offline renders)."""
@@ -110,6 +111,6 @@ class GatewaySettings:
             lease_s=env_float("TURBOSERVE_LEASE_S", 6.0, low=1.0, high=300.0),
             request_timeout_s=env_float("TURBOSERVE_REQUEST_TIMEOUT_S", 5.0, low=0.05, high=60.0),
             playback_fps=env_float("TURBOSERVE_PLAYBACK_FPS", 16.0, low=1.0, high=120.0),
-            lead_chunks=env_int("TURBOSERVE_LEAD_CHUNKS", 2, low=1, high=16),
+            lead_chunks=env_int("TURBOSERVE_LEAD_CHUNKS", 2, low=2, high=16),
             paced=env_choice("TURBOSERVE_PACING", "playback", ("playback", "delivery")) == "playback",
         )

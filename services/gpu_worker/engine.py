@@ -25,6 +25,8 @@ from services.common.messages import AttachSession, ChangePrompt, DetachSession,
 from services.common.telemetry.chunks import worker_chunk_traces
 from services.common.telemetry.metrics import worker_series
 from services.common.telemetry.tracing import span
+from services.gpu_worker.batch_hold import BatchCost, hold_until_ms
+from services.gpu_worker.capacity import realtime_capacity
 from services.gpu_worker.frames import JpegEncoder
 from services.gpu_worker.model.interface import ChunkOutput, SlotsExhausted, StreamingVideoModel
 from services.gpu_worker.session import EncodedChunk, ResidentSession
@@ -130,6 +132,9 @@ class ChunkEngine:
         self._work = asyncio.Event()
         self.sessions = self._table.sessions
         self._batch_samples: deque[tuple[int, float]] = deque(maxlen=64)
+        self._batch_cost = BatchCost()
+        self._interval_ms: float | None = None
+        """The chunk interval of the paced streams, as the gateways' credits say (None: none seen yet)."""
         self.hooks = hooks
 
     @property
@@ -189,6 +194,7 @@ class ChunkEngine:
         session.credit_up_to = msg.up_to_seq if msg.exact else max(session.credit_up_to, msg.up_to_seq)
         if msg.due_unix_ms:
             session.due_unix_ms, session.due_seq, session.interval_ms = msg.due_unix_ms, msg.up_to_seq, msg.interval_ms
+            self._interval_ms = msg.interval_ms or self._interval_ms
         if resend_from is not None:
             session.next_send_seq = min(session.next_send_seq, resend_from)
         self._wake(session)
@@ -200,6 +206,10 @@ class ChunkEngine:
 
     def chunks_produced(self) -> dict[str, int]:
         return {sid: s.next_seq for sid, s in self.sessions.items()}
+
+    def realtime_capacity(self, ceiling: int) -> int:
+        """K as measured (see capacity.py), at most ``ceiling``."""
+        return realtime_capacity(self._batch_cost, self._interval_ms, ceiling)
 
     def drain_batch_samples(self) -> tuple[tuple[int, float], ...]:
         """(batch size, per-chunk latency ms) of the batches since the last call, for the scheduler's model."""
@@ -214,10 +224,11 @@ class ChunkEngine:
         try:
             while not stop.is_set():
                 batch = self._ready_batch()
-                if not batch:
+                hold_s = self._hold_s(batch) if batch else None
+                if not batch or hold_s:
                     self._work.clear()
                     work_wait = asyncio.ensure_future(self._work.wait())
-                    await asyncio.wait({work_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait({work_wait, stop_wait}, timeout=hold_s, return_when=asyncio.FIRST_COMPLETED)
                     work_wait.cancel()
                     continue
                 await self._step(batch)
@@ -239,6 +250,21 @@ class ChunkEngine:
 
         ready.sort(key=lambda s: (due_ms(s), s.session_id))
         return ready[: self._max_batch]
+
+    def _hold_s(self, batch: list[ResidentSession]) -> float | None:
+        """Seconds to wait for the paced streams whose credit comes before this batch must run (batch_hold)."""
+        joining_at_ms = [
+            s.due_unix_ms for s in self.sessions.values()
+            if s.due_unix_ms and not s.offloaded and not s.wants_generation() and s.next_seq == s.credit_up_to + 1
+        ]
+        if not joining_at_ms:
+            return None
+        until_ms = hold_until_ms([s.deadline_ms(s.next_seq) for s in batch], joining_at_ms, self._batch_cost,
+                                 self._max_batch)
+        if until_ms is None:
+            return None
+        wait_s = (until_ms - time.time() * 1e3) / 1e3
+        return wait_s if wait_s > 0.001 else None
 
     async def _step(self, batch: list[ResidentSession]) -> None:
         started = self._clock()
@@ -278,6 +304,7 @@ class ChunkEngine:
             for session in batch:
                 session.ready_since_s = done.encoded_at_s if session.wants_generation() else None
         self._batch_samples.append((len(batch), done.model_ms + done.encode_ms))
+        self._batch_cost.observe(len(batch), done.model_ms + done.encode_ms)
         series.observe_batch(len(batch))
         if self.hooks is not None:  # every chunk of the batch is recorded: a boundary for all of them
             self.hooks.after_batch(batch, done.exported)

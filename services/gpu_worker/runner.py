@@ -122,7 +122,9 @@ class WorkerRunner:
         engine = self._engine
         return WorkerHeartbeat(
             worker_id=self._settings.worker_id, kind=self._settings.kind, model=self._settings.model,
-            capacity=self._settings.capacity, sessions=engine.chunks_produced(),
+            capacity=engine.realtime_capacity(self._settings.capacity) if self._settings.capacity_measured
+            else self._settings.capacity,
+            sessions=engine.chunks_produced(),
             active_sessions=sum(1 for s in engine.sessions.values() if s.next_seq <= s.credit_up_to),
             recent_batches=engine.drain_batch_samples(), started_at_s=self._started_at_s,
             offloaded=self._residency.offloaded() if self._residency is not None else (),

@@ -6,7 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from services.common.config import env_float, env_int, env_str
+from services.common.config import env_choice, env_float, env_int, env_str
 from services.common.subjects import check_token
 
 
@@ -26,7 +26,10 @@ class WorkerSettings:
     kind: str
     """GPU kind reported to the scheduler, which keeps a latency curve per kind (TURBOSERVE_WORKER_KIND)."""
     capacity: int
-    """K: sessions per batch the scheduler may place here (TURBOSERVE_WORKER_CAPACITY, 1..64)."""
+    """The most sessions the scheduler may place here (TURBOSERVE_WORKER_CAPACITY, 1..64): the ceiling of K."""
+    capacity_measured: bool
+    """K as this worker's batches show it holds streams in real time, up to ``capacity`` (capacity.py), or
+    ``capacity`` as configured (TURBOSERVE_CAPACITY_FROM=measure, the default, or setting)."""
     max_batch: int
     """Most sessions in one forward (TURBOSERVE_MAX_BATCH, default K); 1 gives one-session-at-a-time serving."""
     max_resident_sessions: int
@@ -63,6 +66,7 @@ class WorkerSettings:
             text_device=env_str("TURBOSERVE_TEXT_DEVICE", device),
             kind=env_str("TURBOSERVE_WORKER_KIND", device.split(":")[0]),
             capacity=capacity,
+            capacity_measured=env_choice("TURBOSERVE_CAPACITY_FROM", "measure", ("measure", "setting")) == "measure",
             max_batch=env_int("TURBOSERVE_MAX_BATCH", capacity, low=1, high=256),
             max_resident_sessions=env_int("TURBOSERVE_MAX_RESIDENT", 4 * capacity, low=capacity, high=1024),
             heartbeat_interval_s=env_float("TURBOSERVE_HEARTBEAT_S", 1.0, low=0.05, high=60.0),

@@ -13,13 +13,18 @@ from typing import Protocol
 
 from services.common.errors import InvalidState, Unavailable, UnknownSession
 from services.common.messages import (
+    MAX_LISTED_SESSIONS,
+    SUMMARY_PROMPT_CHARS,
     ClaimSession,
     GatewayLease,
+    ListSessions,
     OpenSession,
     Placement,
     RecordPrompt,
     Reply,
     SessionClaim,
+    SessionList,
+    SessionSummary,
     UpdateSession,
 )
 from services.scheduler.control_loop import log_decision
@@ -92,6 +97,14 @@ class SessionLifecycle:
         log_decision("claim", row.session_id, f"gateway {request.gateway_id} takes it over", worker=row.worker_id)
         return SessionClaim(row.session_id, row.seed, row.model, row.status, row.prompt_history, row.next_seq,
                             row.worker_id or "", row.epoch)
+
+    async def list_for_owner(self, request: ListSessions) -> SessionList:
+        sessions = await self._store.list_sessions(owner=request.owner)
+        listed = sessions[-MAX_LISTED_SESSIONS:]
+        return SessionList(tuple(
+            SessionSummary(s.session_id, s.status, s.next_seq, s.prompt_history[-1][1][:SUMMARY_PROMPT_CHARS])
+            for s in listed
+        ), more=len(sessions) - len(listed))
 
     async def record_prompt(self, request: RecordPrompt) -> Reply:
         await self._store.record_prompt(request.session_id, request.from_seq, request.prompt)

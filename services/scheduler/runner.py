@@ -29,6 +29,7 @@ from services.common.messages import (
     ClaimSession,
     DetachSession,
     GatewayLease,
+    ListSessions,
     OpenSession,
     Placement,
     RecordPrompt,
@@ -141,6 +142,7 @@ class SchedulerRunner:
             Endpoint.typed("update", subjects.SCHED_UPDATE, UpdateSession, self._update),
             Endpoint.typed("claim", subjects.SCHED_CLAIM, ClaimSession, self._claim),
             Endpoint.typed("prompt", subjects.SCHED_PROMPT, RecordPrompt, self._lifecycle.record_prompt),
+            Endpoint.typed("list", subjects.SCHED_LIST, ListSessions, self._lifecycle.list_for_owner),
             Endpoint.typed("migrate", subjects.SCHED_ADMIN_MIGRATE, MigrateSession, self._mobility.migrate),
             Endpoint.typed("offload", subjects.SCHED_ADMIN_OFFLOAD, OffloadRequest, self._mobility.offload),
         ]

@@ -28,6 +28,10 @@ from tests.synthetic_models import tiny_model_dir
 
 TOKENS = ("token-alpha", "token-beta")
 FAST_FAILURE_DETECTION = {"TURBOSERVE_HEARTBEAT_S": "0.25", "TURBOSERVE_WORKER_TIMEOUT_S": "1.5"}
+FIXED_CAPACITY = {"TURBOSERVE_CAPACITY_FROM": "setting"}
+"""K as configured, not as measured: these tests are about what clients get through placements, moves and
+faults, on a CPU that another test run may share, where a measured K would move sessions on the machine's load.
+tests/integration/test_worker_draining.py covers the measured K."""
 
 
 @dataclass
@@ -122,7 +126,7 @@ def running_system(
     port = free_port()
     log_dir = Path(tempfile.mkdtemp(prefix="turboserve-e2e-"))
     env = {
-        **(os.environ if inherited is None else inherited), **FAST_FAILURE_DETECTION,
+        **(os.environ if inherited is None else inherited), **FAST_FAILURE_DETECTION, **FIXED_CAPACITY,
         "NATS_URL": nats_url, "DATABASE_URL": database_url, "TURBOSERVE_MODEL": "tiny",
         "TURBOSERVE_MODEL_DIR": str(tiny_model_dir()), "TURBOSERVE_TOKENS": ",".join(TOKENS),
         "TURBOSERVE_GATEWAY_PORT": str(port),

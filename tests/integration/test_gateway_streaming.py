@@ -32,7 +32,7 @@ from tests.integration.gateway_peers import (
 pytestmark = pytest.mark.integration
 
 async def test_chunks_reach_the_client_in_order_despite_duplicates_reordering_and_stale_epochs(nats_url: str) -> None:
-    async with gateway_stack(nats_url, auto=False) as stack, stack.client() as client:
+    async with gateway_stack(nats_url, auto=False, paced=False) as stack, stack.client() as client:
         session_id = await start_session(client)
         worker, recorder = stack.worker, stack.worker.recorder
         await recorder.wait_for(RequestChunks, session_id=session_id, up_to_seq=1)
@@ -82,7 +82,7 @@ async def test_a_session_streams_changes_prompt_pauses_resumes_and_closes(nats_u
 
 
 async def test_a_placement_change_mid_stream_reattaches_at_the_next_seq_with_the_prompt_history(nats_url: str) -> None:
-    async with gateway_stack(nats_url, auto=False) as stack, stack.client() as client:
+    async with gateway_stack(nats_url, auto=False, paced=False) as stack, stack.client() as client:
         session_id = await start_session(client, "a red fox")
         old, w2 = stack.worker, await stack.second_worker("w2")
         await old.recorder.wait_for(RequestChunks, session_id=session_id, up_to_seq=1)
@@ -186,32 +186,34 @@ async def test_a_client_that_stops_reading_gets_slow_consumer_and_close_1013(
 
 
 async def test_credit_follows_playback_and_a_played_report_moves_it_to_the_clients_clock(nats_url: str) -> None:
-    """One frame a chunk at 1 fps: a chunk plays for a second. The worker may run two chunks past the one on
+    """One frame a chunk at 1 fps: a chunk plays for a second. The worker may make the chunk after the one on
     screen, not further, however fast it is; each credit says when its chunk must arrive; a client that says it
     plays the next chunk already gets the credit that goes with it at once."""
     async with gateway_stack(nats_url, auto=False, playback_fps=1.0, lead_chunks=2, credit_chunks=4) as stack, \
             stack.client() as client:
         session_id = await start_session(client)
         worker, recorder = stack.worker, stack.worker.recorder
-        await recorder.wait_for(RequestChunks, session_id=session_id, up_to_seq=1)
+        await recorder.wait_for(RequestChunks, session_id=session_id, up_to_seq=0)
         await worker.publish(session_id, 1, 0)
+        await client.chunks_until(1)
+        delivered_ms = time.time() * 1e3
+        credit = await recorder.wait_for(RequestChunks, session_id=session_id, up_to_seq=1)
+        assert credit.due_unix_ms == pytest.approx(delivered_ms + 1000.0, abs=300.0), "due when chunk 0 ends"
+        assert credit.interval_ms == pytest.approx(1000.0)
         await worker.publish(session_id, 1, 1)
         await client.chunks_until(2)
-        delivered_ms = time.time() * 1e3
-        credit = await recorder.wait_for(RequestChunks, session_id=session_id, up_to_seq=2)
-        assert credit.due_unix_ms == pytest.approx(delivered_ms + 2000.0, abs=300.0), "due when chunk 1 ends"
-        assert credit.interval_ms == pytest.approx(1000.0)
-        await asyncio.sleep(0.4)
-        assert max(m.up_to_seq for m in recorder.messages if isinstance(m, RequestChunks)) == 2, \
+        await asyncio.sleep(0.3)
+        assert max(m.up_to_seq for m in recorder.messages if isinstance(m, RequestChunks)) == 1, \
             "credit ran ahead of playback"
         await client.send(type="played", session_id=session_id, seq=1)  # its player is a little ahead of ours
-        await recorder.wait_for(RequestChunks, session_id=session_id, up_to_seq=3, timeout_s=0.5)
+        await recorder.wait_for(RequestChunks, session_id=session_id, up_to_seq=2, timeout_s=0.5)
 
 
 async def test_a_pause_takes_back_the_credit_the_worker_has_not_used(nats_url: str) -> None:
     """Generation stops within one chunk of a pause: the worker keeps credit only for the chunk the client needs
-    next; the rest is asked for again on resume."""
-    async with gateway_stack(nats_url, auto=False, playback_fps=1.0) as stack, stack.client() as client:
+    next; the rest is asked for again on resume. Three chunks of lead, so that there is a rest to take back."""
+    async with gateway_stack(nats_url, auto=False, playback_fps=1.0, lead_chunks=3) as stack, \
+            stack.client() as client:
         session_id = await start_session(client)
         worker, recorder = stack.worker, stack.worker.recorder
         await recorder.wait_for(RequestChunks, session_id=session_id, up_to_seq=1)

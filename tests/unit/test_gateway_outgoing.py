@@ -25,9 +25,9 @@ async def test_the_head_stays_queued_until_it_is_popped_after_sending() -> None:
     first = OutgoingChunk(0, b"a")
     queue.put(first)
     assert await waiting is first
-    assert await queue.head() is first and len(queue) == 1
+    assert await queue.head() is first and len(queue) == 1 and queue.first_seq() == 0
     queue.pop(first)
-    assert len(queue) == 0
+    assert len(queue) == 0 and queue.first_seq() is None
 
 
 def test_popping_anything_but_the_head_is_a_bug_and_raises() -> None:

@@ -11,17 +11,24 @@ from services.gateway.playback import PlaybackClock
 FPS = 16.0
 
 
-def test_chunks_play_back_to_back_and_credit_stays_lead_chunks_past_the_one_playing() -> None:
+def test_chunks_play_back_to_back_and_credit_never_reaches_past_lead_chunks_of_video() -> None:
     clock = PlaybackClock(fps=FPS, lead_chunks=2)
-    assert clock.credit_up_to(now=0.0) == 1, "before anything plays: the first two chunks"
+    assert clock.credit_up_to(now=0.0) == 0, "before anything plays: the first chunk"
     first = clock.delivered(0, frames=12, now=10.0)
     assert (first.starts_s, first.ends_s) == (10.0, 10.75)
+    assert clock.credit_up_to(10.0) == 1, "the next chunk is made while the first plays"
     second = clock.delivered(1, frames=12, now=10.2)  # early: it waits for the first to end
     assert second.starts_s == 10.75
-    assert clock.playing(10.5) == 0 and clock.credit_up_to(10.5) == 2
+    assert clock.playing(10.5) == 0 and clock.credit_up_to(10.5) == 1, "two chunks of video past the playhead"
     assert clock.next_credit_at(10.5) == 10.75
-    assert clock.playing(10.8) == 1 and clock.credit_up_to(10.8) == 3
+    assert clock.playing(10.8) == 1 and clock.credit_up_to(10.8) == 2
     assert clock.stalls == 0
+    assert PlaybackClock(fps=FPS, lead_chunks=4).credit_up_to(10.8) == 2
+
+
+def test_a_lead_that_leaves_nothing_to_generate_while_a_chunk_plays_is_refused() -> None:
+    with pytest.raises(ValueError, match="lead_chunks=1"):
+        PlaybackClock(fps=FPS, lead_chunks=1)
 
 
 def test_a_chunk_arriving_after_the_previous_ended_is_a_stall_and_starts_when_it_arrives() -> None:
@@ -46,7 +53,7 @@ def test_a_pause_restarts_the_clock_at_the_next_chunk_and_a_played_report_moves_
     clock = PlaybackClock(fps=FPS, lead_chunks=2)
     clock.delivered(0, frames=12, now=0.0)
     clock.pause()
-    assert clock.credit_up_to(100.0) == 2, "resumed: two chunks past the last delivered"
+    assert clock.credit_up_to(100.0) == 1, "resumed: the chunk after the last delivered"
     resumed = clock.delivered(1, frames=12, now=100.0)
     assert resumed.starts_s == 100.0 and clock.stalls == 0, "a pause is not a stall"
     clock.delivered(2, frames=12, now=100.1)
@@ -73,7 +80,7 @@ def test_a_client_behind_our_model_holds_the_credit_back_to_its_own_clock() -> N
         clock.delivered(seq, frames=12, now=0.1 * seq)
     assert clock.playing(2.0) == 2
     clock.played(1, now=2.0)
-    assert clock.playing(2.5) == 1 and clock.credit_up_to(2.5) == 3
+    assert clock.playing(2.5) == 1 and clock.credit_up_to(2.5) == 2
     assert clock.next_credit_at(2.5) == pytest.approx(2.75)
     clock.played(99, now=3.0)  # never delivered: ignored
     assert clock.playing(2.5) == 1

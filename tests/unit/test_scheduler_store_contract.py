@@ -158,6 +158,13 @@ class StoreContract:
         await store.insert_session(a_session("gone", worker_id=None, status="closed"))
         assert [s.session_id for s in await store.list_sessions()] == ["early", "late"]
 
+    async def test_an_owners_listed_sessions_are_only_its_own_open_ones(self, store: SchedulerStore) -> None:
+        await store.insert_session(a_session("mine", minute=1))
+        await store.insert_session(dataclasses.replace(a_session("theirs", minute=0), owner="someone else"))
+        await store.insert_session(a_session("mine-closed", worker_id=None, status="closed"))
+        assert [s.session_id for s in await store.list_sessions(owner="owner")] == ["mine"]
+        assert await store.list_sessions(owner="nobody") == []
+
     async def test_chunk_counts_only_grow_and_only_from_the_sessions_worker(self, store: SchedulerStore) -> None:
         await store.insert_session(a_session("s1", worker_id="w1"))
         await store.insert_session(a_session("s2", worker_id="w2"))

@@ -117,8 +117,9 @@ class MemoryStore:
         del self._sessions[session_id]
         return True
 
-    async def list_sessions(self) -> list[SessionRecord]:
-        open_sessions = [s for s in self._sessions.values() if s.status != "closed"]
+    async def list_sessions(self, owner: str | None = None) -> list[SessionRecord]:
+        open_sessions = [s for s in self._sessions.values()
+                         if s.status != "closed" and (owner is None or s.owner == owner)]
         return sorted(open_sessions, key=lambda s: (s.created_at, s.session_id))
 
     async def record_chunks(self, worker_id: str, chunks: Mapping[str, int], at: datetime) -> int:

@@ -245,12 +245,11 @@ class PostgresStore:
         async with self._transaction() as conn:
             return bool((await conn.execute(statement.returning(SessionRow.id))).first())
 
-    async def list_sessions(self) -> list[SessionRecord]:
-        statement = (
-            select(*_SESSION_COLUMNS)
-            .where(SessionRow.status != "closed")
-            .order_by(SessionRow.created_at, SessionRow.id)
-        )
+    async def list_sessions(self, owner: str | None = None) -> list[SessionRecord]:
+        statement = select(*_SESSION_COLUMNS).where(SessionRow.status != "closed")
+        if owner is not None:
+            statement = statement.where(SessionRow.owner == owner)
+        statement = statement.order_by(SessionRow.created_at, SessionRow.id)
         async with self._transaction() as conn:
             rows = (await conn.execute(statement)).all()
         return [_session(row) for row in rows]

@@ -164,8 +164,9 @@ class SchedulerStore(Protocol):
         row behind, so the client may open it again. False when it was placed meanwhile (or is not there)."""
         ...
 
-    async def list_sessions(self) -> list[SessionRecord]:
-        """Every session not closed, oldest first: what the control loop's snapshot is built from."""
+    async def list_sessions(self, owner: str | None = None) -> list[SessionRecord]:
+        """Every session not closed, oldest first: what the control loop's snapshot is built from; only
+        ``owner``'s when given (a token's client listing what it may resume or close)."""
         ...
 
     async def record_chunks(self, worker_id: str, chunks: Mapping[str, int], at: datetime) -> int:
