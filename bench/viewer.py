@@ -159,15 +159,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             after_pause = stats(page)["chunksReceived"] - received_paused
             page.click("#resume")
             time.sleep(2.0)
+            held = stats(page)["chunksReceived"]
+            stalls_before = stats(page)["stalls"]
             page.evaluate("() => ws.close(4000, 'bench: a dropped connection')")
             wait_for_text(page, "#connection", "reconnecting")
             wait_for_text(page, "#connection", "connected as")
             time.sleep(3.0)
-            seqs = stats(page)["seqs"]
+            seqs, arrivals = stats(page)["seqs"], stats(page)["arrivals"]
+            reconnect_gap_ms = arrivals[held] - arrivals[held - 1]
+            reconnect_stalls = stats(page)["stalls"] - stalls_before
             start_session(page)
             page.click("#start")
             limit_text = wait_for_text(page, "#status", "limit_exceeded")
             wait_for_text(page, "#sessions", "(on screen)")
+            page.locator("#sessions button", has_text="Resume").first.click()  # back to the first stream
+            time.sleep(4.0)
             page.screenshot(path=str(RESULTS / "viewer.png"), full_page=True)
             page.click("#close")
             cleared = page.evaluate("""() => { const c = document.getElementById('screen');
@@ -182,8 +188,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "card": "none (CPU: tiny model)", "fps_stream": 16, "fps_measured": round(fps, 2), "chunk_ms": chunk_ms,
         "pause_to_still_ms": round(still_ms, 1), "chunks_after_pause": after_pause,
         "prompt_to_screen_ms": [round(p, 1) for p in prompts], "prompt_to_screen_max_ms": round(max(prompts), 1),
-        "stalls": final["stalls"], "reconnects": final["reconnects"],
+        "stalls": final["stalls"], "stalled_after_seqs": final["stalledAfter"], "reconnects": final["reconnects"],
         "seqs_across_reconnect_in_order": seqs == list(range(len(seqs))), "seqs_received": len(seqs),
+        "reconnect_gap_ms": round(reconnect_gap_ms, 1), "reconnect_stalls": reconnect_stalls,
         "close_clears_picture": bool(cleared),
         "wrong_token_text": wrong_token, "limit_text": limit_text,
     }
@@ -210,6 +217,8 @@ def main() -> int:
     table.add_row("stalls", str(results["stalls"]), "0")
     table.add_row("chunks after Pause (in flight)", str(results["chunks_after_pause"]), "<= 1")
     table.add_row("seqs in order across a dropped connection", str(results["seqs_across_reconnect_in_order"]), "True")
+    table.add_row("chunk gap across it (stalls it caused)",
+                  f"{results['reconnect_gap_ms']:.0f} ms ({results['reconnect_stalls']})", "")
     table.add_row("Close clears the picture", str(results["close_clears_picture"]), "True")
     console.print(table)
     console.print(f"wrong token: {results['wrong_token_text']}\nlimit: {results['limit_text']}")

@@ -46,6 +46,8 @@ class PlaybackClock:
         self._played_until_s: float | None = None
         """When the last scheduled chunk ends; None before the first or after a pause (playback restarts)."""
         self._chunk_s = 0.0
+        self._started = False
+        """Whether anything was delivered since this clock began (a stream's start, a rewind, a takeover)."""
 
     def delivered(self, seq: int, frames: int, now: float) -> Scheduled:
         """Chunk ``seq`` (the next one) reached the client with ``frames`` frames."""
@@ -63,6 +65,7 @@ class PlaybackClock:
         self._recent.append(scheduled)
         self._played_until_s = scheduled.ends_s
         self.next_seq = seq + 1
+        self._started = True
         return scheduled
 
     def played(self, seq: int, now: float) -> None:
@@ -92,7 +95,9 @@ class PlaybackClock:
 
     def credit_up_to(self, now: float) -> int:
         """The last seq the worker may generate now: ``lead_chunks`` chunks from the one playing, that one
-        included."""
+        included; before anything arrived, the playhead is at the start of the first chunk wanted."""
+        if not self._started:
+            return self.next_seq + self.lead_chunks - 1
         return self.playing(now) + self.lead_chunks - 1
 
     def next_credit_at(self, now: float) -> float | None:

@@ -252,10 +252,14 @@ class ChunkEngine:
         return ready[: self._max_batch]
 
     def _hold_s(self, batch: list[ResidentSession]) -> float | None:
-        """Seconds to wait for the paced streams whose credit comes before this batch must run (batch_hold)."""
+        """Seconds to wait for the paced streams whose credit comes before this batch must run (batch_hold): a
+        stream that made all it was credited gets its next credit when its last chunk starts playing (its due
+        time); one whose due time has passed is paused or cut off, not about to join."""
+        now_ms = time.time() * 1e3
         joining_at_ms = [
             s.due_unix_ms for s in self.sessions.values()
-            if s.due_unix_ms and not s.offloaded and not s.wants_generation() and s.next_seq == s.credit_up_to + 1
+            if s.due_unix_ms > now_ms and not s.offloaded and not s.wants_generation()
+            and s.next_seq == s.credit_up_to + 1
         ]
         if not joining_at_ms:
             return None
@@ -263,7 +267,7 @@ class ChunkEngine:
                                  self._max_batch)
         if until_ms is None:
             return None
-        wait_s = (until_ms - time.time() * 1e3) / 1e3
+        wait_s = (until_ms - now_ms) / 1e3
         return wait_s if wait_s > 0.001 else None
 
     async def _step(self, batch: list[ResidentSession]) -> None:

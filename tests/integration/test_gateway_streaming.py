@@ -193,20 +193,18 @@ async def test_credit_follows_playback_and_a_played_report_moves_it_to_the_clien
             stack.client() as client:
         session_id = await start_session(client)
         worker, recorder = stack.worker, stack.worker.recorder
-        await recorder.wait_for(RequestChunks, session_id=session_id, up_to_seq=0)
+        await recorder.wait_for(RequestChunks, session_id=session_id, up_to_seq=1)  # a new stream: the first two
         await worker.publish(session_id, 1, 0)
-        await client.chunks_until(1)
-        delivered_ms = time.time() * 1e3
-        credit = await recorder.wait_for(RequestChunks, session_id=session_id, up_to_seq=1)
-        assert credit.due_unix_ms == pytest.approx(delivered_ms + 1000.0, abs=300.0), "due when chunk 0 ends"
-        assert credit.interval_ms == pytest.approx(1000.0)
         await worker.publish(session_id, 1, 1)
         await client.chunks_until(2)
         await asyncio.sleep(0.3)
         assert max(m.up_to_seq for m in recorder.messages if isinstance(m, RequestChunks)) == 1, \
             "credit ran ahead of playback"
+        played_ms = time.time() * 1e3
         await client.send(type="played", session_id=session_id, seq=1)  # its player is a little ahead of ours
-        await recorder.wait_for(RequestChunks, session_id=session_id, up_to_seq=2, timeout_s=0.5)
+        credit = await recorder.wait_for(RequestChunks, session_id=session_id, up_to_seq=2, timeout_s=0.5)
+        assert credit.due_unix_ms == pytest.approx(played_ms + 1000.0, abs=300.0), "due when chunk 1 ends"
+        assert credit.interval_ms == pytest.approx(1000.0)
 
 
 async def test_a_pause_takes_back_the_credit_the_worker_has_not_used(nats_url: str) -> None:

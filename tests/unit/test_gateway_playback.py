@@ -13,7 +13,7 @@ FPS = 16.0
 
 def test_chunks_play_back_to_back_and_credit_never_reaches_past_lead_chunks_of_video() -> None:
     clock = PlaybackClock(fps=FPS, lead_chunks=2)
-    assert clock.credit_up_to(now=0.0) == 0, "before anything plays: the first chunk"
+    assert clock.credit_up_to(now=0.0) == 1, "before anything plays: the first two chunks"
     first = clock.delivered(0, frames=12, now=10.0)
     assert (first.starts_s, first.ends_s) == (10.0, 10.75)
     assert clock.credit_up_to(10.0) == 1, "the next chunk is made while the first plays"
@@ -23,7 +23,7 @@ def test_chunks_play_back_to_back_and_credit_never_reaches_past_lead_chunks_of_v
     assert clock.next_credit_at(10.5) == 10.75
     assert clock.playing(10.8) == 1 and clock.credit_up_to(10.8) == 2
     assert clock.stalls == 0
-    assert PlaybackClock(fps=FPS, lead_chunks=4).credit_up_to(10.8) == 2
+    assert PlaybackClock(fps=FPS, lead_chunks=4).credit_up_to(10.8) == 3, "a new stream: the first four"
 
 
 def test_a_lead_that_leaves_nothing_to_generate_while_a_chunk_plays_is_refused() -> None:

@@ -289,3 +289,46 @@ async def test_an_exact_credit_takes_back_what_was_not_generated_yet(running: tu
     await captured.wait_for("a", 1)
     await asyncio.sleep(0.5)
     assert engine.chunks_produced()["a"] <= 1 and len(captured.chunks["a"]) == 1
+
+
+async def paced_engine(model: StreamingVideoModel, captured: Captured) -> ChunkEngine:
+    """An engine with a paced stream "waiting", credited for its first chunk."""
+    engine = ChunkEngine(model, JpegEncoder(90), captured.emit, worker_id="w1", model_name="tiny",
+                         frame_size=(CONFIG.width_px, CONFIG.height_px), max_batch=4, replay_depth=3)
+    await engine.attach(attach("waiting"))
+    await engine.credit(RequestChunks(session_id="waiting", epoch=1, up_to_seq=0, interval_ms=750.0,
+                                      due_unix_ms=time.time() * 1e3 + 1000.0))
+    return engine
+
+
+@pytest.mark.parametrize(("waiting_due_in_ms", "batch"), [(400.0, 2.0), (-100.0, 1.0)],
+                         ids=["due_soon_so_waited_for", "overdue_so_paused_and_not_waited_for"])
+async def test_a_batch_with_slack_waits_for_a_stream_about_to_be_credited_but_not_for_a_paused_one(
+    model: StreamingVideoModel, waiting_due_in_ms: float, batch: float
+) -> None:
+    captured = Captured()
+    engine = await paced_engine(model, captured)
+    stop = asyncio.Event()
+    task = asyncio.create_task(engine.run(stop))
+    try:
+        await captured.wait_for("waiting", 1)
+        session = engine.sessions["waiting"]
+        session.due_unix_ms = time.time() * 1e3 + waiting_due_in_ms  # when its next credit comes, or came
+        await engine.attach(attach("ready"))
+        credited_s = time.monotonic()
+        await engine.credit(RequestChunks(session_id="ready", epoch=1, up_to_seq=0, interval_ms=750.0,
+                                          due_unix_ms=time.time() * 1e3 + 5000.0))
+        await asyncio.sleep(0.2)
+        if waiting_due_in_ms > 0:
+            assert "ready" not in captured.chunks, "ran at once although a stream was due to join"
+            await engine.credit(RequestChunks(session_id="waiting", epoch=1, up_to_seq=1, interval_ms=750.0,
+                                              due_unix_ms=time.time() * 1e3 + 750.0))
+        await captured.wait_for("ready", 1)
+        assert time.monotonic() - credited_s < 2.0, "held for a stream that was not coming (its deadline allowed 4 s)"
+    finally:
+        stop.set()
+        await task
+        for sid in list(engine.sessions):
+            await engine.detach(DetachSession(session_id=sid, epoch=1))
+    header, _ = captured.chunks["ready"][0]
+    assert header.timings_ms["batch"] == batch
