@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -53,11 +54,10 @@ def start_system(port: int) -> subprocess.Popen[str]:
                           start_new_session=True)
     deadline = time.monotonic() + 240
     assert up.stdout is not None
-    for line in up.stdout:
-        if "TurboServe is up" in line:
+    while (left_s := deadline - time.monotonic()) > 0 and up.poll() is None:
+        readable, _, _ = select.select([up.stdout], [], [], left_s)  # a silent, stuck `up` must not hang us
+        if readable and "TurboServe is up" in up.stdout.readline():
             return up
-        if time.monotonic() > deadline or up.poll() is not None:
-            break
     stop_system(up)
     raise RuntimeError("turboserve up did not come up")
 

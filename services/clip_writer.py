@@ -20,7 +20,6 @@ VIDEO_CODECS = {".mp4": "libx264", ".mkv": "libx264", ".webm": "libvpx-vp9"}
 class ClipWriter:
     def __init__(self, out: Path, fps: float) -> None:
         self.out = out
-        self.fps = fps
         self.frames = 0
         self._container: Any = None
         self._stream: Any = None

@@ -255,6 +255,8 @@ class ChunkEngine:
         """Seconds to wait for the paced streams whose credit comes before this batch must run (batch_hold): a
         stream that made all it was credited gets its next credit when its last chunk starts playing (its due
         time); one whose due time has passed is paused or cut off, not about to join."""
+        if len(batch) >= self._max_batch:  # full: nothing can join, and the scan below is on every batch's path
+            return None
         now_ms = time.time() * 1e3
         joining_at_ms = [
             s.due_unix_ms for s in self.sessions.values()
