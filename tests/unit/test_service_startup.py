@@ -14,6 +14,7 @@ from services.common.nats_server import free_port
 from services.common.service import StartAborted, nats_connection, run_service
 from services.gpu_worker.model import MissingCheckpointFile
 from services.gpu_worker.model.checkpoint_files import resolve_config
+from services.gpu_worker.settings import WorkerSettings
 
 
 def test_a_config_error_at_start_is_one_line_and_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -23,6 +24,21 @@ def test_a_config_error_at_start_is_one_line_and_exit_code_2(capsys: pytest.Capt
     assert run_service("probe", main) == 2
     err = capsys.readouterr().err
     assert err.strip() == "turboserve probe: TURBOSERVE_MAX_BATCH='abc' is not an integer"
+
+
+@pytest.mark.parametrize(("name", "value", "says"), [
+    ("TURBOSERVE_CAPACITY_FROM", "guess", "not one of measure, setting"),
+    ("TURBOSERVE_WORKER_CAPACITY", "0", "out of bounds"),
+])
+def test_a_bad_worker_setting_is_a_config_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, says: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=f"{name}.*{says}"):
+        WorkerSettings.from_env()
+    monkeypatch.setenv("TURBOSERVE_CAPACITY_FROM", "setting")
+    monkeypatch.delenv("TURBOSERVE_WORKER_CAPACITY", raising=False)
+    assert not WorkerSettings.from_env().capacity_measured
 
 
 def test_an_unusable_model_directory_is_a_config_error(tmp_path: Path) -> None:
