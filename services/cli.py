@@ -101,6 +101,25 @@ def _model_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    """The simulator sizes a session's state from a model config as the model itself reports it; the
+    scheduler may not import the worker, so the sizes are looked up here and handed over as numbers."""
+    from services.scheduler.sim.cli import run_simulate
+
+    if args.model_config is not None:
+        from services.gpu_worker.model.config import get_config
+        from services.gpu_worker.model.errors import UnknownModelConfig
+        from services.gpu_worker.model.model_check import ModelSizes
+
+        try:
+            sizes = ModelSizes.of(get_config(args.model_config))
+        except UnknownModelConfig as exc:
+            print(f"turboserve simulate: {exc}")
+            return 2
+        args.kv_gb, args.vae_gb = sizes.kv_bytes / 1e9, sizes.vae_cache_bytes / 1e9
+    return run_simulate(args)
+
+
 def _model_check(args: argparse.Namespace) -> int:
     from services.gpu_worker.model.model_check import run_check
 
@@ -153,9 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_arguments(client)
     client.set_defaults(run=_client)
 
-    from services.scheduler.sim.cli import add_simulate_parser, run_simulate
+    from services.scheduler.sim.cli import add_simulate_parser
 
-    add_simulate_parser(commands).set_defaults(run=run_simulate)
+    add_simulate_parser(commands).set_defaults(run=_simulate)
     return parser
 
 

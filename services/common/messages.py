@@ -322,6 +322,7 @@ class WorkerHeartbeat(Message):
     draining: bool = False
     offloaded: tuple[str, ...] = ()  # sessions whose state is in host memory or the state store, slot freed
     state_bytes: dict[str, int] = field(default_factory=dict)  # session_id -> bytes a move of its state carries
+    node: str = ""  # the machine the GPU is in: migrations within a node ride its GPU link
 
     def check(self) -> None:
         if self.capacity < 1:

@@ -130,7 +130,7 @@ class WorkerRunner:
             offloaded=self._residency.offloaded() if self._residency is not None else (),
             state_bytes=dict(self._residency.state_bytes) if self._residency is not None else {},
             recent_restores=self._residency.drain_restore_samples() if self._residency is not None else (),
-            draining=self._draining,
+            draining=self._draining, node=self._settings.node,
         )
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:

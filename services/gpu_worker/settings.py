@@ -49,6 +49,9 @@ class WorkerSettings:
     migration_host: str
     """Address this worker listens on for a migration's rendezvous (TURBOSERVE_MIGRATION_HOST)."""
     torch_threads: int
+    node: str
+    """The machine this worker's GPU is in (TURBOSERVE_NODE, default the host name): the scheduler prices a
+    migration between two workers of one node at the node's GPU link, across nodes at the network's."""
     """Intra-op CPU threads (TURBOSERVE_TORCH_THREADS, default 1): several workers share a small CPU, and
     oversubscribed torch threads made a tiny-model chunk 30x slower on the 2-core CI machine."""
 
@@ -66,6 +69,7 @@ class WorkerSettings:
             text_device=env_str("TURBOSERVE_TEXT_DEVICE", device),
             kind=env_str("TURBOSERVE_WORKER_KIND", device.split(":")[0]),
             capacity=capacity,
+            node=env_str("TURBOSERVE_NODE", socket.gethostname()),
             capacity_measured=env_choice("TURBOSERVE_CAPACITY_FROM", "measure", ("measure", "setting")) == "measure",
             max_batch=env_int("TURBOSERVE_MAX_BATCH", capacity, low=1, high=256),
             max_resident_sessions=env_int("TURBOSERVE_MAX_RESIDENT", 4 * capacity, low=capacity, high=1024),

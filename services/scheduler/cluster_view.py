@@ -30,6 +30,9 @@ class ClusterView:
     kinds: tuple[str, ...]
     scale_kind: str
     capacity: int
+    overflow_slots: int = 0
+    node_of: dict[str, str] = field(default_factory=dict)
+    waiting_since: dict[str, float] = field(default_factory=dict)
     offloaded: dict[str, frozenset[str]] = field(default_factory=dict)
     state_bytes: dict[str, int] = field(default_factory=dict)
     kind_of: dict[str, str] = field(default_factory=dict)
@@ -48,6 +51,7 @@ class ClusterView:
         self.offloaded[beat.worker_id] = frozenset(beat.offloaded)
         self.state_bytes.update(beat.state_bytes)
         self.kind_of[beat.worker_id] = self.policy_kind(beat.kind)
+        self.node_of[beat.worker_id] = beat.node
         if beat.worker_id in self.seen:
             return False
         self.seen.add(beat.worker_id)
@@ -74,7 +78,7 @@ class ClusterView:
 
     def forget_closed(self, open_ids: set[str]) -> None:
         """Per-session knowledge lives as long as the session: drop what closed sessions left behind."""
-        for known in (self.state_bytes, self.migrated_at):
+        for known in (self.state_bytes, self.migrated_at, self.waiting_since):
             for session_id in [s for s in known if s not in open_ids]:
                 del known[session_id]
 
@@ -90,7 +94,8 @@ class ClusterView:
         gpus = {
             w.worker_id: GpuView(w.worker_id, self.policy_kind(w.kind), w.capacity,
                                  0.0 if w.worker_id in heard else math.inf,
-                                 w.draining or w.worker_id in self.draining, w.model)
+                                 w.draining or w.worker_id in self.draining, w.model,
+                                 self.node_of.get(w.worker_id, ""), self.overflow_slots)
             for w in workers
             if self.schedulable(w)
         }
@@ -99,11 +104,14 @@ class ClusterView:
                 gpus[worker_id] = GpuView(worker_id, self.scale_kind, self.capacity, math.inf)
         return gpus
 
-    def session_views(self, rows: Iterable[SessionRecord], gpus: Mapping[str, GpuView]) -> dict[str, SessionView]:
-        """Active sessions claim slots before idle residents; a session that finds no slot on its worker (a
-        resume onto a full worker, a worker that is gone) waits for the policy to place it; an idle one whose
-        state left the slot is offloaded (placing it is a restore)."""
-        room = {gpu_id: gpu.capacity for gpu_id, gpu in gpus.items()}
+    def session_views(
+        self, rows: Iterable[SessionRecord], gpus: Mapping[str, GpuView], now_s: float
+    ) -> dict[str, SessionView]:
+        """Active sessions claim slots (overflow ones included) before idle residents; a session that finds no
+        slot on its worker (a resume onto a full worker, a worker that is gone) waits for the policy to place it,
+        since the first decision that saw it wait; an idle one whose state left the slot is offloaded (placing
+        it is a restore)."""
+        room = {gpu_id: gpu.slots for gpu_id, gpu in gpus.items()}
         views: dict[str, SessionView] = {}
         for row in sorted(rows, key=lambda r: r.status != "active"):
             sid = row.session_id
@@ -120,7 +128,11 @@ class ClusterView:
                 views[sid] = SessionView(sid, size, active, on, moved_at, False, row.model)
             else:
                 has_state = row.worker_id is not None or row.chunks_produced > 0
-                views[sid] = SessionView(sid, size, active, None, moved_at, has_state or not active, row.model)
+                since_s = self.waiting_since.setdefault(sid, now_s) if active else None
+                views[sid] = SessionView(sid, size, active, None, moved_at, has_state or not active, row.model,
+                                         since_s)
+            if views[sid].waiting_since_s is None:
+                self.waiting_since.pop(sid, None)
         return views
 
 

@@ -131,7 +131,8 @@ class ControlLoop:
         self._timer = timer
         self._wall_clock = wall_clock
         kinds = controller.models.latency.kinds
-        self.view = ClusterView(kinds, controller.config.scale_kind, controller.capacity)
+        self.view = ClusterView(kinds, controller.config.scale_kind, controller.capacity,
+                                controller.config.overflow_slots)
         self.snapshot = ClusterSnapshot()
         self.decide_ms: deque[float] = deque(maxlen=DECISION_HISTORY)
         self._events: set[str] = set()
@@ -168,8 +169,12 @@ class ControlLoop:
                 log.info("event=sample_dropped worker=%s detail=%s", beat.worker_id, exc)
 
     def observe_migration(self, report: MigrationReport) -> None:
+        """The model prices the whole transfer (it holds up both workers' batches), so the transfer time is what
+        it learns from; the pause alone only where a report has no transfer time."""
         if report.outcome == "copied" and report.state_bytes > 0:
-            self.controller.observe_migration(report.state_bytes, report.pause_ms or report.transfer_ms)
+            node = self.view.node_of.get(report.source_worker, "")
+            same_node = bool(node) and node == self.view.node_of.get(report.target_worker)
+            self.controller.observe_migration(report.state_bytes, report.transfer_ms or report.pause_ms, same_node)
 
     # --- answers for requests ---------------------------------------------------------------------------
 
@@ -253,7 +258,7 @@ class ControlLoop:
         workers = await self._store.list_workers()
         self._worker_status = {w.worker_id: w.status for w in workers}
         gpus = self.view.gpu_views(workers, self.liveness.heard)
-        self.snapshot = sync(self.snapshot, self.view.session_views(rows, gpus), gpus)
+        self.snapshot = sync(self.snapshot, self.view.session_views(rows, gpus, now_s), gpus)
         decide_started = self._timer()
         plan = self.controller.decide(self.snapshot, now_s)
         decide_ms = (self._timer() - decide_started) * 1000

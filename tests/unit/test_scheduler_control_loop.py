@@ -309,3 +309,25 @@ async def test_a_worker_killed_while_the_loop_is_mid_rebalance_has_each_orphan_p
     assert all(row.worker_id in live for row in rows.values())
     per_worker = [sum(row.worker_id == w for row in rows.values()) for w in live]
     assert max(per_worker) <= 4
+
+
+async def test_a_session_left_waiting_on_full_workers_takes_an_overflow_slot_once_it_has_waited(
+    store: MemoryStore,
+) -> None:
+    clock = Clock()
+    loop, _, _ = make_loop(store, Journal(), clock, max_gpus=1)
+    await add_worker(store, loop, "w1")
+    for index in range(4):
+        await store.insert_session(session(f"full-{index}", "w1"))
+    await store.insert_session(dataclasses.replace(session("new", None), epoch=0, chunks_produced=0))
+    first = await loop.step("open")
+    assert not [a for a in first.actions if isinstance(a, Place)]
+    clock.now_s += 1.0
+    assert not [a for a in (await loop.step("tick")).actions if isinstance(a, Place)]
+    clock.now_s += 2.5  # 3.5 s since the first decision saw it wait
+    (place,) = [a for a in (await loop.step("tick")).actions if isinstance(a, Place)]
+    assert (place.session_id, place.gpu_id) == ("new", "w1") and "overflow" in place.reason
+    row = await store.get_session("new")
+    assert row is not None and row.worker_id == "w1"
+    await loop.step("tick")
+    assert loop.snapshot.sessions["new"].gpu_id == "w1"  # the fifth keeps its overflow slot in the next snapshot

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from dataclasses import replace
 
 from services.scheduler.policy.actions import AddGpus, DrainGpu, Migrate, Offload, Place, Plan, RemoveGpu, Restore
 from services.scheduler.policy.cost_models import LatencyModel
@@ -30,19 +31,19 @@ def apply_plan(
             s = _session(snapshot, action.session_id)
             if s.active or s.gpu_id != action.gpu_id:
                 raise SnapshotError(f"cannot offload {s.session_id!r}: active or not on {action.gpu_id!r}")
-            snapshot.upsert_session(SessionView(s.session_id, s.state_bytes, False, None, s.last_migrated_at_s, True))
+            snapshot.upsert_session(replace(s, active=False, gpu_id=None, offloaded=True))
         elif isinstance(action, (Place, Restore)):
             s = _session(snapshot, action.session_id)
             _check_target(snapshot, action.gpu_id, now_s)
             if s.gpu_id is not None or not s.active:
                 raise SnapshotError(f"cannot place {s.session_id!r}: idle or already on {s.gpu_id!r}")
-            snapshot.upsert_session(SessionView(s.session_id, s.state_bytes, True, action.gpu_id, s.last_migrated_at_s))
+            snapshot.upsert_session(replace(s, gpu_id=action.gpu_id, offloaded=False, waiting_since_s=None))
         elif isinstance(action, Migrate):
             s = _session(snapshot, action.session_id)
             if s.gpu_id != action.source_gpu_id:
                 raise SnapshotError(f"cannot migrate {s.session_id!r}: not on {action.source_gpu_id!r}")
             _check_target(snapshot, action.target_gpu_id, now_s)
-            snapshot.upsert_session(SessionView(s.session_id, s.state_bytes, s.active, action.target_gpu_id, now_s))
+            snapshot.upsert_session(replace(s, gpu_id=action.target_gpu_id, last_migrated_at_s=now_s))
         elif isinstance(action, AddGpus):
             capacity = latency.curve(action.kind).capacity
             for _ in range(action.count):
@@ -51,7 +52,7 @@ def apply_plan(
             g = snapshot.gpus.get(action.gpu_id)
             if g is None:
                 raise SnapshotError(f"cannot drain unknown GPU {action.gpu_id!r}")
-            snapshot.upsert_gpu(GpuView(g.gpu_id, g.kind, g.capacity, g.ready_at_s, True))
+            snapshot.upsert_gpu(replace(g, draining=True))
         elif isinstance(action, RemoveGpu):
             snapshot.remove_gpu(action.gpu_id)
 

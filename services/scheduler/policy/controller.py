@@ -24,12 +24,15 @@ from services.scheduler.policy.actions import (
 )
 from services.scheduler.policy.autoscale import AutoscalePolicy
 from services.scheduler.policy.budget import ViolationBudget
-from services.scheduler.policy.cost_models import LatencyModel, TransferCostModel
+from services.scheduler.policy.cost_models import LatencyModel, MigrationCostModel, TransferCostModel
 from services.scheduler.policy.detector import WorkloadDetector, WorkloadReading
 from services.scheduler.policy.placement import PlacementPolicy
 from services.scheduler.policy.rebalance import RebalancePolicy
 from services.scheduler.policy.snapshot import ClusterSnapshot, SessionView
 from services.scheduler.policy.workspace import Workspace
+
+RELIEF_INTERVALS = 8
+SEARCH_PER_LEVEL = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +41,13 @@ class ControllerConfig:
     GPUs it releases (False: only empty GPUs are released, the no-migration ablation); ``landing_migrations``:
     when a resuming session's first chunk would miss the target (restore time on top of a busy GPU), first move
     one of that GPU's sessions to another GPU where its own migration pause still meets the target, never one
-    migrated less than ``migration_cooldown_s`` ago."""
+    migrated less than ``migration_cooldown_s`` ago; ``price_migrations``: a move for a landing or a
+    consolidation is made only when no chunk it holds up (the mover's, and the next batch on both GPUs, see
+    ``Workspace.migration_late_chunks``) misses the target; ``overflow_slots``: how many sessions past its
+    latency capacity a GPU may take (within its own ``overflow_slots``) rather than leave a session waiting for
+    a GPU still provisioning, once it has waited ``overflow_after_s`` (a slot often frees sooner, and every
+    session of an overflowing GPU misses the target, not only the newcomer); each decision moves one back to a
+    free slot elsewhere as soon as one exists."""
 
     scale_kind: str
     target_ms: float = 400.0
@@ -46,6 +55,9 @@ class ControllerConfig:
     consolidate: bool = True
     landing_migrations: bool = False
     migration_cooldown_s: float = 0.0
+    price_migrations: bool = False
+    overflow_slots: int = 0
+    overflow_after_s: float = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +65,7 @@ class Models:
     """The fitted models a controller predicts with; the live system feeds them through ``observe_*``."""
 
     latency: LatencyModel
-    migration: TransferCostModel
+    migration: MigrationCostModel
     restore: TransferCostModel
 
 
@@ -91,8 +103,8 @@ class ClosedLoopController:
     def observe_chunk(self, kind: str, sessions: int, chunk_latency_ms: float) -> None:
         self.models.latency.observe(kind, sessions, chunk_latency_ms)
 
-    def observe_migration(self, state_bytes: int, elapsed_ms: float) -> None:
-        self.models.migration.observe(state_bytes, elapsed_ms)
+    def observe_migration(self, state_bytes: int, elapsed_ms: float, same_node: bool = False) -> None:
+        self.models.migration.observe(state_bytes, elapsed_ms, same_node)
 
     def observe_restore(self, state_bytes: int, elapsed_ms: float) -> None:
         self.models.restore.observe(state_bytes, elapsed_ms)
@@ -115,8 +127,11 @@ class ClosedLoopController:
             actions.extend(self._progress_drain(workspace, gpu_id))
         placements = self._place_waiting(workspace)
         actions.extend(placements)
+        if self.config.overflow_slots:
+            actions.extend(self._relieve_overflow(workspace))
         unplaced = len(snapshot.waiting) - sum(isinstance(a, (Place, Restore)) for a in placements)
-        self.budget.record(now_s, snapshot.active_count, unplaced)
+        overflowing = sum(workspace.count(g) for g in workspace.over_capacity(self.config.overflow_slots))
+        self.budget.record(now_s, snapshot.active_count, unplaced + overflowing)
         reading = replace(reading, headroom_scale=self.budget.headroom_scale())
         if self._last_rebalance_s is None or now_s - self._last_rebalance_s >= self.config.rebalance_interval_s:
             self._last_rebalance_s = now_s
@@ -134,6 +149,10 @@ class ClosedLoopController:
             session = sessions[session_id]
             restore_ms = self.models.restore.cost_ms(session.state_bytes) if session.offloaded else 0.0
             choice = self.placement.choose(workspace, session, restore_ms)
+            if choice is None and self._may_overflow(session, workspace.now_s):
+                overflow = workspace.first_overflow(self.config.overflow_slots, session.model)
+                if overflow is not None:
+                    choice = overflow, "overflow: every GPU is at capacity, so late for the target but not waiting"
             if choice is None:
                 break
             gpu_id, reason = choice
@@ -145,6 +164,68 @@ class ClosedLoopController:
             else:
                 actions.append(Place(session_id, gpu_id, f"new; {reason}"))
         return actions
+
+    def _may_overflow(self, session: SessionView, now_s: float) -> bool:
+        since_s = session.waiting_since_s
+        return self.config.overflow_slots > 0 and (since_s is None or now_s - since_s >= self.config.overflow_after_s)
+
+    def _transfer_ms(self, workspace: Workspace, session_id: str, source: str, target: str) -> float:
+        state_bytes = workspace.snapshot.sessions[session_id].state_bytes
+        return self.models.migration.cost_ms(state_bytes, workspace.same_node(source, target))
+
+    def _late_chunks(self, workspace: Workspace, session_id: str, source: str, target: str) -> int:
+        """What a move costs in chunks over target; 0 when migrations are not priced (the paper's rule)."""
+        if not self.config.price_migrations:
+            return 0
+        transfer_ms = self._transfer_ms(workspace, session_id, source, target)
+        return workspace.migration_late_chunks(source, target, transfer_ms, self.config.target_ms)
+
+    def _quiet_target(self, workspace: Workspace, session_id: str, source: str, most_late: int) -> str | None:
+        """A GPU with a free slot that a move of ``session_id`` from ``source`` holds up at most ``most_late``
+        chunks past target on (fewest first, then lightest). A GPU within the source's node is found even where
+        the level's first GPU is on another; each level is searched ``SEARCH_PER_LEVEL`` GPUs deep, so a
+        decision stays fast at a thousand GPUs."""
+        model = workspace.snapshot.sessions[session_id].model
+        best: tuple[int, str] | None = None
+        for kind, count in workspace.open_levels():
+            searched = 0
+            for gpu_id in workspace.level_gpus(kind, count):
+                if gpu_id == source or not workspace.usable(gpu_id) or not workspace.serves(gpu_id, model):
+                    continue
+                if count >= workspace.snapshot.gpus[gpu_id].capacity:
+                    continue
+                late = self._late_chunks(workspace, session_id, source, gpu_id)
+                if late == 0:
+                    return gpu_id
+                if late <= most_late and (best is None or late < best[0]):
+                    best = (late, gpu_id)
+                searched += 1
+                if searched >= SEARCH_PER_LEVEL:
+                    break
+        return None if best is None else best[1]
+
+    def _relieve_overflow(self, workspace: Workspace) -> list[Migrate]:
+        """One session off each GPU past its capacity, to a free slot elsewhere: an overflowing GPU misses the
+        target on every chunk of every resident until one of them leaves, so a move is worth it when it holds
+        up fewer chunks than ``RELIEF_INTERVALS`` batches of that GPU."""
+        sessions = workspace.snapshot.sessions
+        moves: list[Migrate] = []
+        for source in workspace.over_capacity(self.config.overflow_slots):
+            resident = workspace.snapshot.residents[source]
+            movable = [s for s in workspace.members(source) if s in resident and self._may_move(sessions[s], workspace)]
+            if not movable:
+                continue
+            mover = min(movable, key=lambda s: sessions[s].state_bytes)
+            most_late = RELIEF_INTERVALS * workspace.count(source)
+            target = self._quiet_target(workspace, mover, source, most_late)
+            if target is None:
+                continue
+            late = self._late_chunks(workspace, mover, source, target)
+            workspace.discard(source, mover)
+            workspace.add(target, mover)
+            moves.append(Migrate(mover, source, target, 0.0, f"overflow relief: its GPU back within capacity; "
+                                 f"{late} chunks held up past target"))
+        return moves
 
     def _make_landing(self, workspace: Workspace, gpu_id: str, restore_ms: float) -> list[Migrate]:
         """One migration that lets a restore onto ``gpu_id`` meet the target, if one exists that itself does."""
@@ -160,14 +241,15 @@ class ClosedLoopController:
         if not members:
             return []
         mover = min(members, key=lambda s: sessions[s].state_bytes)
-        pause_ms = self.models.migration.cost_ms(sessions[mover].state_bytes)
         for target_kind, target_count in workspace.open_levels():
             target = workspace.first_usable(target_kind, target_count, excluding=gpu_id,
                                             model=sessions[mover].model)
             if target is None:
                 continue
             after_ms = workspace.latency_ms(target_kind, target_count + 1)
-            if after_ms + pause_ms <= self.config.target_ms and target_count > 0:
+            pause_ms = self._transfer_ms(workspace, mover, gpu_id, target)
+            if (after_ms + pause_ms <= self.config.target_ms and target_count > 0
+                    and self._late_chunks(workspace, mover, gpu_id, target) == 0):
                 workspace.discard(gpu_id, mover)
                 workspace.add(target, mover)
                 return [Migrate(mover, gpu_id, target, 0.0,
@@ -180,11 +262,14 @@ class ClosedLoopController:
         return moved_at is None or workspace.now_s - moved_at >= self.config.migration_cooldown_s
 
     def _evacuate(self, workspace: Workspace, gpu_id: str, why: str) -> list[Migrate] | None:
-        """Move every session off ``gpu_id`` (already excluded from placement); None, undone, if any cannot go."""
+        """Move every session off ``gpu_id`` (already excluded from placement); None, undone, if any cannot go,
+        or (priced) cannot go without holding up a chunk past the target."""
         sessions = workspace.snapshot.sessions
         moves: list[Migrate] = []
         for session_id in list(workspace.members(gpu_id)):
             choice = self.placement.choose(workspace, sessions[session_id], 0.0)
+            if choice is not None and self._late_chunks(workspace, session_id, gpu_id, choice[0]) > 0:
+                choice = None
             if choice is None:
                 for move in moves:
                     workspace.discard(move.target_gpu_id, move.session_id)

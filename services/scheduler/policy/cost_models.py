@@ -131,3 +131,24 @@ class TransferCostModel:
         if state_bytes < 0 or elapsed_ms < 0:
             raise CostModelError(f"bad transfer sample: state_bytes={state_bytes}, elapsed_ms={elapsed_ms}")
         self._fit.observe((1.0, state_bytes / 1e6), elapsed_ms)
+
+
+class MigrationCostModel:
+    """Time to move a session's state GPU to GPU, fitted per link: within a node (NVLink, or PCIe where a node
+    has no NVLink) and across nodes (the network). A move runs at a chunk boundary and occupies both GPUs for
+    its whole transfer, so this one figure is both the moving session's pause and the delay of the next batch
+    on each of the two GPUs (see ``Workspace.migration_late_chunks``)."""
+
+    def __init__(self, alpha_ms: float, same_node_gigabytes_per_s: float, cross_node_gigabytes_per_s: float) -> None:
+        self.same_node = TransferCostModel(alpha_ms, same_node_gigabytes_per_s)
+        self.cross_node = TransferCostModel(alpha_ms, cross_node_gigabytes_per_s)
+
+    def link(self, same_node: bool) -> TransferCostModel:
+        return self.same_node if same_node else self.cross_node
+
+    def cost_ms(self, state_bytes: int, same_node: bool = False) -> float:
+        """Across nodes unless told otherwise: where the two GPUs' nodes are unknown, the slower link."""
+        return self.link(same_node).cost_ms(state_bytes)
+
+    def observe(self, state_bytes: int, elapsed_ms: float, same_node: bool = False) -> None:
+        self.link(same_node).observe(state_bytes, elapsed_ms)

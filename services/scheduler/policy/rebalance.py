@@ -1,6 +1,7 @@
 """Rebalance family: migration-aware min-max moves off the hottest GPU, and the no-migration baseline.
 
-gain = L - L' - eta * kappa, kappa = the fitted migration cost of the session's bytes. A move is applied while
+gain = L - L' - eta * kappa, kappa = the fitted migration cost of the session's bytes over the link between the
+two GPUs (within a node or across nodes). A move is applied while
 the best gain is at least the threshold, at most ``max_moves`` per round. Since a GPU's latency depends only
 on how many sessions it holds, every session on the hottest GPU yields the same L'; the cheapest one to move
 (fewest bytes, not moved within ``cooldown_s``) is the best candidate, so no session list is scanned twice.
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from services.scheduler.policy.actions import Migrate
-from services.scheduler.policy.cost_models import TransferCostModel
+from services.scheduler.policy.cost_models import MigrationCostModel
 from services.scheduler.policy.workspace import Workspace
 
 
@@ -21,7 +22,7 @@ class RebalancePolicy(Protocol):
     name: str
 
     def rebalance(
-        self, workspace: Workspace, migration: TransferCostModel, latency_weight: float
+        self, workspace: Workspace, migration: MigrationCostModel, latency_weight: float
     ) -> list[Migrate]: ...
 
 
@@ -31,7 +32,7 @@ class NoRebalance:
     name = "none"
 
     def rebalance(
-        self, workspace: Workspace, migration: TransferCostModel, latency_weight: float
+        self, workspace: Workspace, migration: MigrationCostModel, latency_weight: float
     ) -> list[Migrate]:
         return []
 
@@ -62,7 +63,7 @@ class MinMaxRebalance:
         self.floor_ms = floor_ms
 
     def rebalance(
-        self, workspace: Workspace, migration: TransferCostModel, latency_weight: float
+        self, workspace: Workspace, migration: MigrationCostModel, latency_weight: float
     ) -> list[Migrate]:
         threshold_ms = self.min_gain_ms / max(latency_weight, 1e-9)
         moves: list[Migrate] = []
@@ -86,7 +87,7 @@ class MinMaxRebalance:
             )
         return moves
 
-    def _best_move(self, workspace: Workspace, migration: TransferCostModel, moved: set[str]) -> _Move | None:
+    def _best_move(self, workspace: Workspace, migration: MigrationCostModel, moved: set[str]) -> _Move | None:
         hottest = workspace.hottest()
         if hottest is None:
             return None
@@ -95,9 +96,10 @@ class MinMaxRebalance:
         if ties > 1 or current_ms <= self.floor_ms:
             return None
         source = next(iter(workspace.level_gpus(kind, count)))
-        session_id, kappa_ms = self._cheapest_session(workspace, source, migration.cost_ms, moved)
+        session_id, _ = self._cheapest_session(workspace, source, migration.cost_ms, moved)
         if session_id is None:
             return None
+        state_bytes = workspace.snapshot.sessions[session_id].state_bytes
         rest_ms = max(
             workspace.bottleneck_ms(without=(kind, count)), workspace.latency_ms(kind, count - 1), self.floor_ms
         )
@@ -108,6 +110,7 @@ class MinMaxRebalance:
             if target is None:
                 continue
             after_ms = workspace.latency_ms(target_kind, target_count + 1)
+            kappa_ms = migration.cost_ms(state_bytes, workspace.same_node(source, target))
             gain_ms = current_ms - max(rest_ms, after_ms) - self.eta * kappa_ms
             if best is None or gain_ms > best.gain_ms:
                 best = _Move(gain_ms, session_id, source, target, after_ms)

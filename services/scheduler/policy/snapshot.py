@@ -18,7 +18,8 @@ class SnapshotError(ValueError):
 @dataclass(frozen=True, slots=True)
 class SessionView:
     """One session. ``offloaded`` means its state sits in host memory, so placing it is a restore; ``model``
-    (empty: any) limits it to GPUs serving that model."""
+    (empty: any) limits it to GPUs serving that model; ``waiting_since_s``: when an active session without a
+    GPU began to wait (None: not waiting, or not known)."""
 
     session_id: str
     state_bytes: int
@@ -27,12 +28,15 @@ class SessionView:
     last_migrated_at_s: float | None = None
     offloaded: bool = False
     model: str = ""
+    waiting_since_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class GpuView:
-    """One GPU: at most ``capacity`` resident sessions; unusable before ``ready_at_s``; ``draining`` takes none;
-    ``model`` (empty: any) is the only model whose sessions it takes."""
+    """One GPU: ``capacity`` resident sessions meet the latency target; ``overflow_slots`` more fit in its memory
+    and still play in real time, late for the target (a policy may use them rather than leave a session
+    waiting); unusable before ``ready_at_s``; ``draining`` takes none; ``model`` (empty: any) is the only model
+    whose sessions it takes; ``node`` (empty: unknown) says which GPUs share a fast link."""
 
     gpu_id: str
     kind: str
@@ -40,6 +44,12 @@ class GpuView:
     ready_at_s: float
     draining: bool = False
     model: str = ""
+    node: str = ""
+    overflow_slots: int = 0
+
+    @property
+    def slots(self) -> int:
+        return self.capacity + self.overflow_slots
 
 
 class ClusterSnapshot:
@@ -70,12 +80,13 @@ class ClusterSnapshot:
         return snapshot
 
     def upsert_gpu(self, gpu: GpuView) -> None:
-        if gpu.capacity < 1:
-            raise SnapshotError(f"GPU {gpu.gpu_id!r} has capacity {gpu.capacity}; it must be at least 1")
+        if gpu.capacity < 1 or gpu.overflow_slots < 0:
+            raise SnapshotError(f"GPU {gpu.gpu_id!r} has capacity {gpu.capacity} and {gpu.overflow_slots} overflow "
+                                "slots; it needs at least 1 and no fewer than 0")
         previous = self.residents.get(gpu.gpu_id)
-        if previous is not None and len(previous) > gpu.capacity:
+        if previous is not None and len(previous) > gpu.slots:
             raise SnapshotError(
-                f"GPU {gpu.gpu_id!r} holds {len(previous)} sessions, more than its new capacity {gpu.capacity}"
+                f"GPU {gpu.gpu_id!r} holds {len(previous)} sessions, more than its new {gpu.slots} slots"
             )
         old = self.gpus.get(gpu.gpu_id)
         if old is not None:
@@ -121,7 +132,7 @@ class ClusterSnapshot:
             if residents is None:
                 raise SnapshotError(f"session {session.session_id!r} is on unknown GPU {session.gpu_id!r}")
             already_there = session.session_id in residents
-            if not already_there and len(residents) >= self.gpus[session.gpu_id].capacity:
+            if not already_there and len(residents) >= self.gpus[session.gpu_id].slots:
                 raise SnapshotError(f"GPU {session.gpu_id!r} is full; cannot add session {session.session_id!r}")
         previous = self.sessions.get(session.session_id)
         if previous is None:

@@ -93,6 +93,42 @@ class Workspace:
                 return gpu_id
         return None
 
+    def first_overflow(self, most: int, model: str = "") -> str | None:
+        """A usable GPU at its latency capacity or past it by fewer than ``most``, with an overflow slot free;
+        the least loaded first."""
+        for kind in self.latency.kinds:
+            capacity = self.latency.curve(kind).capacity
+            for count in range(capacity, capacity + most):
+                for gpu_id in self._levels.get((kind, count), ()):
+                    gpu = self.snapshot.gpus[gpu_id]
+                    if count < gpu.slots and self.usable(gpu_id) and self.serves(gpu_id, model):
+                        return gpu_id
+        return None
+
+    def over_capacity(self, most: int) -> Iterator[str]:
+        """GPUs past their latency capacity by 1 to ``most`` sessions (in overflow slots)."""
+        for kind in self.latency.kinds:
+            capacity = self.latency.curve(kind).capacity
+            for count in range(capacity + 1, capacity + 1 + most):
+                yield from list(self._levels.get((kind, count), ()))
+
+    def same_node(self, first: str, second: str) -> bool:
+        node = self.snapshot.gpus[first].node
+        return bool(node) and node == self.snapshot.gpus[second].node
+
+    def migration_late_chunks(self, source: str, target: str, transfer_ms: float, target_ms: float) -> int:
+        """Chunks a move from ``source`` to ``target`` would push over ``target_ms``: it runs at a chunk boundary
+        and holds up the next batch of both GPUs for ``transfer_ms``; the moving session's next chunk is in the
+        target's batch, so its pause is counted there."""
+        late = 0
+        staying = self.count(source) - 1
+        if staying and self.latency_ms(self.snapshot.gpus[source].kind, staying) + transfer_ms > target_ms:
+            late += staying
+        joined = self.count(target) + 1
+        if self.latency_ms(self.snapshot.gpus[target].kind, joined) + transfer_ms > target_ms:
+            late += joined
+        return late
+
     def latency_ms(self, kind: str, count: int) -> float:
         return self.latency.curve(kind).chunk_latency_ms(count)
 

@@ -3,9 +3,11 @@
 Between two events every GPU's per-chunk latency is constant, so chunks are counted analytically per interval
 (GPUs holding n sessions produce n / chunk_interval_s chunks per second at l(n)) instead of one by one. A chunk's
 latency includes the time its session waited for a slot or for a GPU still provisioning (the chunks owed
-during a wait of W are late by 0..W), the restore time for the first chunk after a resume, and the migration
-time for the first chunk after a move. Offloads free the slot at once (the copy to host runs in the
-background). GPUs are billed from the moment they are asked for until they are released.
+during a wait of W are late by 0..W), the restore time for the first chunk after a resume, and a migration's
+transfer time (its state's bytes over the link between the two GPUs: within a node or across nodes) on the
+moving session's next chunk and on the next chunk of every session on both GPUs, whose batch waits for it.
+GPUs fill nodes of ``gpus_per_node`` in the order they are asked for. Offloads free the slot at once (the copy
+to host runs in the background). GPUs are billed from the moment they are asked for until they are released.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ import itertools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from services.scheduler.policy.actions import AddGpus, DrainGpu, Migrate, Offload, Place, Plan, RemoveGpu, Restore
 from services.scheduler.policy.controller import ClosedLoopController
-from services.scheduler.policy.cost_models import LatencyModel, TransferCostModel
+from services.scheduler.policy.cost_models import LatencyModel, MigrationCostModel, TransferCostModel
 from services.scheduler.policy.snapshot import ClusterSnapshot, GpuView, SessionView
 from services.scheduler.sim.distribution import LatencyDistribution
 from services.scheduler.sim.results import SimResult, TimeSeries
@@ -43,9 +45,11 @@ class SimConfig:
     gpu_kind: str = "h100"
     gpu_capacity: int = 4
     min_gpus: int = 1
+    gpus_per_node: int = 8
+    overflow_slots: int = 1
 
 
-_TICK, _SAMPLE, _READY = 10, 11, 12
+_TICK, _SAMPLE, _READY, _WAKE = 10, 11, 12, 13
 
 
 class Simulator:
@@ -57,7 +61,7 @@ class Simulator:
         controller: ClosedLoopController,
         config: SimConfig,
         latency: LatencyModel,
-        migration: TransferCostModel,
+        migration: MigrationCostModel,
         restore: TransferCostModel,
         progress: Callable[[float], None] | None = None,
     ) -> None:
@@ -68,8 +72,12 @@ class Simulator:
         self.distribution = LatencyDistribution()
         self.series = TimeSeries()
         self._wait_since: dict[str, float] = {}
+        self._opened_at: dict[str, float] = {}
+        self._first_chunk_s: list[float] = []
         self._state_bytes = {s.session_id: s.state_bytes for s in trace.sessions}
         self._gpu_ids = itertools.count()
+        self._node_of: dict[str, int] = {}
+        self._node_load: dict[int, int] = {}
         self._dynamic: list[tuple[float, int, str]] = []
         self._now_s = 0.0
         self._gpu_seconds = 0.0
@@ -78,7 +86,7 @@ class Simulator:
         self._window_late = 0.0
         self._counters = dict.fromkeys(
             ("migrations", "migrated_bytes", "offloads", "restores", "placements", "scale_out_events",
-             "gpus_added", "scale_in_events", "gpus_removed", "decisions"), 0
+             "gpus_added", "scale_in_events", "gpus_removed", "decisions", "unserved_opens"), 0
         )
         self._decide_s: list[float] = []
 
@@ -126,6 +134,12 @@ class Simulator:
         self.distribution.add_range(low_ms, high_ms, owed)
         self._note_window(low_ms, high_ms, owed)
 
+    def _note_first_chunk(self, session_id: str, chunk_ms: float) -> None:
+        """Time from a session's open to its first chunk: its wait for a slot plus that chunk's latency."""
+        opened_s = self._opened_at.pop(session_id, None)
+        if opened_s is not None and self._in_window(opened_s):
+            self._first_chunk_s.append(self._now_s - opened_s + chunk_ms / 1000.0)
+
     def _session(self, session_id: str) -> SessionView:
         session = self.snapshot.sessions.get(session_id)
         if session is None:
@@ -147,6 +161,7 @@ class Simulator:
         )
         steady_ms = self._chunk_ms_on(gpu_id)
         extra_ms = self.restore.cost_ms(session.state_bytes) if restored else 0.0
+        self._note_first_chunk(session.session_id, steady_ms)
         self._settle_wait(session.session_id, steady_ms + extra_ms)
         if extra_ms:
             self._add_chunks(steady_ms, -1.0, self._now_s)
@@ -172,7 +187,7 @@ class Simulator:
                 self._add_gpus(action)
             elif isinstance(action, DrainGpu):
                 gpu = self.snapshot.gpus[action.gpu_id]
-                self.snapshot.upsert_gpu(GpuView(gpu.gpu_id, gpu.kind, gpu.capacity, gpu.ready_at_s, True))
+                self.snapshot.upsert_gpu(replace(gpu, draining=True))
                 self._counters["scale_in_events"] += 1
                 drained = True
             elif isinstance(action, RemoveGpu):
@@ -184,11 +199,15 @@ class Simulator:
         target = self.snapshot.gpus.get(action.target_gpu_id)
         if session.gpu_id != action.source_gpu_id or target is None or target.ready_at_s > self._now_s:
             raise SimulationError(f"bad migration {action}")
+        same_node = self._node_of[action.source_gpu_id] == self._node_of[action.target_gpu_id]
+        transfer_ms = self.migration.cost_ms(session.state_bytes, same_node)
         self.snapshot.upsert_session(SessionView(session.session_id, session.state_bytes, session.active,
                                                  action.target_gpu_id, self._now_s, False))
-        steady_ms = self._chunk_ms_on(action.target_gpu_id)
-        self._add_chunks(steady_ms, -1.0, self._now_s)
-        self._add_chunks(steady_ms + self.migration.cost_ms(session.state_bytes), 1.0, self._now_s)
+        for gpu_id in (action.source_gpu_id, action.target_gpu_id):
+            held_up = len(self.snapshot.residents[gpu_id])
+            steady_ms = self._chunk_ms_on(gpu_id)
+            self._add_chunks(steady_ms, -held_up, self._now_s)
+            self._add_chunks(steady_ms + transfer_ms, held_up, self._now_s)
         self._counters["migrations"] += 1
         self._counters["migrated_bytes"] += session.state_bytes
 
@@ -199,15 +218,24 @@ class Simulator:
         for _ in range(action.count):
             gpu_id = f"gpu{next(self._gpu_ids):05d}"
             capacity = self.latency.curve(action.kind).capacity
-            self.snapshot.upsert_gpu(GpuView(gpu_id, action.kind, capacity, ready_s))
+            self._add_gpu(GpuView(gpu_id, action.kind, capacity, ready_s))
             heapq.heappush(self._dynamic, (ready_s, _READY, gpu_id))
         self._counters["scale_out_events"] += 1
         self._counters["gpus_added"] += action.count
+
+    def _add_gpu(self, gpu: GpuView) -> None:
+        """On the first node with room: a cloud hands out GPUs of partly used nodes first."""
+        node = next(n for n in itertools.count() if self._node_load.get(n, 0) < self.config.gpus_per_node)
+        self._node_of[gpu.gpu_id] = node
+        self._node_load[node] = self._node_load.get(node, 0) + 1
+        self.snapshot.upsert_gpu(GpuView(gpu.gpu_id, gpu.kind, gpu.capacity, gpu.ready_at_s, node=f"node{node}",
+                                         overflow_slots=self.config.overflow_slots))
 
     def _remove_gpu(self, gpu_id: str) -> None:
         if gpu_id not in self.snapshot.gpus:
             raise SimulationError(f"remove of unknown GPU {gpu_id!r}")
         self.snapshot.remove_gpu(gpu_id)
+        self._node_load[self._node_of.pop(gpu_id)] -= 1
         self._counters["gpus_removed"] += 1
 
     def _decide(self) -> None:
@@ -219,19 +247,35 @@ class Simulator:
             if not self._apply(plan):
                 return
 
+    def _wake_after_wait(self) -> None:
+        """Decide again when a session that began to wait now may take an overflow slot: a live scheduler
+        decides every few seconds anyway, the simulator only on events and ticks."""
+        wait_s = self.controller.config.overflow_after_s
+        if self.controller.config.overflow_slots:
+            heapq.heappush(self._dynamic, (self._now_s + wait_s, _WAKE, ""))
+
     def _handle_trace_event(self, kind: int, session_id: str) -> None:
         snapshot = self.snapshot
         if kind == EventKind.ARRIVE:
-            snapshot.upsert_session(SessionView(session_id, self._state_bytes[session_id], True, None))
+            snapshot.upsert_session(SessionView(session_id, self._state_bytes[session_id], True, None,
+                                                waiting_since_s=self._now_s))
             self._wait_since[session_id] = self._now_s
+            self._wake_after_wait()
+            self._opened_at[session_id] = self._now_s
             return
         session = snapshot.sessions[session_id]
         if kind == EventKind.ACTIVE:
+            waiting_since_s = self._now_s if session.gpu_id is None else None
             snapshot.upsert_session(SessionView(session_id, session.state_bytes, True, session.gpu_id,
-                                                session.last_migrated_at_s, session.offloaded))
-            if session.gpu_id is None:
+                                                session.last_migrated_at_s, session.offloaded,
+                                                waiting_since_s=waiting_since_s))
+            if waiting_since_s is not None:
                 self._wait_since[session_id] = self._now_s
+                self._wake_after_wait()
         elif kind == EventKind.IDLE:
+            if session.gpu_id is None and session_id in self._opened_at:
+                self._counters["unserved_opens"] += 1
+                self._note_first_chunk(session_id, 0.0)
             self._settle_wait(session_id, 0.0)
             offloaded = session.offloaded or session.gpu_id is None
             snapshot.upsert_session(SessionView(session_id, session.state_bytes, False, session.gpu_id,
@@ -245,7 +289,7 @@ class Simulator:
         start_s = min(events[0][0], self.trace.window_start_s) if events else self.trace.window_start_s
         self._now_s = start_s
         for index in range(self.controller.initial_gpus):
-            self.snapshot.upsert_gpu(GpuView(f"init{index:05d}", config.gpu_kind, config.gpu_capacity, start_s))
+            self._add_gpu(GpuView(f"init{index:05d}", config.gpu_kind, config.gpu_capacity, start_s))
         end_s = max(self.trace.window_end_s, events[-1][0] if events else start_s)
         heapq.heappush(self._dynamic, (start_s + config.tick_s, _TICK, ""))
         first_sample_s = self.trace.window_start_s + config.sample_s
@@ -264,7 +308,7 @@ class Simulator:
                     self._sample()
                     heapq.heappush(self._dynamic, (time_s + config.sample_s, _SAMPLE, ""))
                     continue
-                elif key not in self.snapshot.gpus:
+                elif kind == _READY and key not in self.snapshot.gpus:
                     continue
             else:
                 time_s, kind, key = events[index]
@@ -277,6 +321,9 @@ class Simulator:
                 next_report_s = time_s + 600.0
         self._advance(end_s)
         for session_id in list(self._wait_since):
+            if session_id in self._opened_at:
+                self._counters["unserved_opens"] += 1
+                self._note_first_chunk(session_id, 0.0)
             self._settle_wait(session_id, 0.0)
         return self._result()
 
@@ -301,9 +348,11 @@ class Simulator:
             worst_latency_ms=self.distribution.worst_ms,
             p99_latency_ms=self.distribution.quantile_ms(0.99),
             over_target_frac=self.distribution.fraction_above(self.config.target_ms),
+            over_interval_frac=self.distribution.fraction_above(self.config.chunk_interval_s * 1000.0),
             total_chunks=self.distribution.total_chunks,
             counters=dict(self._counters),
             decide_median_ms=decide_ms[len(decide_ms) // 2],
             decide_p99_ms=decide_ms[min(len(decide_ms) - 1, math.ceil(0.99 * len(decide_ms)) - 1)],
             series=self.series,
+            first_chunk_s=sorted(self._first_chunk_s),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -27,7 +28,9 @@ class TimeSeries:
 @dataclass(slots=True)
 class SimResult:
     """Headline figures of one replay; ``counters`` holds migrations, migrated_bytes, offloads, restores,
-    placements, scale events and decisions."""
+    placements, scale events, decisions and opens that never got a chunk. ``over_interval_frac``: chunks later
+    than a chunk's own play time, which a player stalls on; over target but within it is late for the target
+    yet still real time. ``first_chunk_s``: sorted times from an open to its first chunk."""
 
     policy: str
     trace: str
@@ -35,11 +38,19 @@ class SimResult:
     worst_latency_ms: float
     p99_latency_ms: float
     over_target_frac: float
+    over_interval_frac: float
     total_chunks: float
     counters: dict[str, int]
     decide_median_ms: float
     decide_p99_ms: float
     series: TimeSeries
+    first_chunk_s: list[float] = field(default_factory=list)
+
+    def first_chunk_quantile_s(self, q: float) -> float:
+        """Time from open to first chunk below which a share ``q`` of the window's opens fall (0 with none)."""
+        if not self.first_chunk_s:
+            return 0.0
+        return self.first_chunk_s[min(len(self.first_chunk_s) - 1, max(0, math.ceil(q * len(self.first_chunk_s)) - 1))]
 
     def summary(self) -> dict[str, float | int | str]:
         return {
@@ -49,8 +60,12 @@ class SimResult:
             "worst_latency_ms": round(self.worst_latency_ms, 1),
             "p99_latency_ms": round(self.p99_latency_ms, 1),
             "over_target_frac": self.over_target_frac,
+            "over_interval_frac": self.over_interval_frac,
             "total_chunks": round(self.total_chunks),
             "decide_median_ms": round(self.decide_median_ms, 4),
             "decide_p99_ms": round(self.decide_p99_ms, 4),
+            "first_chunk_p50_s": round(self.first_chunk_quantile_s(0.5), 3),
+            "first_chunk_p99_s": round(self.first_chunk_quantile_s(0.99), 3),
+            "first_chunk_max_s": round(self.first_chunk_quantile_s(1.0), 3),
             **self.counters,
         }

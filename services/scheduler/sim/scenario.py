@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.scheduler.policy.registry import PolicySetting, build_controller
-from services.scheduler.sim.converters import ConversionAssumptions, load_mooncake, load_ragpulse
+from services.scheduler.sim.converters import TRACE_FORMATS, ConversionAssumptions, load_mooncake, load_ragpulse
 from services.scheduler.sim.engine import SimConfig, Simulator
 from services.scheduler.sim.results import SimResult
 from services.scheduler.sim.synthetic import SyntheticSpec, generate
@@ -41,7 +41,7 @@ def traces_dir(repo_root: Path) -> Path:
 def load_base_trace(name: str, directory: Path | None, assumptions: ConversionAssumptions) -> Trace:
     """The unscaled trace: the busiest 24 h of RAGPulse, Mooncake whole, or a synthetic day."""
     if name == "synthetic":
-        return generate(SyntheticSpec(duration_s=86400.0, mean_active=16.0))
+        return generate(SyntheticSpec(duration_s=86400.0, mean_active=16.0, state_bytes=assumptions.state_bytes))
     if name not in TRACE_FILES or directory is None:
         raise TraceError(f"unknown trace {name!r}; known: {TRACE_NAMES}")
     path = directory / TRACE_FILES[name]
@@ -52,9 +52,20 @@ def load_base_trace(name: str, directory: Path | None, assumptions: ConversionAs
     return load_mooncake(path, assumptions)
 
 
+def load_trace_file(path: Path, trace_format: str, assumptions: ConversionAssumptions) -> Trace:
+    """A trace the project never saw, whole, in one of ``TRACE_FORMATS`` (see docs/simulator.md)."""
+    loader = TRACE_FORMATS.get(trace_format)
+    if loader is None:
+        raise TraceError(f"unknown trace format {trace_format!r}; known: {sorted(TRACE_FORMATS)}")
+    if not path.is_file():
+        raise TracesMissingError(f"trace file {path} not found")
+    return loader(path, assumptions)
+
+
 @dataclass(frozen=True, slots=True)
 class Scenario:
-    """One replay's knobs. ``fixed_gpus`` 0 means: size fixed pools from the trace (peak, mean)."""
+    """One replay's knobs. ``fixed_gpus`` 0 means: size fixed pools from the trace (peak, mean); ``setting``
+    holds any other policy setting by name (``burst_coverage``, ``cross_node_gigabytes_per_s`` ...)."""
 
     policy: str
     delay_s: float = 30.0
@@ -63,6 +74,8 @@ class Scenario:
     capacity: int = 4
     target_ms: float = 400.0
     min_gpus: int = 1
+    gpus_per_node: int = 8
+    setting: tuple[tuple[str, float], ...] = ()
 
 
 def fixed_sizes(trace: Trace, capacity: int) -> dict[str, int]:
@@ -80,6 +93,7 @@ def run_scenario(trace: Trace, scenario: Scenario, progress: Callable[[float], N
         target_ms=scenario.target_ms,
         fixed_gpus=scenario.fixed_gpus,
         rho=scenario.rho,
+        **dict(scenario.setting),  # type: ignore[arg-type]
     )
     controller = build_controller(scenario.policy, setting)
     truth = setting.models()
@@ -88,6 +102,8 @@ def run_scenario(trace: Trace, scenario: Scenario, progress: Callable[[float], N
         target_ms=scenario.target_ms,
         gpu_capacity=scenario.capacity,
         min_gpus=scenario.min_gpus,
+        gpus_per_node=scenario.gpus_per_node,
+        overflow_slots=setting.overflow_slots,
         chunk_interval_s=float(trace.assumptions.get("chunk_interval_s", 0.75)),
     )
     simulator = Simulator(trace, controller, config, truth.latency, truth.migration, truth.restore, progress)

@@ -29,7 +29,7 @@ class SyntheticSpec:
     idle_mean_s: float = 120.0
     mean_periods: float = 3.0
     linger_s: float = 120.0
-    state_bytes: int = 3_500_000_000
+    state_bytes: int = 4_000_000_000
     warmup_s: float = 1800.0
     seed: int = 0
 
