@@ -8,7 +8,7 @@ import pytest
 
 from services.scheduler.policy.actions import Action, Migrate, Place, Plan, Restore
 from services.scheduler.policy.autoscale import FixedAllocation
-from services.scheduler.policy.controller import ControllerConfig
+from services.scheduler.policy.controller import EVACUATION_TRIES, ControllerConfig
 from services.scheduler.policy.cost_models import LatencyModel, MigrationCostModel
 from services.scheduler.policy.registry import PolicySetting, build_controller
 from services.scheduler.policy.snapshot import ClusterSnapshot, GpuView, SessionView, SnapshotError
@@ -157,3 +157,22 @@ def test_time_to_first_chunk_is_the_wait_plus_the_first_chunk() -> None:
     assert result.first_chunk_s == pytest.approx(expected)
     assert result.counters["unserved_opens"] == 1
     assert result.first_chunk_quantile_s(1.0) == pytest.approx(40.0 + FULL_MS / 1000)
+
+
+def test_a_scale_in_whose_moves_are_all_refused_stops_after_a_few_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    controller = build_controller("ours", PolicySetting())
+    controller.autoscale = FixedAllocation(1)
+    controller.autoscale.hold_s = 0.0
+    snapshot = gpus([3] * 80, nodes=[f"n{i}" for i in range(80)])  # every move would make a 4th across nodes
+    tried: list[str] = []
+    evacuate = controller._evacuate
+
+    def counted(workspace: Workspace, gpu_id: str, why: str) -> list[Migrate] | None:
+        tried.append(gpu_id)
+        return evacuate(workspace, gpu_id, why)
+
+    monkeypatch.setattr(controller, "_evacuate", counted)
+    for now_s in (0.0, 1.0):
+        plan = controller.decide(snapshot, now_s)
+    assert not any(isinstance(a, Migrate) for a in plan.actions)
+    assert len(tried) == EVACUATION_TRIES

@@ -33,6 +33,7 @@ from services.scheduler.policy.workspace import Workspace
 
 RELIEF_INTERVALS = 8
 SEARCH_PER_LEVEL = 32
+EVACUATION_TRIES = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,8 +325,11 @@ class ClosedLoopController:
                 yield from level
 
     def _scale_in(self, workspace: Workspace, excess: int, reason: str, now_s: float) -> list[Action]:
-        """Release ``excess`` GPUs, cheapest first (see ``_release_order``)."""
+        """Release ``excess`` GPUs, cheapest first (see ``_release_order``). Gives up after
+        ``EVACUATION_TRIES`` GPUs that cannot be emptied: the next ones hold more, and priced moves are often all
+        refused, where trying every GPU made a decision at a thousand GPUs take tens of milliseconds."""
         actions: list[Action] = []
+        failed = 0
         for gpu_id in self._release_order(workspace, now_s):
             if excess == 0:
                 break
@@ -342,6 +346,9 @@ class ClosedLoopController:
             moves = self._evacuate(workspace, gpu_id, "scale in: consolidate")
             if moves is None:
                 workspace.draining.discard(gpu_id)
+                failed += 1
+                if failed >= EVACUATION_TRIES:
+                    break
                 continue
             actions.append(DrainGpu(gpu_id, f"scale in: {reason}"))
             actions.extend(moves)

@@ -66,6 +66,7 @@ class ClusterSnapshot:
         self.levels: dict[tuple[str, int], dict[str, None]] = {}
         self.draining: dict[str, None] = {}
         self.active_count = 0
+        self.overflow_slots_total = 0
         self.arrivals_total = 0
         self.activations_total = 0
         self.deactivations_total = 0
@@ -91,7 +92,9 @@ class ClusterSnapshot:
         old = self.gpus.get(gpu.gpu_id)
         if old is not None:
             self._level_remove(old.kind, len(self.residents[gpu.gpu_id]), gpu.gpu_id)
+            self.overflow_slots_total -= old.overflow_slots
         self.gpus[gpu.gpu_id] = gpu
+        self.overflow_slots_total += gpu.overflow_slots
         residents = self.residents.setdefault(gpu.gpu_id, {})
         self.active_on.setdefault(gpu.gpu_id, 0)
         self._level_add(gpu.kind, len(residents), gpu.gpu_id)
@@ -107,6 +110,7 @@ class ClusterSnapshot:
         if residents:
             raise SnapshotError(f"GPU {gpu_id!r} still holds {len(residents)} sessions; move them first")
         self._level_remove(self.gpus[gpu_id].kind, 0, gpu_id)
+        self.overflow_slots_total -= self.gpus[gpu_id].overflow_slots
         self.draining.pop(gpu_id, None)
         del self.gpus[gpu_id], self.residents[gpu_id], self.active_on[gpu_id]
 

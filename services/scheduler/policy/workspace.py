@@ -95,7 +95,10 @@ class Workspace:
 
     def first_overflow(self, most: int, model: str = "") -> str | None:
         """A usable GPU at its latency capacity or past it by fewer than ``most``, with an overflow slot free;
-        the least loaded first."""
+        the least loaded first. Where no GPU has an overflow slot at all it returns at once rather than walk
+        every full GPU."""
+        if not self.snapshot.overflow_slots_total:
+            return None
         for kind in self.latency.kinds:
             capacity = self.latency.curve(kind).capacity
             for count in range(capacity, capacity + most):
