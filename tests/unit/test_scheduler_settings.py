@@ -34,3 +34,17 @@ def test_a_sweep_slower_than_the_timeout_is_refused() -> None:
     with pytest.raises(ConfigError, match="exceeds the worker timeout"):
         SchedulerSettings(nats_url="nats://x", database_url="postgresql+psycopg://x/y", worker_timeout_s=1.0,
                           sweep_interval_s=2.0)
+
+
+def test_the_burst_coverage_is_the_policys_own_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.scheduler.control_settings import ControlSettings, build_live_controller
+    from services.scheduler.policy.registry import CHOSEN
+
+    monkeypatch.delenv("TURBOSERVE_BURST_COVERAGE", raising=False)
+    default = build_live_controller(ControlSettings.from_env()).autoscale
+    assert default.burst_coverage == CHOSEN["ours"]["burst_coverage"]
+    monkeypatch.setenv("TURBOSERVE_BURST_COVERAGE", "0.5")
+    assert build_live_controller(ControlSettings.from_env()).autoscale.burst_coverage == 0.5
+    monkeypatch.setenv("TURBOSERVE_BURST_COVERAGE", "-1")
+    with pytest.raises(ConfigError, match="TURBOSERVE_BURST_COVERAGE"):
+        ControlSettings.from_env()
