@@ -101,8 +101,7 @@ AUTOSCALES: dict[str, Callable[[PolicySetting], AutoscalePolicy]] = {
     "reactive": lambda s: ReactiveUtilisation(s.rho, s.min_gpus, s.max_gpus, hold_s=5.0),
     "reactive_0.9": lambda s: ReactiveUtilisation(0.9, s.min_gpus, s.max_gpus, hold_s=5.0),
     "anticipatory": lambda s: AnticipatoryHeadroom(
-        s.provisioning_delay_s, s.rebalance_interval_s, s.min_gpus, s.max_gpus,
-        CHOSEN["ours"]["burst_coverage"] if s.burst_coverage is None else s.burst_coverage,
+        s.provisioning_delay_s, s.rebalance_interval_s, s.min_gpus, s.max_gpus, _chosen("ours", s)[0]
     ),
 }
 
@@ -156,18 +155,20 @@ POLICIES: dict[str, PolicyRecipe] = {
 }
 
 
+def _chosen(name: str, setting: PolicySetting) -> tuple[float, float]:
+    """(burst coverage, overflow after s): the setting's own where given, else the policy's chosen values."""
+    chosen = {**CHOSEN["ours"], **CHOSEN.get(name, {})}
+    return (chosen["burst_coverage"] if setting.burst_coverage is None else setting.burst_coverage,
+            chosen["overflow_after_s"] if setting.overflow_after_s is None else setting.overflow_after_s)
+
+
 def build_controller(name: str, setting: PolicySetting) -> ClosedLoopController:
     """A fresh controller for the named policy; each call gets its own state and its own fitted models."""
     recipe = POLICIES.get(name)
     if recipe is None:
         raise UnknownPolicyError(f"unknown policy {name!r}; known: {sorted(POLICIES)}")
-    chosen = CHOSEN.get(name, CHOSEN["ours"])
-    setting = replace(
-        setting,
-        burst_coverage=chosen["burst_coverage"] if setting.burst_coverage is None else setting.burst_coverage,
-        overflow_after_s=(chosen.get("overflow_after_s", CHOSEN["ours"]["overflow_after_s"])
-                          if setting.overflow_after_s is None else setting.overflow_after_s),
-    )
+    burst_coverage, overflow_after_s = _chosen(name, setting)
+    setting = replace(setting, burst_coverage=burst_coverage)
     return ClosedLoopController(
         name,
         PLACEMENTS[recipe.placement](setting),
@@ -183,6 +184,6 @@ def build_controller(name: str, setting: PolicySetting) -> ClosedLoopController:
             recipe.migration_cooldown_s,
             recipe.price_migrations,
             setting.overflow_slots if recipe.overflow else 0,
-            float(setting.overflow_after_s or 0.0),
+            overflow_after_s,
         ),
     )

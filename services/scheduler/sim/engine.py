@@ -250,9 +250,9 @@ class Simulator:
     def _wake_after_wait(self) -> None:
         """Decide again when a session that began to wait now may take an overflow slot: a live scheduler
         decides every few seconds anyway, the simulator only on events and ticks."""
-        wait_s = self.controller.config.overflow_after_s
-        if self.controller.config.overflow_slots:
-            heapq.heappush(self._dynamic, (self._now_s + wait_s, _WAKE, ""))
+        config = self.controller.config
+        if config.overflow_slots:
+            heapq.heappush(self._dynamic, (self._now_s + config.overflow_after_s, _WAKE, ""))
 
     def _handle_trace_event(self, kind: int, session_id: str) -> None:
         snapshot = self.snapshot
