@@ -157,6 +157,8 @@ def test_time_to_first_chunk_is_the_wait_plus_the_first_chunk() -> None:
     assert result.first_chunk_s == pytest.approx(expected)
     assert result.counters["unserved_opens"] == 1
     assert result.first_chunk_quantile_s(1.0) == pytest.approx(40.0 + FULL_MS / 1000)
+    # the chunks the two waits owed, late by more than a chunk's own 0.75 s, are the ones a player stalls on
+    assert 0.0 < result.over_interval_frac < result.over_target_frac
 
 
 def test_a_scale_in_whose_moves_are_all_refused_stops_after_a_few_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -176,3 +178,16 @@ def test_a_scale_in_whose_moves_are_all_refused_stops_after_a_few_gpus(monkeypat
         plan = controller.decide(snapshot, now_s)
     assert not any(isinstance(a, Migrate) for a in plan.actions)
     assert len(tried) == EVACUATION_TRIES
+
+
+def test_sessions_on_an_overflowing_gpu_spend_the_violation_budget_as_a_wait_does() -> None:
+    controller = build_controller("ours", PolicySetting())
+    before = controller.budget.spent_frac
+    snapshot = gpus([5, 4], overflow_slots=1)  # g0 holds one past its capacity: all five miss the target
+    for now_s in (100.0, 160.0):
+        controller.decide(snapshot, now_s)
+    assert controller.budget.spent_frac > before
+    calm = build_controller("ours", PolicySetting())
+    for now_s in (100.0, 160.0):
+        calm.decide(gpus([4, 4], overflow_slots=1), now_s)
+    assert calm.budget.spent_frac < before

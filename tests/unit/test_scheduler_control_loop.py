@@ -88,6 +88,20 @@ def test_measured_batch_latencies_from_heartbeats_refit_the_latency_model(store:
     assert loop.controller.models.latency.curve("cpu").chunk_latency_ms(2) > before + 300
 
 
+def test_a_migration_report_refits_the_link_its_two_workers_share(store: MemoryStore) -> None:
+    loop, _, _ = make_loop(store, Journal(), Clock())
+    for worker, node in (("a1", "rack-a"), ("a2", "rack-a"), ("b1", "rack-b")):
+        loop.observe_heartbeat(WorkerHeartbeat(worker, "cpu", "tiny", 4, node=node))
+    migration = loop.controller.models.migration
+    same, cross = migration.cost_ms(4 * 10**9, same_node=True), migration.cost_ms(4 * 10**9)
+    for _ in range(100):
+        loop.observe_migration(MigrationReport("s", 1, "a1", "a2", "copied", state_bytes=4 * 10**9, transfer_ms=400.0))
+    assert migration.cost_ms(4 * 10**9, same_node=True) > same + 300  # within rack-a: the slow sample was NVLink's
+    assert migration.cost_ms(4 * 10**9) == cross
+    loop.observe_migration(MigrationReport("s", 1, "a1", "b1", "copied", state_bytes=4 * 10**9, transfer_ms=400.0))
+    assert migration.cost_ms(4 * 10**9) > cross  # across nodes: the network's fit
+
+
 def test_measured_restores_from_heartbeats_refit_the_resume_penalty_and_a_bad_sample_is_dropped(
     store: MemoryStore,
 ) -> None:
