@@ -15,6 +15,7 @@ from services.scheduler.sim.trace import (
     Trace,
     TraceError,
     busiest_window,
+    clairvoyant_gpu_hours,
     lower_bound_gpu_hours,
     scale_to_mean_active,
 )
@@ -67,6 +68,18 @@ def test_lower_bound_integrates_ceil_of_active_over_capacity_with_a_floor() -> N
     trace = Trace("t", sessions, 0.0, 3600.0)
     assert lower_bound_gpu_hours(trace, 4, 1) == pytest.approx(0.5 * 2 + 0.5 * 1)
     assert lower_bound_gpu_hours(trace, 4, 3) == pytest.approx(3.0)
+
+
+def test_the_clairvoyant_bound_pays_the_delay_per_start_and_bridges_gaps_shorter_than_it() -> None:
+    """Level 1 is needed throughout (the floor); level 2 from 100 s to 200 s, 220 s to 300 s and 1000 s to 1100 s:
+    it starts once (+30 s), bridges the 20 s gap and asks again after the long one (+30 s)."""
+    periods = {"a": ((0.0, 3600.0),), "b": ((100.0, 200.0), (220.0, 300.0), (1000.0, 1100.0))}
+    sessions = tuple(SessionTrace(name, p, 3600.0, 1) for name, p in periods.items())
+    trace = Trace("t", sessions, 0.0, 3600.0)
+    level_two_s = 100.0 + 30.0 + 20.0 + 80.0 + 100.0 + 30.0
+    assert clairvoyant_gpu_hours(trace, 1, 1, 30.0) == pytest.approx((3600.0 + level_two_s) / 3600.0)
+    assert lower_bound_gpu_hours(trace, 1, 1) == pytest.approx((3600.0 + 280.0) / 3600.0)
+    assert clairvoyant_gpu_hours(trace, 1, 1, 0.0) == pytest.approx(lower_bound_gpu_hours(trace, 1, 1))
 
 
 def test_scaling_replicates_to_about_the_requested_mean_active() -> None:

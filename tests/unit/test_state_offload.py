@@ -158,3 +158,28 @@ def test_a_model_session_restored_after_an_offload_continues_with_identical_fram
     handle = manager.restore(state)
     for _ in range(3):
         assert torch.equal(model.generate([handle])[0].frames, reference.generate([unmoved])[0].frames)
+
+
+def test_a_staged_restore_leaves_the_model_free_to_run_until_it_is_finished() -> None:
+    model, reference = SyntheticStateModel(SHAPE, slots=2, device=CPU), SyntheticStateModel(SHAPE, slots=2, device=CPU)
+    idle, unmoved = model.new_session("idle", "a fox", seed=4), reference.new_session("idle", "a fox", seed=4)
+    busy = model.new_session("busy", "a cat", seed=5)
+    _frames(model, idle, 3), _frames(reference, unmoved, 3)
+    manager = _manager(model)
+    staged = manager.stage_restore(manager.offload(idle))
+    assert manager.device_bytes == staged.state.nbytes  # the budget is claimed while the copy runs
+    _frames(model, busy, 2)  # a batch of the other session while the copy is in flight
+    handle = manager.finish_restore(staged)
+    assert manager.host_bytes == 0
+    for ours, theirs in zip(_frames(model, handle, 6), _frames(reference, unmoved, 6), strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_a_state_discarded_while_its_restore_is_staged_is_not_imported_and_frees_its_budget() -> None:
+    model = SyntheticStateModel(SHAPE, slots=2, device=CPU)
+    manager = _manager(model)
+    staged = manager.stage_restore(manager.offload(model.new_session("s", "a fox", seed=4)))
+    manager.discard("s")
+    with pytest.raises(NoHostState):
+        manager.finish_restore(staged)
+    assert manager.device_bytes == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -22,7 +23,7 @@ from services.gpu_worker.migration.agent import (
 )
 from services.gpu_worker.model import StreamingVideoModel
 from services.gpu_worker.session import EncodedChunk, ResidentSession
-from services.gpu_worker.state.offload import Residency, SessionStateManager
+from services.gpu_worker.state.offload import HostState, Residency, SessionStateManager, StagedRestore
 from services.gpu_worker.state.residency import SessionResidency, StoreSpill
 from services.state_store.errors import StaleSnapshot
 from services.state_store.protocol import Snapshot
@@ -93,6 +94,16 @@ async def worker(model: StreamingVideoModel) -> AsyncIterator[Worker]:
         yield running
 
 
+async def offload_one_of_two(worker: Worker, kept: str, moved: str, up_to_seq: int) -> None:
+    """Both sessions stream chunks 0..``up_to_seq``; then ``moved`` is offloaded to host memory."""
+    engine, residency, _, captured = worker
+    for sid in (kept, moved):
+        await engine.attach(attach(sid, seed=4))
+        await engine.credit(RequestChunks(session_id=sid, epoch=1, up_to_seq=up_to_seq))
+    await captured.wait_for(moved, up_to_seq + 1)
+    await residency.offload(OffloadSession(moved, 1, "test"))
+
+
 async def test_past_the_host_budget_the_oldest_offloaded_state_spills_to_the_store_and_still_restores_exactly(
     model: StreamingVideoModel,
 ) -> None:
@@ -116,11 +127,7 @@ async def test_an_idle_session_offloaded_to_host_frees_its_slot_and_credit_resto
     worker: Worker, model: StreamingVideoModel,
 ) -> None:
     engine, residency, snapshots, captured = worker
-    for sid in ("kept", "moved"):
-        await engine.attach(attach(sid, seed=4))
-        await engine.credit(RequestChunks(session_id=sid, epoch=1, up_to_seq=2))
-    await captured.wait_for("moved", 3)
-    await residency.offload(OffloadSession("moved", 1, "test"))
+    await offload_one_of_two(worker, "kept", "moved", up_to_seq=2)
     assert residency.offloaded() == ("moved",) and snapshots.latest["moved"].chunk_seq == 2
     assert residency.state_bytes["moved"] > 0
     for sid in ("kept", "moved"):
@@ -132,6 +139,30 @@ async def test_an_idle_session_offloaded_to_host_frees_its_slot_and_credit_resto
     assert residency.drain_restore_samples() == ()
     for (_, want), (_, got) in zip(kept[3:], moved[3:], strict=True):
         assert_same_frames(want, got)
+
+
+async def test_a_restore_copies_beside_the_running_batches_and_takes_the_model_only_to_import(
+    worker: Worker, model: StreamingVideoModel,
+) -> None:
+    engine, residency, _, captured = worker
+    await offload_one_of_two(worker, "busy", "idle", up_to_seq=1)
+    copy_landed = threading.Event()
+    manager = residency._manager
+    stage = manager.stage_restore
+
+    def slow_copy(state: HostState) -> StagedRestore:
+        staged = stage(state)
+        staged.ticket.wait = lambda: copy_landed.wait(30)  # type: ignore[method-assign]
+        return staged
+
+    manager.stage_restore = slow_copy  # type: ignore[method-assign]
+    resume = asyncio.create_task(engine.credit(RequestChunks(session_id="idle", epoch=1, up_to_seq=4)))
+    await engine.credit(RequestChunks(session_id="busy", epoch=1, up_to_seq=4))
+    await captured.wait_for("busy", 5)  # its batches ran while the other session's state was still being copied
+    assert not resume.done()
+    copy_landed.set()
+    await resume
+    assert [h.seq for h, _ in await captured.wait_for("idle", 5)] == list(range(5))
 
 
 async def test_a_session_with_credit_outstanding_is_not_offloaded(

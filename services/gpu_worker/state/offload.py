@@ -2,8 +2,10 @@
 
 Invariants: a session counts against the device budget from ``claim_device`` (or a restore) until it is
 offloaded or ``release_device`` is called; host bytes count from offload until restore, spill or discard. A
-failed offload leaves the session on the device; a failed restore leaves its host state untouched. Calls are
-blocking and serialised by one lock: an asyncio worker runs them with ``asyncio.to_thread``.
+failed offload leaves the session on the device; a failed restore leaves its host state untouched. A restore is
+two calls, so that the copy onto the device (the slow part) runs beside the model's batches and only the import
+into a slot needs the model. Calls are blocking and serialised by one lock: an asyncio worker runs them with
+``asyncio.to_thread``.
 """
 
 from __future__ import annotations
@@ -68,6 +70,16 @@ class HostState:
             raise NoHostState(f"state of session {self.session_id!r} is {self.residency.value}, not in host memory")
         self.ticket.wait()
         return self.buffers
+
+
+@dataclass(slots=True)
+class StagedRestore:
+    """An offloaded state on its way back: device buffers that ``ticket`` fills, not yet in any slot."""
+
+    state: HostState
+    manifest: StateManifest
+    buffers: list[torch.Tensor]
+    ticket: CopyTicket
 
 
 class SessionStateManager:
@@ -157,12 +169,46 @@ class SessionStateManager:
 
     def restore(self, state: HostState) -> SessionHandle:
         """Rebuild the session in a free slot of this device from host memory or the spill target."""
+        return self.finish_restore(self.stage_restore(state))
+
+    def stage_restore(self, state: HostState) -> StagedRestore:
+        """Start copying an offloaded state onto the device, into buffers of its own: no model slot is touched,
+        so the model may keep running batches meanwhile; ``finish_restore`` puts it in a slot."""
         with self._lock:
             if self._host_states.get(state.session_id) is not state:
                 raise NoHostState(f"state of session {state.session_id!r} was already restored or discarded")
             self.claim_device(state.session_id, state.nbytes)
             try:
-                handle = self._import(state)
+                if state.residency is Residency.SPILLED:
+                    if self._spill_target is None:
+                        raise NoHostState(f"session {state.session_id!r} was spilled but no spill target is set")
+                    manifest, host_buffers = self._spill_target.get(state.session_id)
+                else:
+                    manifest, host_buffers = state.manifest, state.buffers
+                on_device = [
+                    buffer if buffer.device == self._device else torch.empty_like(buffer, device=self._device)
+                    for buffer in host_buffers
+                ]
+                ticket = self._copier.copy(
+                    (dst, src) for dst, src in zip(on_device, host_buffers, strict=True) if dst is not src
+                )
+            except BaseException:
+                self._device_bytes.pop(state.session_id, None)
+                raise
+            if state.residency is Residency.HOST:
+                state.ticket = ticket  # on the same side stream after the offload's copy: recycling waits for both
+            return StagedRestore(state, manifest, on_device, ticket)
+
+    def finish_restore(self, staged: StagedRestore) -> SessionHandle:
+        """Wait for a staged copy and import it into a slot (a device-to-device copy); only this part needs the
+        model. A failure leaves the host state as it was and the device budget unclaimed."""
+        state = staged.state
+        with self._lock:
+            try:
+                if self._host_states.get(state.session_id) is not state:
+                    raise NoHostState(f"state of session {state.session_id!r} was restored or discarded meanwhile")
+                staged.ticket.wait()  # the host buffers go back to the pool only once nothing reads them
+                handle = self._model.import_state(state.session_id, unpack(staged.manifest, staged.buffers))
             except BaseException:
                 self._device_bytes.pop(state.session_id, None)
                 raise
@@ -184,25 +230,6 @@ class SessionStateManager:
             if state.residency is Residency.HOST:
                 self._spill(state)
             return state
-
-    def _import(self, state: HostState) -> SessionHandle:
-        if state.residency is Residency.SPILLED:
-            if self._spill_target is None:
-                raise NoHostState(f"session {state.session_id!r} was spilled but no spill target is set")
-            manifest, host_buffers = self._spill_target.get(state.session_id)
-        else:
-            manifest, host_buffers = state.manifest, state.buffers
-        on_device = [
-            buffer if buffer.device == self._device else torch.empty_like(buffer, device=self._device)
-            for buffer in host_buffers
-        ]
-        ticket = self._copier.copy(
-            (dst, src) for dst, src in zip(on_device, host_buffers, strict=True) if dst is not src
-        )
-        ticket.order_before(self._copier.compute_stream())
-        handle = self._model.import_state(state.session_id, unpack(manifest, on_device))
-        ticket.wait()  # the host buffers go back to the pool only once nothing reads them
-        return handle
 
     def _make_host_room(self, nbytes: int) -> None:
         if nbytes > self._host_budget_bytes:

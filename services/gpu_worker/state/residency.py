@@ -81,15 +81,18 @@ class SessionResidency:
         async with self._lock_for(session.session_id):
             if not session.offloaded:
                 return
-            async with self._table.model_lock:
-                state = self._manager.host_state(session.session_id)
-                started = time.perf_counter()
-                try:
-                    session.handle = await asyncio.to_thread(self._manager.restore, state)
-                except TurboServeError as exc:
-                    raise Unavailable(f"cannot restore session {session.session_id}: {exc}") from exc
-                session.offloaded = False
-                self._restores.append((state.nbytes, (time.perf_counter() - started) * 1e3))
+            state = self._manager.host_state(session.session_id)
+            started = time.perf_counter()
+            try:
+                # the copy onto the device runs beside the batches; only the import into a slot waits for the model
+                staged = await asyncio.to_thread(self._manager.stage_restore, state)
+                await asyncio.to_thread(staged.ticket.wait)
+                async with self._table.model_lock:
+                    session.handle = await asyncio.to_thread(self._manager.finish_restore, staged)
+            except TurboServeError as exc:
+                raise Unavailable(f"cannot restore session {session.session_id}: {exc}") from exc
+            session.offloaded = False
+            self._restores.append((state.nbytes, (time.perf_counter() - started) * 1e3))
             log.info("event=restored session=%s next_seq=%d bytes=%d", session.session_id, session.next_seq,
                      state.nbytes)
 

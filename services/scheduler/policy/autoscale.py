@@ -78,9 +78,8 @@ class AnticipatoryHeadroom:
     than the budget allows). The pool follows the active count up at once and comes down only after the
     level's hold (``hold_s`` None), never below the sessions active now.
 
-    ``burst_coverage`` 0.5 was chosen on the synthetic generators (of 0.35 to 0.6, the smallest that kept every
-    synthetic case, 1 to 6 hours at loads 16 to 256, within half the 0.1% budget with the budget off), never on
-    the shared traces.
+    ``burst_coverage`` is chosen on the synthetic generators only (``bench/choose_settings.py``, carried by
+    ``registry.CHOSEN``), never on the shared traces.
     """
 
     def __init__(

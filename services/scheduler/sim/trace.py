@@ -101,17 +101,50 @@ def active_time_in(trace: Trace, start_s: float, end_s: float) -> float:
     )
 
 
-def lower_bound_gpu_hours(trace: Trace, capacity: int, min_gpus: int) -> float:
-    """Integral over the window of max(min_gpus, ceil(N_active(t) / K)) dt, in GPU-hours."""
+def _needed_gpus(trace: Trace, capacity: int, min_gpus: int) -> list[tuple[float, float, int]]:
+    """The window as (start_s, end_s, max(min_gpus, ceil(N_active / K))) steps."""
+    steps: list[tuple[float, float, int]] = []
     active = 0
-    total_s = 0.0
     last_s = trace.window_start_s
     for time_s, delta in trace.active_steps():
         clipped_s = min(max(time_s, trace.window_start_s), trace.window_end_s)
-        total_s += (clipped_s - last_s) * max(min_gpus, math.ceil(active / capacity))
+        if clipped_s > last_s:
+            steps.append((last_s, clipped_s, max(min_gpus, math.ceil(active / capacity))))
         last_s = clipped_s
         active += delta
-    total_s += (trace.window_end_s - last_s) * max(min_gpus, math.ceil(active / capacity))
+    if trace.window_end_s > last_s:
+        steps.append((last_s, trace.window_end_s, max(min_gpus, math.ceil(active / capacity))))
+    return steps
+
+
+def lower_bound_gpu_hours(trace: Trace, capacity: int, min_gpus: int) -> float:
+    """Integral over the window of max(min_gpus, ceil(N_active(t) / K)) dt, in GPU-hours."""
+    return sum((end_s - start_s) * needed for start_s, end_s, needed in _needed_gpus(trace, capacity, min_gpus)) / 3600
+
+
+def clairvoyant_gpu_hours(trace: Trace, capacity: int, min_gpus: int, provisioning_delay_s: float) -> float:
+    """The least any policy pays that never lets a chunk wait, knowing the whole future, when a GPU is billed
+    from the moment it is asked for and serves ``provisioning_delay_s`` later (migrations free, packing perfect).
+
+    GPUs are interchangeable, so the cost splits by level: the k-th GPU is needed while ceil(N/K) >= k. Each
+    stretch of need is paid whole; a gap between two is paid across where it is shorter than the delay (keeping
+    the GPU is cheaper than asking again) and otherwise costs the delay once more; the first stretch costs the
+    delay unless the window opens on it. The ratio of this to ``lower_bound_gpu_hours`` is how far the plain lower
+    bound is from reachable at all; what a causal policy pays beyond this is the price of not knowing the future.
+    """
+    steps = _needed_gpus(trace, capacity, min_gpus)
+    total_s = 0.0
+    for level in range(1, max((needed for *_, needed in steps), default=0) + 1):
+        previous_end_s: float | None = None
+        for start_s, end_s, needed in steps:
+            if needed < level:
+                continue
+            total_s += end_s - start_s
+            if previous_end_s is None:
+                total_s += 0.0 if start_s <= trace.window_start_s else provisioning_delay_s
+            elif start_s > previous_end_s:
+                total_s += min(start_s - previous_end_s, provisioning_delay_s)
+            previous_end_s = end_s
     return total_s / 3600.0
 
 
