@@ -42,8 +42,16 @@ class ReceivedChunk:
 
 @dataclass
 class _Routes:
+    """Chunks per session; replies to this client's requests in order; notices the gateway sends unasked (a
+    session moved to another worker), kept apart so that a notice is never taken for the reply to a request."""
+
     chunks: dict[str, asyncio.Queue[ReceivedChunk]] = field(default_factory=lambda: defaultdict(asyncio.Queue))
     messages: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    notices: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+
+
+def is_notice(message: dict[str, Any]) -> bool:
+    return message.get("type") == "state" and message.get("reason") == "moved"
 
 
 class TurboServeClient:
@@ -63,7 +71,8 @@ class TurboServeClient:
                 header, frames = unpack_chunk(raw)
                 self._routes.chunks[header.session_id].put_nowait(ReceivedChunk(header, frames, time.time() * 1e3))
             else:
-                await self._routes.messages.put(json.loads(raw))
+                message = json.loads(raw)
+                await (self._routes.notices if is_notice(message) else self._routes.messages).put(message)
 
     @property
     def connected(self) -> bool:
@@ -81,6 +90,10 @@ class TurboServeClient:
         if message.get("type") != kind:
             raise ServerError("unexpected", f"expected {kind!r}, got {message!r}")
         return message
+
+    async def notice(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """The next message the gateway sent unasked: a ``state`` with reason ``moved``."""
+        return await self._next(self._routes.notices, timeout_s, "no notice")
 
     async def start(self, prompt: str, seed: int = 0) -> dict[str, Any]:
         await self.send({"type": "start", "prompt": prompt, "seed": seed})

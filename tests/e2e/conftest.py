@@ -79,19 +79,6 @@ async def start_when_workers_registered(client: TurboServeClient, prompt: str, s
             await asyncio.sleep(0.1)
 
 
-async def close_tolerating_moves(client: TurboServeClient, session_id: str) -> None:
-    """Close; the gateway's notices that the session moved ("state", reason "moved") may come first."""
-    await client.send({"type": "close", "session_id": session_id})
-    for _ in range(8):
-        try:
-            await client.expect("closed")
-            return
-        except ServerError as exc:
-            if "'moved'" not in str(exc):
-                raise
-    raise AssertionError(f"session {session_id} was not closed")
-
-
 async def receive(client: TurboServeClient, session_id: str, count: int) -> list[ReceivedChunk]:
     return [await client.next_chunk(session_id) for _ in range(count)]
 

@@ -8,7 +8,6 @@ import re
 import statistics
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import psycopg
 import pytest
@@ -17,7 +16,6 @@ from services.client import ReceivedChunk, TurboServeClient
 from tests.e2e.conftest import (
     TOKENS,
     RunningSystem,
-    close_tolerating_moves,
     running_system,
     start_when_workers_registered,
 )
@@ -60,15 +58,6 @@ async def until_live_workers(database_url: str, *, at_least: int = 0, at_most: i
     raise AssertionError(f"not {at_least}..{at_most} live workers in {SCALE_TIMEOUT_S} s: {sorted(live)}")
 
 
-async def expect_state(client: TurboServeClient, reason: str) -> dict[str, Any]:
-    """The state message of ``reason``, past any notice that the session moved (a drain moves sessions)."""
-    for _ in range(8):
-        message = await client.expect("state")
-        if message["reason"] == reason:
-            return message
-    raise AssertionError(f"no {reason!r} state message")
-
-
 def drain_queue(client: TurboServeClient, session_id: str) -> list[ReceivedChunk]:
     return [client._routes.chunks[session_id].get_nowait() for _ in range(client.pending_chunks(session_id))]
 
@@ -102,8 +91,8 @@ async def test_rising_load_adds_workers_that_take_sessions_and_falling_load_stop
         assert serving - {"worker-1"}, f"no added worker serves a session: {serving}"
 
         for sid in others_ids:
-            await close_tolerating_moves(others, sid)
-        stops_at = int((await expect_state_after_pause(paused_client, paused))["next_seq"])
+            await others.close_session(sid)
+        stops_at = int((await paused_client.pause(paused))["next_seq"])
         before_pause = [first[paused], *[await paused_client.next_chunk(paused) for _ in range(stops_at - 1)]]
 
         remaining = await until_live_workers(elastic.database_url, at_most=1)  # 1 active: scale in to one worker
@@ -112,13 +101,12 @@ async def test_rising_load_adds_workers_that_take_sessions_and_falling_load_stop
         assert_consecutive(stream, 0, "streaming session through the scale-in")
         assert stream[-1].header.worker_id in remaining
 
-        await paused_client.send({"type": "resume", "session_id": paused})
-        await expect_state(paused_client, "resumed")
+        assert (await paused_client.resume(paused))["reason"] == "resumed"
         after = [await paused_client.next_chunk(paused) for _ in range(3)]
         assert_consecutive(before_pause + after, 0, "paused session resumed after its worker was stopped")
         assert after[-1].header.worker_id in remaining
         for client, sid in ((paused_client, paused), (streaming_client, streaming)):
-            await close_tolerating_moves(client, sid)
+            await client.close_session(sid)
     finally:
         for client in clients:
             await client.close()
@@ -127,8 +115,3 @@ async def test_rising_load_adds_workers_that_take_sessions_and_falling_load_stop
     print(f"\nplans: {len(decide_ms)}, decide_ms median {statistics.median(decide_ms):.3f} "
           f"p99 {statistics.quantiles(decide_ms, n=100, method='inclusive')[98]:.3f} max {max(decide_ms):.3f}; added "
           f"{sorted(grown - {'worker-1'})}; left {sorted(remaining)}")
-
-
-async def expect_state_after_pause(client: TurboServeClient, session_id: str) -> dict[str, Any]:
-    await client.send({"type": "pause", "session_id": session_id})
-    return await expect_state(client, "paused")

@@ -22,7 +22,6 @@ from services.common.postgres_server import PostgresHandle, locate_postgres, scr
 from tests.e2e.conftest import (
     TOKENS,
     RunningSystem,
-    close_tolerating_moves,
     receive,
     running_system,
     start_when_workers_registered,
@@ -83,7 +82,7 @@ async def streaming(system: RunningSystem) -> AsyncIterator[Streams]:
         yield running
     finally:
         for client, session_id in zip(clients, ids, strict=True):
-            await close_tolerating_moves(client, session_id)
+            await client.close_session(session_id)
             await client.close()
 
 

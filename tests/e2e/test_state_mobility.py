@@ -29,7 +29,6 @@ from tests.e2e.conftest import (
     TOKENS,
     RunningSystem,
     assert_same_frames,
-    close_tolerating_moves,
     decoded,
     receive,
     running_system,
@@ -117,7 +116,7 @@ async def test_a_session_migrated_there_and_back_mid_stream_has_no_gap_and_the_f
             moves.append((report, asked_at_ms, during))
             chunks += during
         chunks += await receive(client, session_id, 16 - len(chunks))
-        await close_tolerating_moves(client, session_id)
+        await client.close_session(session_id)
     finally:
         await client.close()
     assert_contiguous(chunks, "migrated session")
@@ -150,11 +149,11 @@ async def test_a_paused_session_offloaded_when_idle_and_resumed_on_the_other_wor
         assert isinstance(offloaded, Reply) and offloaded.ok, offloaded
         moved = await ask(operator, subjects.SCHED_ADMIN_MIGRATE, MigrateSession(session_id))
         assert isinstance(moved, MigrationReport) and moved.outcome == "copied", moved
-        notice = await client.expect("state")
+        notice = await client.notice()
         assert (notice["reason"], notice["worker_id"]) == ("moved", moved.target_worker)
         await client.resume(session_id)
         chunks += await receive(client, session_id, 10 - len(chunks))
-        await close_tolerating_moves(client, session_id)
+        await client.close_session(session_id)
     finally:
         await client.close()
     assert_contiguous(chunks, "offloaded session")
@@ -190,7 +189,7 @@ async def test_after_kill_9_of_a_worker_every_one_of_8_streaming_sessions_contin
             *(stream_until_served_by_another(c, sid, victim, 4) for c, sid in zip(clients, ids, strict=True))
         )
         for client, session_id in zip(clients, ids, strict=True):
-            await close_tolerating_moves(client, session_id)
+            await client.close_session(session_id)
     finally:
         for client in clients:
             await client.close()
