@@ -165,6 +165,40 @@ async def test_a_restore_copies_beside_the_running_batches_and_takes_the_model_o
     assert [h.seq for h, _ in await captured.wait_for("idle", 5)] == list(range(5))
 
 
+async def test_a_resume_cancelled_while_its_copy_runs_leaves_the_state_offloaded_and_the_device_budget_free(
+    worker: Worker, model: StreamingVideoModel,
+) -> None:
+    engine, residency, _, captured = worker
+    await offload_one_of_two(worker, "busy", "idle", up_to_seq=1)
+    copy_landed, copying = threading.Event(), threading.Event()
+    manager = residency._manager
+    stage = manager.stage_restore
+
+    def slow_copy(state: HostState) -> StagedRestore:
+        staged = stage(state)
+
+        def wait() -> None:
+            copying.set()
+            copy_landed.wait(30)
+        staged.ticket.wait = wait  # type: ignore[method-assign]
+        return staged
+
+    manager.stage_restore = slow_copy  # type: ignore[method-assign]
+    idle = engine.sessions["idle"]
+    resume = asyncio.create_task(residency.ensure_resident(idle))
+    await asyncio.to_thread(copying.wait, 30)
+    assert manager.device_bytes > 0  # claimed while the copy runs
+    resume.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await resume
+    copy_landed.set()
+    assert idle.offloaded and residency.offloaded() == ("idle",)
+    assert "idle" not in manager._device_bytes
+    manager.stage_restore = stage  # type: ignore[method-assign]
+    await engine.credit(RequestChunks(session_id="idle", epoch=1, up_to_seq=3))
+    assert [h.seq for h, _ in await captured.wait_for("idle", 4)] == list(range(4))
+
+
 async def test_a_session_with_credit_outstanding_is_not_offloaded(
     worker: Worker,
 ) -> None:

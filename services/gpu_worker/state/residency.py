@@ -86,7 +86,11 @@ class SessionResidency:
             try:
                 # the copy onto the device runs beside the batches; only the import into a slot waits for the model
                 staged = await asyncio.to_thread(self._manager.stage_restore, state)
-                await asyncio.to_thread(staged.ticket.wait)
+                try:
+                    await asyncio.to_thread(staged.ticket.wait)
+                except BaseException:  # cancelled before the import: the host state stays, the claim must not
+                    self._manager.release_device(session.session_id)
+                    raise
                 async with self._table.model_lock:
                     session.handle = await asyncio.to_thread(self._manager.finish_restore, staged)
             except TurboServeError as exc:
