@@ -94,6 +94,23 @@ def test_a_session_takes_an_overflow_slot_only_after_waiting_and_gives_it_back_w
     assert [(m.source_gpu_id, m.target_gpu_id) for m in relief] == [(placed[0].gpu_id, other)]
 
 
+def test_an_overflow_goes_where_every_resident_is_late_already() -> None:
+    controller = build_controller("ours", PolicySetting(overflow_after_s=3.0))
+    placed = [a for a in controller.decide(gpus([4, 5, 4], waiting=1, overflow_slots=4), 100.0).actions
+              if isinstance(a, Place)]
+    # on g1 only the newcomer's chunks are added to the late ones; on g0 or g2 four in-time sessions would join
+    assert [p.gpu_id for p in placed] == ["g1"]
+    full = controller.decide(gpus([4, 8, 4], waiting=1, overflow_slots=4), 100.0).actions
+    assert [a.gpu_id for a in full if isinstance(a, Place)] in (["g0"], ["g2"])
+
+
+def test_an_overflowing_gpu_still_streams_in_real_time() -> None:
+    setting = PolicySetting()
+    curve = setting.curves[setting.scale_kind]
+    assert curve.chunk_latency_ms(curve.capacity + setting.overflow_slots) < 750.0  # a chunk's play time
+    assert SimConfig().overflow_slots == setting.overflow_slots
+
+
 def test_policies_without_the_rule_leave_the_session_waiting() -> None:
     for name in ("ours_no_overflow", "paper"):
         plan = build_controller(name, PolicySetting(rho=0.9)).decide(gpus([4, 4], waiting=1, since_s=0.0), 100.0)

@@ -71,12 +71,16 @@ class AnticipatoryHeadroom:
     """Ours: spare slots for the rise of the active count that can come before a GPU asked for now is ready.
 
     The offered load a is the active count now plus its drift over the horizon h (provisioning delay plus one
-    decision interval); the pool covers a + beta sqrt(a) sessions. Poisson rises over h grow like sqrt(a),
-    but how far beyond that a workload's arrivals clump is its own, so beta is not a constant: it is
-    ``burst_coverage`` times the 99th percentile of the rises seen so far (``bursts.BurstMemory``, in units of
-    sqrt(load)), times the share the violation budget keeps (below 1 only while waits have spent far less
-    than the budget allows). The pool follows the active count up at once and comes down only after the
-    level's hold (``hold_s`` None), never below the sessions active now.
+    decision interval); the pool covers a + beta sqrt(max(a, 1)) sessions (a rise from an empty pool is
+    measured against one session, so at night the pool still holds room for a clump of the size seen). Poisson
+    rises over h grow like sqrt(a), but how far beyond that a workload's arrivals clump is its own, so beta is
+    not a constant: it is ``burst_coverage`` times the 99th percentile of the rises seen so far from loads like
+    this one (``bursts.BurstMemory``, in units of sqrt(load)), times the share the violation budget keeps
+    (below 1 only while waits have spent far less than the budget allows). At low load that can be less than a
+    GPU, so the pool also keeps ``spare_gpus`` beyond those its active sessions fill: a clump at night then lands
+    on a warm GPU (with its overflow slots) instead of waiting out the provisioning delay. The pool follows the
+    active count up at once and comes down only after the level's hold (``hold_s`` None), never below the
+    sessions active now.
 
     ``burst_coverage`` is chosen on the synthetic generators only (``bench/choose_settings.py``, carried by
     ``registry.CHOSEN``), never on the shared traces.
@@ -84,7 +88,7 @@ class AnticipatoryHeadroom:
 
     def __init__(
         self, provisioning_delay_s: float, decision_interval_s: float, min_gpus: int, max_gpus: int,
-        burst_coverage: float = 0.5,
+        burst_coverage: float = 0.5, spare_gpus: int = 1,
     ) -> None:
         _check_bounds(min_gpus, max_gpus)
         if provisioning_delay_s < 0 or decision_interval_s <= 0 or burst_coverage < 0:
@@ -97,16 +101,18 @@ class AnticipatoryHeadroom:
         self.min_gpus, self.max_gpus = min_gpus, max_gpus
         self.hold_s: float | None = None
         self.burst_coverage = burst_coverage
+        self.spare_gpus = spare_gpus
         self.bursts = BurstMemory(BurstParams(horizon_s=self.horizon_s))
 
     def target_gpus(self, reading: WorkloadReading, capacity: int) -> tuple[int, str]:
         self.bursts.record(reading.now_s, reading.active)
         drift = max(0.0, reading.inflow_per_s - reading.outflow_per_s) * self.horizon_s
         offered = reading.active + drift
-        rise_z = self.bursts.rise_z
+        rise_z = self.bursts.rise_z(reading.active)
         beta = self.burst_coverage * rise_z * reading.headroom_scale
-        slots = max(offered + beta * math.sqrt(offered), float(reading.active))
-        count = min(max(math.ceil(slots / capacity - 1e-9), self.min_gpus), self.max_gpus)
+        slots = max(offered + beta * math.sqrt(max(offered, 1.0)), float(reading.active))
+        spare = math.ceil(reading.active / capacity) + self.spare_gpus
+        count = min(max(math.ceil(slots / capacity - 1e-9), spare, self.min_gpus), self.max_gpus)
         return count, (
             f"{reading.active} active, offered {offered:.1f} (+{drift:.1f} drift over {self.horizon_s:.0f} s), "
             f"beta {beta:.2f} (coverage {self.burst_coverage:g} x rise {rise_z:.2f} sqrt(a) x budget "

@@ -24,8 +24,10 @@ class BudgetParams:
     rule steers to, leaving the rest for surges it has not yet seen; ``window_s``: how long a wait is
     remembered; ``prior_session_s``: session-seconds of on-aim history assumed at start, so the first minutes
     neither spend nor save; ``exponent``: how strongly the share follows the ratio of spent to aimed (small:
-    gentle, since waits grow steeply as headroom shrinks); ``min_scale``/``max_scale``: clamps. The synthetic
-    set could not tell ``min_scale`` 0.6 from 0.7 (it never went that low there); 0.7 is the cautious one.
+    gentle, since waits grow steeply as headroom shrinks); ``min_scale``/``max_scale``: clamps. Ours takes
+    ``min_scale`` from ``registry.CHOSEN`` (its ``headroom_floor``), chosen by ``bench/choose_settings.py`` on
+    calm synthetic days beside the bursty ones. ``chunk_interval_s``: the play time of one chunk, what one late
+    chunk counts as.
     """
 
     budget_frac: float = 0.001
@@ -35,6 +37,7 @@ class BudgetParams:
     exponent: float = 0.25
     min_scale: float = 0.7
     max_scale: float = 1.0
+    chunk_interval_s: float = 0.75
 
     def __post_init__(self) -> None:
         if not 0 < self.budget_frac < 1 or not 0 < self.aim <= 1:
@@ -49,7 +52,9 @@ class BudgetParams:
 
 
 class ViolationBudget:
-    """Decayed session-seconds active and waiting; ``record`` is given the counts that held since the last call."""
+    """Decayed session-seconds active and waiting; ``record`` is given the counts that held since the last call,
+    and the chunks the decision itself makes late (a resume landing where its restore pushes its first chunk past
+    the target), each counted as one chunk interval of waiting."""
 
     def __init__(self, params: BudgetParams | None = None) -> None:
         self.params = params or BudgetParams()
@@ -60,13 +65,14 @@ class ViolationBudget:
         self._active = 0
         self._waiting = 0
 
-    def record(self, now_s: float, active: int, waiting: int) -> None:
+    def record(self, now_s: float, active: int, waiting: int, late_chunks: int = 0) -> None:
         """Account the interval since the previous call at the counts given then; keep these for the next."""
         if self._last_s is not None and now_s > self._last_s:
             span_s = now_s - self._last_s
             keep = math.exp(-span_s / self.params.window_s)
             self._active_s = keep * self._active_s + self._active * span_s
             self._waiting_s = keep * self._waiting_s + min(self._waiting, self._active) * span_s
+        self._waiting_s += late_chunks * self.params.chunk_interval_s
         if self._last_s is None or now_s >= self._last_s:
             self._last_s = now_s
         self._active, self._waiting = active, waiting

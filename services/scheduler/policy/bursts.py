@@ -1,11 +1,17 @@
-"""Burst memory: how far the active count has risen within one provisioning horizon, as seen so far.
+"""Burst memory: how far the active count has risen within one provisioning horizon, as seen so far, per load.
 
 A GPU asked for now serves only after the horizon, so the spare slots must cover the rise of the active count
 over that horizon. How large those rises get is a property of the workload (how its arrivals clump), not of
 its size, and no rate or level figure shows it; the history does. Each rise is measured once its horizon has
 passed (so only the past is used), normalised by the square root of the load it started from (Poisson rises
-grow like that, so the normalised tail compares across loads and across the day), and kept in a histogram
-that forgets over ``window_s``. The autoscaler reads a high quantile of it as its headroom coefficient.
+grow like that, so the normalised tail compares across loads), and kept in a histogram that forgets over
+``window_s``.
+
+One histogram per band of starting load (powers of two), because the normalised tail is not the same at every
+load: at night a handful of sessions can be joined by a clump of ten within a minute (a z of 5 or more), while
+by day hundreds of independent users rise by about two standard deviations. A single histogram for the whole day
+staffs the daytime pool for the night's clumps. A band reads its own tail, blended with the tail of all bands
+as its prior for as long as it has little history of its own.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ class BurstMemoryError(ValueError):
 @dataclass(frozen=True, slots=True)
 class BurstParams:
     """``quantile``: which tail of the time-weighted rises is covered; ``prior_z`` and ``prior_s``: the
-    coefficient assumed before any rise is seen, blended in as ``prior_s`` seconds of history; ``starts_per_horizon``:
-    how many rises are followed at once (more: finer, slower); ``bin_z``/``max_z``: histogram resolution."""
+    coefficient assumed before any rise is seen, blended in as ``prior_s`` seconds of history (a load band
+    blends the all-band tail in the same way); ``starts_per_horizon``: how many rises are followed at once
+    (more: finer, slower); ``bin_z``/``max_z``: histogram resolution."""
 
     horizon_s: float = 40.0
     window_s: float = 6 * 3600.0
@@ -55,22 +62,60 @@ class _Rise:
     weight_s: float
 
 
+class _Histogram:
+    """Time-weighted normalised rises, forgotten exponentially over ``window_s`` (lazily, on each touch)."""
+
+    def __init__(self, params: BurstParams) -> None:
+        self.params = params
+        self.bins = [0.0] * (math.ceil(params.max_z / params.bin_z) + 1)
+        self.total_s = 0.0
+        self._at_s = 0.0
+
+    def _forget(self, now_s: float) -> None:
+        if now_s > self._at_s:
+            keep = math.exp(-(now_s - self._at_s) / self.params.window_s)
+            self.bins = [weight * keep for weight in self.bins]
+            self.total_s *= keep
+            self._at_s = now_s
+
+    def add(self, now_s: float, z: float, weight_s: float) -> None:
+        self._forget(now_s)
+        self.bins[min(int(z / self.params.bin_z), len(self.bins) - 1)] += weight_s
+        self.total_s += weight_s
+
+    def tail(self, now_s: float) -> tuple[float, float]:
+        """(the ``quantile`` of the rises, upper bin edge so it never under-reads; their weight in seconds)."""
+        self._forget(now_s)
+        tail = (1.0 - self.params.quantile) * self.total_s
+        seen = 0.0
+        for index in range(len(self.bins) - 1, -1, -1):
+            seen += self.bins[index]
+            if seen > tail:
+                return (index + 1) * self.params.bin_z, self.total_s
+        return 0.0, self.total_s
+
+
+def load_band(active: int) -> int:
+    """0 for no session, then one band per power of two: 1, 2-3, 4-7, 8-15 ..."""
+    return active.bit_length()
+
+
 class BurstMemory:
-    """Feed it the active count at every decision (``record``); ``rise_z`` is the coefficient to staff with."""
+    """Feed it the active count at every decision (``record``); ``rise_z(active)`` is the coefficient to staff
+    with at that load."""
 
     def __init__(self, params: BurstParams | None = None) -> None:
         self.params = params or BurstParams()
-        self._bins = [0.0] * (math.ceil(self.params.max_z / self.params.bin_z) + 1)
-        self._total_s = 0.0
+        self._all = _Histogram(self.params)
+        self._bands: dict[int, _Histogram] = {}
         self._open: deque[_Rise] = deque()
         self._last_s: float | None = None
-
-    def _bin(self, z: float) -> int:
-        return min(int(z / self.params.bin_z), len(self._bins) - 1)
+        self._now_s = 0.0
 
     def record(self, now_s: float, active: int) -> None:
         """Raise the peak of every open rise, close those whose horizon has passed, open one per step."""
         params = self.params
+        self._now_s = max(self._now_s, now_s)
         while self._open and now_s - self._open[0].start_s > params.horizon_s:
             self._close(self._open.popleft(), now_s)
         for rise in self._open:
@@ -82,24 +127,25 @@ class BurstMemory:
             self._last_s = now_s
 
     def _close(self, rise: _Rise, now_s: float) -> None:
-        """Forget old weight in proportion to the time passed since the last close, then add this rise."""
-        keep = math.exp(-rise.weight_s / self.params.window_s)
-        self._bins = [weight * keep for weight in self._bins]
-        self._total_s = self._total_s * keep + rise.weight_s
         z = (rise.peak_active - rise.start_active) / math.sqrt(max(rise.start_active, 1))
-        self._bins[self._bin(z)] += rise.weight_s
+        self._all.add(now_s, z, rise.weight_s)
+        band = self._bands.setdefault(load_band(rise.start_active), _Histogram(self.params))
+        band.add(now_s, z, rise.weight_s)
 
     @property
-    def rise_z(self) -> float:
-        """The ``quantile`` of the normalised rises seen (upper bin edge, so it never under-reads), blended
-        with ``prior_z`` by weight: the prior counts as ``prior_s`` seconds of history."""
+    def overall_z(self) -> float:
+        """The tail of the rises from every load, blended with ``prior_z``: the prior counts as ``prior_s``
+        seconds of history."""
         params = self.params
-        observed = 0.0
-        tail = (1.0 - params.quantile) * self._total_s
-        seen = 0.0
-        for index in range(len(self._bins) - 1, -1, -1):
-            seen += self._bins[index]
-            if seen > tail:
-                observed = (index + 1) * params.bin_z
-                break
-        return (params.prior_s * params.prior_z + self._total_s * observed) / (params.prior_s + self._total_s)
+        observed, weight_s = self._all.tail(self._now_s)
+        return (params.prior_s * params.prior_z + weight_s * observed) / (params.prior_s + weight_s)
+
+    def rise_z(self, active: int) -> float:
+        """The tail of the rises that started in ``active``'s load band, blended with ``overall_z`` as the
+        prior while the band has little history."""
+        prior_z = self.overall_z
+        band = self._bands.get(load_band(active))
+        if band is None:
+            return prior_z
+        observed, weight_s = band.tail(self._now_s)
+        return (self.params.prior_s * prior_z + weight_s * observed) / (self.params.prior_s + weight_s)

@@ -126,13 +126,13 @@ class ClosedLoopController:
             actions.append(Offload(session_id, gpu_id, "idle: free its slot, keep its state in host memory"))
         for gpu_id in snapshot.draining:
             actions.extend(self._progress_drain(workspace, gpu_id))
-        placements = self._place_waiting(workspace)
+        placements, late_landings = self._place_waiting(workspace)
         actions.extend(placements)
         if self.config.overflow_slots:
             actions.extend(self._relieve_overflow(workspace))
         unplaced = len(snapshot.waiting) - sum(isinstance(a, (Place, Restore)) for a in placements)
         overflowing = sum(workspace.count(g) for g in workspace.over_capacity(self.config.overflow_slots))
-        self.budget.record(now_s, snapshot.active_count, unplaced + overflowing)
+        self.budget.record(now_s, snapshot.active_count, unplaced + overflowing, late_landings)
         reading = replace(reading, headroom_scale=self.budget.headroom_scale())
         if self._last_rebalance_s is None or now_s - self._last_rebalance_s >= self.config.rebalance_interval_s:
             self._last_rebalance_s = now_s
@@ -143,8 +143,10 @@ class ClosedLoopController:
         actions.extend(scale_actions)
         return Plan(tuple(actions), reading.level.name, workspace.bottleneck_ms(), target)
 
-    def _place_waiting(self, workspace: Workspace) -> list[Action]:
+    def _place_waiting(self, workspace: Workspace) -> tuple[list[Action], int]:
+        """The placements, and how many of them are resumes whose first chunk the restore makes late."""
         actions: list[Action] = []
+        late = 0
         sessions = workspace.snapshot.sessions
         for session_id in workspace.snapshot.waiting:
             session = sessions[session_id]
@@ -161,10 +163,12 @@ class ClosedLoopController:
                 actions.extend(self._make_landing(workspace, gpu_id, restore_ms))
             workspace.add(gpu_id, session_id)
             if session.offloaded:
+                kind = workspace.snapshot.gpus[gpu_id].kind
+                late += workspace.latency_ms(kind, workspace.count(gpu_id)) + restore_ms > self.config.target_ms
                 actions.append(Restore(session_id, gpu_id, f"resumed; {reason}"))
             else:
                 actions.append(Place(session_id, gpu_id, f"new; {reason}"))
-        return actions
+        return actions, late
 
     def _may_overflow(self, session: SessionView, now_s: float) -> bool:
         since_s = session.waiting_since_s

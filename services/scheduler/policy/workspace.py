@@ -95,13 +95,15 @@ class Workspace:
 
     def first_overflow(self, most: int, model: str = "") -> str | None:
         """A usable GPU at its latency capacity or past it by fewer than ``most``, with an overflow slot free;
-        the least loaded first. Where no GPU has an overflow slot at all it returns at once rather than walk
+        the most loaded first. A GPU already past its capacity misses the target on every chunk anyway, so one
+        more session there costs only the newcomer's chunks, where the first overflow on a full GPU makes all
+        of its residents late too. Where no GPU has an overflow slot at all it returns at once rather than walk
         every full GPU."""
         if not self.snapshot.overflow_slots_total:
             return None
         for kind in self.latency.kinds:
             capacity = self.latency.curve(kind).capacity
-            for count in range(capacity, capacity + most):
+            for count in range(capacity + most - 1, capacity - 1, -1):
                 for gpu_id in self._levels.get((kind, count), ()):
                     gpu = self.snapshot.gpus[gpu_id]
                     if count < gpu.slots and self.usable(gpu_id) and self.serves(gpu_id, model):

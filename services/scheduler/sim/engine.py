@@ -46,7 +46,7 @@ class SimConfig:
     gpu_capacity: int = 4
     min_gpus: int = 1
     gpus_per_node: int = 8
-    overflow_slots: int = 1
+    overflow_slots: int = 4
 
 
 _TICK, _SAMPLE, _READY, _WAKE = 10, 11, 12, 13
