@@ -50,6 +50,8 @@ class ControlSettings:
     burst_coverage: float | None = None
     """How much of its learnt burst headroom the autoscaler keeps; unset: the policy's own, chosen on synthetic
     days (TURBOSERVE_BURST_COVERAGE, 0-4)."""
+    spare_gpus: int = 1
+    """Warm GPUs the autoscaler keeps beyond those the active sessions fill (TURBOSERVE_SPARE_GPUS, 0-64)."""
     target_ms: float = 400.0
     """Per-chunk latency target (TURBOSERVE_TARGET_MS, 1-100000)."""
     worker_kind: str = "cpu"
@@ -94,6 +96,7 @@ class ControlSettings:
                                         high=86400.0),
             burst_coverage=None if os.environ.get("TURBOSERVE_BURST_COVERAGE") is None
             else env_float("TURBOSERVE_BURST_COVERAGE", 0.0, low=0.0, high=4.0),
+            spare_gpus=env_int("TURBOSERVE_SPARE_GPUS", 1, low=0, high=64),
             target_ms=env_float("TURBOSERVE_TARGET_MS", 400.0, low=1.0, high=100000.0),
             worker_kind=env_str("TURBOSERVE_WORKER_KIND", env_str("TURBOSERVE_DEVICE", "cpu").split(":")[0]),
             worker_capacity=env_int("TURBOSERVE_WORKER_CAPACITY", 4, low=1, high=64),
@@ -117,7 +120,7 @@ def build_live_controller(settings: ControlSettings) -> ClosedLoopController:
         max_gpus=settings.max_gpus, target_ms=settings.target_ms, scale_kind=settings.worker_kind,
         curves={settings.worker_kind: LatencyCurve(capacity=settings.worker_capacity)},
         rebalance_interval_s=settings.rebalance_interval_s,
-        burst_coverage=settings.burst_coverage,
+        burst_coverage=settings.burst_coverage, spare_gpus=settings.spare_gpus,
     )
     controller = build_controller(settings.policy, setting)
     if settings.detector_window_s != PAPER_DETECTOR_WINDOW_S:

@@ -28,13 +28,14 @@ SCALE_TIMEOUT_S = 60.0
 
 @pytest.fixture(scope="module")
 def elastic(nats_url: str, database_url: str) -> Iterator[RunningSystem]:
-    """One worker to start with, at most three, K = 4; fast decisions and a short scale-in hold."""
+    """One worker to start with, at most three, K = 4; fast decisions, a short scale-in hold, and no warm spare,
+    so that one active session scales the pool in to one worker."""
     settings = {
         "TURBOSERVE_WORKER_CAPACITY": str(CAPACITY), "TURBOSERVE_SNAPSHOT_EVERY_CHUNKS": "4",
         "TURBOSERVE_OFFLOAD_AFTER_S": "2", "TURBOSERVE_PROVISIONER": "local", "TURBOSERVE_MIN_GPUS": "1",
         "TURBOSERVE_MAX_GPUS": "3", "TURBOSERVE_CONTROL_PERIOD_S": "0.5", "TURBOSERVE_SCALE_IN_HOLD_S": "2",
         "TURBOSERVE_DETECTOR_WINDOW_S": "10",
-        "TURBOSERVE_BURST_COVERAGE": "0.5", "TURBOSERVE_PROVISIONING_DELAY_S": "5",
+        "TURBOSERVE_BURST_COVERAGE": "0.5", "TURBOSERVE_PROVISIONING_DELAY_S": "5", "TURBOSERVE_SPARE_GPUS": "0",
     }
     with running_system(nats_url, database_url, workers=1, settings=settings) as running:
         yield running

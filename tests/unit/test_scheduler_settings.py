@@ -48,3 +48,12 @@ def test_the_burst_coverage_is_the_policys_own_unless_set(monkeypatch: pytest.Mo
     monkeypatch.setenv("TURBOSERVE_BURST_COVERAGE", "-1")
     with pytest.raises(ConfigError, match="TURBOSERVE_BURST_COVERAGE"):
         ControlSettings.from_env()
+
+
+def test_the_warm_spare_is_one_gpu_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.scheduler.control_settings import ControlSettings, build_live_controller
+
+    monkeypatch.delenv("TURBOSERVE_SPARE_GPUS", raising=False)
+    assert build_live_controller(ControlSettings.from_env()).autoscale.spare_gpus == 1
+    monkeypatch.setenv("TURBOSERVE_SPARE_GPUS", "0")
+    assert build_live_controller(ControlSettings.from_env()).autoscale.spare_gpus == 0

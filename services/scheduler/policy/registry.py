@@ -50,7 +50,8 @@ class PolicySetting:
     reference curve eight sessions run in 637 ms, inside the 750 ms a chunk plays for, so the GPU misses the
     target but its streams still play in real time; their state is 32 GB); ``burst_coverage`` and
     ``overflow_after_s`` and ``headroom_floor`` (how far an underspent violation budget may trim the burst
-    headroom, ``BudgetParams.min_scale``) None: the policy's own chosen values (``CHOSEN``)."""
+    headroom, ``BudgetParams.min_scale``) None: the policy's own chosen values (``CHOSEN``); ``spare_gpus``: warm
+    GPUs ours keeps beyond those its active sessions fill."""
 
     provisioning_delay_s: float = 30.0
     min_gpus: int = 1
@@ -70,6 +71,7 @@ class PolicySetting:
     overflow_after_s: float | None = None
     burst_coverage: float | None = None
     headroom_floor: float | None = None
+    spare_gpus: int = 1
 
     def models(self) -> Models:
         return Models(
@@ -106,7 +108,8 @@ AUTOSCALES: dict[str, Callable[[PolicySetting], AutoscalePolicy]] = {
     "reactive": lambda s: ReactiveUtilisation(s.rho, s.min_gpus, s.max_gpus, hold_s=5.0),
     "reactive_0.9": lambda s: ReactiveUtilisation(0.9, s.min_gpus, s.max_gpus, hold_s=5.0),
     "anticipatory": lambda s: AnticipatoryHeadroom(
-        s.provisioning_delay_s, s.rebalance_interval_s, s.min_gpus, s.max_gpus, _chosen("ours", s)["burst_coverage"]
+        s.provisioning_delay_s, s.rebalance_interval_s, s.min_gpus, s.max_gpus, _chosen("ours", s)["burst_coverage"],
+        s.spare_gpus,
     ),
 }
 
