@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.scheduler.policy.actions import RemoveGpu, Restore
+from services.scheduler.policy.autoscale import AutoscaleError
 from services.scheduler.policy.budget import BudgetError, BudgetParams, ViolationBudget
 from services.scheduler.policy.bursts import BurstMemory, BurstMemoryError, BurstParams
 from services.scheduler.policy.registry import PolicySetting, build_controller
@@ -152,6 +153,8 @@ def test_at_low_load_the_pool_keeps_a_warm_spare_gpu() -> None:
     for active, target in ((0, 1), (3, 2), (4, 2), (5, 3)):
         controller = build_controller("ours", PolicySetting(burst_coverage=0.0))
         assert controller.decide(steady_cluster(active=active, gpus=2), 0.0).target_gpus == target
+    with pytest.raises(AutoscaleError, match="spare_gpus=-1"):
+        build_controller("ours", PolicySetting(spare_gpus=-1))
 
 
 def test_a_resume_whose_restore_makes_its_first_chunk_late_spends_the_budget() -> None:

@@ -57,3 +57,6 @@ def test_the_warm_spare_is_one_gpu_unless_set(monkeypatch: pytest.MonkeyPatch) -
     assert build_live_controller(ControlSettings.from_env()).autoscale.spare_gpus == 1
     monkeypatch.setenv("TURBOSERVE_SPARE_GPUS", "0")
     assert build_live_controller(ControlSettings.from_env()).autoscale.spare_gpus == 0
+    monkeypatch.setenv("TURBOSERVE_SPARE_GPUS", "-1")
+    with pytest.raises(ConfigError, match="TURBOSERVE_SPARE_GPUS"):
+        ControlSettings.from_env()

@@ -91,10 +91,10 @@ class AnticipatoryHeadroom:
         burst_coverage: float = 0.5, spare_gpus: int = 1,
     ) -> None:
         _check_bounds(min_gpus, max_gpus)
-        if provisioning_delay_s < 0 or decision_interval_s <= 0 or burst_coverage < 0:
+        if provisioning_delay_s < 0 or decision_interval_s <= 0 or burst_coverage < 0 or spare_gpus < 0:
             raise AutoscaleError(
-                f"bad horizon or coverage: provisioning_delay_s={provisioning_delay_s}, "
-                f"decision_interval_s={decision_interval_s}, burst_coverage={burst_coverage}"
+                f"bad horizon, coverage or spare: provisioning_delay_s={provisioning_delay_s}, "
+                f"decision_interval_s={decision_interval_s}, burst_coverage={burst_coverage}, spare_gpus={spare_gpus}"
             )
         self.name = "anticipatory"
         self.horizon_s = provisioning_delay_s + decision_interval_s
