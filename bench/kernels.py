@@ -10,7 +10,7 @@ achieved DRAM bandwidth = bytes an ideal kernel must move (each input read once,
 / kernel time, and its fraction of the device's peak (memory clock x bus width, from the driver). Attention
 runs two cache mixes per batch: every session at a full cache (1 sink + 3 window chunks = 18,720 rows) and
 a mixed batch (1, 2, 3, 4 chunks cached, repeating), which is where padding to the longest cache costs the
-reference. Pack/unpack move one session's whole 30-layer cache, so they do not depend on the batch.
+reference. Pack moves one session's whole 30-layer cache, so it does not depend on the batch.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(bench_attention(config, batch, mix))
         rows.append(bench_norm_modulate(config, batch, peak_gbps))
         rows.append(bench_rope(config, batch, peak_gbps))
-    rows.extend(bench_pack_unpack(config, peak_gbps))
+    rows.extend(bench_pack(config, peak_gbps))
     _print_table(console, rows, peak_gbps)
     _write(args.out, {
         "skipped": False, "created": _now(), "device": torch.cuda.get_device_name(), "peak_dram_gbps": peak_gbps,
@@ -115,7 +115,7 @@ def bench_rope(config: ModelConfig, batch: int, peak_gbps: float) -> dict[str, A
     return _with_bandwidth(row, moved_bytes, peak_gbps)
 
 
-def bench_pack_unpack(config: ModelConfig, peak_gbps: float) -> list[dict[str, Any]]:
+def bench_pack(config: ModelConfig, peak_gbps: float) -> list[dict[str, Any]]:
     from services.gpu_worker.kernels import triton_pack
 
     n_tokens = config.cache_capacity_tokens
@@ -126,9 +126,7 @@ def bench_pack_unpack(config: ModelConfig, peak_gbps: float) -> list[dict[str, A
     moved_bytes = 2 * buf.numel() * buf.element_size()
     pack = _compare("pack_kv", 1, lambda: reference.pack_kv(k_pools, v_pools, 1, n_tokens, buf),
                     lambda: triton_pack.pack_kv(k_pools, v_pools, 1, n_tokens, buf))
-    unpack = _compare("unpack_kv", 1, lambda: reference.unpack_kv(buf, k_pools, v_pools, 1, n_tokens),
-                      lambda: triton_pack.unpack_kv(buf, k_pools, v_pools, 1, n_tokens))
-    return [_with_bandwidth(pack, moved_bytes, peak_gbps), _with_bandwidth(unpack, moved_bytes, peak_gbps)]
+    return [_with_bandwidth(pack, moved_bytes, peak_gbps)]
 
 
 def _compare(op: str, batch: int, run_reference: Callable[[], torch.Tensor | None],

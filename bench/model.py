@@ -6,6 +6,10 @@ model at 832x480 with synthetic bf16 weights on the GPU (nothing to download); e
 from a synthetic model directory by the real loader, and the GPU figures stay unmeasured. Writes
 ``bench/results/model.json`` and ``bench/results/model_stages.png``.
 
+It also restores one session's state from host memory beside three others: the copy alone, and the first batch
+after it while the copies stream in layer by layer, against the steady batch; and it sets that against what the
+scheduler's ``RestoreCostModel`` predicts from the measured copy and first-pass share.
+
 Stages (each ends at a device sync, so the split adds up to the chunk): ``dit_step_N`` one batched denoising step,
 ``cache_write`` the forward that stores the clean chunk's K/V, ``vae_decode`` the causal VAE with each session's
 feature cache, and, outside the model, ``jpeg`` (the worker's encoder) and ``text_encode`` (one uncached prompt).
@@ -36,9 +40,11 @@ from services.gpu_worker.frames import JpegEncoder  # noqa: E402
 from services.gpu_worker.model import WanStreamingModel, get_config, load_model  # noqa: E402
 from services.gpu_worker.model.model_check import ModelSizes  # noqa: E402
 from services.gpu_worker.model.synth import synthetic_model_on_device, temporary_synthetic_dir  # noqa: E402
+from services.scheduler.policy.cost_models import RestoreCostModel, TransferCostModel  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BATCHES = (1, 2, 4, 8)
+RESTORE_BATCH = 4
 GPU_GIB = 80
 
 
@@ -91,6 +97,41 @@ def measure(model: WanStreamingModel, batch: int, repeats: int, clock: StageCloc
             "stages_ms": median_stages, "jpeg_ms": statistics.median(jpeg_ms)}
 
 
+def measure_restore(model: WanStreamingModel, batch: int, repeats: int, clock: StageClock) -> dict[str, float]:
+    """A session's state exported to (pinned) host memory and imported again, timed two ways: the copy alone
+    (import until its copies land), and the first batch after it, with the copies streaming in under that batch,
+    against the same batch in steady state."""
+    handles = [model.new_session(f"r{i}", f"restore stream {i}", i) for i in range(batch)]
+    for _ in range(2):
+        model.generate(handles)
+    pin = torch.cuda.is_available()
+    copy_ms, steady_ms, first_ms = [], [], []
+    state_bytes = 0
+    for repeat in range(2 * repeats):
+        exported = model.export_state(handles[-1])
+        host = {name: t.to("cpu").pin_memory() if pin else t.to("cpu", copy=True) for name, t in exported.items()}
+        state_bytes = sum(t.nbytes for t in host.values())
+        model.release(handles[-1])
+        started = clock.sync()
+        handles[-1] = model.import_state(handles[-1].session_id, host)
+        if repeat % 2 == 0:  # the copy alone
+            model.import_landed(handles[-1]).wait()
+            copy_ms.append((clock.sync() - started) * 1e3)
+            model.generate(handles)
+        else:  # streamed under the next batch
+            model.generate(handles)
+            first_ms.append((clock.sync() - started) * 1e3)
+        started = clock.sync()
+        model.generate(handles)
+        steady_ms.append((clock.sync() - started) * 1e3)
+    for handle in handles:
+        model.release(handle)
+    steady = statistics.median(steady_ms)
+    return {"batch": batch, "state_bytes": state_bytes, "copy_ms": statistics.median(copy_ms),
+            "steady_chunk_ms": steady, "first_chunk_ms": statistics.median(first_ms),
+            "first_chunk_extra_ms": statistics.median(first_ms) - steady}
+
+
 def text_encode_ms(model: WanStreamingModel, clock: StageClock, prompts: int = 5) -> float:
     samples = []
     for i in range(prompts):
@@ -98,6 +139,11 @@ def text_encode_ms(model: WanStreamingModel, clock: StageClock, prompts: int = 5
         model.text.encode(f"an uncached prompt number {i} about a fox in the snow")
         samples.append((clock.sync() - started) * 1e3)
     return statistics.median(samples)
+
+
+def by_stage_share(rows: list[dict[str, Any]], batch: int, stage: str) -> float:
+    row = next(r for r in rows if r["batch"] == batch)
+    return float(row["stages_ms"][stage] / row["chunk_ms"])
 
 
 def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
@@ -155,6 +201,12 @@ def main() -> int:
             rows.append(measure(model, batch, repeats, clock, jpeg))
             progress.advance(task)
     text_ms = text_encode_ms(model, clock)
+    model.stage_mark = lambda _: None  # no syncs inside the chunk while a restore overlaps it
+    restore = measure_restore(model, RESTORE_BATCH, repeats, clock)
+    first_pass_share = by_stage_share(rows, RESTORE_BATCH, "dit_step_0")
+    predicted = RestoreCostModel(
+        TransferCostModel(0.0, restore["state_bytes"] / restore["copy_ms"] / 1e6), config.dit.num_layers,
+        first_pass_share).delay_ms(int(restore["state_bytes"]), restore["steady_chunk_ms"])
     full = get_config("self-forcing")
     full_sizes = ModelSizes.of(full, torch.bfloat16)
     measured_sizes = model.state_bytes()
@@ -178,6 +230,11 @@ def main() -> int:
     console.print(f"state per session, Wan2.1-1.3B at 832x480 in bf16 (from the architecture): KV "
                   f"{full_sizes.kv_bytes / 2**30:.2f} GiB, VAE cache {full_sizes.vae_cache_bytes / 2**30:.2f} GiB; "
                   f"{full_sizes.sessions_fitting(GPU_GIB * 2**30)} sessions in {GPU_GIB} GiB")
+    console.print(f"restore of one session's state ({restore['state_bytes'] / 2**20:.1f} MiB) from host memory "
+                  f"beside {RESTORE_BATCH - 1} others: copy alone {restore['copy_ms']:.1f} ms; the first batch after "
+                  f"it {restore['first_chunk_ms']:.1f} ms against {restore['steady_chunk_ms']:.1f} ms steady, "
+                  f"+{restore['first_chunk_extra_ms']:.1f} ms (the scheduler's model, first DiT pass "
+                  f"{first_pass_share:.0%} of a chunk, predicts +{predicted:.1f} ms)")
     if not cuda:
         console.print("[yellow]GPU figures unmeasured: no CUDA device here (run this script on one).[/]")
 
@@ -191,6 +248,7 @@ def main() -> int:
         "frames_per_s_batch_1": frames_per_chunk / by_batch[1]["chunk_ms"] * 1e3,
         "stages_ms": {str(r["batch"]): {**r["stages_ms"], "jpeg": r["jpeg_ms"]} for r in rows},
         "text_encode_ms": text_ms,
+        "restore": {**restore, "first_pass_share": first_pass_share, "predicted_extra_ms": predicted},
         "state_bytes_kv": full_sizes.kv_bytes, "state_bytes_vae": full_sizes.vae_cache_bytes,
         "state_bytes_of": "self-forcing at 832x480, bf16, full attention window",
         "sessions_per_80gb": full_sizes.sessions_fitting(GPU_GIB * 2**30),

@@ -207,7 +207,7 @@ class ControlLoop:
         if source in self.snapshot.gpus:
             workspace.draining.add(source)
         leaving = SessionView(session_id, self.view.state_bytes.get(session_id, 0), True, None, model=model)
-        choice = self.controller.placement.choose(workspace, leaving, 0.0)
+        choice = self.controller.placement.choose(workspace, leaving, None)
         if choice is None:
             raise Unavailable(f"no other live worker of model {model!r} to move to")
         return choice[0]

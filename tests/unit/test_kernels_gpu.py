@@ -64,16 +64,12 @@ def test_rope_on_the_gpu_matches_the_reference_in_bf16() -> None:
     torch.testing.assert_close(x, expected, atol=BF16_ATOL, rtol=BF16_RTOL)
 
 
-def test_pack_and_unpack_on_the_gpu_are_exact_in_bf16() -> None:
+def test_pack_on_the_gpu_is_exact_in_bf16() -> None:
     k_pools = [torch.randn(3, 500, 12, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
     v_pools = [torch.randn(3, 500, 12, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
     size = 8 * 321 * 12 * 128
     packed = kernels.pack_kv(k_pools, v_pools, 2, 321, torch.empty(size, device="cuda", dtype=torch.bfloat16))
     assert torch.equal(packed, reference.pack_kv(k_pools, v_pools, 2, 321, torch.empty_like(packed)))
-    restored_k, restored_v = [torch.zeros_like(p) for p in k_pools], [torch.zeros_like(p) for p in v_pools]
-    kernels.unpack_kv(packed, restored_k, restored_v, 2, 321)
-    pairs = zip(restored_k + restored_v, k_pools + v_pools, strict=True)
-    assert all(torch.equal(r[2, :321], p[2, :321]) for r, p in pairs)
 
 
 def test_varlen_attention_beats_the_padded_reference_at_wan_shapes_with_mixed_cache_lengths() -> None:

@@ -1,4 +1,4 @@
-"""The Triton KV pack/unpack kernel equals the torch reference bit for bit under the Triton interpreter.
+"""The Triton KV pack kernel equals the torch reference bit for bit under the Triton interpreter.
 
 Runs in-process only when TRITON_INTERPRET=1 was set before triton was imported; in a plain test run
 ``test_kernels_interpreted.py`` starts a subprocess that does exactly that.
@@ -40,7 +40,7 @@ def _pools(generator: torch.Generator, layers: int, shape: tuple[int, int, int, 
     spare_elements=st.integers(0, 7),
     data=st.data(),
 )
-def test_pack_matches_the_reference_and_unpack_restores_only_the_packed_rows(
+def test_pack_matches_the_reference_and_writes_nothing_past_the_packed_rows(
     layers: int, pool_slots: int, capacity: int, heads: int, head_dim: int, token_stride_padded: bool,
     spare_elements: int, data: st.DataObject,
 ) -> None:
@@ -56,15 +56,7 @@ def test_pack_matches_the_reference_and_unpack_restores_only_the_packed_rows(
     expected = reference.pack_kv(k_pools, v_pools, slot, n_tokens, torch.full((size,), -1.0))
     packed = triton_pack.pack_kv(k_pools, v_pools, slot, n_tokens, torch.full((size,), -1.0))
     assert torch.equal(packed, expected)
-
-    restored_k = [torch.zeros_like(pool) for pool in k_pools]
-    restored_v = [torch.zeros_like(pool) for pool in v_pools]
-    triton_pack.unpack_kv(packed, restored_k, restored_v, slot, n_tokens)
-    for original, restored in zip(k_pools + v_pools, restored_k + restored_v, strict=True):
-        assert torch.equal(restored[slot, :n_tokens], original[slot, :n_tokens])
-        outside = torch.ones(shape, dtype=torch.bool)
-        outside[slot, :n_tokens] = False
-        assert not restored[outside].any()
+    assert bool((packed[size - spare_elements :] == -1.0).all())
 
 
 def test_a_token_count_beyond_the_capacity_is_rejected() -> None:
@@ -88,4 +80,4 @@ def test_pools_whose_token_rows_are_not_contiguous_are_rejected() -> None:
 
     pools = [torch.zeros(2, 4, 2, 3).transpose(2, 3)]
     with pytest.raises(KernelInputError, match="contiguous"):
-        triton_pack.unpack_kv(torch.zeros(48), pools, pools, 0, 4)
+        triton_pack.pack_kv(pools, pools, 0, 4, torch.zeros(48))

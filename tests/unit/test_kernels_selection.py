@@ -12,7 +12,7 @@ from services.gpu_worker.kernels import reference, selection
 from services.gpu_worker.kernels.errors import KernelSelectionError
 from services.gpu_worker.kernels.selection import KernelBackend, requested_backend, use_triton
 
-EXPORTED = ("norm_modulate", "pack_kv", "rope_", "unpack_kv", "varlen_attention")
+EXPORTED = ("norm_modulate", "pack_kv", "rope_", "varlen_attention")
 
 
 @pytest.fixture
@@ -87,12 +87,11 @@ def test_forced_triton_routes_each_op_to_its_kernel_module(monkeypatch: pytest.M
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     calls: list[str] = []
     for module, name in ((triton_attention, "varlen_attention"), (triton_norm, "norm_modulate"),
-                         (triton_rope, "rope_"), (triton_pack, "pack_kv"), (triton_pack, "unpack_kv")):
+                         (triton_rope, "rope_"), (triton_pack, "pack_kv")):
         monkeypatch.setattr(module, name, lambda *args, _name=name: calls.append(_name))
     x = torch.zeros(1, 1, 1, 2)
     kernels.varlen_attention(x, x, x, x, x, torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
     kernels.norm_modulate(x[0], x[0, 0], x[0, 0])
     kernels.rope_(x[0], x[0, :, 0, :1], x[0, :, 0, :1])
     kernels.pack_kv([x], [x], 0, 1, torch.zeros(4))
-    kernels.unpack_kv(torch.zeros(4), [x], [x], 0, 1)
-    assert calls == ["varlen_attention", "norm_modulate", "rope_", "pack_kv", "unpack_kv"]
+    assert calls == ["varlen_attention", "norm_modulate", "rope_", "pack_kv"]

@@ -30,3 +30,21 @@ def test_the_full_size_model_streams_batches_and_moves_its_state_on_the_gpu() ->
     single = reference.new_session("s1", "a fox number 1", 1)
     frames = [reference.generate([single])[0].frames.float() for _ in range(3)]
     assert (frames[-1] - moved).abs().mean() <= 1.0  # batched, exported and imported: as if alone
+
+
+def test_a_state_restored_from_pinned_host_memory_streams_in_under_the_next_batch_exactly() -> None:
+    config, cuda = get_config("self-forcing"), torch.device("cuda")
+    model = synthetic_model_on_device(config, cuda, torch.bfloat16, 2)
+    reference = synthetic_model_on_device(config, cuda, torch.bfloat16, 1)
+    ours, theirs = model.new_session("s", "a fox in the snow", 5), reference.new_session("s", "a fox in the snow", 5)
+    for _ in range(2):
+        model.generate([ours]), reference.generate([theirs])
+    host = {name: tensor.cpu().pin_memory() for name, tensor in model.export_state(ours).items()}
+    model.release(ours)
+    beside = model.new_session("b", "a cat", 6)
+    restored = model.import_state("s", host)
+    landed = model.import_landed(restored)
+    assert not landed.done()  # the import returned with its copies still in flight
+    frames = model.generate([beside, restored])[1].frames.float()
+    landed.wait()
+    assert (frames - reference.generate([theirs])[0].frames.float()).abs().mean() <= 1.0

@@ -113,3 +113,31 @@ def test_a_session_exported_before_its_first_chunk_imports_and_runs_like_the_ori
     target = load_tiny()
     moved = target.import_state("s", state)
     assert torch.equal(_run(source, handle, 2)[1], _run(target, moved, 2)[1])
+
+
+class Fence:
+    """Stands in for an import's copy of one part: notes when the batch orders itself after it."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    def order_before(self, stream: object) -> None:
+        self.log.append(self.name)
+
+
+def test_a_batch_waits_for_each_layer_of_an_import_just_before_that_layer_reads_its_cache() -> None:
+    model = load_tiny()
+    handle = model.new_session("s", "violet storm", 9)
+    _run(model, handle, 1)
+    log: list[str] = []
+    layers = model.config.dit.num_layers
+    model.pools.fences.add(Fence("prompt", log), [Fence(f"layer {i}", log) for i in range(layers)],
+                           Fence("rest", log))
+    for index in range(layers):
+        model.dit.block(index).self_attn.register_forward_pre_hook(
+            lambda *_, index=index: log.append(f"attend {index}"))  # type: ignore[misc]
+    model.generate([handle])
+    first_pass = ["prompt"] + [entry for i in range(layers) for entry in (f"layer {i}", f"attend {i}")]
+    assert log[: len(first_pass)] == first_pass  # not all up front: layer i's copy may still run while i-1 computes
+    assert log.count("rest") == 1 and log.index("rest") > log.index(f"attend {layers - 1}")
+    assert all(log.count(f"layer {i}") == 1 for i in range(layers))  # waited for once, then done with

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from services.scheduler.policy.cost_models import CostModelError, LatencyCurve, LatencyModel, TransferCostModel
+from services.scheduler.policy.cost_models import (
+    CostModelError,
+    LatencyCurve,
+    LatencyModel,
+    RestoreCostModel,
+    TransferCostModel,
+)
 
 
 def test_reference_curve_gives_363_ms_for_a_full_gpu_and_180_ms_for_one_session() -> None:
@@ -51,3 +57,19 @@ def test_transfer_model_fits_fixed_and_per_byte_costs() -> None:
 def test_transfer_model_rejects_negative_samples() -> None:
     with pytest.raises(CostModelError):
         TransferCostModel(alpha_ms=15.0, gigabytes_per_s=400.0).observe(-1, 10.0)
+
+
+def test_a_restore_streamed_per_layer_delays_its_first_chunk_by_what_the_first_pass_cannot_hide() -> None:
+    copy = TransferCostModel(alpha_ms=0.0, gigabytes_per_s=55.0)  # 4 GB: 72.7 ms
+    streamed = RestoreCostModel(copy, layers=30, first_pass_share=0.15)
+    assert streamed.cost_ms(4_000_000_000) == pytest.approx(72.7, abs=0.1)
+    # beside 3 sessions (363 ms) the first pass, 54 ms, hides all but 20 ms of the copy
+    assert streamed.delay_ms(4_000_000_000, 363.0) == pytest.approx(72.7 - 0.15 * 363.0 * 29 / 30, abs=0.1)
+    # a pass slower than the link leaves only the first layer's copy exposed
+    assert streamed.delay_ms(4_000_000_000, 3000.0) == pytest.approx(72.7 / 30, abs=0.01)
+    whole = RestoreCostModel(copy, layers=1, first_pass_share=0.15)
+    assert whole.delay_ms(4_000_000_000, 363.0) == pytest.approx(72.7, abs=0.1)
+    streamed.observe(4_000_000_000, 145.0)  # a slower measured copy moves the delay with it
+    assert streamed.delay_ms(4_000_000_000, 363.0) > 20.2
+    with pytest.raises(CostModelError):
+        RestoreCostModel(copy, layers=0, first_pass_share=0.15)

@@ -72,6 +72,7 @@ def test_one_command_runs_a_trace_file_and_reports_first_chunk_and_migration_fig
     ["--trace", "nowhere.jsonl", "--format", "sessions"],
     ["--trace", "mine.jsonl"],
     ["--trace", "synthetic", "--kv-gb", "-1"],
+    ["--trace", "synthetic", "--restore-layers", "0"],
 ])
 def test_a_bad_trace_or_setting_is_a_one_line_error_with_exit_code_2(
     argv: list[str], capsys: pytest.CaptureFixture[str]

@@ -167,9 +167,10 @@ def test_a_staged_restore_leaves_the_model_free_to_run_until_it_is_finished() ->
     _frames(model, idle, 3), _frames(reference, unmoved, 3)
     manager = _manager(model)
     staged = manager.stage_restore(manager.offload(idle))
-    assert manager.device_bytes == staged.state.nbytes  # the budget is claimed while the copy runs
-    _frames(model, busy, 2)  # a batch of the other session while the copy is in flight
-    handle = manager.finish_restore(staged)
+    assert manager.device_bytes == staged.state.nbytes  # the budget is claimed while it is staged
+    _frames(model, busy, 2)  # a batch of the other session meanwhile
+    handle, landed = manager.finish_restore(staged)
+    landed.wait()
     assert manager.host_bytes == 0
     for ours, theirs in zip(_frames(model, handle, 6), _frames(reference, unmoved, 6), strict=True):
         assert torch.equal(ours, theirs)
@@ -183,3 +184,34 @@ def test_a_state_discarded_while_its_restore_is_staged_is_not_imported_and_frees
     with pytest.raises(NoHostState):
         manager.finish_restore(staged)
     assert manager.device_bytes == 0
+
+
+class CopyInFlight:
+    """A restore's copies as the model reports them: not landed until ``land``."""
+
+    def __init__(self) -> None:
+        self.landed = False
+
+    def done(self) -> bool:
+        return self.landed
+
+    def wait(self) -> None:
+        self.landed = True
+
+
+def test_a_restores_host_buffers_go_back_to_the_pool_only_once_its_copies_have_landed() -> None:
+    model = SyntheticStateModel(SHAPE, slots=3, device=CPU)
+    manager = _manager(model)
+    handle = model.new_session("s", "a fox", seed=4)
+    _frames(model, handle, 2)
+    copies = CopyInFlight()
+    model.import_landed = lambda _: copies  # type: ignore[method-assign,assignment,return-value]
+    state = manager.offload(handle)
+    read_by_restore = {buffer.data_ptr() for buffer in state.buffers}
+    _, landed = manager.finish_restore(manager.stage_restore(state))
+    assert landed is copies and manager.host_bytes == 0
+    while_copying = manager.offload(model.new_session("t", "a cat", seed=5))
+    assert read_by_restore.isdisjoint(buffer.data_ptr() for buffer in while_copying.buffers)
+    copies.wait()
+    after_landing = manager.offload(model.new_session("u", "a dog", seed=6))
+    assert read_by_restore & {buffer.data_ptr() for buffer in after_landing.buffers}

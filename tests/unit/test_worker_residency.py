@@ -141,7 +141,7 @@ async def test_an_idle_session_offloaded_to_host_frees_its_slot_and_credit_resto
         assert_same_frames(want, got)
 
 
-async def test_a_restore_copies_beside_the_running_batches_and_takes_the_model_only_to_import(
+async def test_a_restore_readies_its_host_copy_beside_the_running_batches_and_takes_the_model_only_to_import(
     worker: Worker, model: StreamingVideoModel,
 ) -> None:
     engine, residency, _, captured = worker
@@ -158,14 +158,14 @@ async def test_a_restore_copies_beside_the_running_batches_and_takes_the_model_o
     manager.stage_restore = slow_copy  # type: ignore[method-assign]
     resume = asyncio.create_task(engine.credit(RequestChunks(session_id="idle", epoch=1, up_to_seq=4)))
     await engine.credit(RequestChunks(session_id="busy", epoch=1, up_to_seq=4))
-    await captured.wait_for("busy", 5)  # its batches ran while the other session's state was still being copied
+    await captured.wait_for("busy", 5)  # its batches ran while the other session's host copy was still being readied
     assert not resume.done()
     copy_landed.set()
     await resume
     assert [h.seq for h, _ in await captured.wait_for("idle", 5)] == list(range(5))
 
 
-async def test_a_resume_cancelled_while_its_copy_runs_leaves_the_state_offloaded_and_the_device_budget_free(
+async def test_a_resume_cancelled_while_its_host_copy_is_readied_leaves_the_state_offloaded_and_the_budget_free(
     worker: Worker, model: StreamingVideoModel,
 ) -> None:
     engine, residency, _, captured = worker
@@ -187,7 +187,7 @@ async def test_a_resume_cancelled_while_its_copy_runs_leaves_the_state_offloaded
     idle = engine.sessions["idle"]
     resume = asyncio.create_task(residency.ensure_resident(idle))
     await asyncio.to_thread(copying.wait, 30)
-    assert manager.device_bytes > 0  # claimed while the copy runs
+    assert manager.device_bytes > 0  # claimed while the host copy is readied
     resume.cancel()
     with pytest.raises(asyncio.CancelledError):
         await resume

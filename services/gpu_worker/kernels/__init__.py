@@ -60,15 +60,4 @@ def pack_kv(k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor], sl
     return reference.pack_kv(k_pools, v_pools, slot, n_tokens, out)
 
 
-def unpack_kv(buf: torch.Tensor, k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor], slot: int,
-              n_tokens: int) -> None:
-    """Scatter a buffer made by ``pack_kv`` back into rows [0, n_tokens) of ``slot`` in every layer's pools."""
-    if use_triton(buf):
-        from services.gpu_worker.kernels import triton_pack
-
-        triton_pack.unpack_kv(buf, k_pools, v_pools, slot, n_tokens)
-        return
-    reference.unpack_kv(buf, k_pools, v_pools, slot, n_tokens)
-
-
-__all__ = ["norm_modulate", "pack_kv", "rope_", "unpack_kv", "varlen_attention"]
+__all__ = ["norm_modulate", "pack_kv", "rope_", "varlen_attention"]

@@ -9,8 +9,8 @@ C cache capacity in tokens per slot, N = B * L):
   block-causal rule between chunks holds by construction and no per-token mask is needed.
 * ``norm_modulate``: Wan-style LayerNorm without affine, then adaptive modulation per session.
 * ``rope_``: rotary embedding applied in place to interleaved pairs (x[2i], x[2i+1]).
-* ``pack_kv`` / ``unpack_kv``: a slot's per-layer K and V rows gathered into one contiguous buffer, laid out
-  layer-major as [layer][k|v][n_tokens][H][D], and scattered back.
+* ``pack_kv``: a slot's per-layer K and V rows gathered into one contiguous buffer, laid out layer-major as
+  [layer][k|v][n_tokens][H][D].
 """
 
 from __future__ import annotations
@@ -79,14 +79,3 @@ def pack_kv(k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor], sl
     torch.cat(views, out=out[: sum(v.numel() for v in views)])
     return out
 
-
-def unpack_kv(buf: torch.Tensor, k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor], slot: int,
-              n_tokens: int) -> None:
-    """Scatter a buffer made by ``pack_kv`` back into rows [0, n_tokens) of ``slot`` in every layer's pools."""
-    offset = 0
-    for k_pool, v_pool in zip(k_pools, v_pools, strict=True):
-        for pool in (k_pool, v_pool):
-            rows = pool[slot, :n_tokens]
-            count = rows.numel()
-            rows.copy_(buf[offset : offset + count].view_as(rows))
-            offset += count

@@ -1,10 +1,10 @@
-"""One slot's KV rows from every layer, gathered into (or scattered from) one contiguous transfer buffer.
+"""One slot's KV rows from every layer, gathered into one contiguous transfer buffer (an export).
 
 The per-layer pools are separate tensors, so the kernel reads their base addresses from a small pointer
 table and a single launch covers every (layer, K|V) segment: grid axis 1 is the segment, axis 0 a block
 of token rows inside it, each row copied as one contiguous run so the accesses vectorise. The buffer
-layout is the reference's, [layer][k|v][n_tokens][H][D], and one kernel does both directions so pack and
-unpack can never disagree about it.
+layout is the reference's, [layer][k|v][n_tokens][H][D]. The way back needs no kernel: an import copies
+each layer's K and V rows on their own, so a batch can start on layer 0 while later layers still copy.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ POOL_ALIGNMENT_BYTES = 16
 @triton.jit
 def _copy_slot_kernel(
     pool_table_ptr, buf_ptr, slot_offset, stride_token, n_tokens,
-    ROW_ELEMS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, TO_POOL: tl.constexpr,
+    ROW_ELEMS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     segment = tl.program_id(1)
     pool_ptr = tl.load(pool_table_ptr + segment).to(tl.pointer_type(buf_ptr.dtype.element_ty))
@@ -37,34 +37,19 @@ def _copy_slot_kernel(
     pool_ptrs = pool_ptr + slot_offset + tokens[:, None] * stride_token + cols[None, :]
     segment_start = segment.to(tl.int64) * n_tokens * ROW_ELEMS
     buf_ptrs = buf_ptr + segment_start + tokens[:, None] * ROW_ELEMS + cols[None, :]
-    if TO_POOL:
-        tl.store(pool_ptrs, tl.load(buf_ptrs, mask=mask), mask=mask)
-    else:
-        tl.store(buf_ptrs, tl.load(pool_ptrs, mask=mask), mask=mask)
+    tl.store(buf_ptrs, tl.load(pool_ptrs, mask=mask), mask=mask)
 
 
 def pack_kv(k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor], slot: int, n_tokens: int,
             out: torch.Tensor) -> torch.Tensor:
     """Same contract as ``reference.pack_kv``: rows [0, n_tokens) of ``slot`` from every layer into ``out``."""
-    _copy_slot(k_pools, v_pools, slot, n_tokens, out, to_pool=False)
-    return out
-
-
-def unpack_kv(buf: torch.Tensor, k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor], slot: int,
-              n_tokens: int) -> None:
-    """Same contract as ``reference.unpack_kv``: a ``pack_kv`` buffer back into rows [0, n_tokens) of ``slot``."""
-    _copy_slot(k_pools, v_pools, slot, n_tokens, buf, to_pool=True)
-
-
-def _copy_slot(k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor], slot: int, n_tokens: int,
-               buf: torch.Tensor, *, to_pool: bool) -> None:
     if len(k_pools) != len(v_pools):
         raise KernelInputError(f"{len(k_pools)} K pools but {len(v_pools)} V pools")
     pools = [pool for pair in zip(k_pools, v_pools, strict=True) for pool in pair]
     if not pools:
-        return
+        return out
     first = pools[0]
-    _check_pools(pools, buf)
+    _check_pools(pools, out)
     if interpreter_enabled() and first.is_cuda:
         raise KernelInputError("the Triton interpreter runs on the host and cannot follow device pool addresses")
     pool_slots, capacity, heads, head_dim = first.shape
@@ -74,19 +59,20 @@ def _copy_slot(k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor],
         raise KernelInputError(f"n_tokens {n_tokens} is outside [0, {capacity}]")
     row_elems = heads * head_dim
     segment_elems = n_tokens * row_elems
-    if buf.numel() < segment_elems * len(pools):
-        raise KernelInputError(f"buffer holds {buf.numel()} elements, {segment_elems * len(pools)} needed")
+    if out.numel() < segment_elems * len(pools):
+        raise KernelInputError(f"buffer holds {out.numel()} elements, {segment_elems * len(pools)} needed")
     if segment_elems == 0:
-        return
+        return out
     table = _pool_table(first.device, tuple(pool.data_ptr() for pool in pools))
     block_c = triton.next_power_of_2(row_elems)
     block_t = max(1, ELEMENTS_PER_PROGRAM // block_c)
     grid = (triton.cdiv(n_tokens, block_t), len(pools))
     _copy_slot_kernel[grid](
-        table, buf, slot * first.stride(0), first.stride(1), n_tokens,
-        ROW_ELEMS=row_elems, BLOCK_T=block_t, BLOCK_C=block_c, TO_POOL=to_pool,
+        table, out, slot * first.stride(0), first.stride(1), n_tokens,
+        ROW_ELEMS=row_elems, BLOCK_T=block_t, BLOCK_C=block_c,
         num_warps=1 if interpreter_enabled() else 8,
     )
+    return out
 
 
 def _check_pools(pools: Sequence[torch.Tensor], buf: torch.Tensor) -> None:

@@ -26,6 +26,7 @@ from services.common.control import (
     StartMigration,
 )
 from services.common.errors import InvalidState, TurboServeError, Unavailable
+from services.gpu_worker.copies import CopyTicket
 from services.gpu_worker.engine import ChunkEngine
 from services.gpu_worker.migration.errors import MigrationAborted, MigrationError
 from services.gpu_worker.migration.precopy import SourceMigration, TargetMigration
@@ -123,6 +124,9 @@ class _TargetModel:
             raise MigrationAborted(f"migration of {session_id} carried no session blob")
         self.session_blob = blob.clone()
         return self._locked(lambda: self._model.import_state(session_id, state))
+
+    def import_landed(self, handle: SessionHandle) -> CopyTicket:
+        return self._model.import_landed(handle)
 
     def release(self, handle: SessionHandle) -> None:
         self._locked(lambda: self._model.release(handle))

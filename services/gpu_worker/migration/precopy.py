@@ -184,7 +184,8 @@ class TargetMigration:
             _apply_final(tensors, final, final_parts)
             handle = self._model.import_state(self._session_id, tensors)
             self._machine.on_rollback(lambda: self._model.release(handle))
-            if self._recycle is not None:  # import copied the state in, so the received buffers are free
+            if self._recycle is not None:  # once the import's copies land, the received buffers are free
+                self._model.import_landed(handle).wait()
                 tensors.clear()
                 for buffer in (*bulk_buffers, *final_parts, *grown):
                     self._recycle(buffer)

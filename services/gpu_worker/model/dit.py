@@ -152,6 +152,7 @@ class WanAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, time_mod: torch.Tensor, batch: ChunkBatch, layer: int, pools: CachePools,
                 write_cache: bool) -> torch.Tensor:
+        pools.fences.before_layer(layer)  # a restore still streaming in: wait (on the GPU) for this layer's rows
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation + time_mod).unbind(dim=1)
         attn_in = kernels.norm_modulate(x, shift_sa, scale_sa, self.eps)  # norm1: LayerNorm without affine
         attended = self.self_attn(attn_in, batch, pools.k_pools[layer], pools.v_pools[layer], write_cache)
@@ -163,6 +164,7 @@ class WanAttentionBlock(nn.Module):
 
     def store_only(self, x: torch.Tensor, time_mod: torch.Tensor, batch: ChunkBatch, layer: int,
                    pools: CachePools) -> None:
+        pools.fences.before_layer(layer)
         shift_sa, scale_sa = (self.modulation[:, :2] + time_mod[:, :2]).unbind(dim=1)
         attn_in = kernels.norm_modulate(x, shift_sa, scale_sa, self.eps)
         self.self_attn.store_only(attn_in, batch, pools.k_pools[layer], pools.v_pools[layer])

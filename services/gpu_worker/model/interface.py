@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from services.common.errors import Unavailable
+from services.gpu_worker.copies import CopyTicket
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,14 @@ class StreamingVideoModel(Protocol):
         ...
 
     def import_state(self, session_id: str, tensors: Mapping[str, torch.Tensor]) -> SessionHandle:
-        """Take a free slot and rebuild a session exported by ``export_state`` (from any worker or device)."""
+        """Take a free slot and rebuild a session exported by ``export_state`` (from any worker or device). May
+        return while the copies still run: the model orders its own reads after them, and ``tensors`` must stay
+        unchanged until ``import_landed`` says they landed."""
+        ...
+
+    def import_landed(self, handle: SessionHandle) -> CopyTicket:
+        """When the copies of the ``import_state`` that made ``handle`` have landed (asked once: a second call,
+        or one for a session never imported, gets a completed ticket)."""
         ...
 
     def kv_rows_written(self, first_chunk: int, last_chunk: int) -> list[int]:

@@ -9,11 +9,13 @@ Latents use the same layout one segment per chunk.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from services.gpu_worker import kernels
+from services.gpu_worker.copies import CopyTicket, StreamCopier
 from services.gpu_worker.model.config import ModelConfig
 
 
@@ -73,6 +75,7 @@ class CachePools:
         segments = config.sink_chunks + config.window_chunks
         latent_shape = (max_sessions, segments, d.in_dim, s.frames_per_chunk, s.latent_height, s.latent_width)
         self.latents = torch.zeros(latent_shape, device=device, dtype=dtype)
+        self.fences = ImportFences(d.num_layers, device)
 
     def write_index(self, slots: list[int], chunk_indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(slot, row) index tensors [B * chunk_tokens] addressing where each session's chunk K/V goes."""
@@ -90,12 +93,6 @@ class CachePools:
         out = torch.empty(shape, device=self.k_pools[0].device, dtype=self.k_pools[0].dtype)
         kernels.pack_kv(self.k_pools, self.v_pools, slot, rows, out.view(-1))
         return out
-
-    def import_kv(self, slot: int, kv: torch.Tensor) -> None:
-        """Copy an ``export_kv`` tensor into ``slot``; rows past it are left as they are (never read)."""
-        rows = kv.shape[2]
-        flat = kv.to(device=self.k_pools[0].device, dtype=self.k_pools[0].dtype).contiguous().view(-1)
-        kernels.unpack_kv(flat, self.k_pools, self.v_pools, slot, rows)
 
     def store_latents(self, slots: list[int], chunk_indices: list[int], latents: torch.Tensor) -> None:
         """Keep each session's clean chunk [B, C, F, h, w] in the segment its K/V occupies."""
@@ -117,7 +114,57 @@ class CachePools:
         """The slot's prompt K/V as [layers, 2, text_len, heads, head_dim]."""
         return torch.stack([torch.stack([k[slot], v[slot]]) for k, v in zip(self.cross_k, self.cross_v, strict=True)])
 
-    def import_cross(self, slot: int, cross_kv: torch.Tensor) -> None:
-        for layer, (k, v) in enumerate(zip(self.cross_k, self.cross_v, strict=True)):
-            k[slot].copy_(cross_kv[layer, 0])
-            v[slot].copy_(cross_kv[layer, 1])
+    def import_slot(self, slot: int, kv: torch.Tensor, cross_kv: torch.Tensor, latents: torch.Tensor,
+                    also: Sequence[tuple[torch.Tensor, torch.Tensor]], copier: StreamCopier) -> CopyTicket:
+        """Copy an exported session into ``slot`` from any device: prompt K/V first, then the cache one layer at a
+        time, then the latents and the ``also`` (destination, source) pairs. Returns once the copies are issued
+        (on CUDA) and fences each part, so the next batch waits on the GPU for exactly what it is about to read.
+        The ticket returned lands with the last copy and keeps every source alive until then."""
+        rows = kv.shape[2]
+        groups = [[(self.cross_k[layer][slot], cross_kv[layer, 0]) for layer in range(len(self.cross_k))]
+                  + [(self.cross_v[layer][slot], cross_kv[layer, 1]) for layer in range(len(self.cross_v))]]
+        groups += [[(k[slot, :rows], kv[layer, 0]), (v[slot, :rows], kv[layer, 1])]
+                   for layer, (k, v) in enumerate(zip(self.k_pools, self.v_pools, strict=True))]
+        groups.append([(self.latents[slot, : latents.shape[0]], latents), *also])
+        tickets = copier.copy_in_order(groups)
+        self.fences.add(tickets[0], tickets[1:-1], tickets[-1])
+        return tickets[-1]
+
+
+class ImportFences:
+    """Copies into the pools still in flight after ``import_slot``, by what must wait for them: the batch's gather
+    of prompt K/V (``before_batch``), each layer's self-attention (``before_layer``), the latents and anything else
+    that touches a whole slot (``before_all``). A wait puts the compute stream behind the copy on the GPU and
+    blocks no thread, so a restored session's first chunk starts while its later layers still copy; off CUDA the
+    copies have finished before ``import_slot`` returns and every wait is a no-op."""
+
+    def __init__(self, layers: int, device: torch.device) -> None:
+        self._device = device
+        self._batch: list[CopyTicket] = []
+        self._layers: list[list[CopyTicket]] = [[] for _ in range(layers)]
+        self._rest: list[CopyTicket] = []
+
+    def add(self, batch: CopyTicket, layers: Sequence[CopyTicket], rest: CopyTicket) -> None:
+        self._batch.append(batch)
+        for pending, ticket in zip(self._layers, layers, strict=True):
+            pending.append(ticket)
+        self._rest.append(rest)
+
+    def before_batch(self) -> None:
+        self._order(self._batch)
+
+    def before_layer(self, layer: int) -> None:
+        self._order(self._layers[layer])
+
+    def before_all(self) -> None:
+        """Every pending copy: the last one of each import lands after all of its others (one side stream)."""
+        self._order(self._rest)
+        self._batch.clear()
+        for pending in self._layers:
+            pending.clear()
+
+    def _order(self, tickets: list[CopyTicket]) -> None:
+        stream = torch.cuda.current_stream(self._device) if self._device.type == "cuda" else None
+        for ticket in tickets:
+            ticket.order_before(stream)
+        tickets.clear()

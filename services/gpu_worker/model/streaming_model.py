@@ -21,6 +21,7 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from services.common.errors import InvalidField
+from services.gpu_worker.copies import CopyTicket, StreamCopier
 from services.gpu_worker.model.config import ModelConfig
 from services.gpu_worker.model.dit import ChunkBatch, WanCausalDiT
 from services.gpu_worker.model.errors import DuplicateSession, UnknownSession
@@ -84,6 +85,8 @@ class WanStreamingModel:
         self.vae_cache_shapes = vae_cache_shapes(config)
         self._sessions: dict[int, _Session] = {}
         self._max_sessions = max_sessions
+        self._copier = StreamCopier(device)
+        self._landed: dict[int, CopyTicket] = {}
         self.stage_mark: Callable[[str], None] = _no_mark
         """Called as each stage of a chunk ends (``dit_step_N``, ``cache_write``, ``vae_decode``): a benchmark sets
         a clock here to split the chunk's time; serving leaves it a no-op."""
@@ -100,6 +103,7 @@ class WanStreamingModel:
         if not 0 <= seed < _MAX_SEED:
             raise InvalidField(f"seed={seed} must be in [0, 2**63)")
         slot = self._claim_slot(session_id)
+        self.pools.fences.before_all()  # the slot's last import may still be copying into it
         self._cache_prompt(slot, prompt)
         self._sessions[slot] = _Session(session_id=session_id, slot=slot, seed=seed,
                                         generator=torch.Generator(device="cpu").manual_seed(seed), chunk_index=0,
@@ -108,6 +112,7 @@ class WanStreamingModel:
 
     def set_prompt(self, handle: SessionHandle, prompt: str) -> None:
         session = self._session(handle)
+        self.pools.fences.before_all()
         self._cache_prompt(session.slot, prompt)
         if self.config.stream.recache_on_prompt_switch and session.chunk_index > 0:
             with torch.inference_mode():
@@ -133,6 +138,7 @@ class WanStreamingModel:
 
     def export_state(self, handle: SessionHandle) -> dict[str, torch.Tensor]:
         session = self._session(handle)
+        self.pools.fences.before_all()
         rows = self.pools.layout.valid_rows(session.chunk_index)
         segments = rows // self.config.chunk_tokens
         return SessionState(
@@ -146,20 +152,26 @@ class WanStreamingModel:
         ).to_tensors()
 
     def import_state(self, session_id: str, tensors: Mapping[str, torch.Tensor]) -> SessionHandle:
+        """Returns once the copies are issued: the next batch waits for each layer's rows just before it reads
+        them (``ImportFences``), so a restore from host memory hides under that batch's first DiT pass."""
         state = SessionState.from_tensors(self.config, self.vae_cache_shapes, tensors)
         slot = self._claim_slot(session_id)
         generator = torch.Generator(device="cpu")
         generator.set_state(state.rng_state)
         with torch.inference_mode():
-            self.pools.import_kv(slot, state.kv)
-            self.pools.import_cross(slot, state.cross_kv.to(self.device, self.dtype))
-            self.pools.latents[slot, : state.cache_latents.shape[0]].copy_(state.cache_latents)
             vae_cache = None if state.vae_cache is None else [
-                entry.to(self.device, self.dtype, copy=True) for entry in state.vae_cache
+                torch.empty(entry.shape, device=self.device, dtype=self.dtype) for entry in state.vae_cache
             ]
+            also = list(zip(vae_cache, state.vae_cache, strict=True)) if vae_cache and state.vae_cache else []
+            self._landed[slot] = self.pools.import_slot(slot, state.kv, state.cross_kv, state.cache_latents, also,
+                                                        self._copier)
         self._sessions[slot] = _Session(session_id=session_id, slot=slot, seed=state.seed, generator=generator,
                                         chunk_index=state.chunk_index, vae_cache=vae_cache)
         return SessionHandle(session_id, slot)
+
+    def import_landed(self, handle: SessionHandle) -> CopyTicket:
+        self._session(handle)
+        return self._landed.pop(handle.slot, CopyTicket.completed())
 
     def kv_rows_written(self, first_chunk: int, last_chunk: int) -> list[int]:
         return self.pools.layout.rows_written(first_chunk, last_chunk)
@@ -167,6 +179,7 @@ class WanStreamingModel:
     def release(self, handle: SessionHandle) -> None:
         self._session(handle)
         del self._sessions[handle.slot]
+        self._landed.pop(handle.slot, None)
 
     def _claim_slot(self, session_id: str) -> int:
         if any(s.session_id == session_id for s in self._sessions.values()):
@@ -198,6 +211,7 @@ class WanStreamingModel:
 
     def _batch(self, slots: list[int], chunks: list[int], cache_lens: list[int], write_slots: torch.Tensor,
                write_rows: torch.Tensor) -> ChunkBatch:
+        self.pools.fences.before_batch()  # the gather below reads every layer's prompt K/V
         slot_index = torch.tensor(slots, dtype=torch.long, device=self.device)
         cos, sin = self.rope.tables(chunks)
         return ChunkBatch(
@@ -228,6 +242,7 @@ class WanStreamingModel:
                 x = (1.0 - next_sigma) * clean + next_sigma * noise[:, step + 1]
             self.stage_mark(f"dit_step_{step}")
         self.dit(clean, 0.0, batch, self.pools, write_cache=True)
+        self.pools.fences.before_all()  # the latents and VAE cache of a restore land last
         self.pools.store_latents([session.slot for session in sessions], [session.chunk_index for session in sessions],
                                  clean)
         self.stage_mark("cache_write")

@@ -3,9 +3,9 @@
 Invariants: a session counts against the device budget from ``claim_device`` (or a restore) until it is
 offloaded or ``release_device`` is called; host bytes count from offload until restore, spill or discard. A
 failed offload leaves the session on the device; a failed restore leaves its host state untouched. A restore is
-two calls, so that the copy onto the device (the slow part) runs beside the model's batches and only the import
-into a slot needs the model. Calls are blocking and serialised by one lock: an asyncio worker runs them with
-``asyncio.to_thread``.
+two calls: the slow host-side part (a spilled state read back) runs beside the model's batches, and the import
+into a slot only issues copies that the model's next batch waits for layer by layer, on the GPU. Calls are
+blocking and serialised by one lock: an asyncio worker runs them with ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Protocol
 import torch
 
 from services.common.telemetry.metrics import record_state_bytes
+from services.gpu_worker.copies import CopyTicket, StreamCopier
 from services.gpu_worker.model.interface import SessionHandle, StreamingVideoModel
-from services.gpu_worker.state.copies import CopyTicket, StreamCopier
 from services.gpu_worker.state.errors import DeviceBudgetExceeded, HostBudgetExceeded, NoHostState, StateError
 from services.gpu_worker.state.host_pool import HostBufferPool
 from services.gpu_worker.state.packing import (
@@ -74,7 +74,7 @@ class HostState:
 
 @dataclass(slots=True)
 class StagedRestore:
-    """An offloaded state on its way back: device buffers that ``ticket`` fills, not yet in any slot."""
+    """An offloaded state on its way back, its budget claimed: host buffers readable once ``ticket`` lands."""
 
     state: HostState
     manifest: StateManifest
@@ -108,6 +108,7 @@ class SessionStateManager:
         self._copier = StreamCopier(device)
         self._device_bytes: dict[str, int] = {}
         self._host_states: OrderedDict[str, HostState] = OrderedDict()  # oldest offload first: spill order
+        self._landing: list[tuple[CopyTicket, list[torch.Tensor]]] = []  # restores still reading host buffers
         self._lock = threading.RLock()
 
     @property
@@ -149,6 +150,7 @@ class SessionStateManager:
             if handle.session_id in self._host_states:
                 raise StateError(f"session {handle.session_id!r} already has offloaded state here; restore or "
                                  "discard it first")
+            self._reap_landed()
             tensors = self._model.export_state(handle)
             manifest = plan_manifest(tensors, own_buffer_min_bytes=self._own_buffer_min_bytes)
             self._make_host_room(manifest.nbytes)
@@ -168,12 +170,14 @@ class SessionStateManager:
             return state
 
     def restore(self, state: HostState) -> SessionHandle:
-        """Rebuild the session in a free slot of this device from host memory or the spill target."""
-        return self.finish_restore(self.stage_restore(state))
+        """Rebuild the session in a free slot of this device; returns once its state is all there."""
+        handle, landed = self.finish_restore(self.stage_restore(state))
+        landed.wait()
+        return handle
 
     def stage_restore(self, state: HostState) -> StagedRestore:
-        """Start copying an offloaded state onto the device, into buffers of its own: no model slot is touched,
-        so the model may keep running batches meanwhile; ``finish_restore`` puts it in a slot."""
+        """What a restore does before it needs the model: claim the device budget and, for a spilled state, read
+        it back to host memory. ``ticket`` lands when the host copy is complete (the offload's own copy)."""
         with self._lock:
             if self._host_states.get(state.session_id) is not state:
                 raise NoHostState(f"state of session {state.session_id!r} was already restored or discarded")
@@ -183,38 +187,33 @@ class SessionStateManager:
                     if self._spill_target is None:
                         raise NoHostState(f"session {state.session_id!r} was spilled but no spill target is set")
                     manifest, host_buffers = self._spill_target.get(state.session_id)
-                else:
-                    manifest, host_buffers = state.manifest, state.buffers
-                on_device = [
-                    buffer if buffer.device == self._device else torch.empty_like(buffer, device=self._device)
-                    for buffer in host_buffers
-                ]
-                ticket = self._copier.copy(
-                    (dst, src) for dst, src in zip(on_device, host_buffers, strict=True) if dst is not src
-                )
+                    return StagedRestore(state, manifest, host_buffers, CopyTicket.completed())
             except BaseException:
                 self._device_bytes.pop(state.session_id, None)
                 raise
-            if state.residency is Residency.HOST:
-                state.ticket = ticket  # on the same side stream after the offload's copy: recycling waits for both
-            return StagedRestore(state, manifest, on_device, ticket)
+            return StagedRestore(state, state.manifest, state.buffers, state.ticket)
 
-    def finish_restore(self, staged: StagedRestore) -> SessionHandle:
-        """Wait for a staged copy and import it into a slot (a device-to-device copy); only this part needs the
-        model. A failure leaves the host state as it was and the device budget unclaimed."""
+    def finish_restore(self, staged: StagedRestore) -> tuple[SessionHandle, CopyTicket]:
+        """Import a staged state into a slot, straight from host memory: the model streams it in under its next
+        batch, layer by layer. Returns the handle and when the copies land; the host buffers go back to the pool
+        only then. A failure leaves the host state as it was and the device budget unclaimed."""
         state = staged.state
         with self._lock:
+            self._reap_landed()
             try:
                 if self._host_states.get(state.session_id) is not state:
                     raise NoHostState(f"state of session {state.session_id!r} was restored or discarded meanwhile")
-                staged.ticket.wait()  # the host buffers go back to the pool only once nothing reads them
+                staged.ticket.wait()  # the offload's copy into these buffers has finished
                 handle = self._model.import_state(state.session_id, unpack(staged.manifest, staged.buffers))
             except BaseException:
                 self._device_bytes.pop(state.session_id, None)
                 raise
-            self._forget(state)
+            landed = self._model.import_landed(handle)
+            self._host_states.pop(state.session_id, None)
+            self._landing.append((landed, state.buffers if state.residency is Residency.HOST else []))
+            state.buffers = []
             record_state_bytes("restore", state.nbytes)
-            return handle
+            return handle, landed
 
     def discard(self, session_id: str) -> None:
         """Drop a closed session's offloaded state and recycle its buffers; idempotent."""
@@ -252,6 +251,17 @@ class SessionStateManager:
         self._spill_target.put(state.session_id, state.manifest, state.readable_buffers())
         self._recycle(state)
         state.residency = Residency.SPILLED
+
+    def _reap_landed(self) -> None:
+        """Give back to the pool the host buffers of restores whose copies have landed."""
+        still_copying = []
+        for landed, buffers in self._landing:
+            if not landed.done():
+                still_copying.append((landed, buffers))
+                continue
+            for buffer in buffers:
+                self._pool.release(buffer)
+        self._landing = still_copying
 
     def _forget(self, state: HostState) -> None:
         if state.residency is Residency.HOST:

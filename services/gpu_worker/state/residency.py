@@ -22,6 +22,7 @@ import torch
 from services.common.control import OffloadSession
 from services.common.errors import InvalidState, TurboServeError, Unavailable
 from services.common.messages import AttachSession
+from services.gpu_worker.copies import CopyTicket
 from services.gpu_worker.engine import ImportedState, SessionTable
 from services.gpu_worker.session import ResidentSession
 from services.gpu_worker.state.offload import SessionStateManager
@@ -70,6 +71,7 @@ class SessionResidency:
         self._every_chunks = every_chunks
         self._max_uploads = max_uploads
         self._uploads: set[asyncio.Task[None]] = set()
+        self._copy_timers: set[asyncio.Task[None]] = set()
         self._session_locks: dict[str, asyncio.Lock] = {}
         self.state_bytes: dict[str, int] = {}
         """Size of each session's state as last exported here: what a move of it would carry."""
@@ -82,9 +84,9 @@ class SessionResidency:
             if not session.offloaded:
                 return
             state = self._manager.host_state(session.session_id)
-            started = time.perf_counter()
             try:
-                # the copy onto the device runs beside the batches; only the import into a slot waits for the model
+                # a spilled state is read back beside the batches; the import into a slot only issues copies,
+                # which the next batch waits for layer by layer on the GPU
                 staged = await asyncio.to_thread(self._manager.stage_restore, state)
                 try:
                     await asyncio.to_thread(staged.ticket.wait)
@@ -92,11 +94,12 @@ class SessionResidency:
                     self._manager.release_device(session.session_id)
                     raise
                 async with self._table.model_lock:
-                    session.handle = await asyncio.to_thread(self._manager.finish_restore, staged)
+                    started = time.perf_counter()
+                    session.handle, landed = await asyncio.to_thread(self._manager.finish_restore, staged)
             except TurboServeError as exc:
                 raise Unavailable(f"cannot restore session {session.session_id}: {exc}") from exc
             session.offloaded = False
-            self._restores.append((state.nbytes, (time.perf_counter() - started) * 1e3))
+            self._time_copy(landed, state.nbytes, started)
             log.info("event=restored session=%s next_seq=%d bytes=%d", session.session_id, session.next_seq,
                      state.nbytes)
 
@@ -165,8 +168,8 @@ class SessionResidency:
                 await self._put(session.session_id, epoch, chunk_seq, host.manifest, blobs)
 
     def drain_restore_samples(self) -> tuple[tuple[int, float], ...]:
-        """(state bytes, ms) of the restores from host memory since the last call: the scheduler fits the resume
-        penalty of an offloaded session to them."""
+        """(state bytes, ms) of the restores' copies from host memory (import issued to copies landed) since the
+        last call: the scheduler fits the resume penalty of an offloaded session to them."""
         samples = tuple(self._restores)
         self._restores.clear()
         return samples
@@ -175,13 +178,28 @@ class SessionResidency:
         return tuple(sid for sid, s in self._table.sessions.items() if s.offloaded)
 
     async def close(self) -> None:
-        """Cancel and await the uploads in flight; idempotent."""
-        uploads, self._uploads = list(self._uploads), set()
+        """Cancel and await the uploads and copy timings in flight; idempotent."""
+        uploads, self._uploads = [*self._uploads, *self._copy_timers], set()
+        self._copy_timers = set()
         for task in uploads:
             task.cancel()
         await asyncio.gather(*uploads, return_exceptions=True)
 
     # --- internals -------------------------------------------------------------------------------------------
+
+    def _time_copy(self, landed: CopyTicket, nbytes: int, started: float) -> None:
+        """Record how long a restore's copies took, once they land; the session does not wait for this."""
+        if landed.done():
+            self._restores.append((nbytes, (time.perf_counter() - started) * 1e3))
+            return
+
+        async def wait() -> None:
+            await asyncio.to_thread(landed.wait)
+            self._restores.append((nbytes, (time.perf_counter() - started) * 1e3))
+
+        task = asyncio.create_task(wait())
+        self._copy_timers.add(task)
+        task.add_done_callback(self._copy_timers.discard)
 
     def _lock_for(self, session_id: str) -> asyncio.Lock:
         return self._session_locks.setdefault(session_id, asyncio.Lock())

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.gpu_worker.copies import CopyTicket
 from services.gpu_worker.model.interface import ChunkOutput, SessionHandle, SlotsExhausted
 
 FRAMES_PER_CHUNK = 12
@@ -129,6 +130,9 @@ class SyntheticStateModel:
         prompt_cache = tensors["prompt_cache"].to(self.device, copy=True)
         return self._occupy(session_id, _Session(kv, prompt_cache, tensors["cursor"].to(self.device, copy=True),
                                                  generator))
+
+    def import_landed(self, handle: SessionHandle) -> CopyTicket:
+        return CopyTicket.completed()  # imports here copy before they return
 
     def kv_rows_written(self, first_chunk: int, last_chunk: int) -> list[int]:
         return [row for chunk in range(first_chunk, last_chunk + 1) for row in self.shape.rows_for_chunk(chunk)]

@@ -53,8 +53,8 @@ class BudgetParams:
 
 class ViolationBudget:
     """Decayed session-seconds active and waiting; ``record`` is given the counts that held since the last call,
-    and the chunks the decision itself makes late (a resume landing where its restore pushes its first chunk past
-    the target), each counted as one chunk interval of waiting."""
+    and the chunks the decision itself makes late (a resume landing where its restore pushes the batch it streams in
+    under past the target), each counted as one chunk interval of waiting."""
 
     def __init__(self, params: BudgetParams | None = None) -> None:
         self.params = params or BudgetParams()

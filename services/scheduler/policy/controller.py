@@ -24,9 +24,9 @@ from services.scheduler.policy.actions import (
 )
 from services.scheduler.policy.autoscale import AutoscalePolicy
 from services.scheduler.policy.budget import ViolationBudget
-from services.scheduler.policy.cost_models import LatencyModel, MigrationCostModel, TransferCostModel
+from services.scheduler.policy.cost_models import LatencyModel, MigrationCostModel, RestoreCostModel
 from services.scheduler.policy.detector import WorkloadDetector, WorkloadReading
-from services.scheduler.policy.placement import PlacementPolicy
+from services.scheduler.policy.placement import PlacementPolicy, RestoreDelay
 from services.scheduler.policy.rebalance import RebalancePolicy
 from services.scheduler.policy.snapshot import ClusterSnapshot, SessionView
 from services.scheduler.policy.workspace import Workspace
@@ -67,7 +67,7 @@ class Models:
 
     latency: LatencyModel
     migration: MigrationCostModel
-    restore: TransferCostModel
+    restore: RestoreCostModel
 
 
 class ClosedLoopController:
@@ -150,8 +150,8 @@ class ClosedLoopController:
         sessions = workspace.snapshot.sessions
         for session_id in workspace.snapshot.waiting:
             session = sessions[session_id]
-            restore_ms = self.models.restore.cost_ms(session.state_bytes) if session.offloaded else 0.0
-            choice = self.placement.choose(workspace, session, restore_ms)
+            restore = self._restore_delay(session) if session.offloaded else None
+            choice = self.placement.choose(workspace, session, restore)
             if choice is None and self._may_overflow(session, workspace.now_s):
                 overflow = workspace.first_overflow(self.config.overflow_slots, session.model)
                 if overflow is not None:
@@ -159,16 +159,24 @@ class ClosedLoopController:
             if choice is None:
                 break
             gpu_id, reason = choice
-            if session.offloaded and self.config.landing_migrations:
-                actions.extend(self._make_landing(workspace, gpu_id, restore_ms))
+            if restore is not None and self.config.landing_migrations:
+                actions.extend(self._make_landing(workspace, gpu_id, restore))
             workspace.add(gpu_id, session_id)
-            if session.offloaded:
-                kind = workspace.snapshot.gpus[gpu_id].kind
-                late += workspace.latency_ms(kind, workspace.count(gpu_id)) + restore_ms > self.config.target_ms
+            if restore is not None:
+                late += self._restore_late_chunks(workspace, gpu_id, workspace.count(gpu_id), restore)
                 actions.append(Restore(session_id, gpu_id, f"resumed; {reason}"))
             else:
                 actions.append(Place(session_id, gpu_id, f"new; {reason}"))
         return actions, late
+
+    def _restore_delay(self, session: SessionView) -> RestoreDelay:
+        return lambda chunk_ms: self.models.restore.delay_ms(session.state_bytes, chunk_ms)
+
+    def _restore_late_chunks(self, workspace: Workspace, gpu_id: str, count: int, restore: RestoreDelay) -> int:
+        """Chunks past the target when a restore streams in under the batch of ``count`` sessions on ``gpu_id``:
+        all of that batch's, or none."""
+        chunk_ms = workspace.latency_ms(workspace.snapshot.gpus[gpu_id].kind, count)
+        return count if chunk_ms + restore(chunk_ms) > self.config.target_ms else 0
 
     def _may_overflow(self, session: SessionView, now_s: float) -> bool:
         since_s = session.waiting_since_s
@@ -232,13 +240,12 @@ class ClosedLoopController:
                                  f"{late} chunks held up past target"))
         return moves
 
-    def _make_landing(self, workspace: Workspace, gpu_id: str, restore_ms: float) -> list[Migrate]:
+    def _make_landing(self, workspace: Workspace, gpu_id: str, restore: RestoreDelay) -> list[Migrate]:
         """One migration that lets a restore onto ``gpu_id`` meet the target, if one exists that itself does."""
-        kind = workspace.snapshot.gpus[gpu_id].kind
         count = workspace.count(gpu_id)
-        if workspace.latency_ms(kind, count + 1) + restore_ms <= self.config.target_ms:
+        if not self._restore_late_chunks(workspace, gpu_id, count + 1, restore):
             return []
-        if workspace.latency_ms(kind, count) + restore_ms > self.config.target_ms:
+        if self._restore_late_chunks(workspace, gpu_id, count, restore):
             return []
         sessions = workspace.snapshot.sessions
         resident = workspace.snapshot.residents[gpu_id]
@@ -272,7 +279,7 @@ class ClosedLoopController:
         sessions = workspace.snapshot.sessions
         moves: list[Migrate] = []
         for session_id in list(workspace.members(gpu_id)):
-            choice = self.placement.choose(workspace, sessions[session_id], 0.0)
+            choice = self.placement.choose(workspace, sessions[session_id], None)
             if choice is not None and self._late_chunks(workspace, session_id, gpu_id, choice[0]) > 0:
                 choice = None
             if choice is None:

@@ -107,7 +107,7 @@ class LatencyModel:
 class TransferCostModel:
     """Time to move a session's state: ``alpha_ms + bytes / bytes_per_ms`` fitted from measured transfers.
 
-    Used twice: GPU-to-GPU migration (the rebalancer's kappa) and host-to-GPU restore (the resume penalty).
+    Used for each migration link and for the host-to-GPU copy of a restore (``RestoreCostModel``).
     """
 
     def __init__(self, alpha_ms: float, gigabytes_per_s: float, prior_weight: float = 5.0) -> None:
@@ -131,6 +131,35 @@ class TransferCostModel:
         if state_bytes < 0 or elapsed_ms < 0:
             raise CostModelError(f"bad transfer sample: state_bytes={state_bytes}, elapsed_ms={elapsed_ms}")
         self._fit.observe((1.0, state_bytes / 1e6), elapsed_ms)
+
+
+class RestoreCostModel:
+    """What a resume's restore adds to its first chunk. The worker streams the state in layer by layer while that
+    chunk's first DiT pass runs, each layer's attention waiting only for its own layer's copy, so the chunk loses
+    ``max(copy / layers, copy - first_pass_share * chunk * (layers - 1) / layers)``: one layer's copy where the
+    link keeps ahead of the pass, else the part of the copy the pass cannot hide. ``layers`` 1 is a restore
+    that lands whole before the chunk starts."""
+
+    def __init__(self, copy: TransferCostModel, layers: int, first_pass_share: float) -> None:
+        if layers < 1 or not 0.0 <= first_pass_share <= 1.0:
+            raise CostModelError(f"bad restore overlap: layers={layers}, first_pass_share={first_pass_share}")
+        self.copy = copy
+        self.layers = layers
+        self.first_pass_share = first_pass_share
+
+    def cost_ms(self, state_bytes: int) -> float:
+        """The copy's own time, host to GPU."""
+        return self.copy.cost_ms(state_bytes)
+
+    def delay_ms(self, state_bytes: int, chunk_ms: float) -> float:
+        """How much later than ``chunk_ms`` the first chunk after the restore arrives."""
+        copy_ms = self.copy.cost_ms(state_bytes)
+        hidden_ms = self.first_pass_share * chunk_ms * (self.layers - 1) / self.layers
+        return max(copy_ms / self.layers, copy_ms - hidden_ms)
+
+    def observe(self, state_bytes: int, elapsed_ms: float) -> None:
+        """Feed one measured copy (not the delay: the delay follows from it and the chunk it overlapped)."""
+        self.copy.observe(state_bytes, elapsed_ms)
 
 
 class MigrationCostModel:

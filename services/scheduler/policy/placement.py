@@ -1,21 +1,26 @@
 """Placement family: which GPU an active session without one goes to. Sessions already placed stay put.
 
-Every policy answers ``choose(workspace, session, restore_ms) -> (gpu_id, reason) | None``; None means no GPU can
-take it now (it waits, and its waiting counts in its chunk latency).
+Every policy answers ``choose(workspace, session, restore) -> (gpu_id, reason) | None``; None means no GPU can
+take it now (it waits, and its waiting counts in its chunk latency). ``restore`` is None for a session that needs
+no restore, else how late its first chunk comes given the chunk time where it lands.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from services.scheduler.policy.snapshot import SessionView
 from services.scheduler.policy.workspace import Workspace
 
+RestoreDelay = Callable[[float], float]
+Choice = tuple[str, str] | None
+
 
 class PlacementPolicy(Protocol):
     name: str
 
-    def choose(self, workspace: Workspace, session: SessionView, restore_ms: float) -> tuple[str, str] | None: ...
+    def choose(self, workspace: Workspace, session: SessionView, restore: RestoreDelay | None) -> Choice: ...
 
 
 class MinBottleneckPlacement:
@@ -33,7 +38,7 @@ class MinBottleneckPlacement:
         self.restore_aware = restore_aware
         self.target_ms = target_ms
 
-    def choose(self, workspace: Workspace, session: SessionView, restore_ms: float) -> tuple[str, str] | None:
+    def choose(self, workspace: Workspace, session: SessionView, restore: RestoreDelay | None) -> Choice:
         current_ms = workspace.bottleneck_ms()
         best: tuple[tuple[float, ...], str, float] | None = None
         for kind, count in workspace.open_levels():
@@ -44,8 +49,9 @@ class MinBottleneckPlacement:
             resulting_ms = max(current_ms, after_ms)
             if self.restore_aware:
                 resulting_ms = max(resulting_ms, self.target_ms)
-                misses_target = float(after_ms + restore_ms > self.target_ms)
-                fill = after_ms if restore_ms > 0 else -after_ms
+                first_ms = after_ms if restore is None else after_ms + restore(after_ms)
+                misses_target = float(first_ms > self.target_ms)
+                fill = -after_ms if restore is None else after_ms
                 score: tuple[float, ...] = (resulting_ms, misses_target, fill)
             else:
                 score = (resulting_ms, after_ms)
@@ -62,7 +68,7 @@ class LeastLoadedPlacement:
 
     name = "least_loaded"
 
-    def choose(self, workspace: Workspace, session: SessionView, restore_ms: float) -> tuple[str, str] | None:
+    def choose(self, workspace: Workspace, session: SessionView, restore: RestoreDelay | None) -> Choice:
         best: tuple[float, str] | None = None
         for kind, count in workspace.open_levels():
             gpu_id = workspace.first_usable(kind, count, model=session.model)
@@ -82,7 +88,7 @@ class ByMemoryPlacement:
 
     name = "by_memory"
 
-    def choose(self, workspace: Workspace, session: SessionView, restore_ms: float) -> tuple[str, str] | None:
+    def choose(self, workspace: Workspace, session: SessionView, restore: RestoreDelay | None) -> Choice:
         best: tuple[int, str] | None = None
         snapshot = workspace.snapshot
         for gpu_id, gpu in snapshot.gpus.items():
@@ -106,7 +112,7 @@ class RoundRobinPlacement:
     def __init__(self) -> None:
         self._last_gpu_id = ""
 
-    def choose(self, workspace: Workspace, session: SessionView, restore_ms: float) -> tuple[str, str] | None:
+    def choose(self, workspace: Workspace, session: SessionView, restore: RestoreDelay | None) -> Choice:
         candidates = sorted(
             gpu_id
             for gpu_id, gpu in workspace.snapshot.gpus.items()

@@ -17,7 +17,13 @@ from services.scheduler.policy.autoscale import (
 )
 from services.scheduler.policy.budget import BudgetParams, ViolationBudget
 from services.scheduler.policy.controller import ClosedLoopController, ControllerConfig, Models
-from services.scheduler.policy.cost_models import LatencyCurve, LatencyModel, MigrationCostModel, TransferCostModel
+from services.scheduler.policy.cost_models import (
+    LatencyCurve,
+    LatencyModel,
+    MigrationCostModel,
+    RestoreCostModel,
+    TransferCostModel,
+)
 from services.scheduler.policy.placement import (
     ByMemoryPlacement,
     LeastLoadedPlacement,
@@ -45,7 +51,10 @@ class PolicySetting:
     """The environment a policy is built for. ``fixed_gpus`` sizes the fixed allocations; ``rho`` None lets
     the paper's rule take each detector level's rho. Transfer priors: a migration costs 5 ms plus its bytes
     over NVLink within a node (about 200 GB/s achieved GPU to GPU; a node without NVLink is nearer 25 over
-    PCIe) or over the network across nodes (400 Gb/s, 50 GB/s); a restore comes over PCIe Gen5 at 55 GB/s.
+    PCIe) or over the network across nodes (400 Gb/s, 50 GB/s); a restore comes over PCIe Gen5 at 55 GB/s, streamed
+    in per layer of the DiT (``restore_layers``, 30 in Wan2.1 1.3B) under the first pass of the resumed chunk, which
+    is ``restore_first_pass_share`` of its time (0.15: four sampling steps and the cache write are five DiT passes,
+    and the VAE decode takes the rest).
     ``overflow_slots``: sessions past its latency capacity a GPU takes rather than leave one waiting (four: on the
     reference curve eight sessions run in 637 ms, inside the 750 ms a chunk plays for, so the GPU misses the
     target but its streams still play in real time; their state is 32 GB); ``burst_coverage`` and
@@ -64,6 +73,8 @@ class PolicySetting:
     cross_node_gigabytes_per_s: float = 50.0
     restore_alpha_ms: float = 0.0
     restore_gigabytes_per_s: float = 55.0
+    restore_layers: int = 30
+    restore_first_pass_share: float = 0.15
     fixed_gpus: int = 1
     rho: float | None = None
     rebalance_interval_s: float = 10.0
@@ -78,7 +89,8 @@ class PolicySetting:
             LatencyModel(dict(self.curves)),
             MigrationCostModel(self.migration_alpha_ms, self.same_node_gigabytes_per_s,
                                self.cross_node_gigabytes_per_s),
-            TransferCostModel(self.restore_alpha_ms, self.restore_gigabytes_per_s),
+            RestoreCostModel(TransferCostModel(self.restore_alpha_ms, self.restore_gigabytes_per_s),
+                             self.restore_layers, self.restore_first_pass_share),
         )
 
 

@@ -63,6 +63,8 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                         help="GB/s of a migration between nodes")
     parser.add_argument("--same-node-gbps", type=float, default=_LINKS.same_node_gigabytes_per_s,
                         help="GB/s of a migration within a node")
+    parser.add_argument("--restore-layers", type=int, default=_LINKS.restore_layers,
+                        help="layers a restore streams in under a batch's first DiT pass (1: it lands whole first)")
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--plot", type=Path, default=None, help="write a timeline PNG here")
     parser.add_argument("--json", type=Path, default=None, help="write the result rows here")
@@ -99,8 +101,9 @@ def run_simulate(args: argparse.Namespace) -> int:
     if not console.is_terminal:  # a log or a pipe: the whole table, not one squeezed to 80 columns
         console = Console(width=170)
     if args.kv_gb < 0 or args.vae_gb < 0 or args.cross_node_gbps <= 0 or args.same_node_gbps <= 0 \
-            or args.gpus_per_node < 1:
-        console.print("[red]state sizes must not be negative, link speeds and --gpus-per-node must be positive[/red]")
+            or args.gpus_per_node < 1 or args.restore_layers < 1:
+        console.print("[red]state sizes must not be negative; link speeds, --restore-layers and --gpus-per-node "
+                      "must be positive[/red]")
         return 2
     assumptions = ConversionAssumptions(output_tokens_per_chunk=args.tokens_per_chunk, linger_s=args.linger_s,
                                         kv_bytes=round(args.kv_gb * 1e9), vae_cache_bytes=round(args.vae_gb * 1e9))
@@ -109,7 +112,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     except (TracesMissingError, TraceError) as error:
         console.print(f"[red]{error}[/red]")
         return 2
-    links = (("cross_node_gigabytes_per_s", args.cross_node_gbps), ("same_node_gigabytes_per_s", args.same_node_gbps))
+    links = (("cross_node_gigabytes_per_s", args.cross_node_gbps), ("same_node_gigabytes_per_s", args.same_node_gbps),
+             ("restore_layers", args.restore_layers))
     sizes = fixed_sizes(trace, 4)
     lower_bound = lower_bound_gpu_hours(trace, 4, 1)
     console.print(f"trace {trace.name}: {len(trace.sessions)} sessions, window {trace.window_s / 3600:.2f} h, "

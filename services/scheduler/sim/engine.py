@@ -3,9 +3,11 @@
 Between two events every GPU's per-chunk latency is constant, so chunks are counted analytically per interval
 (GPUs holding n sessions produce n / chunk_interval_s chunks per second at l(n)) instead of one by one. A chunk's
 latency includes the time its session waited for a slot or for a GPU still provisioning (the chunks owed
-during a wait of W are late by 0..W), the restore time for the first chunk after a resume, and a migration's
-transfer time (its state's bytes over the link between the two GPUs: within a node or across nodes) on the
-moving session's next chunk and on the next chunk of every session on both GPUs, whose batch waits for it.
+during a wait of W are late by 0..W), what a restore adds to the batch it streams in under (the part of the copy
+that batch's first DiT pass does not hide, ``RestoreCostModel``, on the next chunk of every session there), and
+a migration's transfer time (its state's bytes
+over the link between the two GPUs: within a node or across nodes) on the moving session's next chunk and on the
+next chunk of every session on both GPUs, whose batch waits for it.
 GPUs fill nodes of ``gpus_per_node`` in the order they are asked for. Offloads free the slot at once (the copy
 to host runs in the background). GPUs are billed from the moment they are asked for until they are released.
 """
@@ -21,7 +23,7 @@ from dataclasses import dataclass, replace
 
 from services.scheduler.policy.actions import AddGpus, DrainGpu, Migrate, Offload, Place, Plan, RemoveGpu, Restore
 from services.scheduler.policy.controller import ClosedLoopController
-from services.scheduler.policy.cost_models import LatencyModel, MigrationCostModel, TransferCostModel
+from services.scheduler.policy.cost_models import LatencyModel, MigrationCostModel, RestoreCostModel
 from services.scheduler.policy.snapshot import ClusterSnapshot, GpuView, SessionView
 from services.scheduler.sim.distribution import LatencyDistribution
 from services.scheduler.sim.results import SimResult, TimeSeries
@@ -62,7 +64,7 @@ class Simulator:
         config: SimConfig,
         latency: LatencyModel,
         migration: MigrationCostModel,
-        restore: TransferCostModel,
+        restore: RestoreCostModel,
         progress: Callable[[float], None] | None = None,
     ) -> None:
         self.trace, self.controller, self.config = trace, controller, config
@@ -160,12 +162,13 @@ class Simulator:
             SessionView(session.session_id, session.state_bytes, True, gpu_id, session.last_migrated_at_s, False)
         )
         steady_ms = self._chunk_ms_on(gpu_id)
-        extra_ms = self.restore.cost_ms(session.state_bytes) if restored else 0.0
+        extra_ms = self.restore.delay_ms(session.state_bytes, steady_ms) if restored else 0.0
         self._note_first_chunk(session.session_id, steady_ms)
         self._settle_wait(session.session_id, steady_ms + extra_ms)
-        if extra_ms:
-            self._add_chunks(steady_ms, -1.0, self._now_s)
-            self._add_chunks(steady_ms + extra_ms, 1.0, self._now_s)
+        if extra_ms:  # the whole batch the restore streams in under is held up, not only the resumed session
+            held_up = len(self.snapshot.residents[gpu_id])
+            self._add_chunks(steady_ms, -held_up, self._now_s)
+            self._add_chunks(steady_ms + extra_ms, held_up, self._now_s)
         self._counters["restores" if restored else "placements"] += 1
 
     def _apply(self, plan: Plan) -> bool:

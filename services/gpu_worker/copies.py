@@ -8,7 +8,7 @@ which blocks no host thread.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -17,7 +17,7 @@ class CopyTicket:
     """Completion of one batch of copies; holds the tensors alive until the copies are done."""
 
     def __init__(self, event: torch.cuda.Event | None, keepalive: tuple[torch.Tensor, ...]) -> None:
-        self._event = event
+        self.event = event
         self._keepalive = keepalive
 
     @classmethod
@@ -25,18 +25,18 @@ class CopyTicket:
         return cls(None, ())
 
     def done(self) -> bool:
-        return self._event is None or bool(self._event.query())  # type: ignore[no-untyped-call]
+        return self.event is None or bool(self.event.query())  # type: ignore[no-untyped-call]
 
     def wait(self) -> None:
         """Block the calling thread until every copy landed; only then may host code read the destinations."""
-        if self._event is not None:
-            self._event.synchronize()
+        if self.event is not None:
+            self.event.synchronize()
         self._keepalive = ()
 
     def order_before(self, stream: torch.cuda.Stream | None) -> None:
         """Make ``stream``'s later work wait for these copies, on the GPU; a no-op without CUDA work."""
-        if self._event is not None and stream is not None:
-            stream.wait_event(self._event)
+        if self.event is not None and stream is not None:
+            stream.wait_event(self.event)
 
 
 class StreamCopier:
@@ -52,20 +52,32 @@ class StreamCopier:
 
     def copy(self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> CopyTicket:
         """Copy every (destination, source) pair; returns when issued on CUDA, when finished elsewhere."""
-        pairs = list(pairs)
-        if self._side_stream is None or not any(d.is_cuda or s.is_cuda for d, s in pairs):
-            for destination, source in pairs:
-                destination.copy_(source)
-            return CopyTicket.completed()
-        producer = torch.cuda.current_stream(self.device)
-        self._side_stream.wait_stream(producer)
+        return self.copy_in_order([list(pairs)])[0]
+
+    def copy_in_order(self, groups: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]]) -> list[CopyTicket]:
+        """Copy the groups one after another, a ticket for each: a reader of one group waits for it alone. The
+        last ticket lands with every group and keeps all of their tensors alive until then."""
+        on_cuda = self._side_stream is not None and any(
+            d.is_cuda or s.is_cuda for group in groups for d, s in group
+        )
+        if not on_cuda:
+            for group in groups:
+                for destination, source in group:
+                    destination.copy_(source)
+            return [CopyTicket.completed() for _ in groups]
+        assert self._side_stream is not None
+        self._side_stream.wait_stream(torch.cuda.current_stream(self.device))
+        tickets = []
         with torch.cuda.stream(self._side_stream):
-            for destination, source in pairs:
-                destination.copy_(source, non_blocking=True)
-                for tensor in (destination, source):
-                    if tensor.is_cuda:
-                        tensor.record_stream(self._side_stream)
-            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            event.record(self._side_stream)
-        keepalive = tuple(tensor for pair in pairs for tensor in pair)
-        return CopyTicket(event, keepalive)
+            for group in groups:
+                for destination, source in group:
+                    destination.copy_(source, non_blocking=True)
+                    for tensor in (destination, source):
+                        if tensor.is_cuda:
+                            tensor.record_stream(self._side_stream)
+                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                event.record(self._side_stream)
+                tickets.append(CopyTicket(event, tuple(tensor for pair in group for tensor in pair)))
+        everything = tuple(tensor for group in groups for pair in group for tensor in pair)
+        tickets[-1] = CopyTicket(tickets[-1].event, everything)
+        return tickets
