@@ -164,6 +164,8 @@ class ImportFences:
             pending.clear()
 
     def _order(self, tickets: list[CopyTicket]) -> None:
+        if not tickets:  # the common case, once per layer per step: no import in flight
+            return
         stream = torch.cuda.current_stream(self._device) if self._device.type == "cuda" else None
         for ticket in tickets:
             ticket.order_before(stream)
