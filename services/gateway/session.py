@@ -302,8 +302,10 @@ class GatewaySession:
             try:
                 await self._attach(placement)
             except TurboServeError as exc:  # idle, so a resume asks the scheduler again and retries the attach
-                if self.status == "active":
-                    await self._go_idle()
+                log.info("session=%s attach to worker=%s failed: %s", self.session_id, placement.worker_id, exc)
+                if self.status != "active":
+                    return  # its client paused it and is waiting for nothing: the resume is where this heals
+                await self._go_idle()
                 if self.listener is not None:
                     self.listener.session_failed(self, exc)
                 return

@@ -204,8 +204,7 @@ class ControlLoop:
         """Where the policy's placement rule would put a session of ``model`` leaving ``source`` (an operator's
         migrate without a target), on the latest snapshot with ``source`` excluded."""
         workspace = Workspace(self.snapshot, self.controller.models.latency, self._clock())
-        if source in self.snapshot.gpus:
-            workspace.draining.add(source)
+        workspace.draining.update(g for g in (source, *self.view.retired) if g in self.snapshot.gpus)
         leaving = SessionView(session_id, self.view.state_bytes.get(session_id, 0), True, None, model=model)
         choice = self.controller.placement.choose(workspace, leaving, None)
         if choice is None:
@@ -433,8 +432,11 @@ class ControlLoop:
             log.info("event=remove_deferred worker=%s active=%d reason='active sessions still on it'", worker_id,
                      sum(s.status == "active" for s in left))
             return False
+        # The snapshot predates this plan: a worker an earlier action of it removed is still in it, and must not
+        # take the state (the gateway would re-attach to a worker that is gone).
         targets = sorted((len(self.snapshot.residents[g]), g) for g, gpu in self.snapshot.gpus.items()
-                         if g != worker_id and gpu.ready_at_s == 0.0 and g not in self.view.draining)
+                         if g != worker_id and gpu.ready_at_s == 0.0 and g not in self.view.draining
+                         and g not in self.view.retired)
         if left and not targets:
             log.info("event=remove_deferred worker=%s reason='no worker to take its idle sessions'", worker_id)
             return False

@@ -25,6 +25,7 @@ from services.scheduler.policy import (
     Migrate,
     Offload,
     Place,
+    Plan,
     RemoveGpu,
     Restore,
     SessionView,
@@ -199,6 +200,25 @@ async def test_scale_in_drains_then_removes_and_every_session_survives_on_a_live
     await store.upsert_worker(WorkerReport(drained, "cpu", "tiny", 4, 0, False, T0, ()), T0)  # a late beat's row
     await loop.step("period")
     assert drained not in loop.snapshot.gpus  # a removed worker is back only if it heart-beats after its grace
+
+
+async def test_idle_state_moved_off_a_removed_worker_never_goes_to_a_worker_the_same_plan_removed_before(
+    store: MemoryStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    journal = Journal()
+    clock = Clock()
+    loop, _, _ = make_loop(store, journal, clock)
+    await store.insert_session(session("paused", "w1", "idle"))
+    await store.insert_session(session("streaming", "w3"))
+    for worker, offloaded in (("w1", ("paused",)), ("w2", ()), ("w3", ())):
+        await add_worker(store, loop, worker, offloaded=offloaded)
+    plan = Plan((RemoveGpu("w2", "scale in"), RemoveGpu("w1", "scale in")), "stable", 100.0, 1)
+    monkeypatch.setattr(loop.controller, "decide", lambda snapshot, now_s: plan)
+    await loop.step("period")
+    assert [e[0:2] for e in journal.entries if e[0] == "remove"] == [("remove", "w2"), ("remove", "w1")]
+    assert [e[3] for e in journal.entries if e[0] == "migrate"] == ["w3"]  # the emptiest, once w2 is gone
+    row = await store.get_session("paused")
+    assert row is not None and row.worker_id == "w3"
 
 
 async def test_a_worker_is_not_removed_while_an_active_session_could_not_be_moved_off_it(
