@@ -6,10 +6,11 @@ each seed is another replication) to a time-averaged active count of about 16, 6
 model, K = 4, target 400 ms per chunk; provisioning delay 30 s; each session holds 4 GB of state (KV and VAE
 cache split as Wan2.1-1.3B's Self-Forcing config splits its own), a migration moves it at 50 GB/s between
 nodes and 200 GB/s within one (8 GPUs a node). Every seed runs ours, ours without its first-chunk rule, the
-paper's rule (per level and a rho sweep) and the fixed pools; the other baselines and ablations, and delays
-0 s and 120 s, run on seed 0. Targets are judged on the worst seed.
+paper's rule (per level and a rho sweep) and the fixed pools; the other baselines and ablations (among them
+``ours_restore_whole``: a worker whose restore lands whole before the batch instead of streaming in under it),
+and delays 0 s and 120 s, run on seed 0. Targets are judged on the worst seed.
 
-    .venv/bin/python bench/policies.py            # full run (about 20 min on 2 cores)
+    .venv/bin/python bench/policies.py            # full run (about 25 min on 2 cores)
     .venv/bin/python bench/policies.py --quick    # loads 16 and 64, a shorter rho sweep, seed 0 and 1
 """
 
@@ -104,6 +105,8 @@ def plan_jobs(directory: Path, loads: tuple[int, ...], seeds: tuple[int, ...], r
                 jobs.append(Job(name, load, seed, "ours", Scenario("ours", delay)))
                 jobs.append(Job(name, load, seed, "paper", Scenario("paper", delay)))
         jobs += [Job(name, load, seed, policy, Scenario(policy, 30.0)) for policy in BASELINES]
+        jobs.append(Job(name, load, seed, "ours_restore_whole",  # a worker whose restore lands before the batch
+                        Scenario("ours", 30.0, setting=(("restore_layers", 1),))))
         jobs.append(Job(name, load, seed, "ours_no_autoscale",
                         Scenario("ours_no_autoscale", 30.0, fixed_gpus=sizes["fixed_peak"])))
     return jobs

@@ -131,6 +131,17 @@ def test_scale_in_is_cancelled_when_demand_returns_within_the_hold() -> None:
     assert not [a for a in plan.actions if isinstance(a, (DrainGpu, RemoveGpu))]
 
 
+def test_after_the_hold_the_pool_comes_down_to_the_largest_target_of_the_last_hold_not_of_the_whole_decline() -> None:
+    snapshot = cluster([4, 4, 4, 4, 0, 0])
+    controller = build_controller("paper", PolicySetting(rho=0.9))  # target ceil(active / 3.6), 5 s hold
+    assert controller.decide(snapshot, 0.0).target_gpus == 5
+    for index in range(8, 16):  # g2 and g3 empty out
+        snapshot.remove_session(f"s{index}")
+    assert controller.decide(snapshot, 2.0).target_gpus == 3
+    plan = controller.decide(snapshot, 6.0)  # 6 GPUs were too many for 6 s; 3 sufficed for the last 5
+    assert len([a for a in plan.actions if isinstance(a, RemoveGpu)]) == 3
+
+
 def test_the_detector_reads_a_burst_as_volatile() -> None:
     detector = WorkloadDetector()
     inflow = 0

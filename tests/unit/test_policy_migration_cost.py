@@ -64,12 +64,8 @@ def consolidation_moves(nodes: list[str]) -> list[tuple[str, str]]:
     controller = build_controller("ours", PolicySetting())
     controller.autoscale = FixedAllocation(1)
     controller.autoscale.hold_s = 0.0
-    snapshot = gpus([3, 1], nodes=nodes)
-    moves = []
-    for now_s in (0.0, 1.0):
-        moves += [(a.session_id, a.target_gpu_id) for a in controller.decide(snapshot, now_s).actions
-                  if isinstance(a, Migrate)]
-    return moves
+    plan = controller.decide(gpus([3, 1], nodes=nodes), 0.0)  # no hold: the first decision scales in
+    return [(a.session_id, a.target_gpu_id) for a in plan.actions if isinstance(a, Migrate)]
 
 
 def test_priced_consolidation_moves_nothing_that_would_push_a_chunk_over_target() -> None:
@@ -191,8 +187,7 @@ def test_a_scale_in_whose_moves_are_all_refused_stops_after_a_few_gpus(monkeypat
         return evacuate(workspace, gpu_id, why)
 
     monkeypatch.setattr(controller, "_evacuate", counted)
-    for now_s in (0.0, 1.0):
-        plan = controller.decide(snapshot, now_s)
+    plan = controller.decide(snapshot, 0.0)
     assert not any(isinstance(a, Migrate) for a in plan.actions)
     assert len(tried) == EVACUATION_TRIES
 

@@ -1,7 +1,8 @@
 """Autoscale family: how many GPUs the pool should have, from the post-placement load.
 
 Each policy answers ``target_gpus(reading, active, capacity) -> (count, reason)``; the controller turns the
-difference with the current pool into AddGpus, or (after the level's hold time) into drains and removals.
+difference with the current pool into AddGpus, or (down to the largest target of the last hold time, once
+fewer GPUs have sufficed that long) into drains and removals.
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ class AnticipatoryHeadroom:
     (below 1 only while waits have spent far less than the budget allows). At low load that can be less than a
     GPU, so the pool also keeps ``spare_gpus`` beyond those its active sessions fill: a clump at night then lands
     on a warm GPU (with its overflow slots) instead of waiting out the provisioning delay. The pool follows the
-    active count up at once and comes down only after the level's hold (``hold_s`` None), never below the
-    sessions active now.
+    active count up at once; it comes down once fewer GPUs have sufficed for the level's whole hold (``hold_s``
+    None), and then to the largest target of that hold, step by step as the window slides (as Kubernetes'
+    scale-down stabilization window), never below the sessions active now.
 
     ``burst_coverage`` is chosen on the synthetic generators only (``bench/choose_settings.py``, carried by
     ``registry.CHOSEN``), never on the shared traces.

@@ -1,13 +1,15 @@
 """The closed-loop controller: one stateful object whose ``decide(snapshot, now_s)`` returns a Plan.
 
-It holds what must outlive a decision (the detector window, the scale-in hold timer, the fitted cost models, a
-placement cursor) and nothing else; for the same sequence of inputs it returns the same plans. Order inside a
-decision: offload idle residents, move sessions off draining GPUs, place waiting sessions, rebalance (at most
-every ``rebalance_interval_s``), then size the pool from the post-placement load.
+It holds what must outlive a decision (the detector window, the scale-in hold: since when fewer GPUs sufficed and
+the targets since, the fitted cost models, a placement cursor) and nothing else; for the same sequence of inputs
+it returns the same plans. Order inside a decision: offload idle residents, move sessions off draining GPUs, place
+waiting sessions, rebalance (at most every ``rebalance_interval_s``), then size the pool from the post-placement
+load.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -33,7 +35,7 @@ from services.scheduler.policy.workspace import Workspace
 
 RELIEF_INTERVALS = 8
 SEARCH_PER_LEVEL = 32
-EVACUATION_TRIES = 64
+EVACUATION_TRIES = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +96,7 @@ class ClosedLoopController:
         self.budget = budget or ViolationBudget()
         self._last_rebalance_s: float | None = None
         self._below_since_s: float | None = None
-        self._hold_target = 0
+        self._recent_targets: collections.deque[tuple[float, int]] = collections.deque()
         self.capacity = models.latency.curve(config.scale_kind).capacity
 
     @property
@@ -306,18 +308,20 @@ class ClosedLoopController:
         target, reason = self.autoscale.target_gpus(reading, self.capacity)
         if target >= pool:
             self._below_since_s = None
+            self._recent_targets.clear()
             if target == pool:
                 return target, []
             return target, [AddGpus(self.config.scale_kind, target - pool, f"scale out: {reason}")]
-        if self._below_since_s is None:
-            self._below_since_s, self._hold_target = now_s, target
-            return target, []
-        self._hold_target = max(self._hold_target, target)
         hold_s = self.autoscale.hold_s if self.autoscale.hold_s is not None else reading.level.scale_in_hold_s
-        if now_s - self._below_since_s < hold_s or self._hold_target >= pool:
+        self._recent_targets.append((now_s, target))
+        while self._recent_targets[0][0] < now_s - hold_s:
+            self._recent_targets.popleft()
+        if self._below_since_s is None:
+            self._below_since_s = now_s
+        held = max(count for _, count in self._recent_targets)
+        if now_s - self._below_since_s < hold_s or held >= pool:
             return target, []
-        self._below_since_s = None
-        return target, self._scale_in(workspace, pool - self._hold_target, reason, now_s)
+        return target, self._scale_in(workspace, pool - held, reason, now_s)
 
     def _release_order(self, workspace: Workspace, now_s: float) -> Iterator[str]:
         """GPUs cheapest to release first: still provisioning (the furthest from ready first, so a flap of
@@ -338,7 +342,9 @@ class ClosedLoopController:
     def _scale_in(self, workspace: Workspace, excess: int, reason: str, now_s: float) -> list[Action]:
         """Release ``excess`` GPUs, cheapest first (see ``_release_order``). Gives up after
         ``EVACUATION_TRIES`` GPUs that cannot be emptied: the next ones hold more, and priced moves are often all
-        refused, where trying every GPU made a decision at a thousand GPUs take tens of milliseconds."""
+        refused. Every decision past the hold tries again, since a departure can make the lightest GPUs emptiable
+        at any moment (and a free slot is soon taken by an arrival): a few tries each time catch nearly all that
+        sixty-four did, in half the time."""
         actions: list[Action] = []
         failed = 0
         for gpu_id in self._release_order(workspace, now_s):
