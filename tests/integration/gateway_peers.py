@@ -128,11 +128,13 @@ class FakeScheduler:
 
 @dataclass
 class FakeWorker:
-    """Acknowledges control messages; with ``auto`` it answers credit with chunks, else the test publishes them."""
+    """Acknowledges control messages (refuses an attach while ``refuse_attach``); with ``auto`` it answers credit with
+    chunks, else the test publishes them."""
 
     nats: NatsClient
     worker_id: str = "w1"
     auto: bool = True
+    refuse_attach: bool = False
     frame: bytes = FAKE_JPEG
     recorder: Recorder = field(default_factory=Recorder)
     produced: dict[str, int] = field(default_factory=dict)
@@ -145,6 +147,9 @@ class FakeWorker:
     async def _on_control(self, msg: Msg) -> None:
         request = decode(msg.data)
         await self.recorder.add(request)
+        if isinstance(request, AttachSession) and self.refuse_attach:
+            await msg.respond(encode(Reply(ok=False, code="unavailable", detail="restarting")))
+            return
         if isinstance(request, AttachSession):
             self.produced[request.session_id] = request.next_seq
             self.epochs[request.session_id] = request.epoch

@@ -123,6 +123,26 @@ async def test_a_move_to_an_unreachable_worker_idles_the_session_until_a_resume_
         await stack.worker.recorder.wait_for(DetachSession, session_id=session_id, epoch=1)
 
 
+async def test_a_paused_session_whose_move_fails_troubles_its_client_with_nothing_and_its_resume_lands(
+    nats_url: str,
+) -> None:
+    async with gateway_stack(nats_url) as stack, stack.client() as client:
+        session_id = await start_session(client)
+        await client.chunks_until(2)
+        await client.send(type="pause", session_id=session_id)
+        assert (await client.next_message())["status"] == "idle"
+        w9 = await stack.second_worker("w9")
+        w9.refuse_attach = True
+        epoch = await stack.scheduler.move(session_id, "w9")
+        await w9.recorder.wait_for(AttachSession, session_id=session_id, epoch=epoch)
+        w9.refuse_attach = False
+        await client.send(type="resume", session_id=session_id)
+        resumed = await client.next_message()  # the answer to its resume, not an error about a move it never saw
+        assert (resumed["type"], resumed["status"], resumed["worker_id"], resumed["epoch"]) == (
+            "state", "active", "w9", epoch)
+        await w9.recorder.wait_for(AttachSession, session_id=session_id, epoch=epoch, next_seq=resumed["next_seq"])
+
+
 async def test_a_dropped_connection_lingers_and_only_the_same_token_can_resume_it(nats_url: str) -> None:
     async with gateway_stack(nats_url) as stack:
         async with stack.client() as first:
