@@ -44,6 +44,21 @@ def test_sessions_beyond_capacity_wait_and_their_waiting_shows_in_chunk_latency(
     assert result.over_target_frac > 0.15
 
 
+def test_each_chunk_over_target_is_put_down_to_a_wait_or_to_a_batch_past_capacity() -> None:
+    sessions = tuple(SessionTrace(f"s{i}", ((0.0, 600.0),), 600.0, STATE) for i in range(4))
+    trace = Trace("t", (*sessions, SessionTrace("fifth", ((10.0, 600.0),), 600.0, STATE)), 0.0, 600.0)
+    waits = simulate(trace, "fixed", fixed_gpus=1)  # the fifth waits for a slot the whole window
+    overflows = simulate(trace, "ours_no_autoscale", fixed_gpus=1)  # after 3 s it takes an overflow slot
+    for result in (waits, overflows):
+        assert sum(result.over_target_by_cause().values()) == pytest.approx(result.over_target_frac)
+        assert result.over_target_by_cause()["restore"] == result.over_target_by_cause()["migration"] == 0.0
+    assert waits.over_target_by_cause()["over_capacity"] == 0.0 and waits.over_target_frac > 0.15
+    assert waits.first_chunk_quantile_s(1.0) > 500.0
+    assert overflows.over_target_by_cause()["waiting"] < 0.002  # its 3 s of owed chunks
+    assert overflows.over_target_by_cause()["over_capacity"] > 0.95  # all five sessions' chunks, for the rest
+    assert overflows.first_chunk_quantile_s(1.0) < 4.0
+
+
 def test_autoscaling_waits_out_the_provisioning_delay_before_placing() -> None:
     sessions = tuple(SessionTrace(f"s{i}", ((100.0, 700.0),), 700.0, STATE) for i in range(8))
     result = simulate(Trace("t", sessions, 0.0, 700.0), "paper", delay_s=30.0)
@@ -67,6 +82,7 @@ def test_ours_keeps_synthetic_bursty_load_within_target_for_less_than_a_peak_siz
     fixed = run_scenario(trace, Scenario("fixed", 30.0, fixed_gpus=peak_gpus))
     assert ours.over_target_frac < 0.002
     assert ours.gpu_hours < fixed.gpu_hours
+    assert sum(ours.over_target_by_cause().values()) == pytest.approx(ours.over_target_frac)
 
 
 def test_the_simulate_command_prints_a_table_and_writes_rows(

@@ -133,12 +133,14 @@ def run_simulate(args: argparse.Namespace) -> int:
     table = Table(title=f"{trace.name} at load {args.load:g}, delay {args.delay_s:g} s (lower bound "
                         f"{lower_bound:.1f} GPU-h)")
     for column in ("policy", "GPU-h", "x LB", "worst ms", "p99 ms", "over target", "first chunk p50/p99/max s",
-                   "migr. per session-h", "GB moved per GPU-h", "restores"):
+                   "over target by cause: capacity/waiting/restore/migration", "migr. per session-h",
+                   "GB moved per GPU-h", "restores"):
         table.add_column(column)
     for r in results:
         first = "/".join(f"{r.first_chunk_quantile_s(q):.2f}" for q in (0.5, 0.99, 1.0))
         table.add_row(r.policy, f"{r.gpu_hours:.1f}", f"{r.gpu_hours / lower_bound:.2f}",
                       f"{r.worst_latency_ms:.0f}", f"{r.p99_latency_ms:.0f}", f"{r.over_target_frac:.4%}", first,
+                      "/".join(f"{share:.4%}" for share in r.over_target_by_cause().values()),
                       f"{migrations_per_session_hour(r, trace):.2f}",
                       f"{r.counters['migrated_bytes'] / 1e9 / max(r.gpu_hours, 1e-9):.1f}", str(r.counters["restores"]))
     console.print(table)

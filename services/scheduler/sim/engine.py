@@ -10,6 +10,9 @@ over the link between the two GPUs: within a node or across nodes) on the moving
 next chunk of every session on both GPUs, whose batch waits for it.
 GPUs fill nodes of ``gpus_per_node`` in the order they are asked for. Offloads free the slot at once (the copy
 to host runs in the background). GPUs are billed from the moment they are asked for until they are released.
+
+Every chunk over target is put down to one of ``LATE_CAUSES``, so a policy's misses say where they come from
+(a tighter pool shows up as waits, the first-chunk rule as batches past capacity).
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ from services.scheduler.policy.snapshot import ClusterSnapshot, GpuView, Session
 from services.scheduler.sim.distribution import LatencyDistribution
 from services.scheduler.sim.results import SimResult, TimeSeries
 from services.scheduler.sim.trace import EventKind, Trace
+
+LATE_CAUSES = ("over_capacity", "waiting", "restore", "migration")
+"""A batch past the GPU's capacity (overflow slots), chunks owed while a session waited for a slot or a GPU, a
+batch held up by a restore streaming in, a batch held up by a migration's transfer."""
 
 
 class SimulationError(RuntimeError):
@@ -86,6 +93,7 @@ class Simulator:
         self._window_worst_ms = 0.0
         self._window_chunks = 0.0
         self._window_late = 0.0
+        self._late_by_cause = dict.fromkeys(LATE_CAUSES, 0.0)
         self._counters = dict.fromkeys(
             ("migrations", "migrated_bytes", "offloads", "restores", "placements", "scale_out_events",
              "gpus_added", "scale_in_events", "gpus_removed", "decisions", "unserved_opens"), 0
@@ -95,20 +103,26 @@ class Simulator:
     def _in_window(self, time_s: float) -> bool:
         return self.trace.window_start_s <= time_s <= self.trace.window_end_s
 
-    def _add_chunks(self, latency_ms: float, chunks: float, at_s: float) -> None:
-        if not self._in_window(at_s):
+    def _hold_up(self, sessions: int, steady_ms: float, extra_ms: float, cause: str) -> None:
+        """The next chunk of ``sessions`` sessions on one GPU comes ``extra_ms`` after its steady latency."""
+        if not self._in_window(self._now_s):
             return
-        self.distribution.add_point(latency_ms, chunks)
-        self._note_window(latency_ms, latency_ms, chunks)
+        for latency_ms, chunks in ((steady_ms, -sessions), (steady_ms + extra_ms, sessions)):
+            self.distribution.add_point(latency_ms, chunks)
+            self._note_window(latency_ms, latency_ms, chunks)
+            self._late_by_cause[cause] += chunks * self._late_share(latency_ms, latency_ms)
+
+    def _late_share(self, low_ms: float, high_ms: float) -> float:
+        """The share over target of chunks spread evenly between ``low_ms`` and ``high_ms``."""
+        if high_ms <= self.config.target_ms:
+            return 0.0
+        return 1.0 if high_ms == low_ms else min(1.0, (high_ms - self.config.target_ms) / (high_ms - low_ms))
 
     def _note_window(self, low_ms: float, high_ms: float, chunks: float) -> None:
         self._window_chunks += chunks
-        if high_ms > self.config.target_ms and chunks > 0:
+        if chunks > 0:
             self._window_worst_ms = max(self._window_worst_ms, high_ms)
-            share = 1.0 if high_ms == low_ms else min(1.0, (high_ms - self.config.target_ms) / (high_ms - low_ms))
-            self._window_late += chunks * share
-        elif chunks > 0:
-            self._window_worst_ms = max(self._window_worst_ms, high_ms)
+            self._window_late += chunks * self._late_share(low_ms, high_ms)
 
     def _advance(self, to_s: float) -> None:
         """Account the chunks every GPU produced since the last event, at its (constant) latency."""
@@ -123,6 +137,7 @@ class Simulator:
                     chunks = per_session * count * len(gpus)
                     self.distribution.add_point(value_ms, chunks)
                     self._note_window(value_ms, value_ms, chunks)
+                    self._late_by_cause["over_capacity"] += chunks * self._late_share(value_ms, value_ms)
         self._now_s = to_s
 
     def _settle_wait(self, session_id: str, first_chunk_ms: float) -> None:
@@ -135,6 +150,7 @@ class Simulator:
         low_ms, high_ms = first_chunk_ms, first_chunk_ms + waited_s * 1000.0
         self.distribution.add_range(low_ms, high_ms, owed)
         self._note_window(low_ms, high_ms, owed)
+        self._late_by_cause["waiting"] += owed * self._late_share(low_ms, high_ms)
 
     def _note_first_chunk(self, session_id: str, chunk_ms: float) -> None:
         """Time from a session's open to its first chunk: its wait for a slot plus that chunk's latency."""
@@ -166,9 +182,7 @@ class Simulator:
         self._note_first_chunk(session.session_id, steady_ms)
         self._settle_wait(session.session_id, steady_ms + extra_ms)
         if extra_ms:  # the whole batch the restore streams in under is held up, not only the resumed session
-            held_up = len(self.snapshot.residents[gpu_id])
-            self._add_chunks(steady_ms, -held_up, self._now_s)
-            self._add_chunks(steady_ms + extra_ms, held_up, self._now_s)
+            self._hold_up(len(self.snapshot.residents[gpu_id]), steady_ms, extra_ms, "restore")
         self._counters["restores" if restored else "placements"] += 1
 
     def _apply(self, plan: Plan) -> bool:
@@ -207,10 +221,7 @@ class Simulator:
         self.snapshot.upsert_session(SessionView(session.session_id, session.state_bytes, session.active,
                                                  action.target_gpu_id, self._now_s, False))
         for gpu_id in (action.source_gpu_id, action.target_gpu_id):
-            held_up = len(self.snapshot.residents[gpu_id])
-            steady_ms = self._chunk_ms_on(gpu_id)
-            self._add_chunks(steady_ms, -held_up, self._now_s)
-            self._add_chunks(steady_ms + transfer_ms, held_up, self._now_s)
+            self._hold_up(len(self.snapshot.residents[gpu_id]), self._chunk_ms_on(gpu_id), transfer_ms, "migration")
         self._counters["migrations"] += 1
         self._counters["migrated_bytes"] += session.state_bytes
 
@@ -358,4 +369,5 @@ class Simulator:
             decide_p99_ms=decide_ms[min(len(decide_ms) - 1, math.ceil(0.99 * len(decide_ms)) - 1)],
             series=self.series,
             first_chunk_s=sorted(self._first_chunk_s),
+            late_chunks_by_cause=dict(self._late_by_cause),
         )

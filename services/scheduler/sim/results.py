@@ -30,7 +30,8 @@ class SimResult:
     """Headline figures of one replay; ``counters`` holds migrations, migrated_bytes, offloads, restores,
     placements, scale events, decisions and opens that never got a chunk. ``over_interval_frac``: chunks later
     than a chunk's own play time, which a player stalls on; over target but within it is late for the target
-    yet still real time. ``first_chunk_s``: sorted times from an open to its first chunk."""
+    yet still real time. ``first_chunk_s``: sorted times from an open to its first chunk. ``late_chunks_by_cause``:
+    the chunks over target, put down to the engine's ``LATE_CAUSES``."""
 
     policy: str
     trace: str
@@ -45,12 +46,18 @@ class SimResult:
     decide_p99_ms: float
     series: TimeSeries
     first_chunk_s: list[float] = field(default_factory=list)
+    late_chunks_by_cause: dict[str, float] = field(default_factory=dict)
 
     def first_chunk_quantile_s(self, q: float) -> float:
         """Time from open to first chunk below which a share ``q`` of the window's opens fall (0 with none)."""
         if not self.first_chunk_s:
             return 0.0
         return self.first_chunk_s[min(len(self.first_chunk_s) - 1, max(0, math.ceil(q * len(self.first_chunk_s)) - 1))]
+
+    def over_target_by_cause(self) -> dict[str, float]:
+        """Each cause's share of all chunks: together, ``over_target_frac``."""
+        return {cause: late / self.total_chunks if self.total_chunks > 0 else 0.0
+                for cause, late in self.late_chunks_by_cause.items()}
 
     def summary(self) -> dict[str, float | int | str]:
         return {
@@ -67,5 +74,6 @@ class SimResult:
             "first_chunk_p50_s": round(self.first_chunk_quantile_s(0.5), 3),
             "first_chunk_p99_s": round(self.first_chunk_quantile_s(0.99), 3),
             "first_chunk_max_s": round(self.first_chunk_quantile_s(1.0), 3),
+            **{f"over_target_frac_{cause}": share for cause, share in self.over_target_by_cause().items()},
             **self.counters,
         }
