@@ -38,7 +38,7 @@ MIGRATION_COOLDOWN_S = 60.0
 # the ablations of ours take ours' settings.
 CHOSEN: dict[str, dict[str, float]] = {
     "ours": {"burst_coverage": 0.8, "overflow_after_s": 3.0, "headroom_floor": 0.55},
-    "ours_no_overflow": {"burst_coverage": 0.8},
+    "ours_no_overflow": {"burst_coverage": 0.6},
 }
 
 
