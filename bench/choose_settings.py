@@ -37,7 +37,7 @@ from services.scheduler.sim.trace import lower_bound_gpu_hours  # noqa: E402
 
 COVERAGES = (0.7, 0.8)
 NO_OVERFLOW_COVERAGES = (0.6, 0.7)  # without overflow, fewer chunks run late: a lower coverage can qualify
-FLOORS = (0.55,)  # 0.4 cost the same to 0.1% and ran no fewer chunks late in the last two selections
+FLOORS = (0.55,)  # 0.4 cost the same to 0.1% and ran about as many chunks late in the selection before
 CANDIDATES: dict[str, tuple[tuple[tuple[str, float], ...], ...]] = {
     "ours": tuple((("burst_coverage", coverage), ("overflow_after_s", 3.0), ("headroom_floor", floor))
                   for coverage, floor in itertools.product(COVERAGES, FLOORS)),
