@@ -137,7 +137,7 @@ def row(job: Job, result: SimResult, trace: Trace) -> Row:
         "p99_latency_ms": round(result.p99_latency_ms, 1),
         "over_target_frac": result.over_target_frac,
         "over_interval_frac": result.over_interval_frac,
-        **{f"over_target_frac_{cause}": share for cause, share in result.over_target_by_cause().items()},
+        **result.over_target_columns(),
         "lower_bound_gpu_hours": round(lower_bound, 3),
         "cost_vs_lower_bound": round(result.gpu_hours / lower_bound, 3),
         "clairvoyant_vs_lower_bound": round(clairvoyant(job, trace) / lower_bound, 3),

@@ -10,7 +10,7 @@ import pytest
 
 from services.scheduler.policy.registry import PolicySetting, build_controller
 from services.scheduler.sim.cli import add_simulate_parser, run_simulate
-from services.scheduler.sim.engine import SimConfig, Simulator
+from services.scheduler.sim.engine import LATE_CAUSES, SimConfig, Simulator
 from services.scheduler.sim.results import SimResult
 from services.scheduler.sim.scenario import Scenario, run_scenario
 from services.scheduler.sim.synthetic import SyntheticSpec, generate
@@ -97,6 +97,9 @@ def test_the_simulate_command_prints_a_table_and_writes_rows(
     rows = json.loads(out.read_text())
     assert [r["policy"] for r in rows] == ["ours", "fixed_peak"]
     assert rows[0]["gpu_hours"] < rows[1]["gpu_hours"]
+    for row in rows:  # the split by cause rides along in the JSON and adds up to the share over target
+        causes = [row[f"over_target_frac_{cause}"] for cause in LATE_CAUSES]
+        assert sum(causes) == pytest.approx(row["over_target_frac"])
     assert (tmp_path / "t.png").stat().st_size > 0
     assert "lower bound" in capsys.readouterr().out
 

@@ -59,6 +59,10 @@ class SimResult:
         return {cause: late / self.total_chunks if self.total_chunks > 0 else 0.0
                 for cause, late in self.late_chunks_by_cause.items()}
 
+    def over_target_columns(self) -> dict[str, float]:
+        """``over_target_by_cause`` as the flat ``over_target_frac_<cause>`` columns of a JSON row."""
+        return {f"over_target_frac_{cause}": share for cause, share in self.over_target_by_cause().items()}
+
     def summary(self) -> dict[str, float | int | str]:
         return {
             "policy": self.policy,
@@ -74,6 +78,6 @@ class SimResult:
             "first_chunk_p50_s": round(self.first_chunk_quantile_s(0.5), 3),
             "first_chunk_p99_s": round(self.first_chunk_quantile_s(0.99), 3),
             "first_chunk_max_s": round(self.first_chunk_quantile_s(1.0), 3),
-            **{f"over_target_frac_{cause}": share for cause, share in self.over_target_by_cause().items()},
+            **self.over_target_columns(),
             **self.counters,
         }
