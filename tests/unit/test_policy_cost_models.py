@@ -20,6 +20,19 @@ def test_reference_curve_gives_363_ms_for_a_full_gpu_and_180_ms_for_one_session(
     assert curve.chunk_latency_ms(0) == 0.0
 
 
+def test_past_capacity_a_gpu_runs_a_second_forward_and_only_its_sessions_come_late() -> None:
+    curve = LatencyCurve()
+    full_ms, one_ms, three_ms = curve.chunk_latency_ms(4), curve.chunk_latency_ms(1), curve.chunk_latency_ms(3)
+    assert curve.batches(4) == ((full_ms, 4),)
+    assert [size for _, size in curve.batches(9)] == [4, 4, 1]
+    assert [ms for ms, _ in curve.batches(7)] == pytest.approx([full_ms, full_ms + three_ms])
+    assert [ms for ms, _ in curve.batches(9)] == pytest.approx([full_ms, 2 * full_ms, 2 * full_ms + one_ms])
+    assert curve.chunk_latency_ms(5) == pytest.approx(full_ms + one_ms)
+    assert curve.late_chunks(7, 0.0, 400.0) == 3
+    assert curve.late_chunks(7, 40.0, 400.0) == 7  # a 40 ms hold-up pushes the first forward past 400 ms too
+    assert curve.late_chunks(0, 1000.0, 400.0) == 0
+
+
 def test_latency_model_converges_to_a_slower_gpu_from_measured_samples() -> None:
     model = LatencyModel({"slow": LatencyCurve()})
     truth = LatencyCurve(base_ms=250.0, per_session_ms=70.0, quadratic_ms=10.0)

@@ -90,14 +90,16 @@ def test_a_session_takes_an_overflow_slot_only_after_waiting_and_gives_it_back_w
     assert [(m.source_gpu_id, m.target_gpu_id) for m in relief] == [(placed[0].gpu_id, other)]
 
 
-def test_an_overflow_goes_where_every_resident_is_late_already() -> None:
+def test_an_overflow_goes_to_the_gpu_least_past_capacity_and_costs_only_the_chunks_past_it() -> None:
     controller = build_controller("ours", PolicySetting(overflow_after_s=3.0))
-    placed = [a for a in controller.decide(gpus([4, 5, 4], waiting=1, overflow_slots=4), 100.0).actions
+    placed = [a for a in controller.decide(gpus([5, 4, 6], waiting=1, overflow_slots=4), 100.0).actions
               if isinstance(a, Place)]
-    # on g1 only the newcomer's chunks are added to the late ones; on g0 or g2 four in-time sessions would join
+    # wherever it lands, one more chunk an interval is late; on g1 it shares the second forward with nobody
     assert [p.gpu_id for p in placed] == ["g1"]
-    full = controller.decide(gpus([4, 8, 4], waiting=1, overflow_slots=4), 100.0).actions
-    assert [a.gpu_id for a in full if isinstance(a, Place)] in (["g0"], ["g2"])
+    curve = PolicySetting().curves["h100"]
+    assert curve.late_chunks(5, 0.0, 400.0) == 1 and curve.late_chunks(7, 0.0, 400.0) == 3
+    full = controller.decide(gpus([8, 8, 8], waiting=1, overflow_slots=4), 100.0).actions
+    assert not [a for a in full if isinstance(a, Place)]
 
 
 def test_an_overflowing_gpu_still_streams_in_real_time() -> None:
@@ -195,7 +197,7 @@ def test_a_scale_in_whose_moves_are_all_refused_stops_after_a_few_gpus(monkeypat
 def test_sessions_on_an_overflowing_gpu_spend_the_violation_budget_as_a_wait_does() -> None:
     controller = build_controller("ours", PolicySetting())
     before = controller.budget.spent_frac
-    snapshot = gpus([5, 4], overflow_slots=1)  # g0 holds one past its capacity: all five miss the target
+    snapshot = gpus([5, 4], overflow_slots=1)  # g0 holds one past its capacity, in a second forward
     for now_s in (100.0, 160.0):
         controller.decide(snapshot, now_s)
     assert controller.budget.spent_frac > before

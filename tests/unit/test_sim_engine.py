@@ -55,7 +55,9 @@ def test_each_chunk_over_target_is_put_down_to_a_wait_or_to_a_batch_past_capacit
     assert waits.over_target_by_cause()["over_capacity"] == 0.0 and waits.over_target_frac > 0.15
     assert waits.first_chunk_quantile_s(1.0) > 500.0
     assert overflows.over_target_by_cause()["waiting"] < 0.002  # its 3 s of owed chunks
-    assert overflows.over_target_by_cause()["over_capacity"] > 0.95  # all five sessions' chunks, for the rest
+    # the GPU runs four in one forward and the fifth after it: one chunk in five is late, and still real time
+    assert 0.18 < overflows.over_target_by_cause()["over_capacity"] <= 0.2
+    assert overflows.over_interval_frac < 0.002  # only the owed chunks of its wait stall the player
     assert overflows.first_chunk_quantile_s(1.0) < 4.0
 
 

@@ -48,9 +48,9 @@ class ControllerConfig:
     consolidation is made only when no chunk it holds up (the mover's, and the next batch on both GPUs, see
     ``Workspace.migration_late_chunks``) misses the target; ``overflow_slots``: how many sessions past its
     latency capacity a GPU may take (within its own ``overflow_slots``) rather than leave a session waiting for
-    a GPU still provisioning, once it has waited ``overflow_after_s`` (a slot often frees sooner, and every
-    session of an overflowing GPU misses the target, not only the newcomer); each decision moves one back to a
-    free slot elsewhere as soon as one exists."""
+    a GPU still provisioning, once it has waited ``overflow_after_s`` (a slot often frees sooner, and each
+    overflow misses the target on every chunk until it is relieved); each decision moves one back to a free slot
+    elsewhere as soon as one exists."""
 
     scale_kind: str
     target_ms: float = 400.0
@@ -133,7 +133,8 @@ class ClosedLoopController:
         if self.config.overflow_slots:
             actions.extend(self._relieve_overflow(workspace))
         unplaced = len(snapshot.waiting) - sum(isinstance(a, (Place, Restore)) for a in placements)
-        overflowing = sum(workspace.count(g) for g in workspace.over_capacity(self.config.overflow_slots))
+        overflowing = sum(workspace.count(g) - snapshot.gpus[g].capacity
+                          for g in workspace.over_capacity(self.config.overflow_slots))
         self.budget.record(now_s, snapshot.active_count, unplaced + overflowing, late_landings)
         reading = replace(reading, headroom_scale=self.budget.headroom_scale())
         if self._last_rebalance_s is None or now_s - self._last_rebalance_s >= self.config.rebalance_interval_s:
@@ -175,10 +176,11 @@ class ClosedLoopController:
         return lambda chunk_ms: self.models.restore.delay_ms(session.state_bytes, chunk_ms)
 
     def _restore_late_chunks(self, workspace: Workspace, gpu_id: str, count: int, restore: RestoreDelay) -> int:
-        """Chunks past the target when a restore streams in under the batch of ``count`` sessions on ``gpu_id``:
-        all of that batch's, or none."""
-        chunk_ms = workspace.latency_ms(workspace.snapshot.gpus[gpu_id].kind, count)
-        return count if chunk_ms + restore(chunk_ms) > self.config.target_ms else 0
+        """Chunks past the target when a restore streams in under the first forward of ``gpu_id`` holding
+        ``count`` sessions (the resumed session has no deadline yet, so it is in the first): that forward and
+        any after it start late by what the copy does not hide."""
+        first_ms = workspace.latency.curve(workspace.snapshot.gpus[gpu_id].kind).batches(count)[0][0]
+        return workspace.late_chunks(gpu_id, count, restore(first_ms), self.config.target_ms)
 
     def _may_overflow(self, session: SessionView, now_s: float) -> bool:
         since_s = session.waiting_since_s
@@ -221,8 +223,8 @@ class ClosedLoopController:
 
     def _relieve_overflow(self, workspace: Workspace) -> list[Migrate]:
         """One session off each GPU past its capacity, to a free slot elsewhere: an overflowing GPU misses the
-        target on every chunk of every resident until one of them leaves, so a move is worth it when it holds
-        up fewer chunks than ``RELIEF_INTERVALS`` batches of that GPU."""
+        target on the chunks of its sessions past capacity (those in its second forward) until one leaves, so a
+        move is worth it when it holds up fewer chunks than ``RELIEF_INTERVALS`` intervals of those."""
         sessions = workspace.snapshot.sessions
         moves: list[Migrate] = []
         for source in workspace.over_capacity(self.config.overflow_slots):
@@ -231,7 +233,7 @@ class ClosedLoopController:
             if not movable:
                 continue
             mover = min(movable, key=lambda s: sessions[s].state_bytes)
-            most_late = RELIEF_INTERVALS * workspace.count(source)
+            most_late = RELIEF_INTERVALS * (workspace.count(source) - workspace.snapshot.gpus[source].capacity)
             target = self._quiet_target(workspace, mover, source, most_late)
             if target is None:
                 continue

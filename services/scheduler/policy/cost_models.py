@@ -41,34 +41,57 @@ class _RidgeFit:
 
 @dataclass(frozen=True, slots=True)
 class LatencyCurve:
-    """l(n) = base + per_session * (n - 1) + quadratic * (n / capacity)^2, in ms per chunk."""
+    """l(n) = base + per_session * (n - 1) + quadratic * (n / capacity)^2, in ms for one forward of n sessions.
+
+    A GPU runs at most ``capacity`` sessions a forward (the worker's ``TURBOSERVE_MAX_BATCH`` defaults to its K),
+    earliest deadline first, so a GPU holding more (overflow slots) runs its chunk interval as forwards back to
+    back: the first ``capacity`` sessions' chunks keep l(K), and only the rest, waiting for it, come later.
+    """
 
     base_ms: float = REFERENCE_BASE_MS
     per_session_ms: float = REFERENCE_PER_SESSION_MS
     quadratic_ms: float = REFERENCE_QUADRATIC_MS
     capacity: int = REFERENCE_CAPACITY
-    table_ms: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    batches_table: tuple[tuple[tuple[float, int], ...], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
             raise CostModelError(f"capacity must be at least 1, got {self.capacity}")
-        table = tuple(self._formula(n) for n in range(self.capacity + 2))
-        object.__setattr__(self, "table_ms", table)
+        table = tuple(self._batches(n) for n in range(2 * self.capacity + 2))
+        object.__setattr__(self, "batches_table", table)
 
     def _formula(self, sessions: int) -> float:
-        if sessions <= 0:
-            return 0.0
         return (
             self.base_ms
             + self.per_session_ms * (sessions - 1)
             + self.quadratic_ms * (sessions / self.capacity) ** 2
         )
 
+    def _batches(self, sessions: int) -> tuple[tuple[float, int], ...]:
+        batches: list[tuple[float, int]] = []
+        done_ms = 0.0
+        while sessions > 0:
+            size = min(sessions, self.capacity)
+            done_ms += self._formula(size)
+            batches.append((done_ms, size))
+            sessions -= size
+        return tuple(batches)
+
+    def batches(self, sessions: int) -> tuple[tuple[float, int], ...]:
+        """(chunk latency, sessions) of each forward of one chunk interval on a GPU holding ``sessions``."""
+        if sessions < len(self.batches_table):
+            return self.batches_table[sessions]
+        return self._batches(sessions)
+
     def chunk_latency_ms(self, sessions: int) -> float:
-        """Predicted per-chunk latency with ``sessions`` batched together (0 for an empty GPU)."""
-        if sessions < len(self.table_ms):
-            return self.table_ms[sessions]
-        return self._formula(sessions)
+        """Predicted latency of the latest chunk on a GPU holding ``sessions`` (0 for an empty GPU)."""
+        batches = self.batches(sessions)
+        return batches[-1][0] if batches else 0.0
+
+    def late_chunks(self, sessions: int, extra_ms: float, target_ms: float) -> int:
+        """Chunks of one interval over ``target_ms`` on a GPU holding ``sessions`` when its forwards start
+        ``extra_ms`` late (a migration's transfer, a restore's copy)."""
+        return sum(size for latency_ms, size in self.batches(sessions) if latency_ms + extra_ms > target_ms)
 
 
 class LatencyModel:

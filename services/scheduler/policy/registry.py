@@ -56,8 +56,9 @@ class PolicySetting:
     is ``restore_first_pass_share`` of its time (0.15: four sampling steps and the cache write are five DiT passes,
     and the VAE decode takes the rest).
     ``overflow_slots``: sessions past its latency capacity a GPU takes rather than leave one waiting (four: on the
-    reference curve eight sessions run in 637 ms, inside the 750 ms a chunk plays for, so the GPU misses the
-    target but its streams still play in real time; their state is 32 GB); ``burst_coverage`` and
+    reference curve eight sessions run as two forwards of four in 726 ms, inside the 750 ms a chunk plays for, so
+    the four past capacity miss the target but every stream still plays in real time; their state is 32 GB);
+    ``burst_coverage`` and
     ``overflow_after_s`` and ``headroom_floor`` (how far an underspent violation budget may trim the burst
     headroom, ``BudgetParams.min_scale``) None: the policy's own chosen values (``CHOSEN``); ``spare_gpus``: warm
     GPUs ours keeps beyond those its active sessions fill."""

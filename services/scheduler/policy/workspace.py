@@ -95,15 +95,15 @@ class Workspace:
 
     def first_overflow(self, most: int, model: str = "") -> str | None:
         """A usable GPU at its latency capacity or past it by fewer than ``most``, with an overflow slot free;
-        the most loaded first. A GPU already past its capacity misses the target on every chunk anyway, so one
-        more session there costs only the newcomer's chunks, where the first overflow on a full GPU makes all
-        of its residents late too. Where no GPU has an overflow slot at all it returns at once rather than walk
-        every full GPU."""
+        the least past capacity first. Every overflow costs its own chunks wherever it lands (a GPU keeps l(K) for
+        its first K sessions, ``LatencyCurve``), but the sessions past K share the second forward, so spreading
+        them keeps that forward short, and each overflowing GPU can be relieved in the same decision. Where no
+        GPU has an overflow slot at all it returns at once rather than walk every full GPU."""
         if not self.snapshot.overflow_slots_total:
             return None
         for kind in self.latency.kinds:
             capacity = self.latency.curve(kind).capacity
-            for count in range(capacity + most - 1, capacity - 1, -1):
+            for count in range(capacity, capacity + most):
                 for gpu_id in self._levels.get((kind, count), ()):
                     gpu = self.snapshot.gpus[gpu_id]
                     if count < gpu.slots and self.usable(gpu_id) and self.serves(gpu_id, model):
@@ -125,14 +125,13 @@ class Workspace:
         """Chunks a move from ``source`` to ``target`` would push over ``target_ms``: it runs at a chunk boundary
         and holds up the next batch of both GPUs for ``transfer_ms``; the moving session's next chunk is in the
         target's batch, so its pause is counted there."""
-        late = 0
-        staying = self.count(source) - 1
-        if staying and self.latency_ms(self.snapshot.gpus[source].kind, staying) + transfer_ms > target_ms:
-            late += staying
-        joined = self.count(target) + 1
-        if self.latency_ms(self.snapshot.gpus[target].kind, joined) + transfer_ms > target_ms:
-            late += joined
-        return late
+        staying = self.late_chunks(source, self.count(source) - 1, transfer_ms, target_ms)
+        return staying + self.late_chunks(target, self.count(target) + 1, transfer_ms, target_ms)
+
+    def late_chunks(self, gpu_id: str, count: int, extra_ms: float, target_ms: float) -> int:
+        """Chunks over ``target_ms`` in the next interval of ``gpu_id`` holding ``count`` sessions, its forwards
+        held up ``extra_ms``."""
+        return self.latency.curve(self.snapshot.gpus[gpu_id].kind).late_chunks(count, extra_ms, target_ms)
 
     def latency_ms(self, kind: str, count: int) -> float:
         return self.latency.curve(kind).chunk_latency_ms(count)

@@ -1,7 +1,8 @@
 """Event-level simulator: replays a session trace through a controller, the same object the live scheduler runs.
 
 Between two events every GPU's per-chunk latency is constant, so chunks are counted analytically per interval
-(GPUs holding n sessions produce n / chunk_interval_s chunks per second at l(n)) instead of one by one. A chunk's
+(GPUs holding n sessions produce n / chunk_interval_s chunks per second at l(n); past the capacity K, K of them
+at l(K) and the rest after a second forward, ``LatencyCurve.batches``) instead of one by one. A chunk's
 latency includes the time its session waited for a slot or for a GPU still provisioning (the chunks owed
 during a wait of W are late by 0..W), what a restore adds to the batch it streams in under (the part of the copy
 that batch's first DiT pass does not hide, ``RestoreCostModel``, on the next chunk of every session there), and
@@ -103,14 +104,15 @@ class Simulator:
     def _in_window(self, time_s: float) -> bool:
         return self.trace.window_start_s <= time_s <= self.trace.window_end_s
 
-    def _hold_up(self, sessions: int, steady_ms: float, extra_ms: float, cause: str) -> None:
-        """The next chunk of ``sessions`` sessions on one GPU comes ``extra_ms`` after its steady latency."""
+    def _hold_up(self, gpu_id: str, extra_ms: float, cause: str) -> None:
+        """The next chunk of every session on ``gpu_id`` comes ``extra_ms`` after its steady latency."""
         if not self._in_window(self._now_s):
             return
-        for latency_ms, chunks in ((steady_ms, -sessions), (steady_ms + extra_ms, sessions)):
-            self.distribution.add_point(latency_ms, chunks)
-            self._note_window(latency_ms, latency_ms, chunks)
-            self._late_by_cause[cause] += chunks * self._late_share(latency_ms, latency_ms)
+        for steady_ms, sessions in self._batches_on(gpu_id):
+            for latency_ms, chunks in ((steady_ms, -sessions), (steady_ms + extra_ms, sessions)):
+                self.distribution.add_point(latency_ms, chunks)
+                self._note_window(latency_ms, latency_ms, chunks)
+                self._late_by_cause[cause] += chunks * self._late_share(latency_ms, latency_ms)
 
     def _late_share(self, low_ms: float, high_ms: float) -> float:
         """The share over target of chunks spread evenly between ``low_ms`` and ``high_ms``."""
@@ -132,9 +134,10 @@ class Simulator:
             self._gpu_seconds += span_s * len(self.snapshot.gpus)
             per_session = span_s / self.config.chunk_interval_s
             for (kind, count), gpus in self.snapshot.levels.items():
-                if count and gpus:
-                    value_ms = self.latency.curve(kind).chunk_latency_ms(count)
-                    chunks = per_session * count * len(gpus)
+                if not gpus:
+                    continue
+                for value_ms, sessions in self.latency.curve(kind).batches(count):
+                    chunks = per_session * sessions * len(gpus)
                     self.distribution.add_point(value_ms, chunks)
                     self._note_window(value_ms, value_ms, chunks)
                     self._late_by_cause["over_capacity"] += chunks * self._late_share(value_ms, value_ms)
@@ -164,9 +167,9 @@ class Simulator:
             raise SimulationError(f"plan names unknown session {session_id!r}")
         return session
 
-    def _chunk_ms_on(self, gpu_id: str) -> float:
+    def _batches_on(self, gpu_id: str) -> tuple[tuple[float, int], ...]:
         gpu = self.snapshot.gpus[gpu_id]
-        return self.latency.curve(gpu.kind).chunk_latency_ms(len(self.snapshot.residents[gpu_id]))
+        return self.latency.curve(gpu.kind).batches(len(self.snapshot.residents[gpu_id]))
 
     def _put(self, session: SessionView, gpu_id: str, restored: bool) -> None:
         gpu = self.snapshot.gpus.get(gpu_id)
@@ -177,12 +180,12 @@ class Simulator:
         self.snapshot.upsert_session(
             SessionView(session.session_id, session.state_bytes, True, gpu_id, session.last_migrated_at_s, False)
         )
-        steady_ms = self._chunk_ms_on(gpu_id)
+        steady_ms = self._batches_on(gpu_id)[0][0]  # no deadline yet: earliest due, so in the first forward
         extra_ms = self.restore.delay_ms(session.state_bytes, steady_ms) if restored else 0.0
         self._note_first_chunk(session.session_id, steady_ms)
         self._settle_wait(session.session_id, steady_ms + extra_ms)
-        if extra_ms:  # the whole batch the restore streams in under is held up, not only the resumed session
-            self._hold_up(len(self.snapshot.residents[gpu_id]), steady_ms, extra_ms, "restore")
+        if extra_ms:  # every forward the restore streams in under, or waits behind, is held up
+            self._hold_up(gpu_id, extra_ms, "restore")
         self._counters["restores" if restored else "placements"] += 1
 
     def _apply(self, plan: Plan) -> bool:
@@ -221,7 +224,7 @@ class Simulator:
         self.snapshot.upsert_session(SessionView(session.session_id, session.state_bytes, session.active,
                                                  action.target_gpu_id, self._now_s, False))
         for gpu_id in (action.source_gpu_id, action.target_gpu_id):
-            self._hold_up(len(self.snapshot.residents[gpu_id]), self._chunk_ms_on(gpu_id), transfer_ms, "migration")
+            self._hold_up(gpu_id, transfer_ms, "migration")
         self._counters["migrations"] += 1
         self._counters["migrated_bytes"] += session.state_bytes
 
