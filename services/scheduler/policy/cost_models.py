@@ -53,12 +53,14 @@ class LatencyCurve:
     quadratic_ms: float = REFERENCE_QUADRATIC_MS
     capacity: int = REFERENCE_CAPACITY
     batches_table: tuple[tuple[tuple[float, int], ...], ...] = field(init=False, repr=False, compare=False)
+    table_ms: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
             raise CostModelError(f"capacity must be at least 1, got {self.capacity}")
         table = tuple(self._batches(n) for n in range(2 * self.capacity + 2))
         object.__setattr__(self, "batches_table", table)
+        object.__setattr__(self, "table_ms", tuple(batches[-1][0] if batches else 0.0 for batches in table))
 
     def _formula(self, sessions: int) -> float:
         return (
@@ -85,8 +87,9 @@ class LatencyCurve:
 
     def chunk_latency_ms(self, sessions: int) -> float:
         """Predicted latency of the latest chunk on a GPU holding ``sessions`` (0 for an empty GPU)."""
-        batches = self.batches(sessions)
-        return batches[-1][0] if batches else 0.0
+        if sessions < len(self.table_ms):
+            return self.table_ms[sessions]
+        return self._batches(sessions)[-1][0]
 
     def late_chunks(self, sessions: int, extra_ms: float, target_ms: float) -> int:
         """Chunks of one interval over ``target_ms`` on a GPU holding ``sessions`` when its forwards start
