@@ -122,6 +122,15 @@ def test_a_gpu_holds_no_more_than_its_capacity_and_overflow_slots() -> None:
         snapshot.upsert_session(SessionView("y", GB, True, "g0"))
 
 
+def test_an_overflowing_gpu_spends_the_budget_of_its_sessions_past_capacity_only() -> None:
+    overflowing = build_controller("ours", PolicySetting())
+    waiting = build_controller("ours_no_overflow", PolicySetting())
+    for now_s in (100.0, 160.0):
+        overflowing.decide(gpus([5, 4], overflow_slots=1), now_s)  # nine active, one in a second forward
+        waiting.decide(gpus([4, 4], waiting=1, since_s=now_s), now_s)  # nine active, one waiting
+    assert overflowing.budget.spent_frac == pytest.approx(waiting.budget.spent_frac)
+
+
 @dataclass
 class OneMove:
     """A controller stand-in: s0-s2 on one GPU, s3 on the other, and at 30 s s3 joins the first three, so the

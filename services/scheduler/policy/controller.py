@@ -133,8 +133,7 @@ class ClosedLoopController:
         if self.config.overflow_slots:
             actions.extend(self._relieve_overflow(workspace))
         unplaced = len(snapshot.waiting) - sum(isinstance(a, (Place, Restore)) for a in placements)
-        overflowing = sum(workspace.count(g) - snapshot.gpus[g].capacity
-                          for g in workspace.over_capacity(self.config.overflow_slots))
+        overflowing = sum(map(workspace.past_capacity, workspace.over_capacity(self.config.overflow_slots)))
         self.budget.record(now_s, snapshot.active_count, unplaced + overflowing, late_landings)
         reading = replace(reading, headroom_scale=self.budget.headroom_scale())
         if self._last_rebalance_s is None or now_s - self._last_rebalance_s >= self.config.rebalance_interval_s:
@@ -233,7 +232,7 @@ class ClosedLoopController:
             if not movable:
                 continue
             mover = min(movable, key=lambda s: sessions[s].state_bytes)
-            most_late = RELIEF_INTERVALS * (workspace.count(source) - workspace.snapshot.gpus[source].capacity)
+            most_late = RELIEF_INTERVALS * workspace.past_capacity(source)
             target = self._quiet_target(workspace, mover, source, most_late)
             if target is None:
                 continue

@@ -117,6 +117,10 @@ class Workspace:
             for count in range(capacity + 1, capacity + 1 + most):
                 yield from list(self._levels.get((kind, count), ()))
 
+    def past_capacity(self, gpu_id: str) -> int:
+        """Sessions of ``gpu_id`` in overflow slots: those its second forward runs, late for the target."""
+        return self.count(gpu_id) - self.snapshot.gpus[gpu_id].capacity
+
     def same_node(self, first: str, second: str) -> bool:
         node = self.snapshot.gpus[first].node
         return bool(node) and node == self.snapshot.gpus[second].node

@@ -109,22 +109,28 @@ class Simulator:
         if not self._in_window(self._now_s):
             return
         for steady_ms, sessions in self._batches_on(gpu_id):
-            for latency_ms, chunks in ((steady_ms, -sessions), (steady_ms + extra_ms, sessions)):
-                self.distribution.add_point(latency_ms, chunks)
-                self._note_window(latency_ms, latency_ms, chunks)
-                self._late_by_cause[cause] += chunks * self._late_share(latency_ms, latency_ms)
+            self._count(steady_ms, steady_ms, -sessions, cause)
+            self._count(steady_ms + extra_ms, steady_ms + extra_ms, sessions, cause)
+
+    def _count(self, low_ms: float, high_ms: float, chunks: float, cause: str) -> None:
+        """``chunks`` spread evenly between ``low_ms`` and ``high_ms`` (negative: taken back at one latency), into
+        the distribution, the sample window and ``cause``'s late chunks."""
+        if low_ms == high_ms:
+            self.distribution.add_point(low_ms, chunks)
+        else:
+            self.distribution.add_range(low_ms, high_ms, chunks)
+        late = chunks * self._late_share(low_ms, high_ms)
+        self._late_by_cause[cause] += late
+        self._window_chunks += chunks
+        if chunks > 0:
+            self._window_worst_ms = max(self._window_worst_ms, high_ms)
+            self._window_late += late
 
     def _late_share(self, low_ms: float, high_ms: float) -> float:
         """The share over target of chunks spread evenly between ``low_ms`` and ``high_ms``."""
         if high_ms <= self.config.target_ms:
             return 0.0
         return 1.0 if high_ms == low_ms else min(1.0, (high_ms - self.config.target_ms) / (high_ms - low_ms))
-
-    def _note_window(self, low_ms: float, high_ms: float, chunks: float) -> None:
-        self._window_chunks += chunks
-        if chunks > 0:
-            self._window_worst_ms = max(self._window_worst_ms, high_ms)
-            self._window_late += chunks * self._late_share(low_ms, high_ms)
 
     def _advance(self, to_s: float) -> None:
         """Account the chunks every GPU produced since the last event, at its (constant) latency."""
@@ -137,10 +143,7 @@ class Simulator:
                 if not gpus:
                     continue
                 for value_ms, sessions in self.latency.curve(kind).batches(count):
-                    chunks = per_session * sessions * len(gpus)
-                    self.distribution.add_point(value_ms, chunks)
-                    self._note_window(value_ms, value_ms, chunks)
-                    self._late_by_cause["over_capacity"] += chunks * self._late_share(value_ms, value_ms)
+                    self._count(value_ms, value_ms, per_session * sessions * len(gpus), "over_capacity")
         self._now_s = to_s
 
     def _settle_wait(self, session_id: str, first_chunk_ms: float) -> None:
@@ -151,9 +154,7 @@ class Simulator:
         waited_s = self._now_s - since_s
         owed = waited_s / self.config.chunk_interval_s
         low_ms, high_ms = first_chunk_ms, first_chunk_ms + waited_s * 1000.0
-        self.distribution.add_range(low_ms, high_ms, owed)
-        self._note_window(low_ms, high_ms, owed)
-        self._late_by_cause["waiting"] += owed * self._late_share(low_ms, high_ms)
+        self._count(low_ms, high_ms, owed, "waiting")
 
     def _note_first_chunk(self, session_id: str, chunk_ms: float) -> None:
         """Time from a session's open to its first chunk: its wait for a slot plus that chunk's latency."""
