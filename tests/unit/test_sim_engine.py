@@ -59,6 +59,8 @@ def test_each_chunk_over_target_is_put_down_to_a_wait_or_to_a_batch_past_capacit
     assert 0.18 < overflows.over_target_by_cause()["over_capacity"] <= 0.2
     assert overflows.over_interval_frac < 0.002  # only the owed chunks of its wait stall the player
     assert overflows.first_chunk_quantile_s(1.0) < 4.0
+    # no deadline yet, so the worker runs the newcomer's first chunk in the first forward: 3 s + l(4)
+    assert overflows.first_chunk_quantile_s(1.0) == pytest.approx(3.0 + 0.363, abs=0.001)
 
 
 def test_autoscaling_waits_out_the_provisioning_delay_before_placing() -> None:
