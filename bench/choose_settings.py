@@ -3,16 +3,17 @@
 The shared traces are for evaluation: nothing here reads them. Every candidate runs on synthetic days at loads 16,
 64 and 256, calm (no bursts) and with bursts of 2x and 3x: eight seeds at load 16, five at 64 and three at 256,
 since the fewer chunks a day has the noisier its share over target (and the cheaper the day is to run). For ours the
-candidates are a burst coverage and how far an underspent violation budget may trim the headroom (its floor: only
-calm days reach it, so only they can tell floors apart); a session takes an overflow slot after 3 s (2 s cost more
-and saved nothing in an earlier selection, one that still ran an overflowing GPU as a single forward). Ours without
-that rule (``ours_no_overflow``, the policy the first-chunk rule's cost is measured against) is tuned by the same
-rule over its burst coverage alone, so each is compared at its own best. A candidate qualifies when, in every case,
-at most 0.1% of chunks miss the target and (ours) no session waits more than 5 s for its first chunk; the cheapest
-qualifier (mean GPU-hours over the lower bound) is chosen. The choice is written to bench/results/settings.json;
-``registry.CHOSEN`` carries it.
+candidates are how long a session waits before it takes an overflow slot and the budget's aim (the part of the 0.1%
+the violation budget steers to; the more it aims at, the more headroom an underspent budget trims), at burst
+coverage 0.6 and headroom floor 0.55. Coverage 0.5 ran 0.139% of chunks late and 0.7 cost 1.6% more in the selection
+before this one, and 0.55 ran 0.104% late at load 16 with a 1.5 s wait in a probe; floor 0.4 cost the same to 0.1%
+as 0.55 two selections back. Ours without that rule (``ours_no_overflow``, the policy the first-chunk rule's cost is
+measured against) is tuned by the same rule over the same aims, so each is compared at its own best. A candidate
+qualifies when, in every case, at most 0.1% of chunks miss the target and (ours) 99% of sessions have their first
+chunk within 2 s and none waits more than 5 s; the cheapest qualifier (mean GPU-hours over the lower bound) is
+chosen. The choice is written to bench/results/settings.json; ``registry.CHOSEN`` carries it.
 
-    .venv/bin/python bench/choose_settings.py     # about 35 min on 2 cores
+    .venv/bin/python bench/choose_settings.py     # about 45 min on 2 cores
 """
 
 from __future__ import annotations
@@ -36,18 +37,20 @@ from services.scheduler.sim.scenario import Scenario, run_scenario  # noqa: E402
 from services.scheduler.sim.synthetic import SyntheticSpec, generate  # noqa: E402
 from services.scheduler.sim.trace import lower_bound_gpu_hours  # noqa: E402
 
-COVERAGES = (0.5, 0.6, 0.7)
-NO_OVERFLOW_COVERAGES = (0.5, 0.6)
-FLOORS = (0.55,)  # 0.4 cost the same to 0.1% and ran about as many chunks late in the selection before
+COVERAGE = 0.6
+FLOOR = 0.55
+AIMS = (0.5, 0.8)
+OVERFLOW_AFTER_S = (1.5, 3.0)  # 1.5 s: an overflowing newcomer's first chunk (1.5 s + l(4) = 1.86 s) inside 2 s
 CANDIDATES: dict[str, tuple[tuple[tuple[str, float], ...], ...]] = {
-    "ours": tuple((("burst_coverage", coverage), ("overflow_after_s", 3.0), ("headroom_floor", floor))
-                  for coverage, floor in itertools.product(COVERAGES, FLOORS)),
-    "ours_no_overflow": tuple((("burst_coverage", coverage),) for coverage in NO_OVERFLOW_COVERAGES),
+    "ours": tuple((("burst_coverage", COVERAGE), ("overflow_after_s", after), ("headroom_floor", FLOOR),
+                   ("budget_aim", aim)) for after, aim in itertools.product(OVERFLOW_AFTER_S, AIMS)),
+    "ours_no_overflow": tuple((("burst_coverage", COVERAGE), ("budget_aim", aim)) for aim in AIMS),
 }
 BURST_FACTORS = (1.0, 2.0, 3.0)
 SEEDS = {16: range(8), 64: range(5), 256: range(3)}
 OVER_TARGET_LIMIT = 0.001
 FIRST_CHUNK_LIMIT_S = 5.0
+FIRST_CHUNK_P99_LIMIT_S = 2.0
 
 Settings = tuple[tuple[str, float], ...]
 Case = tuple[str, Settings, int, float, int]
@@ -61,6 +64,7 @@ def run_case(case: Case) -> tuple[Case, dict[str, float]]:
     return case, {
         "cost_vs_lower_bound": result.gpu_hours / lower_bound_gpu_hours(trace, 4, 1),
         "over_target_frac": result.over_target_frac,
+        "first_chunk_p99_s": result.first_chunk_quantile_s(0.99),
         "first_chunk_max_s": result.first_chunk_quantile_s(1.0),
     }
 
@@ -87,13 +91,15 @@ def main() -> int:
         for setting in grid:
             mine = [f for c, f in results.items() if c[:2] == (policy, setting)]
             worst_first_chunk_s = max(f["first_chunk_max_s"] for f in mine)
+            worst_first_chunk_p99_s = max(f["first_chunk_p99_s"] for f in mine)
             worst_over = max(f["over_target_frac"] for f in mine)
             rows.append({
                 "policy": policy, **dict(setting),
                 "mean_cost_vs_lower_bound": sum(f["cost_vs_lower_bound"] for f in mine) / len(mine),
-                "worst_over_target_frac": worst_over, "worst_first_chunk_s": worst_first_chunk_s,
-                "qualifies": worst_over <= OVER_TARGET_LIMIT
-                and (policy != "ours" or worst_first_chunk_s <= FIRST_CHUNK_LIMIT_S),
+                "worst_over_target_frac": worst_over, "worst_first_chunk_p99_s": worst_first_chunk_p99_s,
+                "worst_first_chunk_s": worst_first_chunk_s,
+                "qualifies": worst_over <= OVER_TARGET_LIMIT and (policy != "ours" or (
+                    worst_first_chunk_p99_s <= FIRST_CHUNK_P99_LIMIT_S and worst_first_chunk_s <= FIRST_CHUNK_LIMIT_S)),
             })
         qualified = [row for row in rows if row["qualifies"]]
         best = (min(qualified, key=lambda r: r["mean_cost_vs_lower_bound"]) if qualified
@@ -102,20 +108,21 @@ def main() -> int:
         chosen[policy] = {key: best[key] for key, _ in grid[0]}
         candidates += rows
     table = Table(title="on synthetic days (loads 16/64/256 with 8/5/3 seeds, calm and bursts 2x/3x)")
-    for column in ("policy", "coverage", "headroom floor", "mean x LB", "worst over target", "worst first chunk", ""):
+    for column in ("policy", "overflow after", "aim", "mean x LB", "worst over target", "worst first chunk p99 / max",
+                   ""):
         table.add_column(column)
     for row in candidates:
-        floor = row.get("headroom_floor")
-        table.add_row(str(row["policy"]), f"{row['burst_coverage']:g}", "" if floor is None else f"{floor:g}",
+        after = row.get("overflow_after_s")
+        table.add_row(str(row["policy"]), "" if after is None else f"{after:g} s", f"{row['budget_aim']:g}",
                       f"{row['mean_cost_vs_lower_bound']:.3f}", f"{row['worst_over_target_frac']:.4%}",
-                      f"{row['worst_first_chunk_s']:.1f} s",
+                      f"{row['worst_first_chunk_p99_s']:.2f} / {row['worst_first_chunk_s']:.1f} s",
                       "chosen" if row.get("chosen") else ("qualifies" if row["qualifies"] else ""))
     console.print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "rule": f"every case over target <= {OVER_TARGET_LIMIT:.2%} and (ours) first chunk <= "
-                f"{FIRST_CHUNK_LIMIT_S:g} s; then the lowest mean cost; if none qualifies, the lowest worst "
-                "over-target share",
+        "rule": f"every case over target <= {OVER_TARGET_LIMIT:.2%} and (ours) first chunk p99 <= "
+                f"{FIRST_CHUNK_P99_LIMIT_S:g} s and max <= {FIRST_CHUNK_LIMIT_S:g} s; then the lowest mean cost; "
+                "if none qualifies, the lowest worst over-target share",
         "chosen": chosen,
         "candidates": candidates,
         "cases": [{"policy": c[0], **dict(c[1]), "load": c[2], "burst_factor": c[3], "seed": c[4], **f}

@@ -219,7 +219,7 @@ class ControlLoop:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancel that lands as the event fires,
             # and the loop would then outlive its scheduler by a whole period.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._period_s):
+                async with asyncio.timeout(self._quiet_wait_s()):
                     await self._wake.wait()
             self._wake.clear()
             events, self._events = self._events, set()
@@ -234,6 +234,17 @@ class ControlLoop:
                 log.warning("event=control_round_failed code=%s detail=%r", exc.code, str(exc))
             except Exception:
                 log.exception("event=control_round_failed")
+
+    def _quiet_wait_s(self) -> float:
+        """How long the loop sleeps without an event: the control period, or less when a waiting session comes
+        due for an overflow slot sooner. The simulator decides at that instant, and the overflow wait was chosen
+        there; a loop that noticed a period later would keep a newcomer's first frame waiting up to 2 s longer."""
+        config = self.controller.config
+        if not config.overflow_slots:
+            return self._period_s
+        now_s = self._clock()
+        dues = (since_s + config.overflow_after_s - now_s for since_s in self.view.waiting_since.values())
+        return min((self._period_s, *(due_s for due_s in dues if due_s > 0)))
 
     async def step(self, trigger: str) -> Plan:
         """One decision: snapshot, decide (timed), execute in plan order, unplace what lost its worker. Every

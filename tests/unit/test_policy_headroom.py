@@ -84,6 +84,16 @@ def test_each_load_band_reads_its_own_tail_so_night_clumps_do_not_staff_the_day(
     assert memory.rise_z(5000) == memory.overall_z  # a load never seen reads every band's tail
 
 
+def test_an_empty_pool_reads_the_largest_clump_from_empty_however_long_the_silence_after_it() -> None:
+    params = BurstParams(window_s=3 * 3600.0, prior_s=60.0)
+    lull_clump_lull = [0] * 600 + [14] * 300 + [0] * (2 * 3600)
+    memory = feed(BurstMemory(params), lull_clump_lull)
+    assert memory.rise_z(0) == 14.0  # the time-weighted tail alone reads ~0 after two hours of nothing
+    assert memory.rise_z(1) < 14.0  # only the empty band: from one session on, arrivals are continuous
+    memory.record(5 * 3600.0, 0)  # past the window: forgotten
+    assert memory.rise_z(0) < 14.0
+
+
 def test_a_rise_counts_only_once_its_horizon_has_passed() -> None:
     params = BurstParams(horizon_s=40.0, prior_z=3.0)
     memory = feed(BurstMemory(params), [10] * 30 + [60] * 10)
@@ -99,7 +109,8 @@ def test_the_burst_coefficient_is_bounded_and_the_same_for_the_same_history(patt
     first, second = feed(BurstMemory(params), pattern), feed(BurstMemory(params), pattern)
     for active in {0, *pattern}:
         assert first.rise_z(active) == second.rise_z(active)
-        assert 0.0 <= first.rise_z(active) <= params.max_z + params.bin_z
+        bound = params.max_z + params.bin_z if active else max(params.max_z + params.bin_z, *pattern)
+        assert 0.0 <= first.rise_z(active) <= bound  # an empty pool may read the largest clump from empty
 
 
 def test_bad_budget_and_burst_settings_raise_typed_errors() -> None:

@@ -13,8 +13,7 @@ RECORD = Path(__file__).resolve().parents[2] / "bench" / "results" / "settings.j
 
 def test_the_registry_carries_the_recorded_choice_and_the_choice_follows_the_rule() -> None:
     record = json.loads(RECORD.read_text())
-    assert record["chosen"]["ours"] == CHOSEN["ours"]
-    assert record["chosen"]["ours_no_overflow"]["burst_coverage"] == CHOSEN["ours_no_overflow"]["burst_coverage"]
+    assert record["chosen"] == CHOSEN
     for policy in CHOSEN:
         rows = [r for r in record["candidates"] if r["policy"] == policy]
         qualified = [r for r in rows if r["qualifies"]]
@@ -23,4 +22,4 @@ def test_the_registry_carries_the_recorded_choice_and_the_choice_follows_the_rul
             assert chosen["mean_cost_vs_lower_bound"] == min(r["mean_cost_vs_lower_bound"] for r in qualified)
         for row in qualified:
             assert row["worst_over_target_frac"] <= 0.001
-            assert policy != "ours" or row["worst_first_chunk_s"] <= 5.0
+            assert policy != "ours" or (row["worst_first_chunk_p99_s"] <= 2.0 and row["worst_first_chunk_s"] <= 5.0)

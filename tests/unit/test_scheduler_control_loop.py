@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 
 import pytest
 
@@ -365,3 +366,38 @@ async def test_a_session_left_waiting_on_full_workers_takes_an_overflow_slot_onc
     assert row is not None and row.worker_id == "w1"
     await loop.step("tick")
     assert loop.snapshot.sessions["new"].gpu_id == "w1"  # the fifth keeps its overflow slot in the next snapshot
+
+
+class RunningClock(Clock):
+    """The fake clock, running at wall speed, for a test of the loop's own sleeping."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._started_s = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now_s + time.monotonic() - self._started_s
+
+
+async def test_the_loop_wakes_when_a_waiting_session_comes_due_for_an_overflow_slot_not_a_period_later(
+    store: MemoryStore,
+) -> None:
+    clock = RunningClock()
+    loop = make_decider(store, clock, max_gpus=1, worker_timeout_s=600.0).loop  # its control period: 60 s
+    await add_worker(store, loop, "w1")
+    for index in range(4):
+        await store.insert_session(session(f"full-{index}", "w1"))
+    await store.insert_session(dataclasses.replace(session("new", None), epoch=0, chunks_produced=0))
+    opened_s = clock()
+    running = asyncio.create_task(loop.run())
+    loop.trigger("open")
+    try:
+        async with asyncio.timeout(20.0):
+            while (row := await store.get_session("new")) is None or row.worker_id is None:
+                await asyncio.sleep(0.02)
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+    assert row.worker_id == "w1"
+    assert clock() - opened_s >= loop.controller.config.overflow_after_s  # it waited its turn for a free slot

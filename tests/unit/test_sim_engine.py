@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.scheduler.policy.registry import PolicySetting, build_controller
+from services.scheduler.policy.registry import CHOSEN, PolicySetting, build_controller
 from services.scheduler.sim.cli import add_simulate_parser, run_simulate
 from services.scheduler.sim.engine import LATE_CAUSES, SimConfig, Simulator
 from services.scheduler.sim.results import SimResult
@@ -48,19 +48,19 @@ def test_each_chunk_over_target_is_put_down_to_a_wait_or_to_a_batch_past_capacit
     sessions = tuple(SessionTrace(f"s{i}", ((0.0, 600.0),), 600.0, STATE) for i in range(4))
     trace = Trace("t", (*sessions, SessionTrace("fifth", ((10.0, 600.0),), 600.0, STATE)), 0.0, 600.0)
     waits = simulate(trace, "fixed", fixed_gpus=1)  # the fifth waits for a slot the whole window
-    overflows = simulate(trace, "ours_no_autoscale", fixed_gpus=1)  # after 3 s it takes an overflow slot
+    overflows = simulate(trace, "ours_no_autoscale", fixed_gpus=1)  # after a wait it takes an overflow slot
+    wait_s = CHOSEN["ours"]["overflow_after_s"]
     for result in (waits, overflows):
         assert sum(result.over_target_by_cause().values()) == pytest.approx(result.over_target_frac)
         assert result.over_target_by_cause()["restore"] == result.over_target_by_cause()["migration"] == 0.0
     assert waits.over_target_by_cause()["over_capacity"] == 0.0 and waits.over_target_frac > 0.15
     assert waits.first_chunk_quantile_s(1.0) > 500.0
-    assert overflows.over_target_by_cause()["waiting"] < 0.002  # its 3 s of owed chunks
+    assert overflows.over_target_by_cause()["waiting"] < 0.002  # the chunks it owed while it waited
     # the GPU runs four in one forward and the fifth after it: one chunk in five is late, and still real time
     assert 0.18 < overflows.over_target_by_cause()["over_capacity"] <= 0.2
     assert overflows.over_interval_frac < 0.002  # only the owed chunks of its wait stall the player
-    assert overflows.first_chunk_quantile_s(1.0) < 4.0
-    # no deadline yet, so the worker runs the newcomer's first chunk in the first forward: 3 s + l(4)
-    assert overflows.first_chunk_quantile_s(1.0) == pytest.approx(3.0 + 0.363, abs=0.001)
+    # no deadline yet, so the worker runs the newcomer's first chunk in the first forward: the wait + l(4)
+    assert overflows.first_chunk_quantile_s(1.0) == pytest.approx(wait_s + 0.363, abs=0.001)
 
 
 def test_autoscaling_waits_out_the_provisioning_delay_before_placing() -> None:

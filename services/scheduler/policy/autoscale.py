@@ -73,8 +73,9 @@ class AnticipatoryHeadroom:
 
     The offered load a is the active count now plus its drift over the horizon h (provisioning delay plus one
     decision interval); the pool covers a + beta sqrt(max(a, 1)) sessions (a rise from an empty pool is
-    measured against one session, so at night the pool still holds room for a clump of the size seen). Poisson
-    rises over h grow like sqrt(a), but how far beyond that a workload's arrivals clump is its own, so beta is
+    measured against one session, and an empty pool reads the largest clump seen from empty, so after a lull
+    the pool still holds room for a clump of the size seen; ``bursts`` says why). Poisson rises over h grow
+    like sqrt(a), but how far beyond that a workload's arrivals clump is its own, so beta is
     not a constant: it is ``burst_coverage`` times the 99th percentile of the rises seen so far from loads like
     this one (``bursts.BurstMemory``, in units of sqrt(load)), times the share the violation budget keeps
     (below 1 only while waits have spent far less than the budget allows). At low load that can be less than a

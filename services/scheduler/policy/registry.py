@@ -37,8 +37,8 @@ MIGRATION_COOLDOWN_S = 60.0
 # Chosen on the synthetic generators only, by bench/choose_settings.py (its output: bench/results/settings.json);
 # the ablations of ours take ours' settings.
 CHOSEN: dict[str, dict[str, float]] = {
-    "ours": {"burst_coverage": 0.6, "overflow_after_s": 3.0, "headroom_floor": 0.55},
-    "ours_no_overflow": {"burst_coverage": 0.6},
+    "ours": {"burst_coverage": 0.6, "overflow_after_s": 1.5, "headroom_floor": 0.55, "budget_aim": 0.8},
+    "ours_no_overflow": {"burst_coverage": 0.6, "budget_aim": 0.8},
 }
 
 
@@ -59,7 +59,8 @@ class PolicySetting:
     reference curve eight sessions run as two forwards of four in 726 ms, inside the 750 ms a chunk plays for, so
     the four past capacity miss the target but every stream still plays in real time; their state is 32 GB);
     ``burst_coverage`` and ``overflow_after_s`` and ``headroom_floor`` (how far an underspent violation budget may
-    trim the burst headroom, ``BudgetParams.min_scale``) None: the policy's own chosen values (``CHOSEN``);
+    trim the burst headroom, ``BudgetParams.min_scale``) and ``budget_aim`` (the part of the 0.1% it steers to,
+    ``BudgetParams.aim``) None: the policy's own chosen values (``CHOSEN``);
     ``spare_gpus``: warm GPUs ours keeps beyond those its active sessions fill."""
 
     provisioning_delay_s: float = 30.0
@@ -82,6 +83,7 @@ class PolicySetting:
     overflow_after_s: float | None = None
     burst_coverage: float | None = None
     headroom_floor: float | None = None
+    budget_aim: float | None = None
     spare_gpus: int = 1
 
     def models(self) -> Models:
@@ -179,7 +181,7 @@ def _chosen(name: str, setting: PolicySetting) -> dict[str, float]:
     """The tunable settings: the setting's own where given, else the policy's chosen values."""
     chosen = {**CHOSEN["ours"], **CHOSEN.get(name, {})}
     given = {"burst_coverage": setting.burst_coverage, "overflow_after_s": setting.overflow_after_s,
-             "headroom_floor": setting.headroom_floor}
+             "headroom_floor": setting.headroom_floor, "budget_aim": setting.budget_aim}
     return {key: chosen[key] if value is None else value for key, value in given.items()}
 
 
@@ -207,5 +209,5 @@ def build_controller(name: str, setting: PolicySetting) -> ClosedLoopController:
             setting.overflow_slots if recipe.overflow else 0,
             chosen["overflow_after_s"],
         ),
-        budget=ViolationBudget(BudgetParams(min_scale=chosen["headroom_floor"])),
+        budget=ViolationBudget(BudgetParams(aim=chosen["budget_aim"], min_scale=chosen["headroom_floor"])),
     )
