@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,17 @@ from services.common.service import StartAborted, nats_connection, run_service
 from services.gpu_worker.model import MissingCheckpointFile
 from services.gpu_worker.model.checkpoint_files import resolve_config
 from services.gpu_worker.settings import WorkerSettings
+
+
+@pytest.fixture(autouse=True)
+def root_logging_restored() -> Iterator[None]:
+    """run_service points the root logger at this test's captured stderr, which pytest closes after it; left
+    there, every later record (pgserver's at exit, among them) fails with 'I/O operation on closed file'."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def test_a_config_error_at_start_is_one_line_and_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
