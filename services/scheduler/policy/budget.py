@@ -25,9 +25,9 @@ class BudgetParams:
     remembered; ``prior_session_s``: session-seconds of on-aim history assumed at start, so the first minutes
     neither spend nor save; ``exponent``: how strongly the share follows the ratio of spent to aimed (small:
     gentle, since waits grow steeply as headroom shrinks); ``min_scale``/``max_scale``: clamps. Ours takes
-    ``min_scale`` from ``registry.CHOSEN`` (its ``headroom_floor``), chosen by ``bench/choose_settings.py`` on
-    calm synthetic days beside the bursty ones. ``chunk_interval_s``: the play time of one chunk, what one late
-    chunk counts as.
+    ``aim`` and ``min_scale`` from ``registry.CHOSEN`` (its ``budget_aim`` and ``headroom_floor``), chosen by
+    ``bench/choose_settings.py`` on calm synthetic days beside the bursty ones. ``chunk_interval_s``: the play
+    time of one chunk, what one late chunk counts as.
     """
 
     budget_frac: float = 0.001
