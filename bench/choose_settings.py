@@ -58,6 +58,15 @@ Settings = tuple[tuple[str, float], ...]
 Case = tuple[str, Settings, int, float, int]
 
 
+FIGURES = ("cost_vs_lower_bound", "over_target_frac", "first_chunk_p99_s", "first_chunk_max_s")
+
+
+def case_fields(case: Case) -> dict[str, object]:
+    """A case as settings.json records it, beside its figures."""
+    policy, setting, load, burst_factor, seed = case
+    return {"policy": policy, **dict(setting), "load": load, "burst_factor": burst_factor, "seed": seed}
+
+
 def run_case(case: Case) -> tuple[Case, dict[str, float]]:
     policy, setting, load, burst_factor, seed = case
     spec = SyntheticSpec(duration_s=6 * 3600.0, mean_active=float(load), burst_factor=burst_factor, seed=seed)
@@ -72,20 +81,16 @@ def run_case(case: Case) -> tuple[Case, dict[str, float]]:
 
 
 def recorded(record: Path, wanted: list[Case]) -> dict[Case, dict[str, float]]:
-    """The figures of ``wanted`` cases that a recorded run holds."""
-    figures = ("cost_vs_lower_bound", "over_target_frac", "first_chunk_p99_s", "first_chunk_max_s")
-    held = {}
-    for row in json.loads(record.read_text())["cases"]:
-        held[json.dumps({k: v for k, v in row.items() if k not in figures}, sort_keys=True)] = {
-            k: row[k] for k in figures if k in row}
-    found = {}
-    for case in wanted:
-        policy, setting, load, burst_factor, seed = case
-        key = json.dumps({"policy": policy, **dict(setting), "load": load, "burst_factor": burst_factor,
-                          "seed": seed}, sort_keys=True)
-        if key in held and len(held[key]) == len(figures):
-            found[case] = held[key]
-    return found
+    """The figures of ``wanted`` cases that a recorded run holds (all of them: a record from before a figure was
+    added does not count)."""
+    def key(fields: dict[str, object]) -> str:
+        return json.dumps(fields, sort_keys=True)
+
+    rows = json.loads(record.read_text())["cases"]
+    held = {key({k: v for k, v in row.items() if k not in FIGURES}): row for row in rows}
+    found = {case: held.get(key(case_fields(case))) for case in wanted}
+    return {case: {k: row[k] for k in FIGURES} for case, row in found.items()
+            if row is not None and all(k in row for k in FIGURES)}
 
 
 def main() -> int:
@@ -147,8 +152,7 @@ def main() -> int:
                 "if none qualifies, the lowest worst over-target share",
         "chosen": chosen,
         "candidates": candidates,
-        "cases": [{"policy": c[0], **dict(c[1]), "load": c[2], "burst_factor": c[3], "seed": c[4], **f}
-                  for c, f in sorted(results.items())],
+        "cases": [{**case_fields(c), **f} for c, f in sorted(results.items())],
     }, indent=1) + "\n")
     console.print(f"chosen: {chosen} (written to {args.out}); registry.CHOSEN holds {CHOSEN}")
     return 0

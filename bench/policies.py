@@ -10,7 +10,7 @@ paper's rule (per level and a rho sweep) and the fixed pools; the other baseline
 ``ours_restore_whole``: a worker whose restore lands whole before the batch instead of streaming in under it),
 and delays 0 s and 120 s, run on seed 0. Targets are judged on the worst seed.
 
-    .venv/bin/python bench/policies.py            # full run (about an hour on 2 cores)
+    .venv/bin/python bench/policies.py            # full run (35 to 60 min on 2 cores)
     .venv/bin/python bench/policies.py --quick    # loads 16 and 64, a shorter rho sweep, seed 0 and 1
 """
 

@@ -4,11 +4,16 @@ choice agrees with its own rule."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from services.scheduler.policy.registry import CHOSEN
 
-RECORD = Path(__file__).resolve().parents[2] / "bench" / "results" / "settings.json"
+REPO = Path(__file__).resolve().parents[2]
+RECORD = REPO / "bench" / "results" / "settings.json"
 
 
 def test_the_registry_carries_the_recorded_choice_and_the_choice_follows_the_rule() -> None:
@@ -23,3 +28,22 @@ def test_the_registry_carries_the_recorded_choice_and_the_choice_follows_the_rul
         for row in qualified:
             assert row["worst_over_target_frac"] <= 0.001
             assert policy != "ours" or (row["worst_first_chunk_p99_s"] <= 2.0 and row["worst_first_chunk_s"] <= 5.0)
+
+
+def test_the_choice_is_reproduced_from_the_recorded_cases_without_running_one(tmp_path: Path) -> None:
+    """--reuse takes every case from the record, so the script runs none (a rerun would take minutes, past the
+    timeout) and applies the same rule to the same figures."""
+    out = tmp_path / "settings.json"
+    script = subprocess.Popen([sys.executable, str(REPO / "bench" / "choose_settings.py"), "--reuse", str(RECORD),
+                               "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              start_new_session=True)  # its own group, so a timeout kills its pool's workers too
+    try:
+        _, err = script.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(script.pid, signal.SIGKILL)
+        script.wait()
+        raise
+    assert script.returncode == 0, err.decode()
+    again, record = json.loads(out.read_text()), json.loads(RECORD.read_text())
+    assert again["chosen"] == record["chosen"]
+    assert again["candidates"] == record["candidates"] and again["cases"] == record["cases"]

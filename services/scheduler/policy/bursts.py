@@ -121,11 +121,14 @@ class BurstMemory:
         self._now_s = 0.0
 
     def record(self, now_s: float, active: int) -> None:
-        """Raise the peak of every open rise, close those whose horizon has passed, open one per step."""
+        """Raise the peak of every open rise, close those whose horizon has passed, open one per step; forget the
+        clumps from empty older than the window."""
         params = self.params
         self._now_s = max(self._now_s, now_s)
         while self._open and now_s - self._open[0].start_s > params.horizon_s:
             self._close(self._open.popleft(), now_s)
+        while self._from_empty and self._now_s - self._from_empty[0][0] > params.window_s:
+            self._from_empty.popleft()
         for rise in self._open:
             rise.peak_active = max(rise.peak_active, active)
         step_s = params.horizon_s / params.starts_per_horizon
@@ -162,9 +165,6 @@ class BurstMemory:
         if band is not None:
             observed, weight_s = band.tail(self._now_s)
             z = (self.params.prior_s * prior_z + weight_s * observed) / (self.params.prior_s + weight_s)
-        if active == 0:
-            while self._from_empty and self._now_s - self._from_empty[0][0] > self.params.window_s:
-                self._from_empty.popleft()
-            if self._from_empty:
-                z = max(z, float(self._from_empty[0][1]))
+        if active == 0 and self._from_empty:
+            z = max(z, float(self._from_empty[0][1]))
         return z

@@ -180,9 +180,7 @@ POLICIES: dict[str, PolicyRecipe] = {
 def _chosen(name: str, setting: PolicySetting) -> dict[str, float]:
     """The tunable settings: the setting's own where given, else the policy's chosen values."""
     chosen = {**CHOSEN["ours"], **CHOSEN.get(name, {})}
-    given = {"burst_coverage": setting.burst_coverage, "overflow_after_s": setting.overflow_after_s,
-             "headroom_floor": setting.headroom_floor, "budget_aim": setting.budget_aim}
-    return {key: chosen[key] if value is None else value for key, value in given.items()}
+    return {key: value if (value := getattr(setting, key)) is not None else default for key, default in chosen.items()}
 
 
 def build_controller(name: str, setting: PolicySetting) -> ClosedLoopController:
