@@ -185,3 +185,9 @@ def test_a_resume_whose_restore_makes_its_first_chunk_late_spends_the_budget() -
     assert spent_after_resume(gpus=2) <= 0.0
     # streamed in per layer under the first DiT pass, it adds 20 ms beside 3 sessions: 383 ms, on time
     assert spent_after_resume(gpus=1, restore_layers=30) <= 0.0
+
+
+@pytest.mark.parametrize("aim", [0.0, 1.5, -0.2])
+def test_a_budget_aim_outside_zero_to_one_is_a_typed_error_when_the_policy_is_built(aim: float) -> None:
+    with pytest.raises(BudgetError, match="aim"):
+        build_controller("ours", PolicySetting(budget_aim=aim))
