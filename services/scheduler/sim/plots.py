@@ -73,3 +73,34 @@ def plot_cost_vs_latency(
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+FrontierPoint = tuple[str, float, float]  # (setting, worst share over target, worst cost x lower bound)
+
+
+def plot_frontier(panels: Sequence[tuple[str, float, dict[str, Sequence[FrontierPoint]]]], budget: float,
+                  path: Path) -> Path:
+    """One panel per trace and load: each family's settings at their worst seed (share over target, cost against
+    the lower bound), joined in setting order, with the box both targets ask for shaded. A point inside the box
+    meets both on every seed; ``panels``: (title, cost bound, {family: points})."""
+    columns = max(1, (len(panels) + 1) // 2)
+    figure, axes = plt.subplots(2, columns, figsize=(6 * columns, 9), squeeze=False)
+    for axis, (title, bound, families) in zip(axes.flat, panels, strict=False):
+        for family, points in families.items():
+            axis.plot([max(p[1], 1e-5) for p in points], [p[2] for p in points], "o-", label=family)
+            for setting, over, cost in points:
+                axis.annotate(setting, (max(over, 1e-5), cost), fontsize=7)
+        axis.fill_between([1e-5, budget], 1.0, bound, color="green", alpha=0.12, label="both targets met")
+        axis.axvline(budget, color="red", ls="--", lw=0.8)
+        axis.axhline(bound, color="red", ls="--", lw=0.8)
+        axis.set_xscale("log")
+        axis.set_xlabel("share of chunks over target, worst seed")
+        axis.set_ylabel("GPU-hours / lower bound, worst seed")
+        axis.set_title(title)
+        axis.legend(fontsize=7)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
