@@ -28,10 +28,10 @@ from services.scheduler.policy.autoscale import AutoscalePolicy
 from services.scheduler.policy.budget import ViolationBudget
 from services.scheduler.policy.cost_models import LatencyModel, MigrationCostModel, RestoreCostModel
 from services.scheduler.policy.detector import WorkloadDetector, WorkloadReading
-from services.scheduler.policy.placement import PlacementPolicy, RestoreDelay
+from services.scheduler.policy.placement import PlacementPolicy
 from services.scheduler.policy.rebalance import RebalancePolicy
 from services.scheduler.policy.snapshot import ClusterSnapshot, SessionView
-from services.scheduler.policy.workspace import Workspace
+from services.scheduler.policy.workspace import RestoreDelay, Workspace
 
 RELIEF_INTERVALS = 8
 SEARCH_PER_LEVEL = 32
@@ -165,7 +165,7 @@ class ClosedLoopController:
                 actions.extend(self._make_landing(workspace, gpu_id, restore))
             workspace.add(gpu_id, session_id)
             if restore is not None:
-                late += self._restore_late_chunks(workspace, gpu_id, workspace.count(gpu_id), restore)
+                late += workspace.landing_late_chunks(gpu_id, workspace.count(gpu_id), restore, self.config.target_ms)
                 actions.append(Restore(session_id, gpu_id, f"resumed; {reason}"))
             else:
                 actions.append(Place(session_id, gpu_id, f"new; {reason}"))
@@ -173,13 +173,6 @@ class ClosedLoopController:
 
     def _restore_delay(self, session: SessionView) -> RestoreDelay:
         return lambda chunk_ms: self.models.restore.delay_ms(session.state_bytes, chunk_ms)
-
-    def _restore_late_chunks(self, workspace: Workspace, gpu_id: str, count: int, restore: RestoreDelay) -> int:
-        """Chunks past the target when a restore streams in under the first forward of ``gpu_id`` holding
-        ``count`` sessions (the resumed session has no deadline yet, so it is in the first): that forward and
-        any after it start late by what the copy does not hide."""
-        first_ms = workspace.latency.curve(workspace.snapshot.gpus[gpu_id].kind).batches(count)[0][0]
-        return workspace.late_chunks(gpu_id, count, restore(first_ms), self.config.target_ms)
 
     def _may_overflow(self, session: SessionView, now_s: float) -> bool:
         since_s = session.waiting_since_s
@@ -246,9 +239,9 @@ class ClosedLoopController:
     def _make_landing(self, workspace: Workspace, gpu_id: str, restore: RestoreDelay) -> list[Migrate]:
         """One migration that lets a restore onto ``gpu_id`` meet the target, if one exists that itself does."""
         count = workspace.count(gpu_id)
-        if not self._restore_late_chunks(workspace, gpu_id, count + 1, restore):
+        if not workspace.landing_late_chunks(gpu_id, count + 1, restore, self.config.target_ms):
             return []
-        if self._restore_late_chunks(workspace, gpu_id, count, restore):
+        if workspace.landing_late_chunks(gpu_id, count, restore, self.config.target_ms):
             return []
         sessions = workspace.snapshot.sessions
         resident = workspace.snapshot.residents[gpu_id]

@@ -7,13 +7,11 @@ no restore, else how late its first chunk comes given the chunk time where it la
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 from services.scheduler.policy.snapshot import SessionView
-from services.scheduler.policy.workspace import Workspace
+from services.scheduler.policy.workspace import RestoreDelay, Workspace
 
-RestoreDelay = Callable[[float], float]
 Choice = tuple[str, str] | None
 
 
@@ -49,8 +47,7 @@ class MinBottleneckPlacement:
             resulting_ms = max(current_ms, after_ms)
             if self.restore_aware:
                 resulting_ms = max(resulting_ms, self.target_ms)
-                first_ms = after_ms if restore is None else after_ms + restore(after_ms)
-                misses_target = float(first_ms > self.target_ms)
+                misses_target = float(workspace.landing_late_chunks(gpu_id, count + 1, restore, self.target_ms) > 0)
                 fill = -after_ms if restore is None else after_ms
                 score: tuple[float, ...] = (resulting_ms, misses_target, fill)
             else:

@@ -7,10 +7,12 @@ for every candidate move.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from services.scheduler.policy.cost_models import LatencyModel
 from services.scheduler.policy.snapshot import ClusterSnapshot
+
+RestoreDelay = Callable[[float], float]  # a forward's ms -> the ms a restore streamed in under it adds to it
 
 
 class Workspace:
@@ -136,6 +138,14 @@ class Workspace:
         """Chunks over ``target_ms`` in the next interval of ``gpu_id`` holding ``count`` sessions, its forwards
         held up ``extra_ms``."""
         return self.latency.curve(self.snapshot.gpus[gpu_id].kind).late_chunks(count, extra_ms, target_ms)
+
+    def landing_late_chunks(self, gpu_id: str, count: int, restore: RestoreDelay | None, target_ms: float) -> int:
+        """Chunks past ``target_ms`` in the next interval of ``gpu_id`` holding ``count`` sessions, one of them just
+        landed. A resumed one streams its restore in under the first forward (it has no deadline yet, so it is in
+        the first): that forward and any after it start late by what the copy does not hide."""
+        curve = self.latency.curve(self.snapshot.gpus[gpu_id].kind)
+        extra_ms = 0.0 if restore is None else restore(curve.batches(count)[0][0])
+        return curve.late_chunks(count, extra_ms, target_ms)
 
     def latency_ms(self, kind: str, count: int) -> float:
         return self.latency.curve(kind).chunk_latency_ms(count)
