@@ -353,7 +353,7 @@ def plots(done: list[tuple[Job, SimResult]], rows: list[Row], out_dir: Path) -> 
             plot_timelines(shown, f"{name}, load {load}, delay 30 s, seed 0",
                            out_dir / f"policies_{name}_{load}_timeline.png")
             group = [r for r in rows if r["trace"] == name and r["load"] == load and r["delay_s"] == 30.0
-                     and r["seed"] == 0]
+                     and r["seed"] == 0 and r["burst_coverage"] is None]  # other coverages: the frontier's plot
             points = [(str(r["policy"]) + ("" if r["rho"] is None else f" rho {r['rho']}"), float(r["gpu_hours"]),
                        float(r["worst_latency_ms"]), float(r["over_target_frac"])) for r in group]
             sweep = sorted((float(r["rho"]), float(r["gpu_hours"]), float(r["over_target_frac"]))
