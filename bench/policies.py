@@ -14,7 +14,7 @@ also runs ours at other burst coverages (``FRONTIER_COVERAGES``), so the cost-vi
 beside the paper's rho sweep (``policies_frontier.png``): it shows how far any setting is from the targets, and is
 never used to choose one (``bench/choose_settings.py`` does that on the synthetic days).
 
-    .venv/bin/python bench/policies.py            # full run (35 to 60 min on 2 cores)
+    .venv/bin/python bench/policies.py            # full run (40 to 60 min on 2 cores)
     .venv/bin/python bench/policies.py --quick    # loads 16 and 64, a shorter rho sweep, two seeds a trace
 """
 
