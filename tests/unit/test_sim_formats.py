@@ -68,11 +68,40 @@ def test_one_command_runs_a_trace_file_and_reports_first_chunk_and_migration_fig
     assert "first chunk" in capsys.readouterr().out
 
 
+def test_a_setting_given_on_the_command_line_reaches_the_policy(tmp_path: Path) -> None:
+    """More burst coverage keeps more GPUs warm on the same trace; the default is the chosen setting."""
+    lines = [json.dumps({"session_id": f"s{i}", "active": [[i * 3.0, i * 3.0 + 200.0]]}) for i in range(60)]
+    trace = write(tmp_path / "clump.jsonl", "\n".join(lines) + "\n")
+
+    def gpu_hours(*setting: str) -> float:
+        out = tmp_path / "rows.json"
+        extra = [arg for name in setting for arg in ("--setting", name)]
+        assert simulate(["--trace", str(trace), "--format", "sessions", "--load", "0", "--policy", "ours",
+                         "--json", str(out), *extra]) == 0
+        return float(json.loads(out.read_text())[0]["gpu_hours"])
+
+    assert gpu_hours("burst_coverage=0") < gpu_hours() < gpu_hours("burst_coverage=3", "headroom_floor=1")
+
+
+@pytest.mark.parametrize("setting", ["no_such_setting=1", "burst_coverage=lots", "burst_coverage"])
+def test_a_setting_that_is_not_one_or_not_a_number_is_refused_before_anything_runs(
+    setting: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        simulate(["--trace", "synthetic", "--setting", setting])
+    assert exit_info.value.code == 2
+    assert "--setting" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [
     ["--trace", "nowhere.jsonl", "--format", "sessions"],
     ["--trace", "mine.jsonl"],
     ["--trace", "synthetic", "--kv-gb", "-1"],
     ["--trace", "synthetic", "--restore-layers", "0"],
+    ["--trace", "synthetic", "--load", "4", "--setting", "burst_coverage=-1"],
+    ["--trace", "synthetic", "--load", "4", "--setting", "budget_aim=2"],
+    ["--trace", "synthetic", "--load", "4", "--setting", "overflow_after_s=-1"],
+    ["--trace", "synthetic", "--load", "4", "--rho", "1.5", "--policy", "paper"],
 ])
 def test_a_bad_trace_or_setting_is_a_one_line_error_with_exit_code_2(
     argv: list[str], capsys: pytest.CaptureFixture[str]

@@ -38,6 +38,10 @@ SEARCH_PER_LEVEL = 32
 EVACUATION_TRIES = 4
 
 
+class ControllerConfigError(ValueError):
+    """A controller setting no decision can use (a non-positive target, a negative overflow wait or slot count)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ControllerConfig:
     """``scale_kind``: the GPU kind AddGpus asks for; ``consolidate``: scale-in may migrate sessions off the
@@ -61,6 +65,13 @@ class ControllerConfig:
     price_migrations: bool = False
     overflow_slots: int = 0
     overflow_after_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.target_ms <= 0 or self.overflow_slots < 0 or self.overflow_after_s < 0:
+            raise ControllerConfigError(
+                f"need target_ms > 0, overflow_slots >= 0 and overflow_after_s >= 0, got {self.target_ms}, "
+                f"{self.overflow_slots}, {self.overflow_after_s}"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from services.scheduler.policy.registry import POLICIES, PolicySetting
+from services.scheduler.policy.autoscale import AutoscaleError
+from services.scheduler.policy.budget import BudgetError
+from services.scheduler.policy.controller import ControllerConfigError
+from services.scheduler.policy.registry import CHOSEN, POLICIES, PolicySetting, build_controller
 from services.scheduler.sim.converters import TRACE_FORMATS, ConversionAssumptions
 from services.scheduler.sim.plots import plot_timelines
 from services.scheduler.sim.results import SimResult
@@ -27,6 +30,7 @@ from services.scheduler.sim.scenario import (
     fixed_sizes,
     load_base_trace,
     load_trace_file,
+    policy_setting,
     run_scenario,
     traces_dir,
 )
@@ -36,6 +40,18 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 _DEFAULTS = ConversionAssumptions()
 _LINKS = PolicySetting()
 POLICY_CHOICES = sorted({*POLICIES, "fixed_peak", "fixed_mean"} - {"fixed"})
+TUNABLE = tuple(CHOSEN["ours"])  # what --setting may override: the settings bench/choose_settings.py chooses
+
+
+def _setting(text: str) -> tuple[str, float]:
+    """NAME=VALUE for one of ``TUNABLE``."""
+    name, _, value = text.partition("=")
+    if name not in TUNABLE:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a setting; one of {', '.join(TUNABLE)}")
+    try:
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name}: {value!r} is not a number") from None
 
 
 def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
@@ -66,6 +82,9 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     parser.add_argument("--restore-layers", type=int, default=_LINKS.restore_layers,
                         help="layers a restore streams in under a batch's first DiT pass (1: it lands whole first)")
     parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--setting", type=_setting, action="append", default=[], metavar="NAME=VALUE",
+                        help=f"repeatable; replaces a chosen setting of ours ({', '.join(TUNABLE)}), to see how "
+                             "your own trace answers to it")
     parser.add_argument("--plot", type=Path, default=None, help="write a timeline PNG here")
     parser.add_argument("--json", type=Path, default=None, help="write the result rows here")
     parser.set_defaults(handler=run_simulate)
@@ -107,13 +126,17 @@ def run_simulate(args: argparse.Namespace) -> int:
         return 2
     assumptions = ConversionAssumptions(output_tokens_per_chunk=args.tokens_per_chunk, linger_s=args.linger_s,
                                         kv_bytes=round(args.kv_gb * 1e9), vae_cache_bytes=round(args.vae_gb * 1e9))
+    policies = args.policy or ["ours", "paper"]
+    links = (("cross_node_gigabytes_per_s", args.cross_node_gbps), ("same_node_gigabytes_per_s", args.same_node_gbps),
+             ("restore_layers", args.restore_layers), *args.setting)
     try:
+        for policy in policies:  # a bad --rho or --setting fails here, before a long trace loads
+            build_controller("fixed" if policy.startswith("fixed") else policy,
+                             policy_setting(Scenario(policy, args.delay_s, args.rho, setting=links)))
         trace = _load(args, assumptions)
-    except (TracesMissingError, TraceError) as error:
+    except (AutoscaleError, BudgetError, ControllerConfigError, TracesMissingError, TraceError) as error:
         console.print(f"[red]{error}[/red]")
         return 2
-    links = (("cross_node_gigabytes_per_s", args.cross_node_gbps), ("same_node_gigabytes_per_s", args.same_node_gbps),
-             ("restore_layers", args.restore_layers))
     sizes = fixed_sizes(trace, 4)
     lower_bound = lower_bound_gpu_hours(trace, 4, 1)
     console.print(f"trace {trace.name}: {len(trace.sessions)} sessions, window {trace.window_s / 3600:.2f} h, "
@@ -121,7 +144,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     console.print("assumptions: " + ", ".join(f"{k}={v}" for k, v in sorted(trace.assumptions.items())))
     results: list[SimResult] = []
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as progress:
-        for policy in args.policy or ["ours", "paper"]:
+        for policy in policies:
             task = progress.add_task(policy, total=trace.window_s)
             name = "fixed" if policy in sizes else policy
             scenario = Scenario(name, args.delay_s, args.rho, sizes.get(policy, sizes["fixed_peak"]),

@@ -86,8 +86,10 @@ def fixed_sizes(trace: Trace, capacity: int) -> dict[str, int]:
     }
 
 
-def run_scenario(trace: Trace, scenario: Scenario, progress: Callable[[float], None] | None = None) -> SimResult:
-    setting = PolicySetting(
+def policy_setting(scenario: Scenario) -> PolicySetting:
+    """What the scenario's policy is built for. Building it (``build_controller``) is where a bad setting raises its
+    typed error, so a command can check its scenarios before it loads a trace."""
+    return PolicySetting(
         provisioning_delay_s=scenario.delay_s,
         min_gpus=scenario.min_gpus,
         target_ms=scenario.target_ms,
@@ -95,6 +97,10 @@ def run_scenario(trace: Trace, scenario: Scenario, progress: Callable[[float], N
         rho=scenario.rho,
         **dict(scenario.setting),  # type: ignore[arg-type]
     )
+
+
+def run_scenario(trace: Trace, scenario: Scenario, progress: Callable[[float], None] | None = None) -> SimResult:
+    setting = policy_setting(scenario)
     controller = build_controller(scenario.policy, setting)
     truth = setting.models()
     config = SimConfig(
