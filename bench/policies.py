@@ -309,12 +309,16 @@ def frontier(rows: list[Row]) -> list[Row]:
     return points
 
 
+def frontier_cells(points: list[Row]) -> list[tuple[str, int, list[Row]]]:
+    """The frontier's points by trace and load, the cells that have any."""
+    cells = [(name, load, [p for p in points if p["trace"] == name and p["load"] == load])
+             for name, load in itertools.product(TRACES, FRONTIER_LOADS)]
+    return [(name, load, cell) for name, load, cell in cells if cell]
+
+
 def frontier_verdicts(points: list[Row]) -> list[str]:
     lines = []
-    for name, load in itertools.product(TRACES, FRONTIER_LOADS):
-        cell = [p for p in points if p["trace"] == name and p["load"] == load]
-        if not cell:
-            continue
+    for name, load, cell in frontier_cells(points):
         meeting = [f"{p['family']} {p['setting']:g}" for p in cell if p["meets_both"]]
         cheapest = []
         for family, knob in (("ours", "coverage"), ("paper", "rho")):
@@ -330,16 +334,14 @@ def frontier_verdicts(points: list[Row]) -> list[str]:
 
 def plot_frontier_panels(points: list[Row], out_dir: Path) -> None:
     panels = []
-    for name, load in itertools.product(TRACES, FRONTIER_LOADS):
-        cell = [p for p in points if p["trace"] == name and p["load"] == load]
-        if cell:
-            families = {
-                f"{family} ({knob})": [(f"{p['setting']:g}" + ("*" if p["chosen"] else ""),
-                                        p["over_target_frac_worst"], p["cost_vs_lower_bound_worst"])
-                                       for p in cell if p["family"] == family]
-                for family, knob in (("ours", "coverage"), ("paper", "rho"))}
-            panels.append((f"{name}, load {load}, worst of {cell[0]['seeds']} seeds (* chosen)", COST_TARGETS[load],
-                           families))
+    for name, load, cell in frontier_cells(points):
+        families = {
+            f"{family} ({knob})": [(f"{p['setting']:g}" + ("*" if p["chosen"] else ""),
+                                    p["over_target_frac_worst"], p["cost_vs_lower_bound_worst"])
+                                   for p in cell if p["family"] == family]
+            for family, knob in (("ours", "coverage"), ("paper", "rho"))}
+        panels.append((f"{name}, load {load}, worst of {cell[0]['seeds']} seeds (* chosen)", COST_TARGETS[load],
+                       families))
     plot_frontier(panels, OVER_TARGET_BUDGET, out_dir / "policies_frontier.png")
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from services.scheduler.policy.actions import Action, Migrate, Place, Plan, Restore
 from services.scheduler.policy.autoscale import FixedAllocation
-from services.scheduler.policy.controller import EVACUATION_TRIES, ControllerConfig
+from services.scheduler.policy.controller import EVACUATION_TRIES, ControllerConfig, ControllerConfigError
 from services.scheduler.policy.cost_models import LatencyModel, MigrationCostModel
 from services.scheduler.policy.registry import PolicySetting, build_controller
 from services.scheduler.policy.snapshot import ClusterSnapshot, GpuView, SessionView, SnapshotError
@@ -35,6 +35,13 @@ def gpus(loads: list[int], nodes: list[str] | None = None, waiting: int = 0, sin
         snapshot.upsert_session(SessionView(f"w{counter}", 4 * GB, True, None, waiting_since_s=since_s))
         counter += 1
     return snapshot
+
+
+@pytest.mark.parametrize("bad", [{"target_ms": 0.0}, {"overflow_slots": -1}, {"overflow_after_s": -0.5}])
+def test_a_controller_setting_no_decision_can_use_is_a_typed_error(bad: dict[str, float]) -> None:
+    with pytest.raises(ControllerConfigError):
+        ControllerConfig("h100", **bad)  # type: ignore[arg-type]
+    ControllerConfig("h100", overflow_slots=4, overflow_after_s=0.0)  # no wait at all is a setting
 
 
 def test_a_migration_costs_its_bytes_over_the_link_between_the_two_gpus() -> None:

@@ -39,8 +39,14 @@ from services.scheduler.sim.trace import Trace, TraceError, active_time_in, lowe
 REPO_ROOT = Path(__file__).resolve().parents[3]
 _DEFAULTS = ConversionAssumptions()
 _LINKS = PolicySetting()
-POLICY_CHOICES = sorted({*POLICIES, "fixed_peak", "fixed_mean"} - {"fixed"})
+FIXED_POOLS = ("fixed_peak", "fixed_mean")  # the fixed recipe, sized from the trace (scenario.fixed_sizes)
+POLICY_CHOICES = sorted({*POLICIES, *FIXED_POOLS} - {"fixed"})
 TUNABLE = tuple(CHOSEN["ours"])  # what --setting may override: the settings bench/choose_settings.py chooses
+
+
+def _recipe(policy: str) -> str:
+    """The registry's name for a ``--policy`` choice."""
+    return "fixed" if policy in FIXED_POOLS else policy
 
 
 def _setting(text: str) -> tuple[str, float]:
@@ -131,8 +137,7 @@ def run_simulate(args: argparse.Namespace) -> int:
              ("restore_layers", args.restore_layers), *args.setting)
     try:
         for policy in policies:  # a bad --rho or --setting fails here, before a long trace loads
-            build_controller("fixed" if policy.startswith("fixed") else policy,
-                             policy_setting(Scenario(policy, args.delay_s, args.rho, setting=links)))
+            build_controller(_recipe(policy), policy_setting(Scenario(policy, args.delay_s, args.rho, setting=links)))
         trace = _load(args, assumptions)
     except (AutoscaleError, BudgetError, ControllerConfigError, TracesMissingError, TraceError) as error:
         console.print(f"[red]{error}[/red]")
@@ -146,8 +151,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as progress:
         for policy in policies:
             task = progress.add_task(policy, total=trace.window_s)
-            name = "fixed" if policy in sizes else policy
-            scenario = Scenario(name, args.delay_s, args.rho, sizes.get(policy, sizes["fixed_peak"]),
+            scenario = Scenario(_recipe(policy), args.delay_s, args.rho, sizes.get(policy, sizes["fixed_peak"]),
                                 gpus_per_node=args.gpus_per_node, setting=links)
             result = run_scenario(trace, scenario, _progress_callback(progress, task))
             result.policy = policy
