@@ -12,7 +12,9 @@ paper's rule (per level and a rho sweep) and the fixed pools; the other baseline
 and delays 0 s and 120 s, run on seed 0. Targets are judged on the worst seed. At loads 16 and 64 every seed
 also runs ours at other burst coverages (``FRONTIER_COVERAGES``), so the cost-violation frontier of ours stands
 beside the paper's rho sweep (``policies_frontier.png``): it shows how far any setting is from the targets, and is
-never used to choose one (``bench/choose_settings.py`` does that on the synthetic days).
+never used to choose one (``bench/choose_settings.py`` does that on the synthetic days). Where the GPU-hours of
+ours, the paper's rule and the mean-sized pool go (serving the lower bound's need, provisioning, headroom, held
+through the scale-in hold) is printed per cell and drawn in ``policies_cost_split.png``.
 
     .venv/bin/python bench/policies.py            # full run (40 to 60 min on 2 cores)
     .venv/bin/python bench/policies.py --quick    # loads 16 and 64, a shorter rho sweep, two seeds a trace
@@ -39,7 +41,8 @@ from rich.table import Table  # noqa: E402
 from services.scheduler.policy.registry import CHOSEN  # noqa: E402
 from services.scheduler.sim.cli import migrations_per_session_hour  # noqa: E402
 from services.scheduler.sim.converters import ConversionAssumptions  # noqa: E402
-from services.scheduler.sim.plots import plot_cost_vs_latency, plot_frontier, plot_timelines  # noqa: E402
+from services.scheduler.sim.engine import GPU_USES  # noqa: E402
+from services.scheduler.sim.plots import plot_cost_split, plot_cost_vs_latency, plot_frontier, plot_timelines  # noqa: E402
 from services.scheduler.sim.results import SimResult  # noqa: E402
 from services.scheduler.sim.scenario import (  # noqa: E402
     Scenario,
@@ -153,6 +156,7 @@ def row(job: Job, result: SimResult, trace: Trace) -> Row:
         "lower_bound_gpu_hours": round(lower_bound, 3),
         "cost_vs_lower_bound": round(result.gpu_hours / lower_bound, 3),
         "clairvoyant_vs_lower_bound": round(clairvoyant(job, trace) / lower_bound, 3),
+        **{f"{use}_vs_lower_bound": round(hours / lower_bound, 3) for use, hours in result.gpu_hours_by_use.items()},
         "first_chunk_p50_s": round(result.first_chunk_quantile_s(0.5), 3),
         "first_chunk_p99_s": round(result.first_chunk_quantile_s(0.99), 3),
         "first_chunk_max_s": round(result.first_chunk_quantile_s(1.0), 3),
@@ -188,8 +192,10 @@ def same_cost_jobs(done: list[tuple[Job, SimResult]], directory: Path) -> list[J
 
 
 Key = tuple[str, float, Any, Any]
+SPLIT = tuple(f"{use}_vs_lower_bound" for use in GPU_USES)
 SUMMED = ("cost_vs_lower_bound", "over_target_frac", "over_interval_frac", "worst_latency_ms", "first_chunk_p50_s",
-          "first_chunk_p99_s", "first_chunk_max_s", "migrations_per_session_hour", "gb_moved_per_gpu_hour")
+          "first_chunk_p99_s", "first_chunk_max_s", "migrations_per_session_hour", "gb_moved_per_gpu_hour",
+          "clairvoyant_vs_lower_bound", *SPLIT)
 
 
 def summarise(rows: list[Row]) -> list[Row]:
@@ -280,6 +286,37 @@ def targets(name: str, load: int, rows: list[Row]) -> list[str]:
         lines.append(f"{name} {load} seed 0: worst latency {cut:.0%} below a fixed pool of equal cost "
                      f"({same['fixed_gpus']} GPUs) (>= 35%: {_met(cut >= 0.35)})")
     return lines
+
+
+SPLIT_SHOWN = (("ours", None), ("paper", None), ("paper", 0.8), ("fixed_mean", None))  # (policy, rho)
+
+
+def cost_split(summary: list[Row]) -> list[Row]:
+    """Where each cell's GPU-hours go, in lower bounds, mean over seeds (``engine.GPU_USES``): the lower bound
+    less what the serving GPUs met is the need left to waits and overflow slots, and a clairvoyant pool without
+    waits pays its own provisioning and the gaps too short to release a GPU across."""
+    split: list[tuple[tuple[int, int, int], Row]] = []
+    for r in summary:
+        if (r["policy"], r["rho"]) not in SPLIT_SHOWN or r["delay_s"] != 30.0 or r["burst_coverage"] is not None:
+            continue
+        order = (TRACES.index(r["trace"]), r["load"], SPLIT_SHOWN.index((r["policy"], r["rho"])))
+        split.append((order, {"trace": r["trace"], "load": r["load"],
+                      "policy": r["policy"] + ("" if r["rho"] is None else f" rho {r['rho']:g}"),
+                      "cost_vs_lower_bound": round(r["cost_vs_lower_bound_mean"], 3),
+                      "clairvoyant_vs_lower_bound": round(r["clairvoyant_vs_lower_bound_mean"], 3),
+                      **{use: round(r[f"{use}_vs_lower_bound_mean"], 3) for use in GPU_USES},
+                      "unmet": round(1.0 - r["serving_vs_lower_bound_mean"], 3)}))
+    return [entry for _, entry in sorted(split, key=lambda pair: pair[0])]
+
+
+def print_cost_split(split: list[Row], console: Console) -> None:
+    table = Table(title="where the GPU-hours go, in lower bounds, mean over seeds (delay 30 s)")
+    for column in ("trace", "load", "policy", "x LB", *GPU_USES, "unmet", "clairvoyant x LB"):
+        table.add_column(column)
+    for r in split:
+        figures = (r["cost_vs_lower_bound"], *(r[use] for use in GPU_USES), r["unmet"], r["clairvoyant_vs_lower_bound"])
+        table.add_row(r["trace"], str(r["load"]), r["policy"], *(f"{value:.3f}" for value in figures))
+    console.print(table)
 
 
 def frontier(rows: list[Row]) -> list[Row]:
@@ -405,15 +442,18 @@ def main() -> int:
                              r["burst_coverage"] or 0, int(r["seed"])))
     summary = summarise(rows)
     points = frontier(rows)
+    split = cost_split(summary)
     verdicts = report(rows, summary, console) + frontier_verdicts(points)
+    print_cost_split(split, console)
     for line in verdicts:
         console.print(line)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "policies.json").write_text(json.dumps(
         {"state": state, "assumptions": assumptions, "seeds": seeds, "verdicts": verdicts,
-         "summary": summary, "frontier": points, "rows": rows}, indent=1) + "\n")
+         "summary": summary, "frontier": points, "cost_split": split, "rows": rows}, indent=1) + "\n")
     plots(done, rows, args.out_dir)
     plot_frontier_panels(points, args.out_dir)
+    plot_cost_split(split, GPU_USES, args.out_dir / "policies_cost_split.png")
     return 0
 
 

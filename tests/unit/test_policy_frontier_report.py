@@ -56,3 +56,26 @@ def test_a_setting_meets_the_targets_only_on_its_worst_seed(policies: ModuleType
     assert "ours coverage 0.5 at 1.460x" in line and "paper rho 0.6 at 1.710x" in line
     policies.plot_frontier_panels(list(points.values()), tmp_path)
     assert (tmp_path / "policies_frontier.png").stat().st_size > 0
+
+
+def test_the_cost_split_shows_each_policy_by_use_and_the_need_its_pool_left_unmet(policies: ModuleType,
+                                                                                 tmp_path: Path) -> None:
+    uses = {"ours": (0.98, 0.12, 0.35, 0.08), "paper": (0.93, 0.14, 0.03, 0.02), "round_robin": (1.0, 0.1, 0.1, 0.1)}
+    rows = []
+    for policy, (serving, provisioning, headroom, held) in uses.items():
+        for seed, shift in ((0, 0.0), (1, 0.02)):
+            split = {"serving_vs_lower_bound": serving - shift, "provisioning_vs_lower_bound": provisioning,
+                     "headroom_vs_lower_bound": headroom + shift, "held_vs_lower_bound": held}
+            rows.append({**_row(policy, seed, sum(split.values()), 0.0005), **split,
+                         "clairvoyant_vs_lower_bound": 1.15, "over_interval_frac": 0.0, "worst_latency_ms": 400.0,
+                         "first_chunk_p50_s": 0.4, "first_chunk_p99_s": 1.0, "first_chunk_max_s": 1.9,
+                         "migrations_per_session_hour": 0.1, "gb_moved_per_gpu_hour": 1.0})
+    split = policies.cost_split(policies.summarise(rows))
+    assert [r["policy"] for r in split] == ["ours", "paper"]  # the policies the split shows, in its order
+    ours = split[0]
+    assert ours["serving"] == pytest.approx(0.97) and ours["headroom"] == pytest.approx(0.36)  # mean of 2 seeds
+    assert ours["unmet"] == pytest.approx(0.03) and ours["clairvoyant_vs_lower_bound"] == 1.15
+    assert ours["cost_vs_lower_bound"] == pytest.approx(0.97 + 0.12 + 0.36 + 0.08)
+    path = tmp_path / "split.png"
+    policies.plot_cost_split(split, policies.GPU_USES, path)
+    assert path.stat().st_size > 0

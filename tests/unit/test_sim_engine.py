@@ -10,11 +10,11 @@ import pytest
 
 from services.scheduler.policy.registry import CHOSEN, PolicySetting, build_controller
 from services.scheduler.sim.cli import add_simulate_parser, run_simulate
-from services.scheduler.sim.engine import LATE_CAUSES, SimConfig, Simulator
+from services.scheduler.sim.engine import GPU_USES, LATE_CAUSES, SimConfig, Simulator
 from services.scheduler.sim.results import SimResult
 from services.scheduler.sim.scenario import Scenario, run_scenario
 from services.scheduler.sim.synthetic import SyntheticSpec, generate
-from services.scheduler.sim.trace import SessionTrace, Trace
+from services.scheduler.sim.trace import SessionTrace, Trace, lower_bound_gpu_hours
 
 STATE = 3_500_000_000
 
@@ -34,6 +34,26 @@ def test_a_fixed_pool_costs_its_size_times_the_window_and_chunks_run_at_the_mode
     assert result.total_chunks == pytest.approx(4 * 3600.0 / 0.75)
     assert result.worst_latency_ms == pytest.approx(180.0 + 55.0 + 18.0 / 4)
     assert result.over_target_frac == 0.0
+
+
+def test_a_fixed_pool_bills_the_lower_bounds_need_as_serving_and_the_rest_as_headroom() -> None:
+    sessions = tuple(SessionTrace(f"s{i}", ((0.0, 3600.0),), 3600.0, STATE) for i in range(5))
+    result = simulate(Trace("t", sessions, 0.0, 3600.0), "fixed", fixed_gpus=3)
+    assert set(result.gpu_hours_by_use) == set(GPU_USES)
+    assert result.gpu_hours_by_use["serving"] == pytest.approx(2.0)  # ceil(5 / 4) GPUs all hour
+    assert result.gpu_hours_by_use["headroom"] == pytest.approx(1.0)
+    assert result.gpu_hours_by_use["provisioning"] == result.gpu_hours_by_use["held"] == 0.0
+
+
+def test_an_autoscaled_pool_bills_its_delay_as_provisioning_and_its_scale_in_hold_as_held() -> None:
+    busy = tuple(SessionTrace(f"s{i}", ((100.0, 400.0),), 400.0, STATE) for i in range(8))
+    trace = Trace("t", (*busy, SessionTrace("stays", ((100.0, 900.0),), 900.0, STATE)), 0.0, 900.0)
+    result = simulate(trace, "paper", delay_s=30.0)
+    uses = result.gpu_hours_by_use
+    assert sum(uses.values()) == pytest.approx(result.gpu_hours)
+    assert uses["provisioning"] == pytest.approx(result.counters["gpus_added"] * 30.0 / 3600.0)
+    assert uses["serving"] < lower_bound_gpu_hours(trace, 4, 1)  # 9 sessions on 1 GPU while 2 more provisioned
+    assert 0.0 < uses["held"] < 2 * 60.0 / 3600.0  # after 400 s, until the paper's 5 s hold and its drains end
 
 
 def test_sessions_beyond_capacity_wait_and_their_waiting_shows_in_chunk_latency() -> None:
@@ -101,9 +121,10 @@ def test_the_simulate_command_prints_a_table_and_writes_rows(
     rows = json.loads(out.read_text())
     assert [r["policy"] for r in rows] == ["ours", "fixed_peak"]
     assert rows[0]["gpu_hours"] < rows[1]["gpu_hours"]
-    for row in rows:  # the split by cause rides along in the JSON and adds up to the share over target
+    for row in rows:  # the splits by cause and by use ride along in the JSON and add up to their totals
         causes = [row[f"over_target_frac_{cause}"] for cause in LATE_CAUSES]
         assert sum(causes) == pytest.approx(row["over_target_frac"])
+        assert sum(row[f"gpu_hours_{use}"] for use in GPU_USES) == pytest.approx(row["gpu_hours"], abs=0.003)
     assert (tmp_path / "t.png").stat().st_size > 0
     assert "lower bound" in capsys.readouterr().out
 

@@ -21,6 +21,7 @@ from services.scheduler.policy.budget import BudgetError
 from services.scheduler.policy.controller import ControllerConfigError
 from services.scheduler.policy.registry import CHOSEN, POLICIES, PolicySetting, build_controller
 from services.scheduler.sim.converters import TRACE_FORMATS, ConversionAssumptions
+from services.scheduler.sim.engine import GPU_USES
 from services.scheduler.sim.plots import plot_timelines
 from services.scheduler.sim.results import SimResult
 from services.scheduler.sim.scenario import (
@@ -159,13 +160,15 @@ def run_simulate(args: argparse.Namespace) -> int:
             progress.update(task, completed=trace.window_s)
     table = Table(title=f"{trace.name} at load {args.load:g}, delay {args.delay_s:g} s (lower bound "
                         f"{lower_bound:.1f} GPU-h)")
-    for column in ("policy", "GPU-h", "x LB", "worst ms", "p99 ms", "over target", "first chunk p50/p99/max s",
+    for column in ("policy", "GPU-h", "x LB", f"x LB by use: {'/'.join(GPU_USES)}", "worst ms", "p99 ms",
+                   "over target", "first chunk p50/p99/max s",
                    "over target by cause: capacity/waiting/restore/migration", "migr. per session-h",
                    "GB moved per GPU-h", "restores"):
         table.add_column(column)
     for r in results:
         first = "/".join(f"{r.first_chunk_quantile_s(q):.2f}" for q in (0.5, 0.99, 1.0))
         table.add_row(r.policy, f"{r.gpu_hours:.1f}", f"{r.gpu_hours / lower_bound:.2f}",
+                      "/".join(f"{hours / lower_bound:.2f}" for hours in r.gpu_hours_by_use.values()),
                       f"{r.worst_latency_ms:.0f}", f"{r.p99_latency_ms:.0f}", f"{r.over_target_frac:.4%}", first,
                       "/".join(f"{share:.4%}" for share in r.over_target_by_cause().values()),
                       f"{migrations_per_session_hour(r, trace):.2f}",

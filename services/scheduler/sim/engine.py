@@ -13,7 +13,8 @@ GPUs fill nodes of ``gpus_per_node`` in the order they are asked for. Offloads f
 to host runs in the background). GPUs are billed from the moment they are asked for until they are released.
 
 Every chunk over target is put down to one of ``LATE_CAUSES``, so a policy's misses say where they come from
-(a tighter pool shows up as waits, the first-chunk rule as batches past capacity).
+(a tighter pool shows up as waits, the first-chunk rule as batches past capacity), and every billed GPU-second to
+one of ``GPU_USES``, so its cost says where that comes from too.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ from services.scheduler.sim.trace import EventKind, Trace
 LATE_CAUSES = ("over_capacity", "waiting", "restore", "migration")
 """A batch past the GPU's capacity (overflow slots), chunks owed while a session waited for a slot or a GPU, a
 batch held up by a restore streaming in, a batch held up by a migration's transfer."""
+
+
+GPU_USES = ("serving", "provisioning", "headroom", "held")
+"""A ready GPU the lower bound counts too (max(min_gpus, ceil(active / K)) of them), a GPU asked for and not yet
+ready, a ready GPU beyond that need up to the autoscaler's latest target (its headroom), and a ready GPU beyond both
+(the scale-in hold, or a drain in progress). The lower bound less the serving GPU-hours is the need no ready GPU
+met: the waits and overflow slots of ``LATE_CAUSES``."""
 
 
 class SimulationError(RuntimeError):
@@ -95,6 +103,9 @@ class Simulator:
         self._window_chunks = 0.0
         self._window_late = 0.0
         self._late_by_cause = dict.fromkeys(LATE_CAUSES, 0.0)
+        self._gpu_seconds_by_use = dict.fromkeys(GPU_USES, 0.0)
+        self._provisioning: set[str] = set()
+        self._pool_target = controller.initial_gpus
         self._counters = dict.fromkeys(
             ("migrations", "migrated_bytes", "offloads", "restores", "placements", "scale_out_events",
              "gpus_added", "scale_in_events", "gpus_removed", "decisions", "unserved_opens"), 0
@@ -138,6 +149,7 @@ class Simulator:
         span_s = high_s - low_s
         if span_s > 0:
             self._gpu_seconds += span_s * len(self.snapshot.gpus)
+            self._bill_by_use(span_s)
             per_session = span_s / self.config.chunk_interval_s
             for (kind, count), gpus in self.snapshot.levels.items():
                 if not gpus:
@@ -145,6 +157,17 @@ class Simulator:
                 for value_ms, sessions in self.latency.curve(kind).batches(count):
                     self._count(value_ms, value_ms, per_session * sessions * len(gpus), "over_capacity")
         self._now_s = to_s
+
+    def _bill_by_use(self, span_s: float) -> None:
+        config = self.config
+        need = max(config.min_gpus, math.ceil(self.snapshot.active_count / config.gpu_capacity))
+        provisioning = len(self._provisioning)
+        ready = len(self.snapshot.gpus) - provisioning
+        uses = self._gpu_seconds_by_use
+        uses["serving"] += span_s * min(ready, need)
+        uses["provisioning"] += span_s * provisioning
+        uses["headroom"] += span_s * max(0, min(ready, self._pool_target) - need)
+        uses["held"] += span_s * max(0, ready - max(self._pool_target, need))
 
     def _settle_wait(self, session_id: str, first_chunk_ms: float) -> None:
         """Account the chunks a session owed while it waited W: late by 0..W on top of its first chunk's latency."""
@@ -237,6 +260,7 @@ class Simulator:
             gpu_id = f"gpu{next(self._gpu_ids):05d}"
             capacity = self.latency.curve(action.kind).capacity
             self._add_gpu(GpuView(gpu_id, action.kind, capacity, ready_s))
+            self._provisioning.add(gpu_id)
             heapq.heappush(self._dynamic, (ready_s, _READY, gpu_id))
         self._counters["scale_out_events"] += 1
         self._counters["gpus_added"] += action.count
@@ -253,6 +277,7 @@ class Simulator:
         if gpu_id not in self.snapshot.gpus:
             raise SimulationError(f"remove of unknown GPU {gpu_id!r}")
         self.snapshot.remove_gpu(gpu_id)
+        self._provisioning.discard(gpu_id)
         self._node_load[self._node_of.pop(gpu_id)] -= 1
         self._counters["gpus_removed"] += 1
 
@@ -262,6 +287,7 @@ class Simulator:
             plan = self.controller.decide(self.snapshot, self._now_s)
             self._decide_s.append(time.perf_counter() - started)
             self._counters["decisions"] += 1
+            self._pool_target = plan.target_gpus
             if not self._apply(plan):
                 return
 
@@ -326,8 +352,10 @@ class Simulator:
                     self._sample()
                     heapq.heappush(self._dynamic, (time_s + config.sample_s, _SAMPLE, ""))
                     continue
-                elif kind == _READY and key not in self.snapshot.gpus:
-                    continue
+                elif kind == _READY:
+                    self._provisioning.discard(key)
+                    if key not in self.snapshot.gpus:
+                        continue
             else:
                 time_s, kind, key = events[index]
                 index += 1
@@ -374,4 +402,5 @@ class Simulator:
             series=self.series,
             first_chunk_s=sorted(self._first_chunk_s),
             late_chunks_by_cause=dict(self._late_by_cause),
+            gpu_hours_by_use={use: seconds / 3600.0 for use, seconds in self._gpu_seconds_by_use.items()},
         )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -101,6 +102,41 @@ def plot_frontier(panels: Sequence[tuple[str, float, dict[str, Sequence[Frontier
     for axis in list(axes.flat)[len(panels):]:
         axis.set_visible(False)
     figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_cost_split(split: Sequence[Mapping[str, Any]], uses: Sequence[str], path: Path) -> Path:
+    """One panel per trace and load: each policy's GPU-hours stacked by use, in lower bounds, with the need no
+    ready GPU met hatched below zero and the clairvoyant pool's cost marked; ``split``: rows with
+    trace, load, policy, one value per use, ``unmet`` and ``clairvoyant_vs_lower_bound``."""
+    cells = sorted({(str(r["trace"]), int(r["load"])) for r in split}, key=lambda c: (c[0], c[1]))
+    columns = max(1, (len(cells) + 1) // 2)
+    figure, axes = plt.subplots(2, columns, figsize=(5 * columns, 8), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for axis, (name, load) in zip(axes.flat, cells, strict=False):
+        rows = [r for r in split if r["trace"] == name and r["load"] == load]
+        labels = [str(r["policy"]) for r in rows]
+        bottom = [0.0] * len(rows)
+        for index, use in enumerate(uses):
+            heights = [float(r[use]) for r in rows]
+            axis.bar(labels, heights, bottom=bottom, color=colours(index), label=use)
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        axis.bar(labels, [-float(r["unmet"]) for r in rows], fill=False, hatch="//", edgecolor="black",
+                 label="need no ready GPU met (waits, overflow)")
+        axis.scatter(labels, [float(r["clairvoyant_vs_lower_bound"]) for r in rows], marker="_", s=600,
+                     color="black", label="clairvoyant, no waits", zorder=3)
+        axis.axhline(1.0, color="black", lw=0.8, ls=":")
+        axis.axhline(0.0, color="black", lw=0.8)
+        axis.set_ylabel("GPU-hours / lower bound, mean over seeds")
+        axis.set_title(f"{name}, load {load}")
+        axis.tick_params(axis="x", labelsize=8)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    for axis in list(axes.flat)[len(cells):]:
+        axis.set_visible(False)
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path

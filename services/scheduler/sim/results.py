@@ -31,7 +31,8 @@ class SimResult:
     placements, scale events, decisions and opens that never got a chunk. ``over_interval_frac``: chunks later
     than a chunk's own play time, which a player stalls on; over target but within it is late for the target
     yet still real time. ``first_chunk_s``: sorted times from an open to its first chunk. ``late_chunks_by_cause``:
-    the chunks over target, put down to the engine's ``LATE_CAUSES``."""
+    the chunks over target, put down to the engine's ``LATE_CAUSES``; ``gpu_hours_by_use``: the GPU-hours, put down
+    to its ``GPU_USES``."""
 
     policy: str
     trace: str
@@ -47,6 +48,7 @@ class SimResult:
     series: TimeSeries
     first_chunk_s: list[float] = field(default_factory=list)
     late_chunks_by_cause: dict[str, float] = field(default_factory=dict)
+    gpu_hours_by_use: dict[str, float] = field(default_factory=dict)
 
     def first_chunk_quantile_s(self, q: float) -> float:
         """Time from open to first chunk below which a share ``q`` of the window's opens fall (0 with none)."""
@@ -62,6 +64,10 @@ class SimResult:
     def over_target_columns(self) -> dict[str, float]:
         """``over_target_by_cause`` as the flat ``over_target_frac_<cause>`` columns of a JSON row."""
         return {f"over_target_frac_{cause}": share for cause, share in self.over_target_by_cause().items()}
+
+    def gpu_hours_columns(self) -> dict[str, float]:
+        """``gpu_hours_by_use`` as the flat ``gpu_hours_<use>`` columns of a JSON row."""
+        return {f"gpu_hours_{use}": round(hours, 3) for use, hours in self.gpu_hours_by_use.items()}
 
     def summary(self) -> dict[str, float | int | str]:
         return {
@@ -79,5 +85,6 @@ class SimResult:
             "first_chunk_p99_s": round(self.first_chunk_quantile_s(0.99), 3),
             "first_chunk_max_s": round(self.first_chunk_quantile_s(1.0), 3),
             **self.over_target_columns(),
+            **self.gpu_hours_columns(),
             **self.counters,
         }
