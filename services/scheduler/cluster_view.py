@@ -12,6 +12,7 @@ import logging
 import math
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from services.common.messages import WorkerHeartbeat
 from services.scheduler.policy import ClusterSnapshot, GpuView, SessionView, SnapshotError
@@ -105,12 +106,12 @@ class ClusterView:
         return gpus
 
     def session_views(
-        self, rows: Iterable[SessionRecord], gpus: Mapping[str, GpuView], now_s: float
+        self, rows: Iterable[SessionRecord], gpus: Mapping[str, GpuView], now_s: float, wall_now: datetime
     ) -> dict[str, SessionView]:
         """Active sessions claim slots (overflow ones included) before idle residents; a session that finds no
         slot on its worker (a resume onto a full worker, a worker that is gone) waits for the policy to place it,
-        since the first decision that saw it wait; an idle one whose state left the slot is offloaded (placing
-        it is a restore)."""
+        since its row last changed (``waited_s``); an idle one whose state left the slot is offloaded (placing it
+        is a restore)."""
         room = {gpu_id: gpu.slots for gpu_id, gpu in gpus.items()}
         views: dict[str, SessionView] = {}
         for row in sorted(rows, key=lambda r: r.status != "active"):
@@ -128,12 +129,20 @@ class ClusterView:
                 views[sid] = SessionView(sid, size, active, on, moved_at, False, row.model)
             else:
                 has_state = row.worker_id is not None or row.chunks_produced > 0
-                since_s = self.waiting_since.setdefault(sid, now_s) if active else None
+                since_s = self.waiting_since.setdefault(sid, now_s - waited_s(row, wall_now)) if active else None
                 views[sid] = SessionView(sid, size, active, None, moved_at, has_state or not active, row.model,
                                          since_s)
             if views[sid].waiting_since_s is None:
                 self.waiting_since.pop(sid, None)
         return views
+
+
+def waited_s(row: SessionRecord, wall_now: datetime) -> float:
+    """How long a session without a slot has waited: since its row last changed, since nothing writes the row of
+    a session that waits (a resume sets its status, a lost worker stopped its progress writes). So a scheduler
+    that restarts, or takes over, does not start the wait for an overflow slot over again. A row written by a
+    clock ahead of ours reads as no wait at all, never as a negative one."""
+    return max(0.0, (wall_now - row.updated_at).total_seconds())
 
 
 def sync(

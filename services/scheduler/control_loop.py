@@ -268,7 +268,7 @@ class ControlLoop:
         workers = await self._store.list_workers()
         self._worker_status = {w.worker_id: w.status for w in workers}
         gpus = self.view.gpu_views(workers, self.liveness.heard)
-        self.snapshot = sync(self.snapshot, self.view.session_views(rows, gpus, now_s), gpus)
+        self.snapshot = sync(self.snapshot, self.view.session_views(rows, gpus, now_s, self._wall_clock()), gpus)
         decide_started = self._timer()
         plan = self.controller.decide(self.snapshot, now_s)
         decide_ms = (self._timer() - decide_started) * 1000

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -366,6 +367,32 @@ async def test_a_session_left_waiting_on_full_workers_takes_an_overflow_slot_onc
     assert row is not None and row.worker_id == "w1"
     await loop.step("tick")
     assert loop.snapshot.sessions["new"].gpu_id == "w1"  # the fifth keeps its overflow slot in the next snapshot
+
+
+async def test_a_scheduler_that_restarts_counts_a_wait_from_the_sessions_row_and_does_not_start_it_over(
+    store: MemoryStore,
+) -> None:
+    clock = Clock()
+    waited_before_s = 1.2  # the scheduler that saw the wait begin died; its successor starts now
+
+    def wall() -> datetime:
+        return T0 + timedelta(seconds=waited_before_s + clock.now_s - 100.0)
+
+    loop = make_decider(store, clock, max_gpus=1, wall_clock=wall).loop
+    await add_worker(store, loop, "w1")
+    for index in range(4):
+        await store.insert_session(session(f"full-{index}", "w1"))
+    await store.insert_session(dataclasses.replace(session("new", None), epoch=0, chunks_produced=0))
+    ahead = dataclasses.replace(session("ahead", None), epoch=0, chunks_produced=0,  # opened later, its row
+                                created_at=T0 + timedelta(seconds=1),  # written by a clock a minute ahead
+                                updated_at=T0 + timedelta(seconds=60.0))
+    await store.insert_session(ahead)
+    wait_s = loop.controller.config.overflow_after_s
+    assert not [a for a in (await loop.step("open")).actions if isinstance(a, Place)]
+    assert loop.view.waiting_since == {"new": 100.0 - waited_before_s, "ahead": 100.0}
+    clock.now_s += wait_s - waited_before_s + 0.1  # due by its row; a wait counted from the restart is not
+    placed = [a for a in (await loop.step("tick")).actions if isinstance(a, Place)]
+    assert [(a.session_id, a.gpu_id) for a in placed] == [("new", "w1")] and "overflow" in placed[0].reason
 
 
 class RunningClock(Clock):
