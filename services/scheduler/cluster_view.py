@@ -24,6 +24,8 @@ log = logging.getLogger("turboserve.scheduler.control")
 @dataclass(slots=True)
 class ClusterView:
     """Knowledge beyond the database. ``pending``: worker id -> when it was asked for (monotonic s);
+    ``asked_at``: the same, kept past the worker's first heartbeat, since its bill counts from then (unknown for
+    a worker this process did not ask for);
     ``retired``: a removed worker -> the time from which a heartbeat it sends brings it back into the pool
     (a released pod that keeps running, an external system that did not act); until then, and for a worker
     that never beats again, it is out of the pool whatever its row says."""
@@ -39,6 +41,7 @@ class ClusterView:
     kind_of: dict[str, str] = field(default_factory=dict)
     draining: set[str] = field(default_factory=set)
     pending: dict[str, float] = field(default_factory=dict)
+    asked_at: dict[str, float] = field(default_factory=dict)
     retired: dict[str, float] = field(default_factory=dict)
     migrated_at: dict[str, float] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
@@ -60,6 +63,8 @@ class ClusterView:
             placeholder = next((p for p in self.pending if p.startswith("pending-")), None)
             if placeholder is not None:  # an external provisioner's worker: ids are unknown until they beat
                 del self.pending[placeholder]
+                if placeholder in self.asked_at:
+                    self.asked_at[beat.worker_id] = self.asked_at.pop(placeholder)
         return True
 
     def policy_kind(self, kind: str) -> str:
@@ -74,8 +79,14 @@ class ClusterView:
             self._anonymous += 1
             ids.append(f"pending-{self._anonymous}")
         for worker_id in ids:
-            self.pending[worker_id] = now_s
+            self.pending[worker_id] = self.asked_at[worker_id] = now_s
         return ids
+
+    def forget_worker(self, worker_id: str) -> None:
+        """A worker given back or given up on: it is not asked for, nor billed, any more."""
+        self.pending.pop(worker_id, None)
+        self.asked_at.pop(worker_id, None)
+        self.draining.discard(worker_id)
 
     def forget_closed(self, open_ids: set[str]) -> None:
         """Per-session knowledge lives as long as the session: drop what closed sessions left behind."""
@@ -96,13 +107,15 @@ class ClusterView:
             w.worker_id: GpuView(w.worker_id, self.policy_kind(w.kind), w.capacity,
                                  0.0 if w.worker_id in heard else math.inf,
                                  w.draining or w.worker_id in self.draining, w.model,
-                                 self.node_of.get(w.worker_id, ""), self.overflow_slots)
+                                 self.node_of.get(w.worker_id, ""), self.overflow_slots,
+                                 self.asked_at.get(w.worker_id))
             for w in workers
             if self.schedulable(w)
         }
         for worker_id in self.pending:
             if worker_id not in gpus:
-                gpus[worker_id] = GpuView(worker_id, self.scale_kind, self.capacity, math.inf)
+                gpus[worker_id] = GpuView(worker_id, self.scale_kind, self.capacity, math.inf,
+                                          billed_since_s=self.asked_at.get(worker_id))
         return gpus
 
     def session_views(

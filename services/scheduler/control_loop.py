@@ -429,8 +429,7 @@ class ControlLoop:
             return
         await self._provisioner.remove(worker_id, action.reason)
         record_scale_event("in")
-        self.view.pending.pop(worker_id, None)
-        self.view.draining.discard(worker_id)
+        self.view.forget_worker(worker_id)
         self.view.retired[worker_id] = now_s + self._retire_grace_s
         log.info("decision=remove_gpu worker=%s reason=%r", worker_id, action.reason)
         record_decision("remove_gpu", action.reason, worker=worker_id)
@@ -460,7 +459,7 @@ class ControlLoop:
             if now_s - asked_s < self._provision_timeout_s:
                 continue
             reason = f"asked for {now_s - asked_s:.0f} s ago and never heart-beat"
-            del self.view.pending[worker_id]
+            self.view.forget_worker(worker_id)
             try:
                 await self._provisioner.remove(worker_id, reason)
             except TurboServeError as exc:

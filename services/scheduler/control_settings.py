@@ -52,6 +52,12 @@ class ControlSettings:
     days (TURBOSERVE_BURST_COVERAGE, 0-4)."""
     spare_gpus: int = 1
     """Warm GPUs the autoscaler keeps beyond those the active sessions fill (TURBOSERVE_SPARE_GPUS, 0-64)."""
+    billing_minimum_s: float = 0.0
+    """The least the cloud bills a worker, from when it is asked for: a surplus worker is kept while it is paid
+    for (TURBOSERVE_BILLING_MINIMUM_S, 0-86400; 60 on AWS and GCP)."""
+    billing_increment_s: float = 0.0
+    """The unit the cloud bills a worker in beyond the minimum, 0 to the instant (TURBOSERVE_BILLING_INCREMENT_S,
+    0-86400; 3600 hourly)."""
     target_ms: float = 400.0
     """Per-chunk latency target (TURBOSERVE_TARGET_MS, 1-100000)."""
     worker_kind: str = "cpu"
@@ -97,6 +103,8 @@ class ControlSettings:
             burst_coverage=None if os.environ.get("TURBOSERVE_BURST_COVERAGE") is None
             else env_float("TURBOSERVE_BURST_COVERAGE", 0.0, low=0.0, high=4.0),
             spare_gpus=env_int("TURBOSERVE_SPARE_GPUS", 1, low=0, high=64),
+            billing_minimum_s=env_float("TURBOSERVE_BILLING_MINIMUM_S", 0.0, low=0.0, high=86400.0),
+            billing_increment_s=env_float("TURBOSERVE_BILLING_INCREMENT_S", 0.0, low=0.0, high=86400.0),
             target_ms=env_float("TURBOSERVE_TARGET_MS", 400.0, low=1.0, high=100000.0),
             worker_kind=env_str("TURBOSERVE_WORKER_KIND", env_str("TURBOSERVE_DEVICE", "cpu").split(":")[0]),
             worker_capacity=env_int("TURBOSERVE_WORKER_CAPACITY", 4, low=1, high=64),
@@ -121,6 +129,7 @@ def build_live_controller(settings: ControlSettings) -> ClosedLoopController:
         curves={settings.worker_kind: LatencyCurve(capacity=settings.worker_capacity)},
         rebalance_interval_s=settings.rebalance_interval_s,
         burst_coverage=settings.burst_coverage, spare_gpus=settings.spare_gpus,
+        billing_minimum_s=settings.billing_minimum_s, billing_increment_s=settings.billing_increment_s,
     )
     controller = build_controller(settings.policy, setting)
     if settings.detector_window_s != PAPER_DETECTOR_WINDOW_S:

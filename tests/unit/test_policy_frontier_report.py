@@ -65,7 +65,8 @@ def test_the_cost_split_shows_each_policy_by_use_and_the_need_its_pool_left_unme
     for policy, (serving, provisioning, headroom, held) in uses.items():
         for seed, shift in ((0, 0.0), (1, 0.02)):
             split = {"serving_vs_lower_bound": serving - shift, "provisioning_vs_lower_bound": provisioning,
-                     "headroom_vs_lower_bound": headroom + shift, "held_vs_lower_bound": held}
+                     "headroom_vs_lower_bound": headroom + shift, "held_vs_lower_bound": held,
+                     "after_release_vs_lower_bound": 0.0}
             rows.append({**_row(policy, seed, sum(split.values()), 0.0005), **split,
                          "clairvoyant_vs_lower_bound": 1.15, "over_interval_frac": 0.0, "worst_latency_ms": 400.0,
                          "first_chunk_p50_s": 0.4, "first_chunk_p99_s": 1.0, "first_chunk_max_s": 1.9,

@@ -16,7 +16,7 @@ from services.common.control import MigrationReport
 from services.common.errors import InvalidField
 from services.common.messages import WorkerHeartbeat
 from services.common.wire import decode, encode
-from services.scheduler.cluster_view import sync
+from services.scheduler.cluster_view import ClusterView, sync
 from services.scheduler.control_loop import ControlLoop
 from services.scheduler.control_settings import ControlSettings, build_live_controller
 from services.scheduler.policy import (
@@ -33,7 +33,7 @@ from services.scheduler.policy import (
     SessionView,
 )
 from services.scheduler.store.memory import MemoryStore
-from services.scheduler.store.protocol import SessionRecord, WorkerReport
+from services.scheduler.store.protocol import SessionRecord, WorkerRecord, WorkerReport
 from tests.scheduler_fakes import T0, Clock, FakeIO, FakeMover, FakeProvisioner, Journal, make_decider
 
 
@@ -428,3 +428,18 @@ async def test_the_loop_wakes_when_a_waiting_session_comes_due_for_an_overflow_s
             await running
     assert row.worker_id == "w1"
     assert clock() - opened_s >= loop.controller.config.overflow_after_s  # it waited its turn for a free slot
+
+
+def test_the_view_bills_a_worker_from_when_it_was_asked_for_past_its_first_heartbeat() -> None:
+    view = ClusterView(kinds=("cpu",), scale_kind="cpu", capacity=4)
+    named = view.add_pending(["w1"], 1, now_s=10.0)
+    (anonymous,) = view.add_pending([], 1, now_s=20.0)  # an external provisioner names its workers later
+    assert named == ["w1"] and anonymous.startswith("pending-")
+    assert {g: v.billed_since_s for g, v in view.gpu_views([], heard=()).items()} == {"w1": 10.0, anonymous: 20.0}
+    for worker_id in ("w1", "w2"):
+        view.observe(WorkerHeartbeat(worker_id, "cpu", "tiny", 4), now_s=40.0)
+    rows = [WorkerRecord(w, "cpu", "tiny", 4, "live", False, 0, (), T0, T0) for w in ("w1", "w2", "w3")]
+    gpus = view.gpu_views(rows, heard=("w1", "w2", "w3"))
+    assert {g: v.billed_since_s for g, v in gpus.items()} == {"w1": 10.0, "w2": 20.0, "w3": None}
+    view.forget_worker("w1")
+    assert view.gpu_views(rows, heard=("w1",))["w1"].billed_since_s is None

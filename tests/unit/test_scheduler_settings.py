@@ -60,3 +60,17 @@ def test_the_warm_spare_is_one_gpu_unless_set(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("TURBOSERVE_SPARE_GPUS", "-1")
     with pytest.raises(ConfigError, match="TURBOSERVE_SPARE_GPUS"):
         ControlSettings.from_env()
+
+
+def test_billing_is_to_the_instant_unless_set_and_reaches_ours(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.scheduler.control_settings import ControlSettings, build_live_controller
+    from services.scheduler.policy.billing import Billing
+
+    for name in ("TURBOSERVE_BILLING_MINIMUM_S", "TURBOSERVE_BILLING_INCREMENT_S"):
+        monkeypatch.delenv(name, raising=False)
+    assert build_live_controller(ControlSettings.from_env()).config.billing == Billing()
+    monkeypatch.setenv("TURBOSERVE_BILLING_MINIMUM_S", "60")
+    assert build_live_controller(ControlSettings.from_env()).config.billing == Billing(60.0, 0.0)
+    monkeypatch.setenv("TURBOSERVE_BILLING_INCREMENT_S", "-1")
+    with pytest.raises(ConfigError, match="TURBOSERVE_BILLING_INCREMENT_S"):
+        ControlSettings.from_env()

@@ -102,6 +102,7 @@ def test_a_setting_that_is_not_one_or_not_a_number_is_refused_before_anything_ru
     ["--trace", "synthetic", "--load", "4", "--setting", "budget_aim=2"],
     ["--trace", "synthetic", "--load", "4", "--setting", "overflow_after_s=-1"],
     ["--trace", "synthetic", "--load", "4", "--rho", "1.5", "--policy", "paper"],
+    ["--trace", "synthetic", "--load", "4", "--billing-minimum-s", "-60", "--policy", "paper"],
 ])
 def test_a_bad_trace_or_setting_is_a_one_line_error_with_exit_code_2(
     argv: list[str], capsys: pytest.CaptureFixture[str]

@@ -5,7 +5,7 @@ Public API:
 * ``ClusterSnapshot`` (``.build(sessions, gpus)``, ``upsert_session``, ``remove_session``, ``upsert_gpu``,
   ``remove_gpu``) of ``SessionView(session_id, state_bytes, active, gpu_id, last_migrated_at_s, offloaded,
   model, waiting_since_s)`` and ``GpuView(gpu_id, kind, capacity, ready_at_s, draining, model, node,
-  overflow_slots)`` rows.
+  overflow_slots, billed_since_s)`` rows.
 * ``build_controller(name, PolicySetting(...)) -> ClosedLoopController``; names in ``POLICIES`` ("ours",
   "ours_no_overflow", "paper", "fixed", "round_robin", "least_loaded", "by_memory", "ours_no_migration",
   "ours_no_autoscale" ...).

@@ -47,7 +47,8 @@ def apply_plan(
         elif isinstance(action, AddGpus):
             capacity = latency.curve(action.kind).capacity
             for _ in range(action.count):
-                snapshot.upsert_gpu(GpuView(next(ids), action.kind, capacity, now_s + provisioning_delay_s))
+                snapshot.upsert_gpu(GpuView(next(ids), action.kind, capacity, now_s + provisioning_delay_s,
+                                            billed_since_s=now_s))
         elif isinstance(action, DrainGpu):
             g = snapshot.gpus.get(action.gpu_id)
             if g is None:

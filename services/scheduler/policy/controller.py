@@ -25,6 +25,7 @@ from services.scheduler.policy.actions import (
     Restore,
 )
 from services.scheduler.policy.autoscale import AutoscalePolicy
+from services.scheduler.policy.billing import Billing
 from services.scheduler.policy.budget import ViolationBudget
 from services.scheduler.policy.cost_models import LatencyModel, MigrationCostModel, RestoreCostModel
 from services.scheduler.policy.detector import WorkloadDetector, WorkloadReading
@@ -36,6 +37,9 @@ from services.scheduler.policy.workspace import RestoreDelay, Workspace
 RELIEF_INTERVALS = 8
 SEARCH_PER_LEVEL = 32
 EVACUATION_TRIES = 4
+RELEASE_LEAD_S = 10.0
+"""A GPU whose paid time runs out this soon is released now, not at a later decision (the simulator decides at
+least this often; the live loop every 2 s), so a surplus GPU never starts an increment it will not use."""
 
 
 class ControllerConfigError(ValueError):
@@ -54,7 +58,8 @@ class ControllerConfig:
     latency capacity a GPU may take (within its own ``overflow_slots``) rather than leave a session waiting for
     a GPU still provisioning, once it has waited ``overflow_after_s`` (a slot often frees sooner, and each
     overflow misses the target on every chunk until it is relieved); each decision moves one back to a free slot
-    elsewhere as soon as one exists."""
+    elsewhere as soon as one exists; ``billing``: how GPUs are billed, so scale-in keeps a surplus GPU while it is
+    paid for anyway and releases it just before its next increment (None: as if billed to the instant)."""
 
     scale_kind: str
     target_ms: float = 400.0
@@ -65,6 +70,7 @@ class ControllerConfig:
     price_migrations: bool = False
     overflow_slots: int = 0
     overflow_after_s: float = 3.0
+    billing: Billing | None = None
 
     def __post_init__(self) -> None:
         if self.target_ms <= 0 or self.overflow_slots < 0 or self.overflow_after_s < 0:
@@ -332,9 +338,13 @@ class ClosedLoopController:
         """GPUs cheapest to release first: still provisioning (the furthest from ready first, so a flap of
         demand does not cancel the GPU about to serve and restart its delay), then by resident count, fewest
         bytes within a count. Walks the level index lightest first, so it stops early instead of sorting every
-        GPU."""
+        GPU. A GPU paid for beyond the next ``RELEASE_LEAD_S`` is left out: releasing it would save nothing."""
         snapshot = workspace.snapshot
         skip = set(snapshot.draining) | workspace.removed
+        billing = self.config.billing
+        if billing is not None:
+            skip |= {g for g, gpu in snapshot.gpus.items() if gpu.billed_since_s is not None
+                     and billing.paid_until_s(gpu.billed_since_s, now_s) > now_s + RELEASE_LEAD_S}
         provisioning = [g for g, gpu in snapshot.gpus.items() if gpu.ready_at_s > now_s and g not in skip]
         yield from sorted(provisioning, key=lambda g: (-snapshot.gpus[g].ready_at_s, g))
         for kind in self.models.latency.kinds:

@@ -15,6 +15,7 @@ from services.scheduler.policy.autoscale import (
     FixedAllocation,
     ReactiveUtilisation,
 )
+from services.scheduler.policy.billing import Billing
 from services.scheduler.policy.budget import BudgetParams, ViolationBudget
 from services.scheduler.policy.controller import ClosedLoopController, ControllerConfig, Models
 from services.scheduler.policy.cost_models import (
@@ -61,7 +62,9 @@ class PolicySetting:
     ``burst_coverage`` and ``overflow_after_s`` and ``headroom_floor`` (how far an underspent violation budget may
     trim the burst headroom, ``BudgetParams.min_scale``) and ``budget_aim`` (the part of the 0.1% it steers to,
     ``BudgetParams.aim``) None: the policy's own chosen values (``CHOSEN``);
-    ``spare_gpus``: warm GPUs ours keeps beyond those its active sessions fill."""
+    ``spare_gpus``: warm GPUs ours keeps beyond those its active sessions fill; ``billing_minimum_s`` and
+    ``billing_increment_s``: how the cloud bills a GPU (``billing.Billing``; 0 and 0, to the instant, as the
+    lower bound assumes)."""
 
     provisioning_delay_s: float = 30.0
     min_gpus: int = 1
@@ -85,6 +88,11 @@ class PolicySetting:
     headroom_floor: float | None = None
     budget_aim: float | None = None
     spare_gpus: int = 1
+    billing_minimum_s: float = 0.0
+    billing_increment_s: float = 0.0
+
+    def billing(self) -> Billing:
+        return Billing(self.billing_minimum_s, self.billing_increment_s)
 
     def models(self) -> Models:
         return Models(
@@ -141,6 +149,7 @@ class PolicyRecipe:
     migration_cooldown_s: float = 0.0
     price_migrations: bool = False
     overflow: bool = False
+    keeps_paid_gpus: bool = False
 
 
 OURS = PolicyRecipe(
@@ -151,6 +160,7 @@ OURS = PolicyRecipe(
     migration_cooldown_s=MIGRATION_COOLDOWN_S,
     price_migrations=True,
     overflow=True,
+    keeps_paid_gpus=True,
 )
 
 POLICIES: dict[str, PolicyRecipe] = {
@@ -163,8 +173,11 @@ POLICIES: dict[str, PolicyRecipe] = {
                                 summary="ours without the migration cooldown (isolates it)"),
     "ours_no_landing": replace(OURS, landing_migrations=False,
                                summary="ours without the migrations that make room for resumes (isolates them)"),
+    "ours_billing_blind": replace(OURS, keeps_paid_gpus=False, summary="ours releasing a surplus GPU as if it were "
+                                  "billed to the instant (isolates keeping paid GPUs)"),
     "ours_no_migration": PolicyRecipe(
-        "restore_aware", "none", "anticipatory", False, "ours without any migration (no rebalance, no consolidation)"
+        "restore_aware", "none", "anticipatory", False, "ours without any migration (no rebalance, no consolidation)",
+        keeps_paid_gpus=True,
     ),
     "ours_no_autoscale": replace(OURS, autoscale="fixed", summary="ours on a fixed pool of fixed_gpus"),
     "paper": PolicyRecipe(
@@ -206,6 +219,7 @@ def build_controller(name: str, setting: PolicySetting) -> ClosedLoopController:
             recipe.price_migrations,
             setting.overflow_slots if recipe.overflow else 0,
             chosen["overflow_after_s"],
+            setting.billing() if recipe.keeps_paid_gpus else None,
         ),
         budget=ViolationBudget(BudgetParams(aim=chosen["budget_aim"], min_scale=chosen["headroom_floor"])),
     )

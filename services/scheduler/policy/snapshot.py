@@ -36,7 +36,8 @@ class GpuView:
     """One GPU: ``capacity`` resident sessions meet the latency target; ``overflow_slots`` more fit in its memory
     and still play in real time, late for the target (a policy may use them rather than leave a session
     waiting); unusable before ``ready_at_s``; ``draining`` takes none; ``model`` (empty: any) is the only model
-    whose sessions it takes; ``node`` (empty: unknown) says which GPUs share a fast link."""
+    whose sessions it takes; ``node`` (empty: unknown) says which GPUs share a fast link; ``billed_since_s``: when
+    it was asked for, which its bill counts from (None: unknown)."""
 
     gpu_id: str
     kind: str
@@ -46,6 +47,7 @@ class GpuView:
     model: str = ""
     node: str = ""
     overflow_slots: int = 0
+    billed_since_s: float | None = None
 
     @property
     def slots(self) -> int:

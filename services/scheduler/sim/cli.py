@@ -17,6 +17,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 from services.scheduler.policy.autoscale import AutoscaleError
+from services.scheduler.policy.billing import BillingError
 from services.scheduler.policy.budget import BudgetError
 from services.scheduler.policy.controller import ControllerConfigError
 from services.scheduler.policy.registry import CHOSEN, POLICIES, PolicySetting, build_controller
@@ -89,6 +90,10 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     parser.add_argument("--restore-layers", type=int, default=_LINKS.restore_layers,
                         help="layers a restore streams in under a batch's first DiT pass (1: it lands whole first)")
     parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--billing-minimum-s", type=float, default=_LINKS.billing_minimum_s,
+                        help="the least a GPU is billed (60 on AWS and GCP)")
+    parser.add_argument("--billing-increment-s", type=float, default=_LINKS.billing_increment_s,
+                        help="the unit a GPU is billed in beyond the minimum (0: to the instant; 3600: hourly)")
     parser.add_argument("--setting", type=_setting, action="append", default=[], metavar="NAME=VALUE",
                         help=f"repeatable; replaces a chosen setting of ours ({', '.join(TUNABLE)}), to see how "
                              "your own trace answers to it")
@@ -135,12 +140,15 @@ def run_simulate(args: argparse.Namespace) -> int:
                                         kv_bytes=round(args.kv_gb * 1e9), vae_cache_bytes=round(args.vae_gb * 1e9))
     policies = args.policy or ["ours", "paper"]
     links = (("cross_node_gigabytes_per_s", args.cross_node_gbps), ("same_node_gigabytes_per_s", args.same_node_gbps),
-             ("restore_layers", args.restore_layers), *args.setting)
+             ("restore_layers", args.restore_layers), ("billing_minimum_s", args.billing_minimum_s),
+             ("billing_increment_s", args.billing_increment_s), *args.setting)
     try:
-        for policy in policies:  # a bad --rho or --setting fails here, before a long trace loads
-            build_controller(_recipe(policy), policy_setting(Scenario(policy, args.delay_s, args.rho, setting=links)))
+        for policy in policies:  # a bad --rho, --setting or billing fails here, before a long trace loads
+            setting = policy_setting(Scenario(policy, args.delay_s, args.rho, setting=links))
+            setting.billing()
+            build_controller(_recipe(policy), setting)
         trace = _load(args, assumptions)
-    except (AutoscaleError, BudgetError, ControllerConfigError, TracesMissingError, TraceError) as error:
+    except (AutoscaleError, BillingError, BudgetError, ControllerConfigError, TracesMissingError, TraceError) as error:
         console.print(f"[red]{error}[/red]")
         return 2
     sizes = fixed_sizes(trace, 4)

@@ -10,7 +10,8 @@ a migration's transfer time (its state's bytes
 over the link between the two GPUs: within a node or across nodes) on the moving session's next chunk and on the
 next chunk of every session on both GPUs, whose batch waits for it.
 GPUs fill nodes of ``gpus_per_node`` in the order they are asked for. Offloads free the slot at once (the copy
-to host runs in the background). GPUs are billed from the moment they are asked for until they are released.
+to host runs in the background). GPUs are billed from the moment they are asked for until they are released, by
+``SimConfig.billing``: a minimum or an increment not used up is charged at the release.
 
 Every chunk over target is put down to one of ``LATE_CAUSES``, so a policy's misses say where they come from
 (a tighter pool shows up as waits, the first-chunk rule as batches past capacity), and every billed GPU-second to
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from services.scheduler.policy.actions import AddGpus, DrainGpu, Migrate, Offload, Place, Plan, RemoveGpu, Restore
+from services.scheduler.policy.billing import Billing
 from services.scheduler.policy.controller import ClosedLoopController
 from services.scheduler.policy.cost_models import LatencyModel, MigrationCostModel, RestoreCostModel
 from services.scheduler.policy.snapshot import ClusterSnapshot, GpuView, SessionView
@@ -39,11 +41,12 @@ LATE_CAUSES = ("over_capacity", "waiting", "restore", "migration")
 batch held up by a restore streaming in, a batch held up by a migration's transfer."""
 
 
-GPU_USES = ("serving", "provisioning", "headroom", "held")
+GPU_USES = ("serving", "provisioning", "headroom", "held", "after_release")
 """A ready GPU the lower bound counts too (max(min_gpus, ceil(active / K)) of them), a GPU asked for and not yet
-ready, a ready GPU beyond that need up to the autoscaler's latest target (its headroom), and a ready GPU beyond both
-(the scale-in hold, or a drain in progress). The lower bound less the serving GPU-hours is the need no ready GPU
-met: the waits and overflow slots of ``LATE_CAUSES``."""
+ready, a ready GPU beyond that need up to the autoscaler's latest target (its headroom), a ready GPU beyond both
+(the scale-in hold, a drain in progress, or a GPU kept while it is paid for), and the time charged after a
+release (a billing minimum or increment not used up). The lower bound less the serving GPU-hours is the need no
+ready GPU met: the waits and overflow slots of ``LATE_CAUSES``."""
 
 
 class SimulationError(RuntimeError):
@@ -65,6 +68,7 @@ class SimConfig:
     min_gpus: int = 1
     gpus_per_node: int = 8
     overflow_slots: int = 4
+    billing: Billing = Billing()
 
 
 _TICK, _SAMPLE, _READY, _WAKE = 10, 11, 12, 13
@@ -259,7 +263,7 @@ class Simulator:
         for _ in range(action.count):
             gpu_id = f"gpu{next(self._gpu_ids):05d}"
             capacity = self.latency.curve(action.kind).capacity
-            self._add_gpu(GpuView(gpu_id, action.kind, capacity, ready_s))
+            self._add_gpu(GpuView(gpu_id, action.kind, capacity, ready_s, billed_since_s=self._now_s))
             self._provisioning.add(gpu_id)
             heapq.heappush(self._dynamic, (ready_s, _READY, gpu_id))
         self._counters["scale_out_events"] += 1
@@ -271,11 +275,18 @@ class Simulator:
         self._node_of[gpu.gpu_id] = node
         self._node_load[node] = self._node_load.get(node, 0) + 1
         self.snapshot.upsert_gpu(GpuView(gpu.gpu_id, gpu.kind, gpu.capacity, gpu.ready_at_s, node=f"node{node}",
-                                         overflow_slots=self.config.overflow_slots))
+                                         overflow_slots=self.config.overflow_slots,
+                                         billed_since_s=gpu.billed_since_s))
 
     def _remove_gpu(self, gpu_id: str) -> None:
-        if gpu_id not in self.snapshot.gpus:
+        gpu = self.snapshot.gpus.get(gpu_id)
+        if gpu is None:
             raise SimulationError(f"remove of unknown GPU {gpu_id!r}")
+        if gpu.billed_since_s is not None and self._in_window(self._now_s):
+            held_s = self._now_s - gpu.billed_since_s
+            unused_s = self.config.billing.charged_s(held_s) - held_s
+            self._gpu_seconds += unused_s
+            self._gpu_seconds_by_use["after_release"] += unused_s
         self.snapshot.remove_gpu(gpu_id)
         self._provisioning.discard(gpu_id)
         self._node_load[self._node_of.pop(gpu_id)] -= 1
@@ -333,7 +344,8 @@ class Simulator:
         start_s = min(events[0][0], self.trace.window_start_s) if events else self.trace.window_start_s
         self._now_s = start_s
         for index in range(self.controller.initial_gpus):
-            self._add_gpu(GpuView(f"init{index:05d}", config.gpu_kind, config.gpu_capacity, start_s))
+            self._add_gpu(GpuView(f"init{index:05d}", config.gpu_kind, config.gpu_capacity, start_s,
+                                  billed_since_s=start_s))
         end_s = max(self.trace.window_end_s, events[-1][0] if events else start_s)
         heapq.heappush(self._dynamic, (start_s + config.tick_s, _TICK, ""))
         first_sample_s = self.trace.window_start_s + config.sample_s

@@ -110,6 +110,7 @@ def run_scenario(trace: Trace, scenario: Scenario, progress: Callable[[float], N
         min_gpus=scenario.min_gpus,
         gpus_per_node=scenario.gpus_per_node,
         overflow_slots=setting.overflow_slots,
+        billing=setting.billing(),
         chunk_interval_s=float(trace.assumptions.get("chunk_interval_s", 0.75)),
     )
     simulator = Simulator(trace, controller, config, truth.latency, truth.migration, truth.restore, progress)
