@@ -8,11 +8,13 @@ minute (an hour-long trace says nothing about hourly billing); RAGPulse's busies
 under all three. Costs are against the same lower bound, billed by the instant, so a billing model's waste shows.
 Writes bench/results/billing.json and bench/results/billing.png.
 
-    .venv/bin/python bench/billing.py     # about 10 min on 2 cores
+    .venv/bin/python bench/billing.py            # about 10 min on 2 cores
+    .venv/bin/python bench/billing.py --replot   # the PNG again from the recorded JSON
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import multiprocessing
@@ -113,18 +115,28 @@ def plot(summary: list[Row], path: Path) -> None:
             costs = [next(r["cost_vs_lower_bound_mean"] for r in summary
                           if (r["trace"], r["load"], r["billing"], r["policy"]) == (name, load, billing, policy))
                      for billing in billings]
-            axis.bar([i + index * width for i in range(len(billings))], costs, width, label=policy)
+            bars = axis.bar([i + index * width for i in range(len(billings))], costs, width, label=policy)
+            axis.bar_label(bars, fmt="%.2f", fontsize=6)
         axis.set_xticks([i + width for i in range(len(billings))], billings, fontsize=8)
-        axis.axhline(1.0, color="black", lw=0.8, ls=":")
+        axis.set_yscale("log")  # an hourly bill is ten times the rest; a per-minute one differs by a few percent
+        axis.set_ylim(bottom=0.9)
         axis.set_title(f"{name}, load {load}", fontsize=9)
         axis.set_ylabel("GPU-hours / lower bound, mean over seeds", fontsize=8)
-    axes.flat[0].legend(fontsize=7)
-    figure.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description="cost under three billing models")
+    parser.add_argument("--replot", action="store_true", help="redraw the PNG from bench/results/billing.json")
+    args = parser.parse_args()
+    out = REPO_ROOT / "bench" / "results"
+    if args.replot:
+        plot(json.loads((out / "billing.json").read_text())["summary"], out / "billing.png")
+        return 0
     console = Console(width=150)
     try:
         directory = traces_dir(REPO_ROOT)
@@ -143,7 +155,6 @@ def main() -> int:
     rows.sort(key=lambda r: (r["trace"], r["load"], r["seed"], r["billing"], r["policy"]))
     summary = summarise(rows)
     print_summary(summary, console)
-    out = REPO_ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "billing.json").write_text(json.dumps(
         {"billings": {k: {"minimum_s": m, "increment_s": i} for k, (m, i) in BILLINGS.items()},
