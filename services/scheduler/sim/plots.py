@@ -121,10 +121,12 @@ def plot_cost_split(split: Sequence[Mapping[str, Any]], uses: Sequence[str], pat
         bottom = [0.0] * len(rows)
         for index, use in enumerate(uses):
             heights = [float(r[use]) for r in rows]
-            axis.bar(labels, heights, bottom=bottom, color=colours(index), label=use)
+            bars = axis.bar(labels, heights, bottom=bottom, color=colours(index), label=use)
             bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        axis.bar_label(bars, labels=[f"{total:.2f}" for total in bottom], fontsize=7)
         axis.bar(labels, [-float(r["unmet"]) for r in rows], fill=False, hatch="//", edgecolor="black",
                  label="need no ready GPU met (waits, overflow)")
+        axis.set_ylim(-1.2 * max(float(r["unmet"]) for r in rows) - 0.02, 1.08 * max(bottom))
         axis.scatter(labels, [float(r["clairvoyant_vs_lower_bound"]) for r in rows], marker="_", s=600,
                      color="black", label="clairvoyant, no waits", zorder=3)
         axis.axhline(1.0, color="black", lw=0.8, ls=":")
