@@ -14,7 +14,8 @@ also runs ours at other burst coverages (``FRONTIER_COVERAGES``), so the cost-vi
 beside the paper's rho sweep (``policies_frontier.png``): it shows how far any setting is from the targets, and is
 never used to choose one (``bench/choose_settings.py`` does that on the synthetic days). Where the GPU-hours of
 ours, the paper's rule and the mean-sized pool go (serving the lower bound's need, provisioning, headroom, held
-through the scale-in hold) is printed per cell and drawn in ``policies_cost_split.png``.
+through the scale-in hold, billed after release: none here, billed to the instant) is printed per cell and drawn
+in ``policies_cost_split.png``.
 
     .venv/bin/python bench/policies.py            # full run (40 to 60 min on 2 cores)
     .venv/bin/python bench/policies.py --quick    # loads 16 and 64, a shorter rho sweep, two seeds a trace

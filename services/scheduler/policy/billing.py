@@ -19,8 +19,8 @@ class BillingError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Billing:
     """``minimum_s``: the least a GPU is charged; ``increment_s``: the unit charged beyond it (0: to the instant).
-    The default, nothing rounded, is what the issue's lower bound assumes; AWS and GCP are (60, 1), an hourly
-    cloud (3600, 3600)."""
+    The default, nothing rounded, is what the issue's lower bound assumes; AWS and GCP are (60, 0) (per second
+    after the first minute, as near as makes no difference), an hourly cloud (3600, 3600)."""
 
     minimum_s: float = 0.0
     increment_s: float = 0.0
@@ -35,6 +35,6 @@ class Billing:
         return max(self.minimum_s, rounded)
 
     def paid_until_s(self, billed_since_s: float, now_s: float) -> float:
-        """When the time already charged for a GPU billed since ``billed_since_s`` runs out (``now_s`` at the
-        latest: with nothing rounded, a GPU is paid up to now)."""
+        """When the time already charged for a GPU billed since ``billed_since_s`` runs out: never before ``now_s``,
+        and exactly then when nothing is rounded."""
         return billed_since_s + self.charged_s(max(0.0, now_s - billed_since_s))
