@@ -191,3 +191,30 @@ def test_a_resume_whose_restore_makes_its_first_chunk_late_spends_the_budget() -
 def test_a_budget_aim_outside_zero_to_one_is_a_typed_error_when_the_policy_is_built(aim: float) -> None:
     with pytest.raises(BudgetError, match="aim"):
         build_controller("ours", PolicySetting(budget_aim=aim))
+
+
+def test_the_pool_is_sized_by_the_capacity_its_workers_report_not_the_configured_one() -> None:
+    """A worker measures its own K: where the workers hold two sessions each, eight active need four of them."""
+    snapshot = ClusterSnapshot()
+    for index in range(4):
+        snapshot.upsert_gpu(GpuView(f"g{index}", "h100", 2, 0.0))
+    for index in range(8):
+        snapshot.upsert_session(SessionView(f"s{index}", 3 * GB, True, f"g{index % 4}"))
+    controller = build_controller("ours", PolicySetting(burst_coverage=0.0))  # configured K: 4
+    assert controller.decide(snapshot, 0.0).target_gpus == 5  # ceil(8 / 2) and the warm spare
+    configured = steady_cluster(active=8, gpus=4)
+    assert build_controller("ours", PolicySetting(burst_coverage=0.0)).decide(configured, 0.0).target_gpus == 3
+
+
+def test_the_typical_capacity_is_the_median_the_gpus_of_a_kind_report_as_they_change() -> None:
+    snapshot = ClusterSnapshot()
+    assert snapshot.typical_capacity("h100") is None
+    for gpu_id, capacity in (("a", 4), ("b", 3), ("c", 3)):
+        snapshot.upsert_gpu(GpuView(gpu_id, "h100", capacity, 0.0))
+    snapshot.upsert_gpu(GpuView("other", "a100", 8, 0.0))
+    assert snapshot.typical_capacity("h100") == 3 and snapshot.typical_capacity("a100") == 8
+    snapshot.upsert_gpu(GpuView("b", "h100", 4, 0.0))  # b measured again
+    assert snapshot.typical_capacity("h100") == 4
+    snapshot.remove_gpu("a")
+    snapshot.remove_gpu("b")
+    assert snapshot.typical_capacity("h100") == 3

@@ -316,7 +316,8 @@ class ClosedLoopController:
     def _scale(self, workspace: Workspace, reading: WorkloadReading, now_s: float) -> tuple[int, list[Action]]:
         snapshot = workspace.snapshot
         pool = len(snapshot.gpus) - len(snapshot.draining) - len(workspace.removed - set(snapshot.draining))
-        target, reason = self.autoscale.target_gpus(reading, self.capacity)
+        capacity = snapshot.typical_capacity(self.config.scale_kind) or self.capacity
+        target, reason = self.autoscale.target_gpus(reading, capacity)
         if target >= pool:
             self._below_since_s = None
             self._recent_targets.clear()

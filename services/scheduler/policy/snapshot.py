@@ -7,6 +7,7 @@ what it needs without rescanning every session. The policy only ever reads it.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -67,6 +68,7 @@ class ClusterSnapshot:
         self.idle_resident: dict[str, None] = {}
         self.levels: dict[tuple[str, int], dict[str, None]] = {}
         self.draining: dict[str, None] = {}
+        self.capacities: dict[str, collections.Counter[int]] = {}
         self.active_count = 0
         self.overflow_slots_total = 0
         self.arrivals_total = 0
@@ -95,7 +97,9 @@ class ClusterSnapshot:
         if old is not None:
             self._level_remove(old.kind, len(self.residents[gpu.gpu_id]), gpu.gpu_id)
             self.overflow_slots_total -= old.overflow_slots
+            self.capacities[old.kind][old.capacity] -= 1
         self.gpus[gpu.gpu_id] = gpu
+        self.capacities.setdefault(gpu.kind, collections.Counter())[gpu.capacity] += 1
         self.overflow_slots_total += gpu.overflow_slots
         residents = self.residents.setdefault(gpu.gpu_id, {})
         self.active_on.setdefault(gpu.gpu_id, 0)
@@ -111,10 +115,26 @@ class ClusterSnapshot:
             raise SnapshotError(f"unknown GPU {gpu_id!r}")
         if residents:
             raise SnapshotError(f"GPU {gpu_id!r} still holds {len(residents)} sessions; move them first")
-        self._level_remove(self.gpus[gpu_id].kind, 0, gpu_id)
-        self.overflow_slots_total -= self.gpus[gpu_id].overflow_slots
+        gpu = self.gpus[gpu_id]
+        self._level_remove(gpu.kind, 0, gpu_id)
+        self.overflow_slots_total -= gpu.overflow_slots
+        self.capacities[gpu.kind][gpu.capacity] -= 1
         self.draining.pop(gpu_id, None)
         del self.gpus[gpu_id], self.residents[gpu_id], self.active_on[gpu_id]
+
+    def typical_capacity(self, kind: str) -> int | None:
+        """The median capacity the GPUs of ``kind`` report (None: there are none). A worker measures its own K
+        (``gpu_worker/capacity.py``), which may be below the K it was configured with."""
+        counts = self.capacities.get(kind, collections.Counter())
+        total = sum(counts.values())
+        if total == 0:
+            return None
+        seen = 0
+        for capacity in sorted(counts):
+            seen += counts[capacity]
+            if 2 * seen > total:
+                return capacity
+        raise AssertionError("unreachable: the counts add up to the total")
 
     def _level_add(self, kind: str, count: int, gpu_id: str) -> None:
         self.levels.setdefault((kind, count), {})[gpu_id] = None
