@@ -23,9 +23,9 @@ log = logging.getLogger("turboserve.scheduler.control")
 
 @dataclass(slots=True)
 class ClusterView:
-    """Knowledge beyond the database. ``pending``: worker id -> when it was asked for (monotonic s);
-    ``asked_at``: the same, kept past the worker's first heartbeat, since its bill counts from then (unknown for
-    a worker this process did not ask for);
+    """Knowledge beyond the database. ``asked_at``: worker id -> when this process asked for it (monotonic s),
+    kept past its first heartbeat, since its bill counts from then (unknown for a worker asked for by another);
+    ``pending``: the workers asked for and not yet heard from, in the order asked;
     ``retired``: a removed worker -> the time from which a heartbeat it sends brings it back into the pool
     (a released pod that keeps running, an external system that did not act); until then, and for a worker
     that never beats again, it is out of the pool whatever its row says."""
@@ -40,7 +40,7 @@ class ClusterView:
     state_bytes: dict[str, int] = field(default_factory=dict)
     kind_of: dict[str, str] = field(default_factory=dict)
     draining: set[str] = field(default_factory=set)
-    pending: dict[str, float] = field(default_factory=dict)
+    pending: dict[str, None] = field(default_factory=dict)
     asked_at: dict[str, float] = field(default_factory=dict)
     retired: dict[str, float] = field(default_factory=dict)
     migrated_at: dict[str, float] = field(default_factory=dict)
@@ -59,12 +59,13 @@ class ClusterView:
         if beat.worker_id in self.seen:
             return False
         self.seen.add(beat.worker_id)
-        if self.pending.pop(beat.worker_id, None) is None:
+        if beat.worker_id in self.pending:
+            del self.pending[beat.worker_id]
+        else:
             placeholder = next((p for p in self.pending if p.startswith("pending-")), None)
             if placeholder is not None:  # an external provisioner's worker: ids are unknown until they beat
                 del self.pending[placeholder]
-                if placeholder in self.asked_at:
-                    self.asked_at[beat.worker_id] = self.asked_at.pop(placeholder)
+                self.asked_at[beat.worker_id] = self.asked_at.pop(placeholder)
         return True
 
     def policy_kind(self, kind: str) -> str:
@@ -79,7 +80,8 @@ class ClusterView:
             self._anonymous += 1
             ids.append(f"pending-{self._anonymous}")
         for worker_id in ids:
-            self.pending[worker_id] = self.asked_at[worker_id] = now_s
+            self.pending[worker_id] = None
+            self.asked_at[worker_id] = now_s
         return ids
 
     def forget_worker(self, worker_id: str) -> None:

@@ -455,7 +455,8 @@ class ControlLoop:
         return all(moved)
 
     async def _expire_pending(self, now_s: float) -> None:
-        for worker_id, asked_s in list(self.view.pending.items()):
+        for worker_id in list(self.view.pending):
+            asked_s = self.view.asked_at[worker_id]
             if now_s - asked_s < self._provision_timeout_s:
                 continue
             reason = f"asked for {now_s - asked_s:.0f} s ago and never heart-beat"

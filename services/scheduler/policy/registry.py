@@ -91,6 +91,9 @@ class PolicySetting:
     billing_minimum_s: float = 0.0
     billing_increment_s: float = 0.0
 
+    def __post_init__(self) -> None:
+        self.billing()  # a billing no cloud has is refused where the setting is made, for every policy alike
+
     def billing(self) -> Billing:
         return Billing(self.billing_minimum_s, self.billing_increment_s)
 

@@ -144,9 +144,7 @@ def run_simulate(args: argparse.Namespace) -> int:
              ("billing_increment_s", args.billing_increment_s), *args.setting)
     try:
         for policy in policies:  # a bad --rho, --setting or billing fails here, before a long trace loads
-            setting = policy_setting(Scenario(policy, args.delay_s, args.rho, setting=links))
-            setting.billing()
-            build_controller(_recipe(policy), setting)
+            build_controller(_recipe(policy), policy_setting(Scenario(policy, args.delay_s, args.rho, setting=links)))
         trace = _load(args, assumptions)
     except (AutoscaleError, BillingError, BudgetError, ControllerConfigError, TracesMissingError, TraceError) as error:
         console.print(f"[red]{error}[/red]")
