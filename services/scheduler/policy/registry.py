@@ -199,8 +199,11 @@ def _chosen(name: str, setting: PolicySetting) -> dict[str, float]:
     return {key: value if (value := getattr(setting, key)) is not None else default for key, default in chosen.items()}
 
 
-def build_controller(name: str, setting: PolicySetting) -> ClosedLoopController:
-    """A fresh controller for the named policy; each call gets its own state and its own fitted models."""
+def build_controller(
+    name: str, setting: PolicySetting, autoscale: AutoscalePolicy | None = None
+) -> ClosedLoopController:
+    """A fresh controller for the named policy; each call gets its own state and its own fitted models.
+    ``autoscale`` replaces the recipe's sizing rule (a benchmark's reference sizing inside ours' controller)."""
     recipe = POLICIES.get(name)
     if recipe is None:
         raise UnknownPolicyError(f"unknown policy {name!r}; known: {sorted(POLICIES)}")
@@ -210,7 +213,7 @@ def build_controller(name: str, setting: PolicySetting) -> ClosedLoopController:
         name,
         PLACEMENTS[recipe.placement](setting),
         REBALANCES[recipe.rebalance](setting),
-        AUTOSCALES[recipe.autoscale](setting),
+        autoscale or AUTOSCALES[recipe.autoscale](setting),
         setting.models(),
         ControllerConfig(
             setting.scale_kind,

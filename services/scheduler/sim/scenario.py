@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.scheduler.policy.autoscale import AutoscalePolicy
 from services.scheduler.policy.registry import PolicySetting, build_controller
 from services.scheduler.sim.converters import TRACE_FORMATS, ConversionAssumptions, load_mooncake, load_ragpulse
 from services.scheduler.sim.engine import SimConfig, Simulator
@@ -99,9 +100,11 @@ def policy_setting(scenario: Scenario) -> PolicySetting:
     )
 
 
-def run_scenario(trace: Trace, scenario: Scenario, progress: Callable[[float], None] | None = None) -> SimResult:
+def run_scenario(trace: Trace, scenario: Scenario, progress: Callable[[float], None] | None = None,
+                 autoscale: AutoscalePolicy | None = None) -> SimResult:
+    """``autoscale``: a sizing rule in place of the policy's own (see ``build_controller``)."""
     setting = policy_setting(scenario)
-    controller = build_controller(scenario.policy, setting)
+    controller = build_controller(scenario.policy, setting, autoscale)
     truth = setting.models()
     config = SimConfig(
         provisioning_delay_s=scenario.delay_s,
