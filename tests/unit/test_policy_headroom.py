@@ -8,14 +8,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.scheduler.policy.actions import RemoveGpu, Restore
-from services.scheduler.policy.autoscale import AutoscaleError
+from services.scheduler.policy.autoscale import AutoscaleError, RecentRiseHeadroom
 from services.scheduler.policy.budget import BudgetError, BudgetParams, ViolationBudget
-from services.scheduler.policy.bursts import BurstMemory, BurstMemoryError, BurstParams
+from services.scheduler.policy.bursts import BurstMemory, BurstMemoryError, BurstParams, RecentRises
+from services.scheduler.policy.detector import DEFAULT_LEVELS, WorkloadReading
 from services.scheduler.policy.registry import PolicySetting, build_controller
 from services.scheduler.policy.snapshot import ClusterSnapshot, GpuView, SessionView
 
 GB = 1_000_000_000
 STEPS = st.lists(st.tuples(st.floats(0.1, 600.0), st.integers(0, 500), st.integers(0, 500)), max_size=40)
+
+
+def reading(active: int, now_s: float) -> WorkloadReading:
+    return WorkloadReading(DEFAULT_LEVELS[0], active, 0.0, 0.0, 0.0, now_s=now_s)
 
 
 def spend(budget: ViolationBudget, steps: list[tuple[float, int, int]]) -> ViolationBudget:
@@ -218,3 +223,41 @@ def test_the_typical_capacity_is_the_median_the_gpus_of_a_kind_report_as_they_ch
     snapshot.remove_gpu("a")
     snapshot.remove_gpu("b")
     assert snapshot.typical_capacity("h100") == 3
+
+
+def test_recent_rises_are_measured_once_their_horizon_has_passed_and_forgotten_after_the_window() -> None:
+    rises = RecentRises(horizon_s=10.0, window_s=100.0, step_s=5.0)
+    rises.record(0.0, 0)
+    rises.record(5.0, 4)
+    rises.record(10.0, 4)
+    assert len(rises) == 0 and rises.quantile(0.9) == 0  # no horizon has passed yet
+    rises.record(11.0, 4)
+    assert len(rises) == 1 and rises.quantile(0.5) == 4  # the rise from 0 s: 0 -> 4
+    rises.record(200.0, 0)
+    assert len(rises) == 2 and rises.quantile(0.99) == 0  # two flat rises closed; the one of 4 forgotten
+    with pytest.raises(BurstMemoryError):
+        RecentRises(horizon_s=0.0, window_s=100.0)
+
+
+def test_the_recent_rise_sizing_covers_a_quantile_of_the_rises_seen_and_a_prior_before_it_has_any() -> None:
+    sizing = RecentRiseHeadroom(30.0, 10.0, 1, 64, quantile=0.9, window_s=1800.0)
+    count, reason = sizing.target_gpus(reading(16, 0.0), 4)
+    assert count == 7 and "prior" in reason  # ceil((16 + 3 sqrt(16)) / 4)
+    for now_s in range(5, 600, 5):  # ten steady minutes: every rise is nothing
+        sizing.target_gpus(reading(16, float(now_s)), 4)
+    assert sizing.target_gpus(reading(16, 600.0), 4)[0] == 5  # the sessions' 4 GPUs and the warm spare
+    for now_s in range(605, 1200, 5):  # then a clump of 8 for 5 s at the top of every minute
+        sizing.target_gpus(reading(24 if now_s % 60 == 0 else 16, float(now_s)), 4)
+    assert sizing.target_gpus(reading(16, 1200.0), 4)[0] == 6  # room for 16 + 8
+    for now_s in range(1205, 3200, 5):  # a calm half hour and more: the clumps leave the window
+        sizing.target_gpus(reading(16, float(now_s)), 4)
+    assert sizing.target_gpus(reading(16, 3200.0), 4)[0] == 5
+    with pytest.raises(AutoscaleError):
+        RecentRiseHeadroom(30.0, 10.0, 1, 64, quantile=1.0, window_s=1800.0)
+
+
+def test_ours_recent_rises_is_ours_with_the_candidate_sizing_and_its_settings() -> None:
+    controller = build_controller("ours_recent_rises", PolicySetting(recent_rise_quantile=0.8))
+    assert isinstance(controller.autoscale, RecentRiseHeadroom)
+    assert controller.autoscale.quantile == 0.8 and controller.autoscale.rises.window_s == 1800.0
+    assert controller.config.overflow_slots == build_controller("ours", PolicySetting()).config.overflow_slots

@@ -19,10 +19,14 @@ waits out the provisioning delay: on RAGPulse at load 256 the active count fell 
 and came back as 14 sessions in 30 s, and the first of them waited 9 to 13 s for a chunk. So the empty band reads
 the largest rise seen from empty within the window, if that is more than its tail. That room is paid for only
 while no session runs, when the pool is at its smallest anyway.
+
+``RecentRises`` is the plainer sibling a candidate sizing reads: the raw rises of the last half hour, no bands,
+no normalising, no memory of clumps from empty (``autoscale.RecentRiseHeadroom`` says why it is measured).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -168,3 +172,42 @@ class BurstMemory:
         if active == 0 and self._from_empty:
             z = max(z, float(self._from_empty[0][1]))
         return z
+
+
+class RecentRises:
+    """The rises of the active count over ``horizon_s`` that closed within the last ``window_s``, raw (in sessions,
+    not normalised by the load), one started every ``step_s``: the plainest estimate of how far the load may rise
+    now, for a sizing that reads a quantile of it (``autoscale.RecentRiseHeadroom``). Kept sorted, so a quantile
+    is an index."""
+
+    def __init__(self, horizon_s: float, window_s: float, step_s: float = 5.0) -> None:
+        if horizon_s <= 0 or window_s <= 0 or step_s <= 0:
+            raise BurstMemoryError(f"horizon_s, window_s and step_s must be positive, got {horizon_s}, {window_s}, "
+                                   f"{step_s}")
+        self.horizon_s, self.window_s, self.step_s = horizon_s, window_s, step_s
+        self._open: deque[_Rise] = deque()
+        self._closed: deque[tuple[float, int]] = deque()  # (closed at, rise), in closing order
+        self._sorted: list[int] = []
+        self._last_s: float | None = None
+
+    def __len__(self) -> int:
+        return len(self._sorted)
+
+    def record(self, now_s: float, active: int) -> None:
+        while self._open and now_s - self._open[0].start_s > self.horizon_s:
+            rise = self._open.popleft()
+            self._closed.append((now_s, rise.peak_active - rise.start_active))
+            bisect.insort(self._sorted, rise.peak_active - rise.start_active)
+        while self._closed and now_s - self._closed[0][0] > self.window_s:
+            self._sorted.pop(bisect.bisect_left(self._sorted, self._closed.popleft()[1]))
+        for rise in self._open:
+            rise.peak_active = max(rise.peak_active, active)
+        if self._last_s is None or now_s - self._last_s >= self.step_s:
+            self._open.append(_Rise(now_s, active, active, self.step_s))
+            self._last_s = now_s
+
+    def quantile(self, q: float) -> int:
+        """The ``q`` quantile of the rises in the window (a drawn rise, never between two); 0 with none."""
+        if not self._sorted:
+            return 0
+        return self._sorted[min(max(math.ceil(q * len(self._sorted)) - 1, 0), len(self._sorted) - 1)]
