@@ -195,7 +195,7 @@ POLICIES: dict[str, PolicyRecipe] = {
     ),
     "ours_no_autoscale": replace(OURS, autoscale="fixed", summary="ours on a fixed pool of fixed_gpus"),
     "ours_recent_rises": replace(OURS, autoscale="recent_rises", summary="ours sized by a quantile of the rises "
-                                 "of the last half hour (a candidate, not chosen)"),
+                                 "of the last half hour (a candidate, not adopted)"),
     "paper": PolicyRecipe(
         "min_bottleneck", "min_max", "reactive", True, "the paper's rule: min bottleneck, min-max, ceil(N/(K rho))"
     ),
@@ -221,8 +221,7 @@ def build_controller(
     if recipe is None:
         raise UnknownPolicyError(f"unknown policy {name!r}; known: {sorted(POLICIES)}")
     chosen = _chosen(name, setting)
-    setting = replace(setting, burst_coverage=chosen["burst_coverage"],
-                      recent_rise_quantile=chosen.get("recent_rise_quantile"))
+    setting = replace(setting, burst_coverage=chosen["burst_coverage"])
     return ClosedLoopController(
         name,
         PLACEMENTS[recipe.placement](setting),
