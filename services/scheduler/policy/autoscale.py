@@ -27,9 +27,17 @@ class AutoscalePolicy(Protocol):
     def target_gpus(self, reading: WorkloadReading, capacity: int) -> tuple[int, str]: ...
 
 
-def _check_bounds(min_gpus: int, max_gpus: int) -> None:
+def check_bounds(min_gpus: int, max_gpus: int) -> None:
     if min_gpus < 0 or max_gpus < max(min_gpus, 1):
         raise AutoscaleError(f"need 0 <= min_gpus <= max_gpus and max_gpus >= 1, got {min_gpus}, {max_gpus}")
+
+
+def headroom_pool(slots: float, active: int, capacity: int, spare_gpus: int, min_gpus: int, max_gpus: int) -> int:
+    """The GPUs a headroom sizing asks for: room for ``slots`` sessions, at least the GPUs the active sessions fill
+    and ``spare_gpus`` warm beyond them, within the bounds (one rule for ours and every sizing measured against
+    it, so they differ only in their slots)."""
+    spare = math.ceil(active / capacity) + spare_gpus
+    return min(max(math.ceil(slots / capacity - 1e-9), spare, min_gpus), max_gpus)
 
 
 class FixedAllocation:
@@ -38,7 +46,7 @@ class FixedAllocation:
     hold_s: float | None = None
 
     def __init__(self, gpus: int) -> None:
-        _check_bounds(gpus, gpus)
+        check_bounds(gpus, gpus)
         self.name = f"fixed_{gpus}"
         self.min_gpus = self.max_gpus = gpus
 
@@ -53,7 +61,7 @@ class ReactiveUtilisation:
     """
 
     def __init__(self, rho: float | None, min_gpus: int, max_gpus: int, hold_s: float = 5.0) -> None:
-        _check_bounds(min_gpus, max_gpus)
+        check_bounds(min_gpus, max_gpus)
         if rho is not None and not 0 < rho <= 1:
             raise AutoscaleError(f"rho must be in (0, 1], got {rho}")
         self.name = "reactive" if rho is None else f"reactive_rho{rho:g}"
@@ -93,7 +101,7 @@ class AnticipatoryHeadroom:
         self, provisioning_delay_s: float, decision_interval_s: float, min_gpus: int, max_gpus: int,
         burst_coverage: float = 0.5, spare_gpus: int = 1,
     ) -> None:
-        _check_bounds(min_gpus, max_gpus)
+        check_bounds(min_gpus, max_gpus)
         if provisioning_delay_s < 0 or decision_interval_s <= 0 or burst_coverage < 0 or spare_gpus < 0:
             raise AutoscaleError(
                 f"bad horizon, coverage or spare: provisioning_delay_s={provisioning_delay_s}, "
@@ -114,8 +122,7 @@ class AnticipatoryHeadroom:
         rise_z = self.bursts.rise_z(reading.active)
         beta = self.burst_coverage * rise_z * reading.headroom_scale
         slots = max(offered + beta * math.sqrt(max(offered, 1.0)), float(reading.active))
-        spare = math.ceil(reading.active / capacity) + self.spare_gpus
-        count = min(max(math.ceil(slots / capacity - 1e-9), spare, self.min_gpus), self.max_gpus)
+        count = headroom_pool(slots, reading.active, capacity, self.spare_gpus, self.min_gpus, self.max_gpus)
         return count, (
             f"{reading.active} active, offered {offered:.1f} (+{drift:.1f} drift over {self.horizon_s:.0f} s), "
             f"beta {beta:.2f} (coverage {self.burst_coverage:g} x rise {rise_z:.2f} sqrt(a) x budget "
@@ -142,7 +149,7 @@ class RecentRiseHeadroom:
         self, provisioning_delay_s: float, decision_interval_s: float, min_gpus: int, max_gpus: int,
         quantile: float, window_s: float, spare_gpus: int = 1, prior_z: float = 3.0,
     ) -> None:
-        _check_bounds(min_gpus, max_gpus)
+        check_bounds(min_gpus, max_gpus)
         if not 0 < quantile < 1 or spare_gpus < 0 or prior_z < 0:
             raise AutoscaleError(f"need 0 < quantile < 1, spare_gpus >= 0, prior_z >= 0, got {quantile}, "
                                  f"{spare_gpus}, {prior_z}")
@@ -158,6 +165,6 @@ class RecentRiseHeadroom:
             rise, source = float(self.rises.quantile(self.quantile)), f"q{self.quantile:g} of {len(self.rises)} rises"
         else:
             rise, source = self.prior_z * math.sqrt(max(reading.active, 1)), "prior"
-        spare = math.ceil(reading.active / capacity) + self.spare_gpus
-        count = min(max(math.ceil((reading.active + rise) / capacity - 1e-9), spare, self.min_gpus), self.max_gpus)
+        count = headroom_pool(reading.active + rise, reading.active, capacity, self.spare_gpus, self.min_gpus,
+                              self.max_gpus)
         return count, f"{reading.active} active, rise {rise:.1f} ({source}) -> {count} GPUs"

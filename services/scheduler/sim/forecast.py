@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from services.scheduler.policy.autoscale import AutoscaleError
+from services.scheduler.policy.autoscale import AutoscaleError, check_bounds, headroom_pool
 from services.scheduler.policy.detector import WorkloadReading
 from services.scheduler.sim.trace import Trace
 
@@ -80,8 +80,8 @@ def forecast_rises(replications: Sequence[Trace], horizon_s: float, quantiles: S
         raise ForecastError(f"need horizon_s > 0, pool_s >= 0, quantiles in (0, 1), got {horizon_s}, {pool_s}, "
                             f"{list(quantiles)}")
     horizon = math.ceil(horizon_s)
-    first_s = min(min((s.active_periods[0][0] for s in t.sessions), default=t.window_start_s) for t in replications)
-    start_s = math.floor(min(first_s, *(t.window_start_s for t in replications))) - horizon  # a rise from nothing too
+    earliest_s = min(min([t.window_start_s, *(s.active_periods[0][0] for s in t.sessions)]) for t in replications)
+    start_s = math.floor(earliest_s) - horizon  # a horizon before anything, so a rise from nothing is forecast too
     end_s = math.ceil(max(t.window_end_s for t in replications))
     seconds = max(end_s - start_s, 1)
     drawn = np.stack([rises(active_counts(trace, start_s, seconds), horizon) for trace in replications])
@@ -103,15 +103,15 @@ class ForecastHeadroom:
     hold_s: float | None = None
 
     def __init__(self, forecast: RiseForecast, min_gpus: int, max_gpus: int, spare_gpus: int = 1) -> None:
-        if min_gpus < 0 or max_gpus < max(min_gpus, 1) or spare_gpus < 0:
-            raise AutoscaleError(f"need 0 <= min_gpus <= max_gpus, max_gpus >= 1, spare_gpus >= 0, got {min_gpus}, "
-                                 f"{max_gpus}, {spare_gpus}")
+        check_bounds(min_gpus, max_gpus)
+        if spare_gpus < 0:
+            raise AutoscaleError(f"spare_gpus must not be negative, got {spare_gpus}")
         self.name = f"forecast_q{forecast.quantile:g}"
         self.forecast = forecast
         self.min_gpus, self.max_gpus, self.spare_gpus = min_gpus, max_gpus, spare_gpus
 
     def target_gpus(self, reading: WorkloadReading, capacity: int) -> tuple[int, str]:
         rise = self.forecast.rise_at(reading.now_s)
-        spare = math.ceil(reading.active / capacity) + self.spare_gpus
-        count = min(max(math.ceil((reading.active + rise) / capacity - 1e-9), spare, self.min_gpus), self.max_gpus)
+        count = headroom_pool(reading.active + rise, reading.active, capacity, self.spare_gpus, self.min_gpus,
+                              self.max_gpus)
         return count, f"{reading.active} active, forecast rise {rise:g} (q {self.forecast.quantile:g}) -> {count} GPUs"
