@@ -89,14 +89,27 @@ def test_each_load_band_reads_its_own_tail_so_night_clumps_do_not_staff_the_day(
     assert memory.rise_z(5000) == memory.overall_z  # a load never seen reads every band's tail
 
 
-def test_an_empty_pool_reads_the_largest_clump_from_empty_however_long_the_silence_after_it() -> None:
-    params = BurstParams(window_s=3 * 3600.0, prior_s=60.0)
+def test_around_a_lull_the_memory_keeps_room_for_the_whole_largest_clump_from_empty() -> None:
+    params = BurstParams(horizon_s=40.0, window_s=3 * 3600.0, prior_s=60.0)
     lull_clump_lull = [0] * 600 + [14] * 300 + [0] * (2 * 3600)
     memory = feed(BurstMemory(params), lull_clump_lull)
-    assert memory.rise_z(0) == 14.0  # the time-weighted tail alone reads ~0 after two hours of nothing
-    assert memory.rise_z(1) < 14.0  # only the empty band: from one session on, arrivals are continuous
-    memory.record(5 * 3600.0, 0)  # past the window: forgotten
-    assert memory.rise_z(0) < 14.0
+    assert memory.rise_z(0) < 1.0  # the time-weighted tail alone reads ~0 after two hours of nothing
+    assert memory.clump_room() == 14
+    end_s = float(len(lull_clump_lull))
+    memory.record(end_s + 20.0, 3)  # the next clump is arriving: keep the room
+    assert memory.clump_room() == 14
+    memory.record(end_s + 60.0, 3)  # a horizon with sessions since the pool was empty: arrivals are continuous
+    assert memory.clump_room() == 0
+    memory.record(5 * 3600.0, 0)  # past the window the 14 is forgotten; the clump of 3 after it is the largest
+    assert memory.clump_room() == 3
+
+
+def test_an_empty_pool_after_a_clump_is_sized_for_the_whole_clump_however_small_the_coverage() -> None:
+    sizing = build_controller("ours", PolicySetting(burst_coverage=0.1)).autoscale
+    for second in range(1200):
+        active = 23 if 600 <= second < 900 else 0
+        count, reason = sizing.target_gpus(reading(active, float(second)), 4)
+    assert count == 6 and "clump of 23" in reason  # ceil(23 / 4): the 0.1 share of the burst tail would say 2
 
 
 def test_a_rise_counts_only_once_its_horizon_has_passed() -> None:
@@ -114,8 +127,9 @@ def test_the_burst_coefficient_is_bounded_and_the_same_for_the_same_history(patt
     first, second = feed(BurstMemory(params), pattern), feed(BurstMemory(params), pattern)
     for active in {0, *pattern}:
         assert first.rise_z(active) == second.rise_z(active)
-        bound = params.max_z + params.bin_z if active else max(params.max_z + params.bin_z, *pattern)
-        assert 0.0 <= first.rise_z(active) <= bound  # an empty pool may read the largest clump from empty
+        assert 0.0 <= first.rise_z(active) <= params.max_z + params.bin_z
+    assert first.clump_room() == second.clump_room()
+    assert 0 <= first.clump_room() <= max(pattern)
 
 
 def test_bad_budget_and_burst_settings_raise_typed_errors() -> None:

@@ -81,8 +81,8 @@ class AnticipatoryHeadroom:
 
     The offered load a is the active count now plus its drift over the horizon h (provisioning delay plus one
     decision interval); the pool covers a + beta sqrt(max(a, 1)) sessions (a rise from an empty pool is
-    measured against one session, and an empty pool reads the largest clump seen from empty, so after a lull
-    the pool still holds room for a clump of the size seen; ``bursts`` says why). Poisson rises over h grow
+    measured against one session). Around a lull (no session active now or within the horizon) the pool also
+    holds room for the whole of the largest clump seen from empty (``bursts`` says why). Poisson rises over h grow
     like sqrt(a), but how far beyond that a workload's arrivals clump is its own, so beta is
     not a constant: it is ``burst_coverage`` times the 99th percentile of the rises seen so far from loads like
     this one (``bursts.BurstMemory``, in units of sqrt(load)), times the share the violation budget keeps
@@ -121,12 +121,14 @@ class AnticipatoryHeadroom:
         offered = reading.active + drift
         rise_z = self.bursts.rise_z(reading.active)
         beta = self.burst_coverage * rise_z * reading.headroom_scale
-        slots = max(offered + beta * math.sqrt(max(offered, 1.0)), float(reading.active))
+        clump = self.bursts.clump_room()
+        slots = max(offered + beta * math.sqrt(max(offered, 1.0)), float(reading.active), float(clump))
         count = headroom_pool(slots, reading.active, capacity, self.spare_gpus, self.min_gpus, self.max_gpus)
         return count, (
             f"{reading.active} active, offered {offered:.1f} (+{drift:.1f} drift over {self.horizon_s:.0f} s), "
             f"beta {beta:.2f} (coverage {self.burst_coverage:g} x rise {rise_z:.2f} sqrt(a) x budget "
-            f"{reading.headroom_scale:.2f}) -> {count} GPUs"
+            f"{reading.headroom_scale:.2f})" + (f", room for a clump of {clump} after a lull" if clump else "")
+            + f" -> {count} GPUs"
         )
 
 

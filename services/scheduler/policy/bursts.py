@@ -16,9 +16,10 @@ as its prior for as long as it has little history of its own.
 An empty pool is the exception. There every arrival is a rise, and the silence between clumps (minutes to hours
 of rises of nothing) dilutes a time-weighted tail until it reads a single GPU, so the clump that ends a lull
 waits out the provisioning delay: on RAGPulse at load 256 the active count fell to none for 10 and 25 minutes
-and came back as 14 sessions in 30 s, and the first of them waited 9 to 13 s for a chunk. So the empty band reads
-the largest rise seen from empty within the window, if that is more than its tail. That room is paid for only
-while no session runs, when the pool is at its smallest anyway.
+and came back as 14 sessions in 30 s, and the first of them waited 9 to 13 s for a chunk. So the memory also
+keeps the largest clump seen from empty within the window (``clump_room``): the whole of it, not a share, and
+from the moment the pool empties until a horizon after it last was empty, since that is the span the clump
+was measured over. That room is paid for only around the lulls, when the pool is at its smallest anyway.
 
 ``RecentRises`` is the plainer sibling a candidate sizing reads: the raw rises of the last half hour, no bands,
 no normalising, no memory of clumps from empty (``autoscale.RecentRiseHeadroom`` says why it is measured).
@@ -121,6 +122,7 @@ class BurstMemory:
         self._bands: dict[int, _Histogram] = {}
         self._open: deque[_Rise] = deque()
         self._from_empty: deque[tuple[float, int]] = deque()  # (closed at, peak) of rises from no session active
+        self._empty_at_s: float | None = None  # when no session was last active
         self._last_s: float | None = None
         self._now_s = 0.0
 
@@ -133,6 +135,8 @@ class BurstMemory:
             self._close(self._open.popleft(), now_s)
         while self._from_empty and self._now_s - self._from_empty[0][0] > params.window_s:
             self._from_empty.popleft()
+        if active == 0:
+            self._empty_at_s = now_s
         for rise in self._open:
             rise.peak_active = max(rise.peak_active, active)
         step_s = params.horizon_s / params.starts_per_horizon
@@ -161,17 +165,19 @@ class BurstMemory:
 
     def rise_z(self, active: int) -> float:
         """The tail of the rises that started in ``active``'s load band, blended with ``overall_z`` as the
-        prior while the band has little history; from an empty pool, at least the largest clump from empty in the
-        window (its z is its size: rises are measured against one session there)."""
+        prior while the band has little history."""
         prior_z = self.overall_z
         band = self._bands.get(load_band(active))
-        z = prior_z
-        if band is not None:
-            observed, weight_s = band.tail(self._now_s)
-            z = (self.params.prior_s * prior_z + weight_s * observed) / (self.params.prior_s + weight_s)
-        if active == 0 and self._from_empty:
-            z = max(z, float(self._from_empty[0][1]))
-        return z
+        if band is None:
+            return prior_z
+        observed, weight_s = band.tail(self._now_s)
+        return (self.params.prior_s * prior_z + weight_s * observed) / (self.params.prior_s + weight_s)
+
+    def clump_room(self) -> int:
+        """The sessions of the largest clump from empty in the window, while the pool is empty or was within the
+        last horizon (a clump still arriving); 0 otherwise."""
+        recent = self._empty_at_s is not None and self._now_s - self._empty_at_s <= self.params.horizon_s
+        return self._from_empty[0][1] if recent and self._from_empty else 0
 
 
 class RecentRises:
