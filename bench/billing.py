@@ -33,15 +33,14 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from services.scheduler.sim.converters import ConversionAssumptions  # noqa: E402
 from services.scheduler.sim.scenario import (  # noqa: E402
     Scenario,
     TracesMissingError,
-    load_base_trace,
     run_scenario,
+    shared_trace,
     traces_dir,
 )
-from services.scheduler.sim.trace import lower_bound_gpu_hours, scale_to_mean_active  # noqa: E402
+from services.scheduler.sim.trace import lower_bound_gpu_hours  # noqa: E402
 
 BILLINGS = {"instant": (0.0, 0.0), "per_minute": (60.0, 0.0), "hourly": (3600.0, 3600.0)}  # (minimum, increment)
 POLICIES = ("ours", "ours_billing_blind", "paper")
@@ -53,7 +52,7 @@ Row = dict[str, Any]
 
 def replay(job: tuple[Path, str, int, int, str, str]) -> Row:
     directory, name, load, seed, billing, policy = job
-    trace = scale_to_mean_active(load_base_trace(name, directory, ConversionAssumptions()), float(load), seed=seed)
+    trace = shared_trace(name, directory, load, seed)
     minimum_s, increment_s = BILLINGS[billing]
     setting = (("billing_minimum_s", minimum_s), ("billing_increment_s", increment_s))
     result = run_scenario(trace, Scenario(policy, 30.0, setting=setting))

@@ -13,12 +13,12 @@ report. Writes bench/results/forecast_bound.json and bench/results/forecast_boun
 
     .venv/bin/python bench/forecast_bound.py            # 45 to 60 min on 2 cores
     .venv/bin/python bench/forecast_bound.py --replot   # the tables and the PNG again from the recorded rows
+    .venv/bin/python bench/forecast_bound.py --only ours   # replay one sizing after a change to it, keep the rest
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import multiprocessing
 import sys
@@ -33,22 +33,19 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from services.scheduler.sim.converters import ConversionAssumptions  # noqa: E402
 from services.scheduler.sim.forecast import ForecastHeadroom, RiseForecast, forecast_rises  # noqa: E402
 from services.scheduler.sim.plots import plot_frontier  # noqa: E402
 from services.scheduler.sim.scenario import (  # noqa: E402
     Scenario,
     TracesMissingError,
-    load_base_trace,
     policy_setting,
     run_scenario,
+    shared_trace,
     traces_dir,
 )
 from services.scheduler.sim.trace import (  # noqa: E402
-    Trace,
     clairvoyant_gpu_hours,
     lower_bound_gpu_hours,
-    scale_to_mean_active,
 )
 
 SEEDS = {"ragpulse": 3, "mooncake": 10}
@@ -58,23 +55,15 @@ OVER_TARGET_BUDGET = 0.001
 QUANTILES = (0.8, 0.9, 0.92, 0.95, 0.97, 0.99)
 CANDIDATE_QUANTILES, CANDIDATE_LOADS = (0.9, 0.92, 0.95, 0.97), (16, 64)  # where ours misses
 REPLICATION_SEEDS = range(1000, 1030)  # never a seed the report judges on
+SIZINGS = ("ours", "forecast", "recent")
 DELAY_S = 30.0
 Row = dict[str, Any]
-
-
-@functools.cache
-def base_trace(directory: Path, name: str) -> Trace:
-    return load_base_trace(name, directory, ConversionAssumptions())
-
-
-def scaled(directory: Path, name: str, load: int, seed: int) -> Trace:
-    return scale_to_mean_active(base_trace(directory, name), float(load), seed=seed)
 
 
 def forecasts(directory: Path, name: str, load: int) -> dict[float, RiseForecast]:
     setting = policy_setting(Scenario("ours", DELAY_S))
     horizon_s = setting.provisioning_delay_s + setting.rebalance_interval_s  # ours' horizon
-    replications = [scaled(directory, name, load, seed) for seed in REPLICATION_SEEDS]
+    replications = [shared_trace(name, directory, load, seed) for seed in REPLICATION_SEEDS]
     return forecast_rises(replications, horizon_s, QUANTILES)
 
 
@@ -92,7 +81,7 @@ class Job:
 
 def replay(args: tuple[Path, Job]) -> Row:
     directory, job = args
-    trace = scaled(directory, job.name, job.load, job.seed)
+    trace = shared_trace(job.name, directory, job.load, job.seed)
     scenario = Scenario("ours", DELAY_S)
     autoscale = None
     if job.forecast is not None:
@@ -204,25 +193,31 @@ def plot(summary: list[Row], path: Path) -> None:
     plot_frontier(panels, OVER_TARGET_BUDGET, path)
 
 
-def replay_all(directory: Path, console: Console) -> list[Row]:
+def plan(directory: Path, name: str, load: int, sizings: set[str]) -> list[Job]:
+    """The cell's replays of ``sizings``; the forecast is built only when it is replayed (30 replications)."""
+    seeds = range(SEEDS[name])
+    jobs = [Job(name, load, seed, "ours") for seed in seeds] if "ours" in sizings else []
+    if "forecast" in sizings:
+        told = forecasts(directory, name, load)
+        jobs += [Job(name, load, seed, "forecast", q, told[q]) for seed in seeds for q in QUANTILES]
+    if "recent" in sizings and load in CANDIDATE_LOADS:
+        jobs += [Job(name, load, seed, "recent", q) for seed in seeds for q in CANDIDATE_QUANTILES]
+    return jobs
+
+
+def replay_all(directory: Path, console: Console, sizings: set[str]) -> list[Row]:
     rows: list[Row] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     cells = [(name, load) for name in SEEDS for load in LOADS]
     with Progress(*columns, console=console) as progress, multiprocessing.Pool(2) as pool:
-        total = sum(SEEDS[name] * (1 + len(QUANTILES) + (len(CANDIDATE_QUANTILES) if load in CANDIDATE_LOADS else 0))
-                    for name, load in cells)
-        task = progress.add_task("forecasting", total=total)
+        task = progress.add_task("replaying", total=None)
         for name, load in cells:
-            progress.update(task, description=f"{name} {load}: forecast from {len(REPLICATION_SEEDS)} replications")
-            told = forecasts(directory, name, load)
-            jobs = [Job(name, load, seed, "ours") for seed in range(SEEDS[name])]
-            jobs += [Job(name, load, seed, "forecast", q, told[q]) for seed in range(SEEDS[name]) for q in QUANTILES]
-            if load in CANDIDATE_LOADS:
-                jobs += [Job(name, load, seed, "recent", q) for seed in range(SEEDS[name]) for q in CANDIDATE_QUANTILES]
+            progress.update(task, description=f"{name} {load}: planning")
+            jobs = plan(directory, name, load, sizings)
+            progress.update(task, total=(progress.tasks[0].total or 0) + len(jobs))
             for row in pool.imap_unordered(replay, [(directory, job) for job in jobs]):
                 rows.append(row)
                 progress.update(task, advance=1, description=f"{name} {load}: replaying")
-    rows.sort(key=lambda r: (r["trace"], r["load"], r["seed"], r["sizing"], r["quantile"] or 0.0))
     return rows
 
 
@@ -230,17 +225,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="sizing by a perfect forecast of the load's statistics")
     parser.add_argument("--replot", action="store_true",
                         help="the tables, JSON and PNG again from the rows in bench/results/forecast_bound.json")
+    parser.add_argument("--only", action="append", choices=SIZINGS,
+                        help="replay this sizing only (repeatable) and keep the recorded rows of the others")
     args = parser.parse_args()
     out = REPO_ROOT / "bench" / "results"
     console = Console(width=150)
-    if args.replot:
-        rows = json.loads((out / "forecast_bound.json").read_text())["rows"]
-    else:
+    recorded = json.loads((out / "forecast_bound.json").read_text())["rows"] if args.replot or args.only else []
+    rows = recorded
+    if not args.replot:
+        sizings = set(args.only or SIZINGS)
         try:
-            rows = replay_all(traces_dir(REPO_ROOT), console)
+            rows = [r for r in recorded if r["sizing"] not in sizings] + replay_all(traces_dir(REPO_ROOT), console,
+                                                                                    sizings)
         except TracesMissingError as error:
             console.print(f"[red]{error}[/red]")
             return 2
+        rows.sort(key=lambda r: (r["trace"], r["load"], r["seed"], r["sizing"], r["quantile"] or 0.0))
     summary = summarise(rows)
     lines = references(summary)
     print_tables(summary, lines, console)

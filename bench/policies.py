@@ -24,6 +24,7 @@ in ``policies_cost_split.png``.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import multiprocessing
@@ -49,15 +50,14 @@ from services.scheduler.sim.scenario import (  # noqa: E402
     Scenario,
     TracesMissingError,
     fixed_sizes,
-    load_base_trace,
     run_scenario,
+    shared_trace,
     traces_dir,
 )
 from services.scheduler.sim.trace import (  # noqa: E402
     Trace,
     clairvoyant_gpu_hours,
     lower_bound_gpu_hours,
-    scale_to_mean_active,
 )
 
 TRACES = ("ragpulse", "mooncake")
@@ -83,15 +83,10 @@ class Job:
     scenario: Scenario
 
 
-_TRACE_CACHE: dict[tuple[str, int, int], Trace] = {}
-
-
+@functools.cache
 def scaled_trace(directory: Path, name: str, load: int, seed: int) -> Trace:
-    key = (name, load, seed)
-    if key not in _TRACE_CACHE:
-        base = load_base_trace(name, directory, ConversionAssumptions())
-        _TRACE_CACHE[key] = scale_to_mean_active(base, float(load), seed=seed)
-    return _TRACE_CACHE[key]
+    """Kept per process: the report reads each trace again for its rows and plots."""
+    return shared_trace(name, directory, load, seed)
 
 
 def _run(args: tuple[Path, Job]) -> tuple[Job, SimResult]:

@@ -6,6 +6,7 @@ report can be reproduced from the command line with the same names.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from services.scheduler.sim.converters import TRACE_FORMATS, ConversionAssumptio
 from services.scheduler.sim.engine import SimConfig, Simulator
 from services.scheduler.sim.results import SimResult
 from services.scheduler.sim.synthetic import SyntheticSpec, generate
-from services.scheduler.sim.trace import Trace, TraceError, busiest_window
+from services.scheduler.sim.trace import Trace, TraceError, busiest_window, scale_to_mean_active
 
 TRACE_FILES = {"ragpulse": "0_trace.jsonl", "mooncake": "conversation_trace.jsonl"}
 TRACE_NAMES = (*TRACE_FILES, "synthetic")
@@ -51,6 +52,18 @@ def load_base_trace(name: str, directory: Path | None, assumptions: ConversionAs
     if name == "ragpulse":
         return busiest_window(load_ragpulse(path, assumptions), 86400.0)
     return load_mooncake(path, assumptions)
+
+
+@functools.cache
+def _default_base_trace(name: str, directory: Path) -> Trace:
+    return load_base_trace(name, directory, ConversionAssumptions())
+
+
+def shared_trace(name: str, directory: Path, load: float, seed: int) -> Trace:
+    """A shared trace at mean active ``load``, replicated with ``seed``'s shifts, under the default conversion: what
+    every benchmark replays, so their figures for one (trace, load, seed) are of the same sessions. The unscaled
+    trace is read once per process."""
+    return scale_to_mean_active(_default_base_trace(name, directory), float(load), seed=seed)
 
 
 def load_trace_file(path: Path, trace_format: str, assumptions: ConversionAssumptions) -> Trace:
