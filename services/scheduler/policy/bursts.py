@@ -17,9 +17,11 @@ An empty pool is the exception. There every arrival is a rise, and the silence b
 of rises of nothing) dilutes a time-weighted tail until it reads a single GPU, so the clump that ends a lull
 waits out the provisioning delay: on RAGPulse at load 256 the active count fell to none for 10 and 25 minutes
 and came back as 14 sessions in 30 s, and the first of them waited 9 to 13 s for a chunk. So the memory also
-keeps the largest clump seen from empty within the window (``clump_room``): the whole of it, not a share, and
-from the moment the pool empties until a horizon after it last was empty, since that is the span the clump
-was measured over. That room is paid for only around the lulls, when the pool is at its smallest anyway.
+keeps the largest clump seen from empty within the window (``clump_room``), from the moment the pool empties
+until a horizon after it last was empty, since that is the span the clump was measured over. It keeps the whole
+of it: the burst coverage was chosen on synthetic days that never empty, and its share of a 10-session clump left
+the 37 that ended a later lull waiting 8.5 s. That room is paid for only around the lulls, when the pool is at its
+smallest anyway.
 
 ``RecentRises`` is the plainer sibling a candidate sizing reads: the raw rises of the last half hour, no bands,
 no normalising, no memory of clumps from empty (``autoscale.RecentRiseHeadroom`` says why it is measured).
