@@ -76,6 +76,30 @@ class _Rise:
     weight_s: float
 
 
+class _OpenRises:
+    """The rises being followed: one started every ``step_s`` (weighted by the time since the last, at most a
+    horizon), its peak raised while its ``horizon_s`` lasts, handed back once it has passed, so only the past is
+    ever read."""
+
+    def __init__(self, horizon_s: float, step_s: float) -> None:
+        self.horizon_s, self.step_s = horizon_s, step_s
+        self._open: deque[_Rise] = deque()
+        self._last_s: float | None = None
+
+    def record(self, now_s: float, active: int) -> list[_Rise]:
+        """The rises whose horizon has passed by ``now_s``, oldest first; the others see ``active``."""
+        closed = []
+        while self._open and now_s - self._open[0].start_s > self.horizon_s:
+            closed.append(self._open.popleft())
+        for rise in self._open:
+            rise.peak_active = max(rise.peak_active, active)
+        if self._last_s is None or now_s - self._last_s >= self.step_s:
+            weight_s = self.step_s if self._last_s is None else min(now_s - self._last_s, self.horizon_s)
+            self._open.append(_Rise(now_s, active, active, weight_s))
+            self._last_s = now_s
+        return closed
+
+
 class _Histogram:
     """Time-weighted normalised rises, forgotten exponentially over ``window_s`` (lazily, on each touch)."""
 
@@ -122,30 +146,21 @@ class BurstMemory:
         self.params = params or BurstParams()
         self._all = _Histogram(self.params)
         self._bands: dict[int, _Histogram] = {}
-        self._open: deque[_Rise] = deque()
+        self._open = _OpenRises(self.params.horizon_s, self.params.horizon_s / self.params.starts_per_horizon)
         self._from_empty: deque[tuple[float, int]] = deque()  # (closed at, peak) of rises from no session active
         self._empty_at_s: float | None = None  # when no session was last active
-        self._last_s: float | None = None
         self._now_s = 0.0
 
     def record(self, now_s: float, active: int) -> None:
-        """Raise the peak of every open rise, close those whose horizon has passed, open one per step; forget the
-        clumps from empty older than the window."""
-        params = self.params
+        """Count the rises whose horizon has passed, follow the others; forget the clumps from empty older than the
+        window."""
         self._now_s = max(self._now_s, now_s)
-        while self._open and now_s - self._open[0].start_s > params.horizon_s:
-            self._close(self._open.popleft(), now_s)
-        while self._from_empty and self._now_s - self._from_empty[0][0] > params.window_s:
+        for rise in self._open.record(now_s, active):
+            self._close(rise, now_s)
+        while self._from_empty and self._now_s - self._from_empty[0][0] > self.params.window_s:
             self._from_empty.popleft()
         if active == 0:
             self._empty_at_s = now_s
-        for rise in self._open:
-            rise.peak_active = max(rise.peak_active, active)
-        step_s = params.horizon_s / params.starts_per_horizon
-        if self._last_s is None or now_s - self._last_s >= step_s:
-            weight_s = step_s if self._last_s is None else min(now_s - self._last_s, params.horizon_s)
-            self._open.append(_Rise(now_s, active, active, weight_s))
-            self._last_s = now_s
 
     def _close(self, rise: _Rise, now_s: float) -> None:
         z = (rise.peak_active - rise.start_active) / math.sqrt(max(rise.start_active, 1))
@@ -192,27 +207,20 @@ class RecentRises:
         if horizon_s <= 0 or window_s <= 0 or step_s <= 0:
             raise BurstMemoryError(f"horizon_s, window_s and step_s must be positive, got {horizon_s}, {window_s}, "
                                    f"{step_s}")
-        self.horizon_s, self.window_s, self.step_s = horizon_s, window_s, step_s
-        self._open: deque[_Rise] = deque()
+        self.window_s = window_s
+        self._open = _OpenRises(horizon_s, step_s)
         self._closed: deque[tuple[float, int]] = deque()  # (closed at, rise), in closing order
         self._sorted: list[int] = []
-        self._last_s: float | None = None
 
     def __len__(self) -> int:
         return len(self._sorted)
 
     def record(self, now_s: float, active: int) -> None:
-        while self._open and now_s - self._open[0].start_s > self.horizon_s:
-            rise = self._open.popleft()
+        for rise in self._open.record(now_s, active):
             self._closed.append((now_s, rise.peak_active - rise.start_active))
             bisect.insort(self._sorted, rise.peak_active - rise.start_active)
         while self._closed and now_s - self._closed[0][0] > self.window_s:
             self._sorted.pop(bisect.bisect_left(self._sorted, self._closed.popleft()[1]))
-        for rise in self._open:
-            rise.peak_active = max(rise.peak_active, active)
-        if self._last_s is None or now_s - self._last_s >= self.step_s:
-            self._open.append(_Rise(now_s, active, active, self.step_s))
-            self._last_s = now_s
 
     def quantile(self, q: float) -> int:
         """The ``q`` quantile of the rises in the window (a drawn rise, never between two); 0 with none."""
