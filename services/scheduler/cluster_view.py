@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from services.common.messages import WorkerHeartbeat
 from services.scheduler.policy import ClusterSnapshot, GpuView, SessionView, SnapshotError
@@ -23,9 +24,12 @@ log = logging.getLogger("turboserve.scheduler.control")
 
 @dataclass(slots=True)
 class ClusterView:
-    """Knowledge beyond the database. ``asked_at``: worker id -> when this process asked for it (monotonic s),
-    kept past its first heartbeat, since its bill counts from then (unknown for a worker asked for by another);
-    ``pending``: the workers asked for and not yet heard from, in the order asked;
+    """Knowledge beyond the session and worker rows. ``asked_at``: worker id -> when it was asked for (monotonic
+    s), kept past its first heartbeat, since its bill counts from then (unknown for a worker nobody recorded
+    asking for); ``pending``: the workers asked for and not yet heard from, in the order asked. The control loop
+    records both in the store (``asks``) and a restarted scheduler takes them back (``recover_asks``), so it
+    neither asks again for workers still starting nor forgets when their bill began. ``adopted``: workers live
+    before this process began, whose first heartbeat here answers no placeholder;
     ``retired``: a removed worker -> the time from which a heartbeat it sends brings it back into the pool
     (a released pod that keeps running, an external system that did not act); until then, and for a worker
     that never beats again, it is out of the pool whatever its row says."""
@@ -45,7 +49,7 @@ class ClusterView:
     retired: dict[str, float] = field(default_factory=dict)
     migrated_at: dict[str, float] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
-    _anonymous: int = 0
+    adopted: set[str] = field(default_factory=set)
 
     def observe(self, beat: WorkerHeartbeat, now_s: float) -> bool:
         """Record a heartbeat; True when this worker is new to this process (a scheduling event)."""
@@ -61,7 +65,7 @@ class ClusterView:
         self.seen.add(beat.worker_id)
         if beat.worker_id in self.pending:
             del self.pending[beat.worker_id]
-        else:
+        elif beat.worker_id not in self.adopted:
             placeholder = next((p for p in self.pending if p.startswith("pending-")), None)
             if placeholder is not None:  # an external provisioner's worker: ids are unknown until they beat
                 del self.pending[placeholder]
@@ -76,13 +80,35 @@ class ClusterView:
         ids = [w for w in worker_ids if w not in self.seen or w in self.retired]
         for worker_id in ids:
             self.retired.pop(worker_id, None)
-        while len(ids) < count:
-            self._anonymous += 1
-            ids.append(f"pending-{self._anonymous}")
+        while len(ids) < count:  # unique across restarts, since the record of asks outlives this process
+            ids.append(f"pending-{uuid.uuid4().hex[:12]}")
         for worker_id in ids:
             self.pending[worker_id] = None
             self.asked_at[worker_id] = now_s
         return ids
+
+    def asks(self, now_s: float, wall_now: datetime) -> dict[str, datetime]:
+        """``asked_at`` in wall time, as the store records it."""
+        return {w: wall_now - timedelta(seconds=now_s - asked_s) for w, asked_s in self.asked_at.items()}
+
+    def recover_asks(self, asks: Mapping[str, datetime], live: Collection[str], now_s: float,
+                     wall_now: datetime) -> None:
+        """Take back what an earlier scheduler recorded: a worker not ``live`` yet is still pending, and every one
+        is billed from when it was asked for (a clock behind the record's reads as asked just now). Asks this
+        process has made already are kept."""
+        self.adopted.update(live)
+        for worker_id, at in sorted(asks.items(), key=lambda ask: ask[1]):
+            if worker_id in self.asked_at:
+                continue
+            self.asked_at[worker_id] = now_s - max(0.0, (wall_now - at).total_seconds())
+            if worker_id not in live:
+                self.pending[worker_id] = None
+
+    def forget_gone(self, workers: Iterable[WorkerRecord]) -> None:
+        """Stop billing workers whose rows left the pool (lost, gone) and that are not being waited for."""
+        out = {w.worker_id for w in workers if w.status != "live"}
+        for worker_id in [w for w in self.asked_at if w in out and w not in self.pending]:
+            del self.asked_at[worker_id]
 
     def forget_worker(self, worker_id: str) -> None:
         """A worker given back or given up on: it is not asked for, nor billed, any more."""

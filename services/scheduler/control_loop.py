@@ -8,7 +8,9 @@ decision (open, resume). Invariants it keeps:
   to the newer decision instead of overwriting it; decisions of one process never overlap;
 - a worker is removed only when PostgreSQL shows no open session on it: active sessions were migrated by the
   plan, idle ones' state is moved here (live, or by snapshot when offloaded) before the provisioner stops it;
-- a session whose gateway stopped renewing its lease is closed once the linger ran out too, and its worker told.
+- a session whose gateway stopped renewing its lease is closed once the linger ran out too, and its worker told;
+- a worker asked for is in the store from the moment the provisioner took the ask until it is given back, so a
+  scheduler that restarts waits for the ones still starting instead of asking again.
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ class ControlLoop:
         self._deciding = asyncio.Lock()
         self._rounds_started = 0
         self._worker_status: dict[str, str] = {}
+        self._recorded_asks: dict[str, float] | None = None  # as last written to the store; None: not read yet
 
     # --- inputs -----------------------------------------------------------------------------------------
 
@@ -262,11 +265,14 @@ class ControlLoop:
     async def _decide_and_act(self, trigger: str) -> Plan:
         started = self._timer()
         now_s = self._clock()
+        if self._recorded_asks is None:
+            await self.recover()
         await self._expire_pending(now_s)
         rows = await self._close_abandoned(await self._store.list_sessions())
         self.view.forget_closed({row.session_id for row in rows})
         workers = await self._store.list_workers()
         self._worker_status = {w.worker_id: w.status for w in workers}
+        self.view.forget_gone(workers)
         gpus = self.view.gpu_views(workers, self.liveness.heard)
         self.snapshot = sync(self.snapshot, self.view.session_views(rows, gpus, now_s, self._wall_clock()), gpus)
         decide_started = self._timer()
@@ -289,7 +295,28 @@ class ControlLoop:
                 log.warning("event=action_failed action=%s code=%s detail=%r", type(action).__name__, exc.code,
                             str(exc))
         await self._unplace_orphans(rows)
+        await self._record_asks()
         return plan
+
+    async def recover(self) -> None:
+        """Take back the workers an earlier scheduler asked for (it crashed, or this one took over): those still
+        starting stay pending, so the first plan does not ask for them again. Before the first heartbeat is
+        observed where it can be (``open_control_loop``), so a worker live before the restart is never taken for
+        the answer to an ask; else in the first decision."""
+        asks = await self._store.list_asks()
+        live = {w.worker_id for w in await self._store.list_workers() if w.status == "live"}
+        self.view.recover_asks(asks, live, self._clock(), self._wall_clock())
+        self._recorded_asks = {w: self.view.asked_at[w] for w in asks}  # what the store holds, on this clock
+        if asks:
+            log.info("event=asks_recovered workers=%s pending=%s", ",".join(sorted(asks)),
+                     ",".join(self.view.pending))
+
+    async def _record_asks(self) -> None:
+        """Write the workers asked for to the store when they changed (an ask, a first heartbeat that named a
+        placeholder's worker, a release, a give-up)."""
+        if self.view.asked_at != self._recorded_asks:
+            await self._store.save_asks(self.view.asks(self._clock(), self._wall_clock()))
+            self._recorded_asks = dict(self.view.asked_at)
 
     async def _execute(self, action: Action, now_s: float) -> None:
         if isinstance(action, Offload):
@@ -419,6 +446,7 @@ class ControlLoop:
         ids = await self._provisioner.scale_out(count, action.reason)
         record_scale_event("out", count)
         added = self.view.add_pending(ids, count, now_s)
+        await self._record_asks()  # at once: a crash later in this round must not lose workers being paid for
         log.info("decision=add_gpus count=%d workers=%s kind=%s reason=%r", count, ",".join(added), action.kind,
                  action.reason)
         record_decision("add_gpus", action.reason, count=count, workers=",".join(added), kind=action.kind)

@@ -43,6 +43,7 @@ async def open_control_loop(
     )
     task: asyncio.Task[None] | None = None
     try:
+        await loop.recover()
         if isinstance(provisioner, LocalProcessProvisioner):  # less the workers a crashed scheduler left running
             missing = settings.initial_workers - len(provisioner.worker_ids)
             if missing > 0:

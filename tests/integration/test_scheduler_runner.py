@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from services.common import subjects
+from services.common.control import ScaleDecision
 from services.common.messages import OpenSession, Placement, Reply, UpdateSession, WorkerGone, WorkerHeartbeat
 from services.common.wire import Message, decode, encode
 from services.scheduler.migrations import migrate
@@ -298,6 +299,43 @@ async def test_a_restarted_scheduler_reads_sessions_and_workers_back_from_postgr
     assert placement == Placement("kept", "w-second", 2, "worker w-first lost")
     kept = await row(db, "kept")
     assert (kept.status, kept.next_seq, kept.prompt) == ("active", 8, "a red fox running")
+
+
+async def test_a_restarted_scheduler_does_not_ask_again_for_the_workers_its_predecessor_asked_for(
+    nc: NatsClient, db: PostgresStore, settings: SchedulerSettings, workers: Callable[..., Awaitable[FakeWorker]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TURBOSERVE_CONTROL_PERIOD_S", "0.1")  # many decisions in the second's watch below
+    asked: asyncio.Queue[ScaleDecision] = asyncio.Queue()
+
+    async def on_scale(msg: Msg) -> None:
+        decision = decode(msg.data)
+        if isinstance(decision, ScaleDecision) and decision.action == "scale_out":
+            asked.put_nowait(decision)
+
+    subscription = await nc.subscribe(subjects.SCHED_SCALE, cb=on_scale)
+    model = a_model()
+    try:
+        async with open_scheduler(settings, nc):
+            await workers("w-only", model)
+            assert isinstance(await request(nc, subjects.SCHED_OPEN, an_open(model, "first")), Placement)
+            first_ask = await asyncio.wait_for(asked.get(), timeout=5)  # a warm spare beside the busy worker
+        recorded = await db.list_asks()
+        assert len(recorded) == first_ask.count and all(w.startswith("pending-") for w in recorded)
+        restarted_at = datetime.now(UTC)
+        async with open_scheduler(settings, nc):  # the spare is still starting when the next scheduler begins
+
+            async def heard_again() -> bool:
+                return any(w.worker_id == "w-only" and w.last_seen > restarted_at for w in await db.list_workers())
+
+            await eventually(heard_again)
+            second = await request(nc, subjects.SCHED_OPEN, an_open(model, "second"))
+            assert isinstance(second, Placement)
+            await asyncio.sleep(1.0)
+            assert asked.empty(), f"asked again: {asked.get_nowait()}"
+            assert await db.list_asks() == recorded
+    finally:
+        await subscription.unsubscribe()
 
 
 async def test_a_worker_whose_process_is_gone_is_lost_long_before_its_heartbeat_timeout(

@@ -443,3 +443,54 @@ def test_the_view_bills_a_worker_from_when_it_was_asked_for_past_its_first_heart
     assert {g: v.billed_since_s for g, v in gpus.items()} == {"w1": 10.0, "w2": 20.0, "w3": None}
     view.forget_worker("w1")
     assert view.gpu_views(rows, heard=("w1",))["w1"].billed_since_s is None
+
+
+async def test_a_scheduler_that_restarts_while_its_workers_start_neither_asks_again_nor_restarts_their_deadline(
+    store: MemoryStore,
+) -> None:
+    journal = Journal()
+    clock = Clock()
+
+    def wall() -> datetime:
+        return T0 + timedelta(seconds=clock.now_s)
+
+    crashed = make_decider(store, clock, journal=journal, wall_clock=wall)
+    await add_worker(store, crashed.loop, "w1")
+    for index in range(6):
+        await store.insert_session(session(f"s{index}", "w1" if index < 4 else None))
+    await crashed.loop.step("open_session")
+    asked_s = clock.now_s
+    assert crashed.provisioner.started == 2 and set(await store.list_asks()) == {"new-1", "new-2"}
+
+    clock.now_s += 20.0  # the scheduler died; its successor starts while both workers are still starting
+    successor = make_decider(store, clock, journal=journal, wall_clock=wall)
+    await add_worker(store, successor.loop, "w1")
+    plan = await successor.loop.step("period")
+    assert not any(isinstance(a, AddGpus) for a in plan.actions) and successor.provisioner.started == 0
+    assert successor.loop.view.pending == {"new-1": None, "new-2": None}
+    assert successor.loop.view.asked_at == pytest.approx({"new-1": asked_s, "new-2": asked_s})
+
+    await add_worker(store, successor.loop, "new-1")
+    clock.now_s = asked_s + 61.0  # past the provisioning timeout from the ask, not from the restart
+    await successor.loop.step("period")
+    assert ("remove", "new-2") in [e[:2] for e in journal.entries] and "new-2" not in successor.loop.view.pending
+    recorded = await store.list_asks()
+    assert "new-2" not in recorded and recorded["new-1"] == wall() - timedelta(seconds=61.0)  # billed from its ask
+
+
+def test_recovered_asks_keep_a_placeholder_for_a_new_worker_not_for_one_that_was_live_before() -> None:
+    view = ClusterView(kinds=("cpu",), scale_kind="cpu", capacity=4)
+    wall_now = T0 + timedelta(seconds=500)
+    asks = {"w1": T0, "pending-ab12": T0 + timedelta(seconds=470), "w2": T0 + timedelta(seconds=480)}
+    view.recover_asks(asks, live={"w1", "w0"}, now_s=1000.0, wall_now=wall_now)
+    assert list(view.pending) == ["pending-ab12", "w2"]
+    assert view.asked_at == {"w1": 500.0, "pending-ab12": 970.0, "w2": 980.0}
+    view.observe(WorkerHeartbeat("w0", "cpu", "tiny", 4), now_s=1001.0)  # live before the restart: answers nothing
+    assert list(view.pending) == ["pending-ab12", "w2"]
+    view.observe(WorkerHeartbeat("w7", "cpu", "tiny", 4), now_s=1002.0)  # new: the external system's answer
+    assert list(view.pending) == ["w2"] and view.asked_at["w7"] == 970.0
+    gone = [WorkerRecord("w1", "cpu", "tiny", 4, "lost", False, 0, (), T0, T0),
+            WorkerRecord("w2", "cpu", "tiny", 4, "gone", False, 0, (), T0, T0)]
+    view.forget_gone(gone)  # w1 lost is billed no more; w2, asked for again, is still waited for
+    assert set(view.asked_at) == {"w7", "w2"}
+    assert view.asks(1002.0, wall_now + timedelta(seconds=2))["w7"] == T0 + timedelta(seconds=470)

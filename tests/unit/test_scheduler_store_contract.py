@@ -44,6 +44,19 @@ def a_report(worker_id: str, samples: tuple[tuple[int, float], ...] = (), *, dra
 class StoreContract:
     """Subclasses provide a ``store`` fixture yielding an empty store."""
 
+    async def test_the_record_of_workers_asked_for_holds_exactly_what_was_saved_last(
+        self, store: SchedulerStore
+    ) -> None:
+        assert await store.list_asks() == {}
+        asked = {"w1": T0, "pending-3f2a": T0 + timedelta(seconds=5)}
+        await store.save_asks(asked)
+        assert await store.list_asks() == asked
+        later = {"pending-3f2a": T0 + timedelta(seconds=5), "w2": T0 + timedelta(seconds=9)}  # w1 given back
+        await store.save_asks(later)
+        assert await store.list_asks() == later
+        await store.save_asks({})
+        assert await store.list_asks() == {}
+
     async def test_an_inserted_session_reads_back_equal(self, store: SchedulerStore) -> None:
         session = a_session("s1")
         await store.insert_session(session)

@@ -29,6 +29,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self._sessions: dict[str, SessionRecord] = {}
         self._workers: dict[str, WorkerRecord] = {}
+        self._asks: dict[str, datetime] = {}
 
     async def insert_session(self, session: SessionRecord, *, max_open_per_owner: int = 0) -> None:
         if session.session_id in self._sessions:
@@ -158,6 +159,12 @@ class MemoryStore:
 
     async def list_workers(self) -> list[WorkerRecord]:
         return sorted(self._workers.values(), key=lambda w: w.worker_id)
+
+    async def save_asks(self, asks: Mapping[str, datetime]) -> None:
+        self._asks = dict(asks)
+
+    async def list_asks(self) -> dict[str, datetime]:
+        return dict(self._asks)
 
     async def close(self) -> None:
         """Nothing to release."""

@@ -62,3 +62,13 @@ class WorkerRow(Base):
     latency_samples: Mapped[list[Any]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class WorkerAskRow(Base):
+    """A worker the scheduler asked a provisioner for and has not given back, with when it asked: what a restarted
+    scheduler needs so it neither asks again for workers still starting nor forgets when their bill began."""
+
+    __tablename__ = "worker_asks"
+
+    worker_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    asked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from services.common.config import normalize_database_url
 from services.common.errors import LimitExceeded, StaleEpoch, UnknownSession
 from services.common.messages import SessionStatus
-from services.scheduler.store.models import SessionRow, WorkerRow
+from services.scheduler.store.models import SessionRow, WorkerAskRow, WorkerRow
 from services.scheduler.store.protocol import (
     MAX_LATENCY_SAMPLES,
     SessionExists,
@@ -318,6 +318,19 @@ class PostgresStore:
         async with self._transaction() as conn:
             rows = (await conn.execute(select(*_WORKER_COLUMNS).order_by(WorkerRow.id))).all()
         return [_worker(row) for row in rows]
+
+    async def save_asks(self, asks: Mapping[str, datetime]) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(delete(WorkerAskRow).where(WorkerAskRow.worker_id.not_in(list(asks))))
+            if asks:
+                fresh = insert(WorkerAskRow).values([{"worker_id": w, "asked_at": at} for w, at in asks.items()])
+                await conn.execute(fresh.on_conflict_do_update(index_elements=["worker_id"],
+                                                               set_={"asked_at": fresh.excluded.asked_at}))
+
+    async def list_asks(self) -> dict[str, datetime]:
+        async with self._transaction() as conn:
+            rows = (await conn.execute(select(WorkerAskRow.worker_id, WorkerAskRow.asked_at))).all()
+        return {row.worker_id: row.asked_at for row in rows}
 
     async def close(self) -> None:
         await self._engine.dispose()

@@ -107,8 +107,8 @@ class WorkerRecord:
 
 
 class SchedulerStore(Protocol):
-    """Durable sessions and workers. Every method is one atomic step; errors are TurboServeError subclasses
-    (StoreUnavailable when the database is down)."""
+    """Durable sessions, workers and the workers asked for. Every method is one atomic step; errors are
+    TurboServeError subclasses (StoreUnavailable when the database is down)."""
 
     async def insert_session(self, session: SessionRecord, *, max_open_per_owner: int = 0) -> None:
         """Persist a new session; raises SessionExists if the id is taken, and LimitExceeded when
@@ -182,6 +182,15 @@ class SchedulerStore(Protocol):
         ...
 
     async def list_workers(self) -> list[WorkerRecord]: ...
+
+    async def save_asks(self, asks: Mapping[str, datetime]) -> None:
+        """Make the record of workers asked for and not given back hold exactly ``asks`` (worker id, or a
+        placeholder for a worker whose id is not known until it beats, -> when it was asked for)."""
+        ...
+
+    async def list_asks(self) -> dict[str, datetime]:
+        """The record ``save_asks`` last wrote."""
+        ...
 
     async def close(self) -> None:
         """Release connections; calling it twice is harmless."""
