@@ -10,7 +10,8 @@ decision (open, resume). Invariants it keeps:
   plan, idle ones' state is moved here (live, or by snapshot when offloaded) before the provisioner stops it;
 - a session whose gateway stopped renewing its lease is closed once the linger ran out too, and its worker told;
 - a worker asked for is in the store from the moment the provisioner took the ask until it is given back, so a
-  scheduler that restarts waits for the ones still starting instead of asking again.
+  scheduler that restarts waits for the ones still starting instead of asking again; what the policy learnt of
+  the load is stored every ``learnt_every_s``, so it sizes from that and not from its priors.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from services.scheduler.policy import (
     Restore,
     SessionView,
 )
+from services.scheduler.policy.controller import LearntStateError
 from services.scheduler.policy.cost_models import CostModelError
 from services.scheduler.policy.workspace import Workspace
 from services.scheduler.store.protocol import SchedulerStore, SessionRecord
@@ -112,6 +114,7 @@ class ControlLoop:
         offload_after_s: float = 0.0,
         linger_s: float = 60.0,
         decision_timeout_s: float = 10.0,
+        learnt_every_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         timer: Callable[[], float] = time.perf_counter,
         wall_clock: Callable[[], datetime] = utc_now,
@@ -127,6 +130,8 @@ class ControlLoop:
         self._max_gpus = max_gpus
         self._offload_after_s = offload_after_s
         self._decision_timeout_s = decision_timeout_s
+        self._learnt_every_s = learnt_every_s
+        self._learnt_kept_s: float | None = None
         self._linger_s = linger_s
         self.liveness = liveness
         self._clock = clock
@@ -296,13 +301,25 @@ class ControlLoop:
                             str(exc))
         await self._unplace_orphans(rows)
         await self._record_asks()
+        if self._learnt_kept_s is None or now_s - self._learnt_kept_s >= self._learnt_every_s:
+            await self.keep_learnt()
         return plan
 
     async def recover(self) -> None:
-        """Take back the workers an earlier scheduler asked for (it crashed, or this one took over): those still
-        starting stay pending, so the first plan does not ask for them again. Before the first heartbeat is
-        observed where it can be (``open_control_loop``), so a worker live before the restart is never taken for
-        the answer to an ask; else in the first decision."""
+        """Take back what an earlier scheduler left (it crashed, or this one took over): the workers it asked for,
+        those still starting pending, so the first plan does not ask for them again; and what its policy learnt,
+        as of when it was kept (a state this policy cannot read is logged and left: it starts from its priors).
+        Before the first heartbeat is observed where it can be (``open_control_loop``), so a worker live before
+        the restart is never taken for the answer to an ask; else in the first decision."""
+        learnt = await self._store.load_learnt(self.controller.name)
+        if learnt is not None:
+            state, kept_at = learnt
+            age_s = max(0.0, (self._wall_clock() - kept_at).total_seconds())
+            try:
+                self.controller.relearn(state, self._clock() - age_s)
+                log.info("event=learnt_recovered policy=%s age_s=%.1f", self.controller.name, age_s)
+            except LearntStateError as exc:
+                log.warning("event=learnt_ignored policy=%s detail=%s", self.controller.name, exc)
         asks = await self._store.list_asks()
         live = {w.worker_id for w in await self._store.list_workers() if w.status == "live"}
         self.view.recover_asks(asks, live, self._clock(), self._wall_clock())
@@ -310,6 +327,12 @@ class ControlLoop:
         if asks:
             log.info("event=asks_recovered workers=%s pending=%s", ",".join(sorted(asks)),
                      ",".join(self.view.pending))
+
+    async def keep_learnt(self) -> None:
+        """Store what the policy has learnt of the load, as of now."""
+        now_s = self._clock()
+        await self._store.save_learnt(self.controller.name, self.controller.learnt(now_s), self._wall_clock())
+        self._learnt_kept_s = now_s
 
     async def _record_asks(self) -> None:
         """Write the workers asked for to the store when they changed (an ask, a first heartbeat that named a

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from services.common.control import ScaleDecision
+from services.common.errors import TurboServeError
 from services.scheduler.actuation import StateMover
 from services.scheduler.control_loop import ControlLoop, LoopIO
 from services.scheduler.control_settings import ControlSettings, build_live_controller, build_provisioner
@@ -19,6 +20,7 @@ from services.scheduler.provisioners.local import LocalProcessProvisioner
 from services.scheduler.store.protocol import SchedulerStore
 
 log = logging.getLogger("turboserve.scheduler.control")
+KEEP_LEARNT_TIMEOUT_S = 5.0
 
 
 class ScaleIO(LoopIO, Protocol):
@@ -59,4 +61,7 @@ async def open_control_loop(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            with contextlib.suppress(TurboServeError, TimeoutError):  # a crash keeps what the last period kept
+                async with asyncio.timeout(KEEP_LEARNT_TIMEOUT_S):
+                    await loop.keep_learnt()
         await provisioner.close()

@@ -46,7 +46,7 @@ async def migrated_database_url(scheduler_database_url: str) -> str:
 
 def empty_tables(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("TRUNCATE sessions, workers, worker_asks")
+        conn.execute("TRUNCATE sessions, workers, worker_asks, learnt_state")
 
 
 def public_tables(url: str) -> list[str]:
@@ -71,7 +71,7 @@ async def test_upgrade_to_head_on_an_empty_database_creates_the_schema_and_repea
     try:
         assert public_tables(url) == []
         await asyncio.to_thread(alembic_upgrade_head, url)  # what `alembic -c .../alembic.ini upgrade head` runs
-        assert public_tables(url) == ["alembic_version", "sessions", "worker_asks", "workers"]
+        assert public_tables(url) == ["alembic_version", "learnt_state", "sessions", "worker_asks", "workers"]
         await asyncio.gather(migrate(url), migrate(url))  # two schedulers starting together
         with psycopg.connect(url) as conn:
             assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0003",)]

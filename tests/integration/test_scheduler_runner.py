@@ -20,6 +20,7 @@ from services.common import subjects
 from services.common.control import ScaleDecision
 from services.common.messages import OpenSession, Placement, Reply, UpdateSession, WorkerGone, WorkerHeartbeat
 from services.common.wire import Message, decode, encode
+from services.scheduler.control_settings import ControlSettings
 from services.scheduler.migrations import migrate
 from services.scheduler.runner import open_scheduler
 from services.scheduler.settings import SchedulerSettings
@@ -301,11 +302,12 @@ async def test_a_restarted_scheduler_reads_sessions_and_workers_back_from_postgr
     assert (kept.status, kept.next_seq, kept.prompt) == ("active", 8, "a red fox running")
 
 
-async def test_a_restarted_scheduler_does_not_ask_again_for_the_workers_its_predecessor_asked_for(
+async def test_a_restarted_scheduler_takes_back_the_workers_asked_for_and_what_its_policy_learnt(
     nc: NatsClient, db: PostgresStore, settings: SchedulerSettings, workers: Callable[..., Awaitable[FakeWorker]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("TURBOSERVE_CONTROL_PERIOD_S", "0.1")  # many decisions in the second's watch below
+    policy = ControlSettings().policy
     asked: asyncio.Queue[ScaleDecision] = asyncio.Queue()
 
     async def on_scale(msg: Msg) -> None:
@@ -319,18 +321,22 @@ async def test_a_restarted_scheduler_does_not_ask_again_for_the_workers_its_pred
         async with open_scheduler(settings, nc):
             await workers("w-only", model)
             assert isinstance(await request(nc, subjects.SCHED_OPEN, an_open(model, "first")), Placement)
-            first_ask = await asyncio.wait_for(asked.get(), timeout=5)  # a warm spare beside the busy worker
+            first = await asyncio.wait_for(asked.get(), timeout=5)  # a warm spare beside the busy worker
+            await asyncio.sleep(0.3)
+        stopped_at = datetime.now(UTC)
+        asked_for = first.count + sum(asked.get_nowait().count for _ in range(asked.qsize()))
         recorded = await db.list_asks()
-        assert len(recorded) == first_ask.count and all(w.startswith("pending-") for w in recorded)
-        restarted_at = datetime.now(UTC)
+        assert len(recorded) == asked_for and all(w.startswith("pending-") for w in recorded)
+        learnt = await db.load_learnt(policy)
+        assert learnt is not None and learnt[0]["autoscale"]["open"]["open"]  # rises it was following
+
         async with open_scheduler(settings, nc):  # the spare is still starting when the next scheduler begins
 
-            async def heard_again() -> bool:
-                return any(w.worker_id == "w-only" and w.last_seen > restarted_at for w in await db.list_workers())
+            async def decided_again() -> bool:
+                kept = await db.load_learnt(policy)
+                return kept is not None and kept[1] > stopped_at
 
-            await eventually(heard_again)
-            second = await request(nc, subjects.SCHED_OPEN, an_open(model, "second"))
-            assert isinstance(second, Placement)
+            await eventually(decided_again)
             await asyncio.sleep(1.0)
             assert asked.empty(), f"asked again: {asked.get_nowait()}"
             assert await db.list_asks() == recorded

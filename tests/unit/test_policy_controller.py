@@ -155,6 +155,16 @@ def test_the_detector_reads_a_burst_as_volatile() -> None:
     assert reading.level.name == "volatile"
 
 
+def test_one_arrival_just_after_a_start_reads_as_one_in_the_recent_window_not_one_a_second() -> None:
+    detector = WorkloadDetector(window_s=300.0, recent_s=30.0)
+    detector.update(0.0, 0, 0, 0)
+    reading = detector.update(0.5, 1, 1, 0)
+    assert reading.inflow_per_s == pytest.approx(1 / 30) and reading.level.name == "stable"
+    for second in range(1, 61):  # once the history is longer, the rate is over the history itself
+        reading = detector.update(float(second), 1, 1 + second, second)
+    assert reading.inflow_per_s == pytest.approx(61 / 60)
+
+
 def test_bad_inputs_raise_typed_errors() -> None:
     with pytest.raises(UnknownPolicyError):
         build_controller("nope", PolicySetting())

@@ -8,7 +8,8 @@ fewer GPUs have sufficed that long) into drains and removals.
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
 
 from services.scheduler.policy.bursts import BurstMemory, BurstParams, RecentRises
 from services.scheduler.policy.detector import WorkloadReading
@@ -25,6 +26,15 @@ class AutoscalePolicy(Protocol):
     hold_s: float | None
 
     def target_gpus(self, reading: WorkloadReading, capacity: int) -> tuple[int, str]: ...
+
+
+@runtime_checkable
+class Learning(Protocol):
+    """A sizing that learns from the load it sees, and can hand that on to the scheduler that follows it."""
+
+    def learnt(self, now_s: float) -> dict[str, Any]: ...
+
+    def relearn(self, state: Mapping[str, Any], at_s: float) -> None: ...
 
 
 def check_bounds(min_gpus: int, max_gpus: int) -> None:
@@ -114,6 +124,12 @@ class AnticipatoryHeadroom:
         self.burst_coverage = burst_coverage
         self.spare_gpus = spare_gpus
         self.bursts = BurstMemory(BurstParams(horizon_s=self.horizon_s))
+
+    def learnt(self, now_s: float) -> dict[str, Any]:
+        return self.bursts.learnt(now_s)
+
+    def relearn(self, state: Mapping[str, Any], at_s: float) -> None:
+        self.bursts = BurstMemory.from_learnt(self.bursts.params, state, at_s)
 
     def target_gpus(self, reading: WorkloadReading, capacity: int) -> tuple[int, str]:
         self.bursts.record(reading.now_s, reading.active)

@@ -11,7 +11,9 @@ them, and on the synthetic set buying more after them cost GPUs for hardly fewer
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 class BudgetError(ValueError):
@@ -76,6 +78,25 @@ class ViolationBudget:
         if self._last_s is None or now_s >= self._last_s:
             self._last_s = now_s
         self._active, self._waiting = active, waiting
+
+    def learnt(self, now_s: float) -> dict[str, Any]:
+        """The decayed session-seconds and the counts that hold now, as plain data (``from_learnt``)."""
+        return {"active_s": self._active_s, "waiting_s": self._waiting_s, "active": self._active,
+                "waiting": self._waiting, "last_age_s": None if self._last_s is None else now_s - self._last_s}
+
+    @classmethod
+    def from_learnt(cls, params: BudgetParams, state: Mapping[str, Any], at_s: float) -> ViolationBudget:
+        """A budget holding what ``learnt`` gave, as of ``at_s`` on this process's clock. The time between is
+        accounted at the counts that held when it was saved, as the next ``record`` would; a malformed state raises
+        BudgetError, KeyError, TypeError or ValueError."""
+        budget = cls(params)
+        active_s, waiting_s = float(state["active_s"]), float(state["waiting_s"])
+        if waiting_s < 0 or active_s <= 0:
+            raise BudgetError(f"a budget that waited {waiting_s} of {active_s} session-seconds")
+        budget._active_s, budget._waiting_s = active_s, waiting_s
+        budget._active, budget._waiting = int(state["active"]), int(state["waiting"])
+        budget._last_s = None if state["last_age_s"] is None else at_s - float(state["last_age_s"])
+        return budget
 
     @property
     def spent_frac(self) -> float:

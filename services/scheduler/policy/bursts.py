@@ -32,7 +32,9 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 class BurstMemoryError(ValueError):
@@ -86,6 +88,15 @@ class _OpenRises:
         self._open: deque[_Rise] = deque()
         self._last_s: float | None = None
 
+    def learnt(self, now_s: float) -> dict[str, Any]:
+        return {"open": [[now_s - r.start_s, r.start_active, r.peak_active, r.weight_s] for r in self._open],
+                "last_age_s": None if self._last_s is None else now_s - self._last_s}
+
+    def relearn(self, state: Mapping[str, Any], at_s: float) -> None:
+        self._open = deque(_Rise(at_s - float(age), int(start), int(peak), float(weight))
+                           for age, start, peak, weight in state["open"])
+        self._last_s = None if state["last_age_s"] is None else at_s - float(state["last_age_s"])
+
     def record(self, now_s: float, active: int) -> list[_Rise]:
         """The rises whose horizon has passed by ``now_s``, oldest first; the others see ``active``."""
         closed = []
@@ -107,7 +118,7 @@ class _Histogram:
         self.params = params
         self.bins = [0.0] * (math.ceil(params.max_z / params.bin_z) + 1)
         self.total_s = 0.0
-        self._at_s = 0.0
+        self._at_s = -math.inf  # times may be negative (the simulator's warm-up runs before 0)
 
     def _forget(self, now_s: float) -> None:
         if now_s > self._at_s:
@@ -115,6 +126,16 @@ class _Histogram:
             self.bins = [weight * keep for weight in self.bins]
             self.total_s *= keep
             self._at_s = now_s
+
+    def learnt(self, now_s: float) -> dict[str, Any]:
+        self._forget(now_s)
+        return {"bins": list(self.bins), "total_s": self.total_s}
+
+    def relearn(self, state: Mapping[str, Any], at_s: float) -> None:
+        bins = [float(weight) for weight in state["bins"]]
+        if len(bins) != len(self.bins):
+            raise BurstMemoryError(f"a histogram of {len(bins)} bins, where this memory keeps {len(self.bins)}")
+        self.bins, self.total_s, self._at_s = bins, float(state["total_s"]), at_s
 
     def add(self, now_s: float, z: float, weight_s: float) -> None:
         self._forget(now_s)
@@ -149,7 +170,7 @@ class BurstMemory:
         self._open = _OpenRises(self.params.horizon_s, self.params.horizon_s / self.params.starts_per_horizon)
         self._from_empty: deque[tuple[float, int]] = deque()  # (closed at, peak) of rises from no session active
         self._empty_at_s: float | None = None  # when no session was last active
-        self._now_s = 0.0
+        self._now_s = -math.inf
 
     def record(self, now_s: float, active: int) -> None:
         """Count the rises whose horizon has passed, follow the others; forget the clumps from empty older than the
@@ -161,6 +182,33 @@ class BurstMemory:
             self._from_empty.popleft()
         if active == 0:
             self._empty_at_s = now_s
+
+    def learnt(self, now_s: float) -> dict[str, Any]:
+        """What this memory has seen, as plain data with times as ages at ``now_s``, so a scheduler that restarts
+        sizes from it instead of from the prior (``relearn``)."""
+        return {
+            "all": self._all.learnt(now_s),
+            "bands": {str(band): histogram.learnt(now_s) for band, histogram in self._bands.items()},
+            "open": self._open.learnt(now_s),
+            "from_empty": [[now_s - closed_s, peak] for closed_s, peak in self._from_empty],
+            "empty_age_s": None if self._empty_at_s is None else now_s - self._empty_at_s,
+        }
+
+    @classmethod
+    def from_learnt(cls, params: BurstParams, state: Mapping[str, Any], at_s: float) -> BurstMemory:
+        """A memory holding what ``learnt`` gave, as of ``at_s`` on this process's clock (the time between is
+        forgotten as if nothing rose). A malformed state raises BurstMemoryError, KeyError, TypeError or
+        ValueError."""
+        memory = cls(params)
+        memory._all.relearn(state["all"], at_s)
+        for band, learnt in state["bands"].items():
+            memory._bands[int(band)] = histogram = _Histogram(params)
+            histogram.relearn(learnt, at_s)
+        memory._open.relearn(state["open"], at_s)
+        memory._from_empty = deque((at_s - float(age), int(peak)) for age, peak in state["from_empty"])
+        memory._empty_at_s = None if state["empty_age_s"] is None else at_s - float(state["empty_age_s"])
+        memory._now_s = at_s
+        return memory
 
     def _close(self, rise: _Rise, now_s: float) -> None:
         z = (rise.peak_active - rise.start_active) / math.sqrt(max(rise.start_active, 1))

@@ -1,17 +1,20 @@
 """The closed-loop controller: one stateful object whose ``decide(snapshot, now_s)`` returns a Plan.
 
 It holds what must outlive a decision (the detector window, the scale-in hold: since when fewer GPUs sufficed and
-the targets since, the fitted cost models, a placement cursor) and nothing else; for the same sequence of inputs
-it returns the same plans. Order inside a decision: offload idle residents, move sessions off draining GPUs, place
-waiting sessions, rebalance (at most every ``rebalance_interval_s``), then size the pool from the post-placement
-load.
+the targets since, the fitted cost models, a placement cursor, the violation budget, the sizing's burst memory)
+and nothing else; for the same sequence of inputs it returns the same plans. What takes hours to learn (the budget
+and the burst memory) it hands on as plain data (``learnt``), so a scheduler that restarts takes it back
+(``relearn``) instead of sizing from its priors. Order inside a decision: offload idle residents, move sessions off
+draining GPUs, place waiting sessions, rebalance (at most every ``rebalance_interval_s``), then size the pool from
+the post-placement load.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from services.scheduler.policy.actions import (
     Action,
@@ -24,7 +27,7 @@ from services.scheduler.policy.actions import (
     RemoveGpu,
     Restore,
 )
-from services.scheduler.policy.autoscale import AutoscalePolicy
+from services.scheduler.policy.autoscale import AutoscalePolicy, Learning
 from services.scheduler.policy.billing import Billing
 from services.scheduler.policy.budget import ViolationBudget
 from services.scheduler.policy.cost_models import LatencyModel, MigrationCostModel, RestoreCostModel
@@ -38,8 +41,13 @@ RELIEF_INTERVALS = 8
 SEARCH_PER_LEVEL = 32
 EVACUATION_TRIES = 4
 RELEASE_LEAD_S = 10.0
+LEARNT_VERSION = 1
 """A GPU whose paid time runs out this soon is released now, not at a later decision (the simulator decides at
 least this often; the live loop every 2 s), so a surplus GPU never starts an increment it will not use."""
+
+
+class LearntStateError(ValueError):
+    """A learnt state this controller cannot take back (another version or shape); it keeps what it had."""
 
 
 class ControllerConfigError(ValueError):
@@ -128,6 +136,27 @@ class ClosedLoopController:
 
     def observe_restore(self, state_bytes: int, elapsed_ms: float) -> None:
         self.models.restore.observe(state_bytes, elapsed_ms)
+
+    def learnt(self, now_s: float) -> dict[str, Any]:
+        """The violation budget and, where the sizing learns, its memory: plain data, times as ages at ``now_s``.
+        The detector's window (minutes) and the cost models (refitted from heartbeats) are left to relearn."""
+        state: dict[str, Any] = {"version": LEARNT_VERSION, "budget": self.budget.learnt(now_s)}
+        if isinstance(self.autoscale, Learning):
+            state["autoscale"] = self.autoscale.learnt(now_s)
+        return state
+
+    def relearn(self, state: object, at_s: float) -> None:
+        """Take back what ``learnt`` gave, as of ``at_s`` on this clock: all of it, or none (LearntStateError)."""
+        if not isinstance(state, Mapping) or state.get("version") != LEARNT_VERSION:
+            version = state.get("version") if isinstance(state, Mapping) else type(state).__name__
+            raise LearntStateError(f"learnt state of version {version!r}; this controller reads {LEARNT_VERSION}")
+        try:
+            budget = ViolationBudget.from_learnt(self.budget.params, state["budget"], at_s)
+            if isinstance(self.autoscale, Learning) and "autoscale" in state:
+                self.autoscale.relearn(state["autoscale"], at_s)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LearntStateError(f"malformed learnt state: {exc!r}") from exc
+        self.budget = budget
 
     def decide(self, snapshot: ClusterSnapshot, now_s: float) -> Plan:
         reading = self.detector.update(

@@ -74,16 +74,19 @@ class WorkloadDetector:
         self._window: deque[tuple[float, int, int]] = deque()
         self._recent: deque[tuple[float, int, int]] = deque()
 
-    @staticmethod
     def _rates(
-        samples: deque[tuple[float, int, int]], horizon_s: float, now_s: float, inflow_total: int, outflow_total: int
+        self, samples: deque[tuple[float, int, int]], horizon_s: float, now_s: float, inflow_total: int,
+        outflow_total: int,
     ) -> tuple[float, float]:
-        """Rates over ``horizon_s``, keeping one sample at or before its start so the span covers it."""
+        """Rates over ``horizon_s``, keeping one sample at or before its start so the span covers it. A rate is
+        never read off less than ``recent_s`` of history: just after a scheduler starts, one arrival a second in
+        would read as a rate of one a second, and the sizing would ask for a whole horizon's worth of them (the
+        first session on a fresh system asked for seven GPUs)."""
         samples.append((now_s, inflow_total, outflow_total))
         while len(samples) > 2 and samples[1][0] <= now_s - horizon_s:
             samples.popleft()
         first_s, first_in, first_out = samples[0]
-        span_s = max(now_s - first_s, 1.0)
+        span_s = max(now_s - first_s, min(self.recent_s, horizon_s))
         return (inflow_total - first_in) / span_s, (outflow_total - first_out) / span_s
 
     def update(self, now_s: float, active: int, inflow_total: int, outflow_total: int) -> WorkloadReading:

@@ -7,9 +7,10 @@ as the SQL statement it stands for.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from services.common.errors import LimitExceeded, StaleEpoch, UnknownSession
 from services.common.messages import SessionStatus
@@ -30,6 +31,7 @@ class MemoryStore:
         self._sessions: dict[str, SessionRecord] = {}
         self._workers: dict[str, WorkerRecord] = {}
         self._asks: dict[str, datetime] = {}
+        self._learnt: dict[str, tuple[dict[str, Any], datetime]] = {}
 
     async def insert_session(self, session: SessionRecord, *, max_open_per_owner: int = 0) -> None:
         if session.session_id in self._sessions:
@@ -165,6 +167,12 @@ class MemoryStore:
 
     async def list_asks(self) -> dict[str, datetime]:
         return dict(self._asks)
+
+    async def save_learnt(self, policy: str, state: Mapping[str, Any], at: datetime) -> None:
+        self._learnt[policy] = (json.loads(json.dumps(state)), at)  # as JSON would carry it, as PostgreSQL does
+
+    async def load_learnt(self, policy: str) -> tuple[dict[str, Any], datetime] | None:
+        return self._learnt.get(policy)
 
     async def close(self) -> None:
         """Nothing to release."""

@@ -72,3 +72,13 @@ class WorkerAskRow(Base):
 
     worker_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     asked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class LearntStateRow(Base):
+    """What a policy has learnt of the load (``ClosedLoopController.learnt``), as of ``saved_at``."""
+
+    __tablename__ = "learnt_state"
+
+    policy: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    saved_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

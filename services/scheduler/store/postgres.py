@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from services.common.config import normalize_database_url
 from services.common.errors import LimitExceeded, StaleEpoch, UnknownSession
 from services.common.messages import SessionStatus
-from services.scheduler.store.models import SessionRow, WorkerAskRow, WorkerRow
+from services.scheduler.store.models import LearntStateRow, SessionRow, WorkerAskRow, WorkerRow
 from services.scheduler.store.protocol import (
     MAX_LATENCY_SAMPLES,
     SessionExists,
@@ -331,6 +331,19 @@ class PostgresStore:
         async with self._transaction() as conn:
             rows = (await conn.execute(select(WorkerAskRow.worker_id, WorkerAskRow.asked_at))).all()
         return {row.worker_id: row.asked_at for row in rows}
+
+    async def save_learnt(self, policy: str, state: Mapping[str, Any], at: datetime) -> None:
+        fresh = insert(LearntStateRow).values(policy=policy, state=dict(state), saved_at=at)
+        statement = fresh.on_conflict_do_update(index_elements=["policy"], set_={
+            "state": fresh.excluded.state, "saved_at": fresh.excluded.saved_at})
+        async with self._transaction() as conn:
+            await conn.execute(statement)
+
+    async def load_learnt(self, policy: str) -> tuple[dict[str, Any], datetime] | None:
+        statement = select(LearntStateRow.state, LearntStateRow.saved_at).where(LearntStateRow.policy == policy)
+        async with self._transaction() as conn:
+            row = (await conn.execute(statement)).one_or_none()
+        return None if row is None else (row.state, row.saved_at)
 
     async def close(self) -> None:
         await self._engine.dispose()

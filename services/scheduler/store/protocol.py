@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from services.common.errors import InvalidState, StaleEpoch, Unavailable, UnknownSession
 from services.common.messages import SessionStatus
@@ -190,6 +190,14 @@ class SchedulerStore(Protocol):
 
     async def list_asks(self) -> dict[str, datetime]:
         """The record ``save_asks`` last wrote."""
+        ...
+
+    async def save_learnt(self, policy: str, state: Mapping[str, Any], at: datetime) -> None:
+        """Keep what ``policy`` has learnt (plain JSON data) as of ``at``, in place of what it kept before."""
+        ...
+
+    async def load_learnt(self, policy: str) -> tuple[dict[str, Any], datetime] | None:
+        """What ``save_learnt`` last kept for ``policy``, and when; None when nothing was."""
         ...
 
     async def close(self) -> None:
