@@ -32,6 +32,8 @@ from services.scheduler.policy import (
     Restore,
     SessionView,
 )
+from services.scheduler.policy.autoscale import AnticipatoryHeadroom
+from services.scheduler.policy.detector import DEFAULT_LEVELS, WorkloadReading
 from services.scheduler.store.memory import MemoryStore
 from services.scheduler.store.protocol import SessionRecord, WorkerRecord, WorkerReport
 from tests.scheduler_fakes import T0, Clock, FakeIO, FakeMover, FakeProvisioner, Journal, make_decider
@@ -494,3 +496,38 @@ def test_recovered_asks_keep_a_placeholder_for_a_new_worker_not_for_one_that_was
     view.forget_gone(gone)  # w1 lost is billed no more; w2, asked for again, is still waited for
     assert set(view.asked_at) == {"w7", "w2"}
     assert view.asks(1002.0, wall_now + timedelta(seconds=2))["w7"] == T0 + timedelta(seconds=470)
+
+
+async def test_a_restarted_scheduler_sizes_from_what_its_predecessor_learnt_not_from_its_priors(
+    store: MemoryStore, caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+
+    def wall() -> datetime:
+        return T0 + timedelta(seconds=clock.now_s)
+
+    crashed = make_decider(store, clock, wall_clock=wall)
+    sizing = crashed.loop.controller.autoscale
+    assert isinstance(sizing, AnticipatoryHeadroom)
+    for active in [0] * 30 + [9] * 40 + [0] * 30:  # a clump of nine ends a lull, then the pool empties again
+        clock.now_s += 2.0
+        sizing.target_gpus(WorkloadReading(DEFAULT_LEVELS[0], active, 0.0, 0.0, 0.0, now_s=clock.now_s), 4)
+    assert sizing.bursts.clump_room() == 9
+    await crashed.loop.step("period")  # keeps what it learnt at its first decision
+
+    clock.now_s += 10.0  # the scheduler died; its successor starts within the lull
+    successor = make_decider(store, clock, wall_clock=wall)
+    await successor.loop.recover()
+    relearnt = successor.loop.controller.autoscale
+    assert isinstance(relearnt, AnticipatoryHeadroom) and relearnt.bursts.clump_room() == 9
+    assert relearnt.bursts.overall_z == pytest.approx(sizing.bursts.overall_z)
+    assert successor.loop.controller.budget.spent_frac == pytest.approx(crashed.loop.controller.budget.spent_frac)
+
+    await store.save_learnt(crashed.loop.controller.name, {"version": 99}, wall())  # a newer scheduler's, say
+    with caplog.at_level(logging.WARNING, logger="turboserve.scheduler.control"):
+        unread = make_decider(store, clock, wall_clock=wall)
+        await add_worker(store, unread.loop, "w1")
+        await unread.loop.step("period")
+    assert "event=learnt_ignored" in caplog.text
+    assert isinstance(unread.loop.controller.autoscale, AnticipatoryHeadroom)
+    assert unread.loop.controller.autoscale.bursts.clump_room() == 0  # its priors, and it still decides

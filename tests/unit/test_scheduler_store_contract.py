@@ -44,6 +44,19 @@ def a_report(worker_id: str, samples: tuple[tuple[int, float], ...] = (), *, dra
 class StoreContract:
     """Subclasses provide a ``store`` fixture yielding an empty store."""
 
+    async def test_what_a_policy_learnt_reads_back_as_kept_last_and_apart_from_other_policies(
+        self, store: SchedulerStore
+    ) -> None:
+        assert await store.load_learnt("ours") is None
+        state = {"version": 1, "budget": {"active_s": 3600.0, "last_age_s": None}, "bands": {"3": [0.5, 1.25]}}
+        await store.save_learnt("ours", state, T0)
+        await store.save_learnt("paper", {"version": 1}, T0)
+        assert await store.load_learnt("ours") == (state, T0)
+        later = {**state, "budget": {"active_s": 7200.0, "last_age_s": 2.0}}
+        await store.save_learnt("ours", later, T0 + timedelta(seconds=30))
+        assert await store.load_learnt("ours") == (later, T0 + timedelta(seconds=30))
+        assert await store.load_learnt("paper") == ({"version": 1}, T0)
+
     async def test_the_record_of_workers_asked_for_holds_exactly_what_was_saved_last(
         self, store: SchedulerStore
     ) -> None:

@@ -107,8 +107,8 @@ class WorkerRecord:
 
 
 class SchedulerStore(Protocol):
-    """Durable sessions, workers and the workers asked for. Every method is one atomic step; errors are
-    TurboServeError subclasses (StoreUnavailable when the database is down)."""
+    """Durable sessions, workers, the workers asked for and what the policy learnt. Every method is one atomic
+    step; errors are TurboServeError subclasses (StoreUnavailable when the database is down)."""
 
     async def insert_session(self, session: SessionRecord, *, max_open_per_owner: int = 0) -> None:
         """Persist a new session; raises SessionExists if the id is taken, and LimitExceeded when
