@@ -41,9 +41,10 @@ RELIEF_INTERVALS = 8
 SEARCH_PER_LEVEL = 32
 EVACUATION_TRIES = 4
 RELEASE_LEAD_S = 10.0
-LEARNT_VERSION = 1
 """A GPU whose paid time runs out this soon is released now, not at a later decision (the simulator decides at
 least this often; the live loop every 2 s), so a surplus GPU never starts an increment it will not use."""
+LEARNT_VERSION = 1
+"""The shape of ``learnt``'s state; a controller refuses a state of another version."""
 
 
 class LearntStateError(ValueError):
