@@ -194,15 +194,22 @@ async def test_after_kill_9_of_a_worker_every_one_of_8_streaming_sessions_contin
         for client in clients:
             await client.close()
     waits_s: list[float] = []
+    moved_ids: list[str] = []
     for session_id, first, second in zip(ids, before, after, strict=True):
         chunks = first + second
         assert_contiguous(chunks, session_id)
         if first[-1].header.worker_id == victim:  # on the victim when it died (a rebalance may have moved one before)
             resumed = next(c for c in second if c.header.worker_id != victim)
             waits_s.append((resumed.received_at_unix_ms - killed_at_ms) / 1e3)
+            moved_ids.append(session_id)
             assert waits_s[-1] <= RECOVERY_BOUND_S, f"{session_id} waited {waits_s[-1]:.1f} s for the other worker"
     assert waits_s, f"no session was on {victim}"
     print(f"\nkill -9 {victim}: {len(waits_s)} sessions moved; first chunk from the survivor after "
           f"{min(waits_s):.2f}-{max(waits_s):.2f} s (bound {RECOVERY_BOUND_S} s)")
-    restored = survivor_log.read_bytes()[log_offset:].count(b"event=state_from_snapshot")
-    assert restored == len(waits_s), f"{restored} of {len(waits_s)} moved sessions started from a snapshot"
+    # Each continued from its state, never from chunk 0: a snapshot after the kill, or (a rebalance racing the kill
+    # on a loaded machine) a live migration that landed on the survivor while the victim's last chunks were in flight.
+    survivor_log_text = survivor_log.read_bytes().decode(errors="replace")
+    after_kill = survivor_log_text[log_offset:]
+    regenerated = [s for s in moved_ids if f"event=state_from_snapshot session={s}" not in after_kill
+                   and f"event=migration_in_done session={s}" not in survivor_log_text]
+    assert not regenerated, f"{len(regenerated)} of {len(moved_ids)} moved sessions started over: {regenerated}"
