@@ -208,8 +208,9 @@ async def test_after_kill_9_of_a_worker_every_one_of_8_streaming_sessions_contin
           f"{min(waits_s):.2f}-{max(waits_s):.2f} s (bound {RECOVERY_BOUND_S} s)")
     # Each continued from its state, never from chunk 0: a snapshot after the kill, or (a rebalance racing the kill
     # on a loaded machine) a live migration that landed on the survivor while the victim's last chunks were in flight.
-    survivor_log_text = survivor_log.read_bytes().decode(errors="replace")
-    after_kill = survivor_log_text[log_offset:]
+    survivor_said = survivor_log.read_bytes()
+    survivor_log_text = survivor_said.decode(errors="replace")
+    after_kill = survivor_said[log_offset:].decode(errors="replace")
     regenerated = [s for s in moved_ids if f"event=state_from_snapshot session={s}" not in after_kill
                    and f"event=migration_in_done session={s}" not in survivor_log_text]
     assert not regenerated, f"{len(regenerated)} of {len(moved_ids)} moved sessions started over: {regenerated}"
