@@ -111,3 +111,10 @@ def test_a_budget_taken_back_steers_the_headroom_as_before() -> None:
     back.record(200.0, 40, 0)
     assert back.headroom_scale() == pytest.approx(budget.headroom_scale())
     assert back.spent_frac == pytest.approx(budget.spent_frac)
+
+
+def test_a_memory_whose_clock_starts_below_zero_keeps_the_room_after_a_lull() -> None:
+    memory = AnticipatoryHeadroom(30.0, 10.0, 1, 64).bursts  # the simulator's warm-up runs at negative times
+    for now_s, active in [(-600.0 + 2.0 * step, 9 if 20 <= step < 60 else 0) for step in range(150)]:
+        memory.record(now_s, active)
+    assert memory.clump_room() == 9
