@@ -6,9 +6,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import SimpleNamespace
+from typing import Any
 
 from services.common.control import MigrationReport
 from services.common.messages import Placement, WorkerHeartbeat
+from services.scheduler.actuation import Provisioner
 from services.scheduler.control_loop import ControlLoop
 from services.scheduler.control_settings import ControlSettings, build_live_controller
 from services.scheduler.liveness import WorkerLiveness
@@ -74,8 +77,40 @@ class FakeProvisioner:
         self.journal.entries.append(("remove", worker_id, reason))
         await self.store.retire_worker(worker_id, "gone")
 
+    async def parked(self) -> frozenset[str]:
+        return frozenset()
+
     async def close(self) -> None:
         pass
+
+
+class FakeStatefulSetApi:
+    """AppsV1Api's read and strategic-merge patch of one StatefulSet: replicas, annotations, resourceVersion."""
+
+    def __init__(self, replicas: int, name: str = "turboserve-worker", namespace: str = "ts") -> None:
+        self.where = (name, namespace)
+        self.replicas = replicas
+        self.annotations: dict[str, str] = {}
+        self.version = 1
+        self.patches: list[int] = []
+
+    def read_namespaced_stateful_set(self, name: str, namespace: str, *, _request_timeout: Any) -> Any:
+        assert (name, namespace) == self.where and _request_timeout  # a call without a deadline could hang
+        return SimpleNamespace(metadata=SimpleNamespace(annotations=dict(self.annotations) or None,
+                                                        resource_version=str(self.version)),
+                               spec=SimpleNamespace(replicas=self.replicas))
+
+    def patch_namespaced_stateful_set(self, name: str, namespace: str, body: Any, *, _request_timeout: Any) -> Any:
+        assert (name, namespace) == self.where and _request_timeout
+        metadata = body.get("metadata", {})
+        if metadata.get("resourceVersion", str(self.version)) != str(self.version):
+            raise RuntimeError("(409) Conflict: the object has been modified")
+        self.annotations.update(metadata.get("annotations", {}))
+        if "spec" in body:
+            self.replicas = body["spec"]["replicas"]
+            self.patches.append(self.replicas)
+        self.version += 1
+        return body
 
 
 class FakeIO:
@@ -113,16 +148,17 @@ class Decider:
 def make_decider(store: MemoryStore, clock: Clock, *, journal: Journal | None = None, fail_moves: bool = False,
                  max_gpus: int = 3,
                  offload_after_s: float = 0.0, scale_in_hold_s: float = 0.0, worker_timeout_s: float = 3.0,
-                 wall_clock: object = None) -> Decider:
+                 wall_clock: object = None, provisioner: Provisioner | None = None) -> Decider:
+    """``provisioner``: a real one for the loop to act through in place of the fake (which then records nothing)."""
     settings = ControlSettings(min_gpus=1, max_gpus=max_gpus, scale_in_hold_s=scale_in_hold_s,
                                detector_window_s=10.0, worker_kind="cpu", worker_capacity=4, provision_timeout_s=60.0,
                                burst_coverage=SCALING_COVERAGE)
     journal = journal if journal is not None else Journal()
-    provisioner, io = FakeProvisioner(store, journal), FakeIO(journal)
+    fake, io = FakeProvisioner(store, journal), FakeIO(journal)
     wall = wall_clock if callable(wall_clock) else (lambda: T0)
     liveness = WorkerLiveness(store, worker_timeout_s=worker_timeout_s, clock=clock, wall_clock=wall)
     loop = ControlLoop(store, build_live_controller(settings), FakeMover(store, journal, fail=fail_moves),
-                       provisioner, io, liveness, control_period_s=60.0, provision_timeout_s=60.0,
+                       provisioner or fake, io, liveness, control_period_s=60.0, provision_timeout_s=60.0,
                        retire_grace_s=30.0, max_gpus=max_gpus, offload_after_s=offload_after_s,
                        decision_timeout_s=5.0, clock=clock, wall_clock=wall)
-    return Decider(loop, liveness, provisioner, io, journal)
+    return Decider(loop, liveness, fake, io, journal)

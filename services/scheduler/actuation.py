@@ -52,6 +52,12 @@ class Provisioner(Protocol):
         """Stop a drained worker (the caller has already moved every session off it)."""
         ...
 
+    async def parked(self) -> frozenset[str]:
+        """Workers it removed that keep running until it can stop them (a StatefulSet's pods below its top): they
+        stay out of the pool until ``scale_out`` takes them back. Asked of the cluster, not remembered, so a
+        restarted scheduler knows them too."""
+        ...
+
     async def close(self) -> None:
         """Release what the provisioner holds (child processes it started are stopped)."""
         ...

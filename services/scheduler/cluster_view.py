@@ -30,9 +30,9 @@ class ClusterView:
     records both in the store (``asks``) and a restarted scheduler takes them back (``recover_asks``), so it
     neither asks again for workers still starting nor forgets when their bill began. ``adopted``: workers live
     before this process began, whose first heartbeat here answers no placeholder;
-    ``retired``: a removed worker -> the time from which a heartbeat it sends brings it back into the pool
-    (a released pod that keeps running, an external system that did not act); until then, and for a worker
-    that never beats again, it is out of the pool whatever its row says."""
+    ``retired``: a removed worker -> the time from which a heartbeat it sends brings it back into the pool (an
+    external system that did not act); until then, and for a worker that never beats again, it is out of the
+    pool whatever its row says. A parked one (``park``) never comes back by beating: only an ask takes it back."""
 
     kinds: tuple[str, ...]
     scale_kind: str
@@ -60,12 +60,14 @@ class ClusterView:
         self.state_bytes.update(beat.state_bytes)
         self.kind_of[beat.worker_id] = self.policy_kind(beat.kind)
         self.node_of[beat.worker_id] = beat.node
+        if beat.worker_id in self.pending:  # new, or one this process knew taken back (a parked pod, an ordinal)
+            del self.pending[beat.worker_id]
+            self.seen.add(beat.worker_id)
+            return True
         if beat.worker_id in self.seen:
             return False
         self.seen.add(beat.worker_id)
-        if beat.worker_id in self.pending:
-            del self.pending[beat.worker_id]
-        elif beat.worker_id not in self.adopted:
+        if beat.worker_id not in self.adopted:
             placeholder = next((p for p in self.pending if p.startswith("pending-")), None)
             if placeholder is not None:  # an external provisioner's worker: ids are unknown until they beat
                 del self.pending[placeholder]
@@ -103,6 +105,11 @@ class ClusterView:
             self.asked_at[worker_id] = now_s - max(0.0, (wall_now - at).total_seconds())
             if worker_id not in live:
                 self.pending[worker_id] = None
+
+    def park(self, worker_id: str) -> None:
+        """A removed worker the provisioner keeps running (a StatefulSet's pod below its top) stays out of the
+        pool until ``add_pending`` takes it back."""
+        self.retired[worker_id] = math.inf
 
     def forget_gone(self, workers: Iterable[WorkerRecord]) -> None:
         """Stop billing workers whose rows left the pool (lost, gone) and that are not being waited for."""

@@ -132,6 +132,7 @@ class ControlLoop:
         self._decision_timeout_s = decision_timeout_s
         self._learnt_every_s = learnt_every_s
         self._learnt_kept_s: float | None = None
+        self._parked_known = False
         self._linger_s = linger_s
         self.liveness = liveness
         self._clock = clock
@@ -272,6 +273,8 @@ class ControlLoop:
         now_s = self._clock()
         if self._recorded_asks is None:
             await self.recover()
+        if not self._parked_known:
+            await self._keep_parked_out()
         await self._expire_pending(now_s)
         rows = await self._close_abandoned(await self._store.list_sessions())
         self.view.forget_closed({row.session_id for row in rows})
@@ -327,6 +330,20 @@ class ControlLoop:
         if asks:
             log.info("event=asks_recovered workers=%s pending=%s", ",".join(sorted(asks)),
                      ",".join(self.view.pending))
+
+    async def _keep_parked_out(self) -> None:
+        """Keep the workers the provisioner parked out of the pool: at the first decision (an earlier scheduler
+        may have parked them) and after each removal. While the provisioner cannot answer it is asked again at
+        every decision; meanwhile a worker this process removed is out for its retire grace, and one parked
+        before this process began is in the pool."""
+        try:
+            parked = await self._provisioner.parked()
+        except TurboServeError as exc:
+            log.warning("event=parked_unknown code=%s detail=%s", exc.code, exc)
+            return
+        for worker_id in parked:
+            self.view.park(worker_id)
+        self._parked_known = True
 
     async def keep_learnt(self) -> None:
         """Store what the policy has learnt of the load, as of now."""
@@ -482,6 +499,8 @@ class ControlLoop:
         record_scale_event("in")
         self.view.forget_worker(worker_id)
         self.view.retired[worker_id] = now_s + self._retire_grace_s
+        self._parked_known = False
+        await self._keep_parked_out()
         log.info("decision=remove_gpu worker=%s reason=%r", worker_id, action.reason)
         record_decision("remove_gpu", action.reason, worker=worker_id)
 

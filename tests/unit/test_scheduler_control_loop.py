@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from datetime import datetime, timedelta
 
@@ -20,6 +21,7 @@ from services.scheduler.cluster_view import ClusterView, sync
 from services.scheduler.control_loop import ControlLoop
 from services.scheduler.control_settings import ControlSettings, build_live_controller
 from services.scheduler.policy import (
+    Action,
     AddGpus,
     ClusterSnapshot,
     DrainGpu,
@@ -34,9 +36,20 @@ from services.scheduler.policy import (
 )
 from services.scheduler.policy.autoscale import AnticipatoryHeadroom
 from services.scheduler.policy.detector import DEFAULT_LEVELS, WorkloadReading
+from services.scheduler.provisioners.kubernetes import KubernetesProvisioner
 from services.scheduler.store.memory import MemoryStore
 from services.scheduler.store.protocol import SessionRecord, WorkerRecord, WorkerReport
-from tests.scheduler_fakes import T0, Clock, FakeIO, FakeMover, FakeProvisioner, Journal, make_decider
+from tests.scheduler_fakes import (
+    T0,
+    Clock,
+    Decider,
+    FakeIO,
+    FakeMover,
+    FakeProvisioner,
+    FakeStatefulSetApi,
+    Journal,
+    make_decider,
+)
 
 
 def session(session_id: str, worker_id: str | None, status: str = "active") -> SessionRecord:
@@ -531,3 +544,79 @@ async def test_a_restarted_scheduler_sizes_from_what_its_predecessor_learnt_not_
     assert "event=learnt_ignored" in caplog.text
     assert isinstance(unread.loop.controller.autoscale, AnticipatoryHeadroom)
     assert unread.loop.controller.autoscale.bursts.clump_room() == 0  # its priors, and it still decides
+
+
+POD = "turboserve-worker"
+
+
+class Script:
+    """A controller's decide that plays the given plans, one a round, then plans nothing."""
+
+    def __init__(self, *plans: tuple[Action, ...]) -> None:
+        self.plans = list(plans)
+
+    def __call__(self, snapshot: ClusterSnapshot, now_s: float) -> Plan:
+        return Plan(self.plans.pop(0) if self.plans else (), "stable", 0.0, len(snapshot.gpus))
+
+
+def on_statefulset(store: MemoryStore, clock: Clock, api: FakeStatefulSetApi) -> Decider:
+    return make_decider(store, clock, max_gpus=4,
+                        provisioner=KubernetesProvisioner(api, namespace="ts", statefulset=POD))
+
+
+async def beat_all(store: MemoryStore, loop: ControlLoop, *ordinals: int) -> None:
+    for ordinal in ordinals:
+        await add_worker(store, loop, f"{POD}-{ordinal}")
+
+
+async def test_a_pod_parked_below_the_top_stays_out_of_the_pool_past_its_grace_and_a_restart_until_asked_back(
+    store: MemoryStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    api = FakeStatefulSetApi(3)
+    crashed = on_statefulset(store, clock, api)
+    monkeypatch.setattr(crashed.loop.controller, "decide", Script((RemoveGpu(f"{POD}-1", "scale in"),)))
+    await beat_all(store, crashed.loop, 0, 1, 2)
+    await crashed.loop.step("period")
+    assert api.replicas == 3 and crashed.loop.view.retired == {f"{POD}-1": math.inf}  # parked: 2 still serves
+    clock.now_s += 40.0  # past the retire grace, and the parked pod still beats
+    await beat_all(store, crashed.loop, 0, 1, 2)
+    await crashed.loop.step("period")
+    assert sorted(crashed.loop.snapshot.gpus) == [f"{POD}-0", f"{POD}-2"]
+
+    successor = on_statefulset(store, clock, api)  # the scheduler restarts: nothing of the first is in memory
+    monkeypatch.setattr(successor.loop.controller, "decide", Script((), (AddGpus("cpu", 1, "load rose"),)))
+    await beat_all(store, successor.loop, 0, 1, 2)
+    await successor.loop.step("period")
+    assert sorted(successor.loop.snapshot.gpus) == [f"{POD}-0", f"{POD}-2"]
+    await successor.loop.step("period")  # the ask takes the running pod back before adding an ordinal
+    assert api.replicas == 3 and list(successor.loop.view.pending) == [f"{POD}-1"]
+    await beat_all(store, successor.loop, 0, 1, 2)
+    assert not successor.loop.view.pending
+    clock.now_s += 61.0  # past the provisioning timeout: a worker that answered is not given up
+    await beat_all(store, successor.loop, 0, 1, 2)
+    await successor.loop.step("period")
+    assert sorted(successor.loop.snapshot.gpus) == [f"{POD}-0", f"{POD}-1", f"{POD}-2"] and api.replicas == 3
+
+
+async def test_a_top_ordinal_removed_and_asked_for_again_joins_the_pool_when_it_beats(
+    store: MemoryStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    api = FakeStatefulSetApi(2)
+    decider = on_statefulset(store, clock, api)
+    script = Script((RemoveGpu(f"{POD}-1", "scale in"),))
+    monkeypatch.setattr(decider.loop.controller, "decide", script)
+    await beat_all(store, decider.loop, 0, 1)
+    await decider.loop.step("period")
+    assert api.replicas == 1
+    clock.now_s += 10.0
+    script.plans.append((AddGpus("cpu", 1, "load rose"),))
+    await beat_all(store, decider.loop, 0)
+    await decider.loop.step("period")
+    assert api.replicas == 2 and list(decider.loop.view.pending) == [f"{POD}-1"]
+    await beat_all(store, decider.loop, 0, 1)  # the same pod name, a new pod
+    clock.now_s += 61.0
+    await beat_all(store, decider.loop, 0, 1)
+    await decider.loop.step("period")
+    assert api.replicas == 2 and sorted(decider.loop.snapshot.gpus) == [f"{POD}-0", f"{POD}-1"]

@@ -7,8 +7,6 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
@@ -18,36 +16,20 @@ from services.launcher import Child
 from services.scheduler.control_settings import ControlSettings
 from services.scheduler.provisioners import ProvisionerError
 from services.scheduler.provisioners.external import ExternalProvisioner
-from services.scheduler.provisioners.kubernetes import KubernetesProvisioner
+from services.scheduler.provisioners.kubernetes import PARKED_ANNOTATION, KubernetesProvisioner
 from services.scheduler.provisioners.local import LocalProcessProvisioner
-
-
-class FakeAppsApi:
-    """AppsV1Api's scale subresource for one StatefulSet."""
-
-    def __init__(self, replicas: int) -> None:
-        self.replicas = replicas
-        self.patches: list[int] = []
-
-    def read_namespaced_stateful_set_scale(self, name: str, namespace: str) -> Any:
-        assert (name, namespace) == ("turboserve-worker", "ts")
-        return SimpleNamespace(spec=SimpleNamespace(replicas=self.replicas))
-
-    def patch_namespaced_stateful_set_scale(self, name: str, namespace: str, body: Any) -> Any:
-        self.replicas = body["spec"]["replicas"]
-        self.patches.append(self.replicas)
-        return body
+from tests.scheduler_fakes import FakeStatefulSetApi
 
 
 async def test_kubernetes_scale_out_adds_the_next_ordinals_and_names_their_pods() -> None:
-    api = FakeAppsApi(2)
+    api = FakeStatefulSetApi(2)
     provisioner = KubernetesProvisioner(api, namespace="ts", statefulset="turboserve-worker")
     assert await provisioner.scale_out(2, "load") == ["turboserve-worker-2", "turboserve-worker-3"]
     assert api.patches == [4]
 
 
 async def test_kubernetes_scale_in_shrinks_only_past_released_top_ordinals_and_reuses_parked_pods_first() -> None:
-    api = FakeAppsApi(3)
+    api = FakeStatefulSetApi(3)
     provisioner = KubernetesProvisioner(api, namespace="ts", statefulset="turboserve-worker")
     await provisioner.remove("turboserve-worker-1", "drained")
     assert api.replicas == 3  # ordinal 2 still serves: a StatefulSet cannot drop ordinal 1 alone
@@ -59,15 +41,52 @@ async def test_kubernetes_scale_in_shrinks_only_past_released_top_ordinals_and_r
 
 
 async def test_kubernetes_parked_pod_is_taken_back_before_a_new_ordinal_is_added() -> None:
-    api = FakeAppsApi(3)
+    api = FakeStatefulSetApi(3)
     provisioner = KubernetesProvisioner(api, namespace="ts", statefulset="turboserve-worker")
     await provisioner.remove("turboserve-worker-0", "drained")
     assert await provisioner.scale_out(2, "load") == ["turboserve-worker-0", "turboserve-worker-3"]
     assert api.patches == [4]
 
 
+async def test_kubernetes_parked_pods_live_on_the_statefulset_so_a_new_provisioner_knows_them() -> None:
+    api = FakeStatefulSetApi(4)
+    crashed = KubernetesProvisioner(api, namespace="ts", statefulset="turboserve-worker")
+    await crashed.remove("turboserve-worker-1", "drained")
+    await crashed.remove("turboserve-worker-2", "drained")
+    assert await crashed.parked() == {"turboserve-worker-1", "turboserve-worker-2"} and api.patches == []
+    successor = KubernetesProvisioner(api, namespace="ts", statefulset="turboserve-worker")
+    assert await successor.parked() == {"turboserve-worker-1", "turboserve-worker-2"}
+    await successor.remove("turboserve-worker-3", "drained")
+    assert api.patches == [1] and await successor.parked() == frozenset()  # down past all three
+    assert await successor.scale_out(1, "load") == ["turboserve-worker-1"]
+
+
+async def test_kubernetes_a_patch_on_a_stale_read_fails_typed_and_changes_nothing() -> None:
+    api = FakeStatefulSetApi(3)
+    provisioner = KubernetesProvisioner(api, namespace="ts", statefulset="turboserve-worker")
+    read = api.read_namespaced_stateful_set
+
+    def read_then_someone_writes(name: str, namespace: str, **options: object) -> object:
+        seen = read(name, namespace, **options)
+        api.version += 1  # another writer got in between
+        return seen
+
+    api.read_namespaced_stateful_set = read_then_someone_writes  # type: ignore[method-assign]
+    with pytest.raises(ProvisionerError, match="Conflict"):
+        await provisioner.remove("turboserve-worker-0", "drained")
+    api.read_namespaced_stateful_set = read  # type: ignore[method-assign]
+    assert api.replicas == 3 and await provisioner.parked() == frozenset()
+
+
+async def test_kubernetes_refuses_an_annotation_that_is_not_ordinals() -> None:
+    api = FakeStatefulSetApi(3)
+    api.annotations[PARKED_ANNOTATION] = "1,two"
+    with pytest.raises(ProvisionerError, match="not a list of ordinals"):
+        await KubernetesProvisioner(api, namespace="ts", statefulset="turboserve-worker").parked()
+
+
 async def test_kubernetes_refuses_a_worker_that_is_not_a_pod_of_its_statefulset() -> None:
-    provisioner = KubernetesProvisioner(FakeAppsApi(1), namespace="ts", statefulset="turboserve-worker")
+    provisioner = KubernetesProvisioner(FakeStatefulSetApi(1), namespace="ts", statefulset="turboserve-worker")
     with pytest.raises(ProvisionerError, match="not a pod"):
         await provisioner.remove("worker-1", "drained")
 
@@ -82,6 +101,7 @@ async def test_external_publishes_each_decision_and_knows_no_ids_in_advance() ->
     assert await provisioner.scale_out(2, "load rose") == ()
     await provisioner.remove("w3", "drained")
     assert published == [ScaleDecision("scale_out", 2, reason="load rose"), ScaleDecision("remove", 1, "w3", "drained")]
+    assert await provisioner.parked() == frozenset()  # a worker it keeps running is back when it beats
 
 
 async def test_local_starts_workers_under_their_own_ids_and_stops_them_with_sigterm(tmp_path: Path) -> None:
@@ -98,7 +118,7 @@ async def test_local_starts_workers_under_their_own_ids_and_stops_them_with_sigt
     assert ids == ["worker-1", "worker-2"]
     assert spawned["worker-2"]["TURBOSERVE_WORKER_ID"] == "worker-2"
     await provisioner.remove("worker-1", "drained")
-    assert provisioner.worker_ids == ("worker-2",)
+    assert provisioner.worker_ids == ("worker-2",) and await provisioner.parked() == frozenset()
     with pytest.raises(ProvisionerError, match="not started by this provisioner"):
         await provisioner.remove("worker-7", "drained")
     await provisioner.close()

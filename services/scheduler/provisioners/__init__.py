@@ -1,7 +1,7 @@
 """Provisioners: how the control loop's AddGpus and RemoveGpu become workers started and stopped.
 
 Three implementations of ``actuation.Provisioner``, chosen by TURBOSERVE_PROVISIONER: ``local`` (worker processes
-on this host; the default under ``turboserve up``), ``kubernetes`` (the worker StatefulSet's scale subresource)
+on this host; the default under ``turboserve up``), ``kubernetes`` (the worker StatefulSet's replica count)
 and ``external`` (publishes a ScaleDecision and lets another system act). None of them moves session state: the
 control loop drains a worker before it asks for its removal.
 """

@@ -31,5 +31,9 @@ class ExternalProvisioner:
         await self._publish(ScaleDecision("remove", 1, worker_id, reason))
         log.info("event=scale_decision action=remove worker=%s reason=%r", worker_id, reason)
 
+    async def parked(self) -> frozenset[str]:
+        """A removed worker the external system keeps running comes back into the pool when it beats."""
+        return frozenset()
+
     async def close(self) -> None:
         """Nothing held: the workers are the external system's."""

@@ -126,6 +126,10 @@ class LocalProcessProvisioner:
             child.process.kill()
             return await asyncio.to_thread(child.process.wait)
 
+    async def parked(self) -> frozenset[str]:
+        """A removed worker's process is stopped: none keeps running."""
+        return frozenset()
+
     async def close(self) -> None:
         """A clean stop of the scheduler stops its workers, adopted ones too."""
         children, self._children = list(self._children.values()), {}
