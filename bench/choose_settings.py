@@ -15,7 +15,8 @@ the last half hour), is chosen the same way over its quantile, so its figures on
 too. A candidate qualifies when, in every case, at most 0.1% of chunks miss the target and (ours and its
 candidate) 99% of sessions have their first chunk within 2 s and none waits more than 5 s; the cheapest qualifier
 (mean GPU-hours over the lower bound) is chosen. The choice is written to bench/results/settings.json;
-``registry.CHOSEN`` carries it. A day is deterministic, so ``--reuse`` takes the cases a recorded run holds.
+``registry.CHOSEN`` carries it. A day is deterministic, so ``--reuse`` takes the cases a recorded run holds, when
+it ran the same code.
 
     .venv/bin/python bench/choose_settings.py     # about 40 min on 2 cores (--reuse: only what changed)
 """
@@ -23,6 +24,8 @@ candidate) 99% of sessions have their first chunk within 2 s and none waits more
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import itertools
 import json
 import multiprocessing
@@ -84,13 +87,27 @@ def run_case(case: Case) -> tuple[Case, dict[str, float]]:
     }
 
 
-def recorded(record: Path, wanted: list[Case]) -> dict[Case, dict[str, float]]:
-    """The figures of ``wanted`` cases that a recorded run holds (all of them: a record from before a figure was
-    added does not count)."""
+def code_digest() -> str:
+    """A digest of the code a case's figures come from: every module of this repository the simulator loaded,
+    and ``run_case``. A record of other code (a policy fix, a changed generator) is never reused."""
+    digest = hashlib.sha256(inspect.getsource(run_case).encode())
+    loaded = (Path(m.__file__).resolve() for m in list(sys.modules.values()) if getattr(m, "__file__", None))
+    modules = sorted(path for path in loaded if path.is_relative_to(REPO_ROOT / "services"))
+    for path in modules:
+        digest.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def recorded(record: Path, wanted: list[Case], code: str) -> dict[Case, dict[str, float]]:
+    """The figures of ``wanted`` cases that a recorded run of the same ``code`` holds (all of them: a record from
+    before a figure was added does not count)."""
     def key(fields: dict[str, object]) -> str:
         return json.dumps(fields, sort_keys=True)
 
-    rows = json.loads(record.read_text())["cases"]
+    held_record = json.loads(record.read_text())
+    if held_record.get("code") != code:
+        return {}
+    rows = held_record["cases"]
     held = {key({k: v for k, v in row.items() if k not in FIGURES}): row for row in rows}
     found = {case: held.get(key(case_fields(case))) for case in wanted}
     return {case: {k: row[k] for k in FIGURES} for case, row in found.items()
@@ -101,13 +118,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "settings.json")
     parser.add_argument("--reuse", type=Path, help="a settings.json whose cases are taken instead of run again: "
-                        "a day is deterministic, so only a grid or a rule changed since needs no rerun")
+                        "a day is deterministic, so after a change to the grid or the rule (not the code) only new "
+                        "cases run")
     args = parser.parse_args()
     console = Console(width=140)
     every_case = [(policy, setting, load, burst, seed) for policy, grid in CANDIDATES.items()
                   for setting in grid for load, burst in itertools.product(SEEDS, BURST_FACTORS)
                   for seed in SEEDS[load]]
-    results = recorded(args.reuse, every_case) if args.reuse else {}
+    code = code_digest()
+    results = recorded(args.reuse, every_case, code) if args.reuse else {}
+    if args.reuse and not results:
+        console.print(f"{args.reuse} holds no case of this code ({code}): every case runs")
     cases = sorted((c for c in every_case if c not in results), key=lambda c: -c[2])  # the longest first
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress, multiprocessing.Pool(2) as pool:
@@ -156,6 +177,7 @@ def main() -> int:
                 f"{FIRST_CHUNK_P99_LIMIT_S:g} s and max <= {FIRST_CHUNK_LIMIT_S:g} s; then the lowest mean cost; "
                 "if none qualifies, the lowest worst over-target share",
         "chosen": chosen,
+        "code": code,
         "candidates": candidates,
         "cases": [{**case_fields(c), **f} for c, f in sorted(results.items())],
     }, indent=1) + "\n")
