@@ -3,7 +3,7 @@ decider wired the way the runner wires it, on the in-memory store: for unit test
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -148,7 +148,8 @@ class Decider:
 def make_decider(store: MemoryStore, clock: Clock, *, journal: Journal | None = None, fail_moves: bool = False,
                  max_gpus: int = 3,
                  offload_after_s: float = 0.0, scale_in_hold_s: float = 0.0, worker_timeout_s: float = 3.0,
-                 wall_clock: object = None, provisioner: Provisioner | None = None) -> Decider:
+                 wall_clock: object = None, provisioner: Provisioner | None = None,
+                 confirm_lead: Callable[[], Awaitable[None]] | None = None) -> Decider:
     """``provisioner``: a real one for the loop to act through in place of the fake (which then records nothing)."""
     settings = ControlSettings(min_gpus=1, max_gpus=max_gpus, scale_in_hold_s=scale_in_hold_s,
                                detector_window_s=10.0, worker_kind="cpu", worker_capacity=4, provision_timeout_s=60.0,
@@ -160,5 +161,5 @@ def make_decider(store: MemoryStore, clock: Clock, *, journal: Journal | None = 
     loop = ControlLoop(store, build_live_controller(settings), FakeMover(store, journal, fail=fail_moves),
                        provisioner or fake, io, liveness, control_period_s=60.0, provision_timeout_s=60.0,
                        retire_grace_s=30.0, max_gpus=max_gpus, offload_after_s=offload_after_s,
-                       decision_timeout_s=5.0, clock=clock, wall_clock=wall)
+                       decision_timeout_s=5.0, confirm_lead=confirm_lead, clock=clock, wall_clock=wall)
     return Decider(loop, liveness, fake, io, journal)

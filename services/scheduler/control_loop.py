@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -115,6 +115,7 @@ class ControlLoop:
         linger_s: float = 60.0,
         decision_timeout_s: float = 10.0,
         learnt_every_s: float = 30.0,
+        confirm_lead: Callable[[], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         timer: Callable[[], float] = time.perf_counter,
         wall_clock: Callable[[], datetime] = utc_now,
@@ -133,6 +134,7 @@ class ControlLoop:
         self._learnt_every_s = learnt_every_s
         self._learnt_kept_s: float | None = None
         self._parked_known = False
+        self._confirm_lead = confirm_lead
         self._linger_s = linger_s
         self.liveness = liveness
         self._clock = clock
@@ -270,6 +272,8 @@ class ControlLoop:
 
     async def _decide_and_act(self, trigger: str) -> Plan:
         started = self._timer()
+        if self._confirm_lead is not None:  # one decider: a deposed scheduler must not act on a plan
+            await self._confirm_lead()
         now_s = self._clock()
         if self._recorded_asks is None:
             await self.recover()

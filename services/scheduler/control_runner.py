@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 from services.common.control import ScaleDecision
@@ -32,7 +32,7 @@ class ScaleIO(LoopIO, Protocol):
 @contextlib.asynccontextmanager
 async def open_control_loop(
     settings: ControlSettings, io: ScaleIO, store: SchedulerStore, mover: StateMover, liveness: WorkerLiveness, *,
-    offload_after_s: float, linger_s: float = 60.0,
+    offload_after_s: float, linger_s: float = 60.0, confirm_lead: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncIterator[ControlLoop]:
     """A running ControlLoop; leaving stops it and then its provisioner (a local one stops its workers).
     ``offload_after_s``: an idle session is offloaded only once it has been quiet that long, because the
@@ -42,6 +42,7 @@ async def open_control_loop(
         store, build_live_controller(settings), mover, provisioner, io, liveness,
         control_period_s=settings.control_period_s, provision_timeout_s=settings.provision_timeout_s,
         retire_grace_s=retire_grace_s, max_gpus=settings.max_gpus, offload_after_s=offload_after_s, linger_s=linger_s,
+        confirm_lead=confirm_lead,
     )
     task: asyncio.Task[None] | None = None
     try:
@@ -63,5 +64,7 @@ async def open_control_loop(
                 await task
             with contextlib.suppress(TurboServeError, TimeoutError):  # a crash keeps what the last period kept
                 async with asyncio.timeout(KEEP_LEARNT_TIMEOUT_S):
+                    if confirm_lead is not None:  # a deposed scheduler leaves what is learnt to the one leading
+                        await confirm_lead()
                     await loop.keep_learnt()
         await provisioner.close()

@@ -45,6 +45,7 @@ from services.common.wire import Message, decode, encode
 from services.scheduler.control_loop import ControlLoop
 from services.scheduler.control_runner import open_control_loop
 from services.scheduler.control_settings import ControlSettings
+from services.scheduler.leadership import Leadership, LeadershipLost
 from services.scheduler.lifecycle import SessionLifecycle
 from services.scheduler.liveness import WorkerLiveness
 from services.scheduler.migrations import migrate
@@ -267,8 +268,10 @@ class SchedulerRunner:
 
 
 @contextlib.asynccontextmanager
-async def open_scheduler(settings: SchedulerSettings, nats: NatsClient) -> AsyncIterator[SchedulerRunner]:
-    """Migrate the schema, then serve on ``nats`` until the block exits; serving once this yields."""
+async def open_scheduler(settings: SchedulerSettings, nats: NatsClient,
+                         leadership: Leadership | None = None) -> AsyncIterator[SchedulerRunner]:
+    """Migrate the schema, then serve on ``nats`` until the block exits; serving once this yields. With
+    ``leadership`` (held), every decision first confirms it."""
     await migrate(settings.database_url)
     async with contextlib.AsyncExitStack() as stack:
         store = traced_store(PostgresStore.connect(settings.database_url))
@@ -279,7 +282,7 @@ async def open_scheduler(settings: SchedulerSettings, nats: NatsClient) -> Async
         liveness = WorkerLiveness(store, worker_timeout_s=settings.worker_timeout_s)
         loop = await stack.enter_async_context(open_control_loop(
             ControlSettings.from_env(), out, store, mover, liveness, offload_after_s=settings.offload_after_s,
-            linger_s=settings.linger_s,
+            linger_s=settings.linger_s, confirm_lead=None if leadership is None else leadership.confirm,
         ))
         yield await stack.enter_async_context(SchedulerRunner(
             nats, lifecycle=SessionLifecycle(store, loop), liveness=liveness, loop=loop, mover=mover,
@@ -289,7 +292,23 @@ async def open_scheduler(settings: SchedulerSettings, nats: NatsClient) -> Async
 
 
 async def run_scheduler(settings: SchedulerSettings, nats: NatsClient, stop: asyncio.Event) -> None:
-    """Serve until ``stop`` is set (the entry point for ``turboserve scheduler`` and ``turboserve up``)."""
-    async with open_scheduler(settings, nats):
-        log.info("event=serving worker_timeout_s=%s sweep_s=%s", settings.worker_timeout_s, settings.sweep_interval_s)
-        await stop.wait()
+    """Stand by until this scheduler leads, then serve until ``stop`` is set (the entry point for ``turboserve
+    scheduler`` and ``turboserve up``). Raises LeadershipLost once deposed: the process exits and is started again,
+    as a standby."""
+    leadership = Leadership(settings.database_url)
+    try:
+        if not await leadership.acquire(stop):
+            return
+        async with open_scheduler(settings, nats, leadership):
+            log.info("event=serving worker_timeout_s=%s sweep_s=%s", settings.worker_timeout_s,
+                     settings.sweep_interval_s)
+            ends = (asyncio.create_task(stop.wait()), asyncio.create_task(leadership.lost.wait()))
+            try:
+                await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for end in ends:
+                    end.cancel()
+        if leadership.lost.is_set():
+            raise LeadershipLost("another scheduler leads now; this one stops serving")
+    finally:
+        await leadership.close()

@@ -1,5 +1,6 @@
 """One fault at a time under streaming sessions, end to end: kill -9 of the scheduler or of the state store (then
-restarted, as a supervisor does), a crash and restart of PostgreSQL, and a SIGSTOP of a worker. No session is lost;
+restarted, as a supervisor does), kill -9 of the leading scheduler beside a standby (not restarted), a crash and
+restart of PostgreSQL, and a SIGSTOP of a worker. No session is lost;
 no client sees a chunk twice, out of order, or a gap in seqs; the scheduler, the state store and the database are
 off the chunk path, so their crash does not even slow a stream. (Worker and gateway kills: test_state_mobility.py,
 test_gateways.py; a NATS node: test_nats_cluster.py.)"""
@@ -19,6 +20,7 @@ import pytest_asyncio
 
 from services.client import ReceivedChunk, TurboServeClient
 from services.common.postgres_server import PostgresHandle, locate_postgres, scratch_database
+from services.launcher import spawn
 from tests.e2e.conftest import (
     TOKENS,
     RunningSystem,
@@ -140,6 +142,23 @@ async def test_a_worker_frozen_by_sigstop_loses_no_chunk_and_rejoins_when_it_tha
     while not await asyncio.to_thread(worker_is_live, faulty.database_url, frozen):
         assert time.monotonic() < deadline, f"{frozen} did not rejoin after SIGCONT"
         await asyncio.sleep(0.2)
+
+
+async def test_a_standby_scheduler_takes_over_from_a_killed_leader_with_no_restart(
+    faulty: RunningSystem, streams: Streams,
+) -> None:
+    standby = spawn("scheduler-2", "scheduler", faulty.env, faulty.log_dir)
+    faulty.children.append(standby)
+    deadline = time.monotonic() + 60
+    while "event=standing_by" not in standby.log_path.read_text(errors="replace"):
+        assert standby.process.poll() is None and time.monotonic() < deadline, "the second scheduler did not stand by"
+        await asyncio.sleep(0.2)
+    faulty.child("scheduler").process.send_signal(signal.SIGKILL)  # and nobody restarts it
+    await streams.more(3)
+    await a_new_session_streams(faulty, "served by the scheduler that stood by")
+    assert "event=leading" in standby.log_path.read_text(errors="replace")
+    longest_s = streams.check()
+    assert longest_s < 3.0, f"a stream stalled {longest_s:.1f} s while the standby took over"
 
 
 def worker_is_live(database_url: str, worker_id: str) -> bool:

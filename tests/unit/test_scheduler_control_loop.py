@@ -20,6 +20,7 @@ from services.common.wire import decode, encode
 from services.scheduler.cluster_view import ClusterView, sync
 from services.scheduler.control_loop import ControlLoop
 from services.scheduler.control_settings import ControlSettings, build_live_controller
+from services.scheduler.leadership import LeadershipLost
 from services.scheduler.policy import (
     Action,
     AddGpus,
@@ -620,3 +621,17 @@ async def test_a_top_ordinal_removed_and_asked_for_again_joins_the_pool_when_it_
     await beat_all(store, decider.loop, 0, 1)
     await decider.loop.step("period")
     assert api.replicas == 2 and sorted(decider.loop.snapshot.gpus) == [f"{POD}-0", f"{POD}-1"]
+
+
+async def test_a_deposed_scheduler_acts_on_no_plan(store: MemoryStore) -> None:
+    async def deposed() -> None:
+        raise LeadershipLost("another scheduler took the lead")
+
+    decider = make_decider(store, Clock(), confirm_lead=deposed)
+    await add_worker(store, decider.loop, "w1")
+    for index in range(6):
+        await store.insert_session(session(f"s{index}", None))
+    with pytest.raises(LeadershipLost):
+        await decider.loop.step("open_session")
+    assert not decider.journal.entries and not decider.io.placements and not await store.list_asks()
+    assert all(row.worker_id is None for row in await store.list_sessions())
