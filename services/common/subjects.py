@@ -23,6 +23,11 @@ SCHED_SCALE = f"{PREFIX}.sched.scale"  # ScaleDecision (publish) for an external
 PLACEMENTS = f"{PREFIX}.placement.*"  # Placement (publish) when the scheduler moves a session on its own
 
 
+def served_by_scheduler(subject: str) -> bool:
+    """A subject of the scheduler's (``ts.sched.*``), which may be between leaders or restarting for a moment."""
+    return subject.startswith(f"{PREFIX}.sched.")
+
+
 def placement(session_id: str) -> str:
     return f"{PREFIX}.placement.{session_id}"
 
