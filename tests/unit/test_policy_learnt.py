@@ -14,7 +14,7 @@ import pytest
 from services.scheduler.policy.autoscale import AnticipatoryHeadroom
 from services.scheduler.policy.budget import ViolationBudget
 from services.scheduler.policy.controller import LearntStateError
-from services.scheduler.policy.detector import DEFAULT_LEVELS, WorkloadReading
+from services.scheduler.policy.detector import DEFAULT_LEVELS, WorkloadDetector, WorkloadReading
 from services.scheduler.policy.registry import PolicySetting, build_controller
 
 
@@ -95,11 +95,44 @@ def test_the_controller_hands_on_its_budget_and_sizing_and_refuses_a_state_it_ca
     broken_bins = json.loads(json.dumps(state))
     broken_bins["autoscale"]["all"]["bins"] = [1.0, 2.0]
     broken_budget = {**state, "budget": {**state["budget"], "active_s": -1.0}}
+    ahead = {**state, "detector": {"window": [[10.0, 3, 0]], "recent": []}}  # counters past the last sample's
+    unordered = {**state, "detector": {"window": [[1.0, -2, 0], [5.0, 0, 0]], "recent": []}}
+    detector = untouched.detector
     for bad in ({**state, "version": 99}, [1, 2], broken_bins, broken_budget, {**state, "budget": "full"},
-                {"version": state["version"]}):
+                {"version": state["version"]}, ahead, unordered, {**state, "detector": {"window": []}}):
         with pytest.raises(LearntStateError):
             untouched.relearn(bad, at_s=0.0)
         assert untouched.budget is budget and untouched.autoscale.bursts is bursts  # type: ignore[attr-defined]
+        assert untouched.detector is detector
+
+
+def test_a_detector_taken_back_reads_the_load_as_the_uninterrupted_one_on_a_new_clock_and_new_counters() -> None:
+    rng = random.Random(5)
+    inflow = outflow = 0
+    timeline = []
+    for step in range(400):
+        inflow += rng.choice((0, 0, 1, 1, 2, 6 if step % 97 == 0 else 0))
+        outflow += rng.choice((0, 1, 1))
+        timeline.append((2.0 * step, inflow, outflow))
+    kept, before = WorkloadDetector(), WorkloadDetector()
+    for now_s, arrived, left in timeline[:250]:
+        kept.update(now_s, 10, arrived, left)
+        before.update(now_s, 10, arrived, left)
+    kept_s = timeline[249][0]
+    shift_s, base_in, base_out = -9_000.0, 7 - timeline[249][1], 3 - timeline[249][2]  # a successor's own counters
+    after, fresh = WorkloadDetector(), WorkloadDetector()
+    after.relearn(through_json(before.learnt(kept_s)), at_s=kept_s + shift_s)
+    readings = []
+    for now_s, arrived, left in timeline[249:]:  # the successor first sees the counters as they were kept
+        expected = kept.update(now_s, 10, arrived, left) if now_s > kept_s else None
+        read = after.update(now_s + shift_s, 10, arrived + base_in, left + base_out)
+        unaware = fresh.update(now_s, 10, arrived, left)
+        if expected is not None:
+            readings.append((expected, read, unaware))
+    for expected, read, _ in readings:
+        assert (read.level, read.inflow_per_s, read.outflow_per_s, read.volatility) == pytest.approx(
+            (expected.level, expected.inflow_per_s, expected.outflow_per_s, expected.volatility))
+    assert any(unaware.inflow_per_s != pytest.approx(expected.inflow_per_s) for expected, _, unaware in readings)
 
 
 def test_a_budget_taken_back_steers_the_headroom_as_before() -> None:

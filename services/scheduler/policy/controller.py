@@ -139,9 +139,10 @@ class ClosedLoopController:
         self.models.restore.observe(state_bytes, elapsed_ms)
 
     def learnt(self, now_s: float) -> dict[str, Any]:
-        """The violation budget and, where the sizing learns, its memory: plain data, times as ages at ``now_s``.
-        The detector's window (minutes) and the cost models (refitted from heartbeats) are left to relearn."""
-        state: dict[str, Any] = {"version": LEARNT_VERSION, "budget": self.budget.learnt(now_s)}
+        """The violation budget, the detector's windows and, where the sizing learns, its memory: plain data, times
+        as ages at ``now_s``. The cost models (refitted from heartbeats) are left to relearn."""
+        state: dict[str, Any] = {"version": LEARNT_VERSION, "budget": self.budget.learnt(now_s),
+                                 "detector": self.detector.learnt(now_s)}
         if isinstance(self.autoscale, Learning):
             state["autoscale"] = self.autoscale.learnt(now_s)
         return state
@@ -153,11 +154,14 @@ class ClosedLoopController:
             raise LearntStateError(f"learnt state of version {version!r}; this controller reads {LEARNT_VERSION}")
         try:
             budget = ViolationBudget.from_learnt(self.budget.params, state["budget"], at_s)
+            detector = WorkloadDetector(self.detector.window_s, self.detector.recent_s, self.detector.levels)
+            if "detector" in state:  # a state kept before the windows were
+                detector.relearn(state["detector"], at_s)
             if isinstance(self.autoscale, Learning) and "autoscale" in state:
                 self.autoscale.relearn(state["autoscale"], at_s)
         except (KeyError, TypeError, ValueError) as exc:
             raise LearntStateError(f"malformed learnt state: {exc!r}") from exc
-        self.budget = budget
+        self.budget, self.detector = budget, detector
 
     def decide(self, snapshot: ClusterSnapshot, now_s: float) -> Plan:
         reading = self.detector.update(

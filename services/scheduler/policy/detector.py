@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 class DetectorError(ValueError):
@@ -73,6 +75,28 @@ class WorkloadDetector:
         self.levels = levels
         self._window: deque[tuple[float, int, int]] = deque()
         self._recent: deque[tuple[float, int, int]] = deque()
+        self._rebase: tuple[list[tuple[float, int, int]], list[tuple[float, int, int]]] | None = None
+
+    def learnt(self, now_s: float) -> dict[str, Any]:
+        """The windows' samples as [age s, inflow, outflow], the counters taken from the last sample's (zero or
+        less): a successor's counters start from its own first snapshot, so only differences carry over."""
+        last = self._window[-1] if self._window else (now_s, 0, 0)
+        return {name: [[now_s - at_s, inflow - last[1], outflow - last[2]] for at_s, inflow, outflow in samples]
+                for name, samples in (("window", self._window), ("recent", self._recent))}
+
+    def relearn(self, state: Mapping[str, Any], at_s: float) -> None:
+        """Take back ``learnt``'s samples as of ``at_s``; the first ``update`` puts them under its counters. All of
+        it or nothing (ValueError, TypeError or KeyError)."""
+        def samples(rows: Any) -> list[tuple[float, int, int]]:
+            taken = [(at_s - float(age_s), int(inflow), int(outflow)) for age_s, inflow, outflow in rows]
+            ages = [float(row[0]) for row in rows]
+            if any(not math.isfinite(a) or a < 0 for a in ages) or ages != sorted(ages, reverse=True):
+                raise ValueError(f"detector samples must have finite ages, oldest first: {ages[:5]}")
+            if any(inflow > 0 or outflow > 0 for _, inflow, outflow in taken):
+                raise ValueError("detector counters must be taken from the last sample's")
+            return taken
+
+        self._rebase = (samples(state["window"]), samples(state["recent"]))
 
     def _rates(
         self, samples: deque[tuple[float, int, int]], horizon_s: float, now_s: float, inflow_total: int,
@@ -91,6 +115,10 @@ class WorkloadDetector:
 
     def update(self, now_s: float, active: int, inflow_total: int, outflow_total: int) -> WorkloadReading:
         """Record the counters at ``now_s`` (monotonic totals of arrivals+activations, and of deactivations)."""
+        if self._rebase is not None:  # what a predecessor saw, under this process's counters
+            (window, recent), self._rebase = self._rebase, None
+            self._window = deque((t, inflow_total + i, outflow_total + o) for t, i, o in window if t < now_s)
+            self._recent = deque((t, inflow_total + i, outflow_total + o) for t, i, o in recent if t < now_s)
         inflow, outflow = self._rates(self._window, self.window_s, now_s, inflow_total, outflow_total)
         recent_inflow, _ = self._rates(self._recent, self.recent_s, now_s, inflow_total, outflow_total)
         expected = inflow * self.recent_s
