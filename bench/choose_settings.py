@@ -98,14 +98,14 @@ def code_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def recorded(record: Path, wanted: list[Case], code: str) -> dict[Case, dict[str, float]]:
-    """The figures of ``wanted`` cases that a recorded run of the same ``code`` holds (all of them: a record from
-    before a figure was added does not count)."""
+def recorded(record: Path, wanted: list[Case], code: str | None) -> dict[Case, dict[str, float]]:
+    """The figures of ``wanted`` cases that a recorded run holds (all of them: a record from before a figure was
+    added does not count), when it ran ``code`` (None: whatever code ran it)."""
     def key(fields: dict[str, object]) -> str:
         return json.dumps(fields, sort_keys=True)
 
     held_record = json.loads(record.read_text())
-    if held_record.get("code") != code:
+    if code is not None and held_record.get("code") != code:
         return {}
     rows = held_record["cases"]
     held = {key({k: v for k, v in row.items() if k not in FIGURES}): row for row in rows}
@@ -120,13 +120,16 @@ def main() -> int:
     parser.add_argument("--reuse", type=Path, help="a settings.json whose cases are taken instead of run again: "
                         "a day is deterministic, so after a change to the grid or the rule (not the code) only new "
                         "cases run")
+    parser.add_argument("--reuse-other-code", action="store_true", help="take --reuse's cases even when other code "
+                        "ran them: for a change that cannot move a figure (a docstring, code the simulator never "
+                        "calls), or to check the rule alone")
     args = parser.parse_args()
     console = Console(width=140)
     every_case = [(policy, setting, load, burst, seed) for policy, grid in CANDIDATES.items()
                   for setting in grid for load, burst in itertools.product(SEEDS, BURST_FACTORS)
                   for seed in SEEDS[load]]
     code = code_digest()
-    results = recorded(args.reuse, every_case, code) if args.reuse else {}
+    results = recorded(args.reuse, every_case, None if args.reuse_other_code else code) if args.reuse else {}
     if args.reuse and not results:
         console.print(f"{args.reuse} holds no case of this code ({code}): every case runs")
     cases = sorted((c for c in every_case if c not in results), key=lambda c: -c[2])  # the longest first

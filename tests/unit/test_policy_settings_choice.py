@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from services.scheduler.policy.registry import CHOSEN
@@ -34,11 +35,11 @@ def test_the_registry_carries_the_recorded_choice_and_the_choice_follows_the_rul
 
 def test_the_choice_is_reproduced_from_the_recorded_cases_without_running_one(tmp_path: Path) -> None:
     """--reuse takes every case from the record, so the script runs none (a rerun would take minutes, past the
-    timeout) and applies the same rule to the same figures."""
+    timeout) and applies the same rule to the same figures; whatever code made them, since this checks the rule."""
     out = tmp_path / "settings.json"
     script = subprocess.Popen([sys.executable, str(REPO / "bench" / "choose_settings.py"), "--reuse", str(RECORD),
-                               "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              start_new_session=True)  # its own group, so a timeout kills its pool's workers too
+                               "--reuse-other-code", "--out", str(out)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, start_new_session=True)  # its own group: a kill takes its pool
     try:
         _, err = script.communicate(timeout=120)
     except subprocess.TimeoutExpired:
@@ -49,3 +50,21 @@ def test_the_choice_is_reproduced_from_the_recorded_cases_without_running_one(tm
     again, record = json.loads(out.read_text()), json.loads(RECORD.read_text())
     assert again["chosen"] == record["chosen"]
     assert again["candidates"] == record["candidates"] and again["cases"] == record["cases"]
+
+
+
+def test_a_record_made_by_other_code_is_not_reused(tmp_path: Path) -> None:
+    """A policy fix moves the figures a record holds: without --reuse-other-code the script takes none of them
+    (it says so, then would run every case; it is stopped there)."""
+    stale = tmp_path / "stale.json"
+    stale.write_text(json.dumps({**json.loads(RECORD.read_text()), "code": "other-code"}))
+    script = subprocess.Popen([sys.executable, str(REPO / "bench" / "choose_settings.py"), "--reuse", str(stale),
+                               "--out", str(tmp_path / "out.json")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    first: list[str] = []
+    reader = threading.Thread(target=lambda: first.append(script.stdout.readline() if script.stdout else ""))
+    reader.start()
+    reader.join(timeout=60)
+    os.killpg(script.pid, signal.SIGKILL)
+    script.wait()
+    assert first and "holds no case of this code" in first[0], first
