@@ -24,6 +24,7 @@ from sqlalchemy.engine import make_url
 
 from services.common.config import normalize_database_url
 from services.common.errors import Unavailable
+from services.common.telemetry.metrics import LEADING
 
 log = logging.getLogger("turboserve.scheduler.leadership")
 
@@ -88,6 +89,7 @@ class Leadership:
             try:
                 if await self._try_lock():
                     log.info("event=leading")
+                    LEADING.set(1)
                     return True
                 if not said:
                     log.info("event=standing_by reason='another scheduler leads; polling every %g s'", self._poll_s)
@@ -115,9 +117,12 @@ class Leadership:
         except _UNREACHABLE as exc:
             raise Unavailable(f"cannot confirm the lead: PostgreSQL does not answer ({exc})") from exc
         self.lost.set()
+        LEADING.set(0)
         log.error("event=leadership_lost reason='another scheduler took the lead while this one's connection was down'")
         raise LeadershipLost("another scheduler took the lead while this one's connection to PostgreSQL was down")
 
     async def close(self) -> None:
         """Give the lead up (closing the connection releases the lock)."""
+        if self._holds:
+            LEADING.set(0)
         await self._drop()

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from prometheus_client import REGISTRY
 from sqlalchemy.engine import make_url
 
 from services.common.config import normalize_database_url
@@ -54,10 +55,12 @@ async def test_a_standby_takes_the_lead_as_soon_as_the_leader_gives_it_up(schedu
     async with claims(scheduler_database_url, 2) as (first, second):
         stop = asyncio.Event()
         assert await first.acquire(stop)
+        assert REGISTRY.get_sample_value("turboserve_scheduler_leading") == 1
         standby = asyncio.create_task(second.acquire(stop))
         await asyncio.sleep(10 * POLL_S)
         assert not standby.done()  # one decider
         await first.close()
+        assert REGISTRY.get_sample_value("turboserve_scheduler_leading") == 0
         assert await asyncio.wait_for(standby, timeout=5.0)
         await second.confirm()
         stop.set()

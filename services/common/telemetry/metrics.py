@@ -45,6 +45,7 @@ SESSIONS = Gauge(
     ["worker", "state"],
 )
 WORKERS = Gauge("turboserve_workers", "Workers the scheduler considers live.")
+LEADING = Gauge("turboserve_scheduler_leading", "1 on the scheduler that decides, 0 on one standing by.")
 MIGRATIONS = Counter("turboserve_migrations", "Session migrations reported to the scheduler, by outcome.", ["outcome"])
 MIGRATION_PAUSE = Histogram(
     "turboserve_migration_pause_seconds", "How long a migrated session was paused (stop-and-copy).",
