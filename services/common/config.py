@@ -76,3 +76,8 @@ def normalize_database_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix) :]
     raise ConfigError(f"DATABASE_URL={url!r} is not a PostgreSQL URL")
+
+
+def libpq_url(url: str) -> str:
+    """The same database as a URL psycopg connects to by itself: libpq knows no SQLAlchemy driver name."""
+    return "postgresql://" + normalize_database_url(url).removeprefix("postgresql+psycopg://")

@@ -340,6 +340,7 @@ class ControlLoop:
         may have parked them) and after each removal. While the provisioner cannot answer it is asked again at
         every decision; meanwhile a worker this process removed is out for its retire grace, and one parked
         before this process began is in the pool."""
+        self._parked_known = False
         try:
             parked = await self._provisioner.parked()
         except TurboServeError as exc:
@@ -503,7 +504,6 @@ class ControlLoop:
         record_scale_event("in")
         self.view.forget_worker(worker_id)
         self.view.retired[worker_id] = now_s + self._retire_grace_s
-        self._parked_known = False
         await self._keep_parked_out()
         log.info("decision=remove_gpu worker=%s reason=%r", worker_id, action.reason)
         record_decision("remove_gpu", action.reason, worker=worker_id)

@@ -20,9 +20,8 @@ import logging
 import math
 
 import psycopg
-from sqlalchemy.engine import make_url
 
-from services.common.config import normalize_database_url
+from services.common.config import libpq_url
 from services.common.errors import Unavailable
 from services.common.telemetry.metrics import LEADING
 
@@ -46,8 +45,7 @@ class Leadership:
     """The scheduler's claim to be the one decider (the module says how it is kept)."""
 
     def __init__(self, database_url: str, *, poll_s: float = 1.0, timeout_s: float = 5.0) -> None:
-        url = make_url(normalize_database_url(database_url)).set(drivername="postgresql")
-        self._conninfo = url.render_as_string(hide_password=False)
+        self._conninfo = libpq_url(database_url)
         self._poll_s = poll_s
         self._timeout_s = timeout_s
         self._connection: psycopg.AsyncConnection[tuple[object, ...]] | None = None
@@ -107,7 +105,7 @@ class Leadership:
         if self.lost.is_set():
             raise LeadershipLost("this scheduler was deposed")
         try:
-            if self._holds and self._connection is not None:
+            if self._holds:
                 with contextlib.suppress(*_UNREACHABLE):
                     await self._query("SELECT 1")
                     return

@@ -15,9 +15,8 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from prometheus_client import REGISTRY
-from sqlalchemy.engine import make_url
 
-from services.common.config import normalize_database_url
+from services.common.config import libpq_url
 from services.common.errors import Unavailable
 from services.scheduler.leadership import Leadership, LeadershipLost
 from services.scheduler.runner import run_scheduler
@@ -33,8 +32,7 @@ POLL_S = 0.05
 
 def terminate_the_leaders_connection(database_url: str) -> int:
     """What PostgreSQL does to a holder whose host vanished, or what a restart does: its backend ends."""
-    conninfo = make_url(normalize_database_url(database_url)).set(drivername="postgresql")
-    with psycopg.connect(conninfo.render_as_string(hide_password=False), autocommit=True) as bystander:
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as bystander:
         rows = bystander.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
             "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())").fetchall()

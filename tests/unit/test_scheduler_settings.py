@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.config import ConfigError
+from services.common.config import ConfigError, libpq_url
 from services.scheduler.settings import SchedulerSettings
 
 
@@ -74,3 +74,10 @@ def test_billing_is_to_the_instant_unless_set_and_reaches_ours(monkeypatch: pyte
     monkeypatch.setenv("TURBOSERVE_BILLING_INCREMENT_S", "-1")
     with pytest.raises(ConfigError, match="TURBOSERVE_BILLING_INCREMENT_S"):
         ControlSettings.from_env()
+
+
+def test_the_leaders_lock_connects_by_the_same_url_without_sqlalchemys_driver_name() -> None:
+    assert libpq_url("postgresql+psycopg://u@db:5432/ts") == "postgresql://u@db:5432/ts"
+    assert libpq_url("postgres://u@/ts?host=/tmp/pg") == "postgresql://u@/ts?host=/tmp/pg"
+    with pytest.raises(ConfigError, match="not a PostgreSQL URL"):
+        libpq_url("mysql://u@db/ts")
