@@ -6,14 +6,12 @@ refusal becomes ``PeerRefused`` carrying the peer's own error code, which the cl
 
 from __future__ import annotations
 
-import asyncio
 from typing import TypeVar
 
 from nats.aio.client import Client as NatsClient
-from nats.errors import ConnectionClosedError, NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
+from nats.errors import ConnectionClosedError
 
-from services.common import subjects
+from services.common import requests, subjects
 from services.common.errors import TurboServeError, Unavailable
 from services.common.messages import Reply
 from services.common.telemetry.tracing import inject_current
@@ -30,34 +28,15 @@ class PeerRefused(TurboServeError):
         self.code = code or "internal"
 
 
-RESEND_FIRST_S = 0.05
-"""The first pause before a request nobody was subscribed to is sent again; it doubles up to RESEND_MOST_S."""
-RESEND_MOST_S = 0.5
-
-
 async def request(nats: NatsClient, subject: str, msg: Message, expect: type[M], *, timeout_s: float) -> M:
     """Send ``msg`` and return the answer as ``expect``; a Reply(ok=False) raises PeerRefused. The current
     trace context rides along in the headers (none when tracing is off).
 
-    A request to the scheduler that nobody was subscribed to (its standby taking over, its restart) was never
-    delivered, so it is sent again until ``timeout_s``: the client sees a short wait, not an error. A worker that
-    nobody serves is gone, and that is said at once."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    pause_s = RESEND_FIRST_S
-    while True:
-        left_s = deadline - asyncio.get_running_loop().time()
-        try:
-            answer = await nats.request(subject, encode(msg), timeout=max(left_s, 0.001), headers=inject_current())
-            break
-        except (TimeoutError, NatsTimeoutError):
-            raise Unavailable(f"{subject} did not answer {msg.TYPE} within {timeout_s} s") from None
-        except NoRespondersError:
-            if not subjects.served_by_scheduler(subject) or left_s <= pause_s:
-                raise Unavailable(f"nobody serves {subject}") from None
-        except ConnectionClosedError:
-            raise Unavailable("the gateway's NATS connection is closed") from None
-        await asyncio.sleep(pause_s)
-        pause_s = min(2 * pause_s, RESEND_MOST_S)
+    A request to the scheduler that nobody was subscribed to (its standby taking over, its restart) is sent again
+    until ``timeout_s`` (``services.common.requests``); a worker that nobody serves is gone, and that is said at
+    once."""
+    answer = await requests.request(nats, subject, encode(msg), timeout_s=timeout_s,
+                                    resend=subjects.served_by_scheduler(subject), headers=inject_current())
     reply = decode(answer.data)
     if isinstance(reply, Reply):
         if not reply.ok:

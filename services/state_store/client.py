@@ -14,10 +14,10 @@ import uuid
 from collections.abc import Sequence
 
 import msgpack
-import nats.errors
 from nats.aio.client import Client as NatsClient
 
-from services.common.errors import InvalidField, MalformedMessage, Unavailable, UnknownSession
+from services.common import requests
+from services.common.errors import InvalidField, MalformedMessage, UnknownSession
 from services.common.messages import Reply
 from services.common.snapshots import (
     MAX_HEAD_BYTES,
@@ -118,10 +118,10 @@ class SnapshotClient:
             raise _failure(answer)
 
     async def _call(self, subject: str, request: Message) -> Message:
-        try:
-            msg = await self._nc.request(subject, encode(request), timeout=self._request_timeout_s)
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-            raise Unavailable(f"state_store did not answer on {subject} within {self._request_timeout_s} s") from exc
+        """Every state_store request is idempotent, and the service may run as several replicas: one nobody was
+        subscribed to (between a replica's death and its restart) is sent again within the deadline."""
+        msg = await requests.request(self._nc, subject, encode(request), timeout_s=self._request_timeout_s,
+                                     resend=True)
         return decode(msg.data, max_bytes=MAX_HEAD_BYTES)
 
 

@@ -3,14 +3,16 @@
 
 Atomicity comes from POSIX rename: bytes are written to ``.partial`` and renamed once fsynced, a head is written to
 a temporary file, fsynced and renamed over the old one, so a reader opens either the old head or the new one. The
-file work is blocking and runs in a thread. One process (the state_store service) commits; clients on the same
-host or a shared volume stage and read directly.
+file work is blocking and runs in a thread. One process (the state_store service, one replica: a head's compare
+and rename is not atomic across processes) commits; clients on the same host or a shared volume stage and read
+directly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import os
 import shutil
 import uuid
@@ -22,7 +24,7 @@ import msgpack
 from services.common.snapshots import MAX_HEAD_BYTES, SnapshotHead, StoreLocation, check_id
 from services.common.wire import decode, encode
 from services.state_store.errors import SessionClosed, SnapshotCorrupt, SnapshotGone, SnapshotIncomplete
-from services.state_store.protocol import BlobRef, Buffer, StagedBlob, byte_view, split, supersedes
+from services.state_store.protocol import BlobRef, Buffer, StagedBlob, byte_view, check_fresh, split, supersedes
 
 _BLOB = ".blob"
 _PARTIAL = ".partial"
@@ -43,8 +45,8 @@ class DirectorySnapshotStore:
     async def stage(self, session_id: str, snapshot_id: str, buffers: Sequence[Buffer]) -> StagedBlob:
         return await asyncio.to_thread(self._stage, check_id("session_id", session_id), snapshot_id, buffers)
 
-    async def commit(self, head: SnapshotHead) -> bool:
-        return await asyncio.to_thread(self._commit, head)
+    async def commit(self, head: SnapshotHead, *, staged_after_s: float = -math.inf) -> bool:
+        return await asyncio.to_thread(self._commit, head, staged_after_s)
 
     async def head(self, session_id: str) -> SnapshotHead | None:
         return await asyncio.to_thread(self._head, check_id("session_id", session_id))
@@ -95,16 +97,19 @@ class DirectorySnapshotStore:
         os.replace(partial, final)
         return StagedBlob(total_bytes=total, digest=f"sha256:{digest.hexdigest()}")
 
-    def _commit(self, head: SnapshotHead) -> bool:
+    def _commit(self, head: SnapshotHead, staged_after_s: float) -> bool:
         blob = self._blob(head.session_id, head.snapshot_id)
         if (self._root / "closed" / f"{head.session_id}.closed").exists():
             raise SessionClosed(f"session {head.session_id} is closed; snapshot {head.snapshot_id} refused")
         try:
-            size = blob.stat().st_size
+            stat = blob.stat()
         except FileNotFoundError:
             raise SnapshotIncomplete(f"snapshot {head.snapshot_id} of {head.session_id} was never staged") from None
-        if size != head.total_bytes:
-            raise SnapshotIncomplete(f"snapshot {head.snapshot_id} has {size} bytes, the head says {head.total_bytes}")
+        if stat.st_size != head.total_bytes:
+            raise SnapshotIncomplete(
+                f"snapshot {head.snapshot_id} has {stat.st_size} bytes, the head says {head.total_bytes}"
+            )
+        check_fresh(head, stat.st_mtime, staged_after_s)
         current = self._head(head.session_id)
         if not supersedes(current, head):
             return False

@@ -20,6 +20,16 @@ from services.state_store.protocol import BlobRef, SnapshotStore
 
 log = logging.getLogger("turboserve.state_store.expiry")
 
+COMMIT_WITHIN = 0.5
+"""A commit must name bytes staged within this share of the staging timeout (``SnapshotStore.commit``'s
+``staged_after_s``). The rest of the timeout is a margin no commit crosses, so a commit and an orphan sweep never
+meet over the same bytes, even in two replicas whose session locks do not see each other."""
+
+
+def commit_cutoff_s(now_s: float, staging_timeout_s: float) -> float:
+    """The earliest staging time a commit at ``now_s`` accepts."""
+    return now_s - COMMIT_WITHIN * staging_timeout_s
+
 
 def due_for_expiry(closed_at_s: Mapping[str, float], now_s: float, retention_s: float) -> list[str]:
     """Sessions closed at least ``retention_s`` ago, oldest first."""

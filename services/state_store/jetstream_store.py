@@ -3,12 +3,15 @@
 
 A commit is one KV write guarded by the head's last revision (compare-and-set), so even two service replicas
 cannot interleave a session's commits; readers resolve the head first, so they see the old snapshot or the new one.
+Removals (a superseded snapshot, an expired session, an orphan) are purges, which a second replica repeating them
+leaves as they are.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -16,7 +19,7 @@ from datetime import datetime
 import msgpack
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, ObjectStoreConfig
+from nats.js.api import KeyValueConfig, ObjectInfo, ObjectStoreConfig
 from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError, NotFoundError, ObjectNotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
@@ -32,7 +35,7 @@ from services.state_store.errors import (
     SnapshotIncomplete,
 )
 from services.state_store.jetstream_blobs import chunk_nuids, download, nuid_of, object_infos, purge, upload
-from services.state_store.protocol import BlobRef, Buffer, StagedBlob, split, supersedes
+from services.state_store.protocol import BlobRef, Buffer, StagedBlob, check_fresh, split, supersedes
 
 MAX_CHUNK_BYTES = 1 << 20
 
@@ -107,7 +110,7 @@ class JetStreamSnapshotStore:
         staging.add_done_callback(self._uploads.discard)
         return await asyncio.shield(staging)
 
-    async def commit(self, head: SnapshotHead) -> bool:
+    async def commit(self, head: SnapshotHead, *, staged_after_s: float = -math.inf) -> bool:
         if await _entry(self._closed, head.session_id) is not None:
             raise SessionClosed(f"session {head.session_id} is closed; snapshot {head.snapshot_id} refused")
         try:
@@ -118,6 +121,7 @@ class JetStreamSnapshotStore:
             raise SnapshotIncomplete(
                 f"snapshot {head.snapshot_id} has {info.size} bytes, the head says {head.total_bytes}"
             )
+        check_fresh(head, _written_at_s(info), staged_after_s)
         entry = await _entry(self._heads, head.session_id)
         current = _decode_head(entry.value) if entry is not None else None
         if not supersedes(current, head):
@@ -189,7 +193,7 @@ class JetStreamSnapshotStore:
         for info in infos:
             session_id, _, snapshot_id = (info.name or "").partition("/")
             with_meta.add(info.nuid)
-            written_at_s = datetime.fromisoformat(info.mtime).timestamp() if info.mtime else time.time()
+            written_at_s = _written_at_s(info)
             if is_valid_id(session_id) and is_valid_id(snapshot_id):
                 found.append(BlobRef(session_id, snapshot_id, written_at_s))
         now_s = time.time()
@@ -200,6 +204,11 @@ class JetStreamSnapshotStore:
             if is_valid_id(session_id) and is_valid_id(snapshot_id):
                 found.append(BlobRef(session_id, snapshot_id, seen_at_s))
         return found
+
+
+def _written_at_s(info: ObjectInfo) -> float:
+    """When the writer finished staging (it stamps the meta's mtime); an object without one counts as new."""
+    return datetime.fromisoformat(info.mtime).timestamp() if info.mtime else time.time()
 
 
 def _heads_bucket(bucket: str) -> str:

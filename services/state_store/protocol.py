@@ -9,13 +9,14 @@ Invariants every implementation keeps:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from services.common.snapshots import SnapshotHead, StoreLocation
-from services.state_store.errors import StaleSnapshot
+from services.state_store.errors import SnapshotIncomplete, StaleSnapshot
 
 Buffer = bytes | bytearray | memoryview
 
@@ -59,7 +60,10 @@ class BlobRef:
 
 class SnapshotStore(Protocol):
     """Durable session snapshots. Writes of one session must be serialised by the caller (the state_store service
-    holds a lock per session); the JetStream store additionally fences commits with a compare-and-set."""
+    holds a lock per session). The JetStream store is also safe under several service replicas, whose locks do not
+    see each other: commits are a compare-and-set on the head, every removal is idempotent, and a commit refuses
+    bytes old enough for a sweep to be removing them (``staged_after_s``). The directory store is not: run it
+    as one replica."""
 
     @property
     def location(self) -> StoreLocation:
@@ -70,11 +74,13 @@ class SnapshotStore(Protocol):
         """Write the buffers back to back under a fresh ``snapshot_id``; invisible to readers until committed."""
         ...
 
-    async def commit(self, head: SnapshotHead) -> bool:
+    async def commit(self, head: SnapshotHead, *, staged_after_s: float = -math.inf) -> bool:
         """Make ``head`` the session's latest snapshot atomically and remove the bytes of the one it replaces.
 
         Returns False when this exact head is already committed (a retried request). Raises StaleSnapshot when
-        it is not newer, SessionClosed after ``mark_closed``, SnapshotIncomplete when its bytes are not staged.
+        it is not newer, SessionClosed after ``mark_closed``, SnapshotIncomplete when its bytes are not staged or
+        were written before ``staged_after_s`` (wall clock; the service sets it well inside the staging timeout,
+        so no commit can name bytes that a sweep, in this replica or another, is removing as orphaned).
         """
         ...
 
@@ -120,6 +126,15 @@ def supersedes(current: SnapshotHead | None, new: SnapshotHead) -> bool:
         f"session {new.session_id}: snapshot at epoch={new.epoch} chunk_seq={new.chunk_seq} is not newer than the "
         f"committed one at epoch={current.epoch} chunk_seq={current.chunk_seq}"
     )
+
+
+def check_fresh(head: SnapshotHead, written_at_s: float, staged_after_s: float) -> None:
+    """Raise SnapshotIncomplete when ``head``'s bytes were written before ``staged_after_s``."""
+    if written_at_s < staged_after_s:
+        raise SnapshotIncomplete(
+            f"snapshot {head.snapshot_id} of {head.session_id} was staged {staged_after_s - written_at_s:.0f} s "
+            "too long ago to commit: a sweep may be removing its bytes; stage it again"
+        )
 
 
 def new_head(

@@ -1,9 +1,15 @@
-"""The state_store service: the single committer of snapshot heads, answering small request-reply messages.
+"""The state_store service: the committer of snapshot heads, answering small request-reply messages.
 
 Snapshot bytes never pass through it: writers stage them straight into the store (JetStream chunks them; a GB state
 never becomes one NATS message) and then ask the service to commit a head; readers get the head here and fetch the
-bytes themselves. Keeping every commit, delete, close and sweep of a session behind one per-session lock in one
-place is what makes "newer wins, only the latest is kept, closed sessions expire" hold without readers locking.
+bytes themselves. Every commit, delete, close and sweep of a session runs behind that session's lock, which is what
+makes "newer wins, only the latest is kept, closed sessions expire" hold without readers locking.
+
+Several replicas may serve one store in a queue group, so losing one loses only the requests it had in flight
+(and clients resend one that nobody received). Their locks do not see each other; the JetStream store keeps the
+rules on its own (``protocol.SnapshotStore``). Left open across replicas: a commit that read the closed mark just
+before another replica wrote it still lands, and its snapshot expires with the session (with a retention of 0, an
+expiry can pass under it and leave that head behind).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from services.common.snapshots import (
     SnapshotQuery,
 )
 from services.common.wire import Message
-from services.state_store.expiry import KeyedLocks, Sweeper
+from services.state_store.expiry import KeyedLocks, Sweeper, commit_cutoff_s
 from services.state_store.protocol import SnapshotStore
 from services.state_store.settings import StateStoreSettings, open_store
 
@@ -40,17 +46,21 @@ log = logging.getLogger("turboserve.state_store")
 class StateStoreHandlers:
     """The actions behind each subject; every write of a session runs under that session's lock."""
 
-    def __init__(self, store: SnapshotStore, locks: KeyedLocks, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, store: SnapshotStore, locks: KeyedLocks, clock: Callable[[], float], *, staging_timeout_s: float
+    ) -> None:
         self._store = store
         self._locks = locks
         self._clock = clock
+        self._staging_timeout_s = staging_timeout_s
 
     async def describe(self, _: DescribeStore) -> Message:
         return self._store.location
 
     async def commit(self, head: SnapshotHead) -> Message:
         async with self._locks.hold(head.session_id):
-            committed = await self._store.commit(head)
+            cutoff_s = commit_cutoff_s(self._clock(), self._staging_timeout_s)
+            committed = await self._store.commit(head, staged_after_s=cutoff_s)
         log.info(
             "event=snapshot_committed session_id=%s epoch=%d chunk_seq=%d bytes=%d new=%s",
             head.session_id,
@@ -90,7 +100,7 @@ async def run_state_store(
     """Serve until ``stop`` is set: open (or create) the store, add the endpoints, sweep in the background."""
     store = await open_store(settings.location, nats_client, create=True, replicas=settings.replicas)
     locks = KeyedLocks()
-    handlers = StateStoreHandlers(store, locks, clock)
+    handlers = StateStoreHandlers(store, locks, clock, staging_timeout_s=settings.staging_timeout_s)
     sweeper = Sweeper(
         store, locks, retention_s=settings.retention_s, staging_timeout_s=settings.staging_timeout_s, clock=clock
     )

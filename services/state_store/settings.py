@@ -35,7 +35,8 @@ class StateStoreSettings:
     """TURBOSERVE_SNAPSHOT_SWEEP_INTERVAL_S: period of the expiry and orphan sweep, in [0.05, 1 hour]."""
     staging_timeout_s: float
     """TURBOSERVE_SNAPSHOT_STAGING_TIMEOUT_S: staged bytes no head names after this long are a dead writer's
-    leftovers and are removed, in [10 s, 1 day]; must exceed the longest upload."""
+    leftovers and are removed, in [10 s, 1 day]; must exceed the longest upload. A commit must come within half of
+    it after its upload (``expiry.COMMIT_WITHIN``)."""
     replicas: int = 1
     """TURBOSERVE_SNAPSHOT_REPLICAS: JetStream copies of every snapshot bucket, in [1, 5]; 3 on a 3-node NATS
     cluster, so losing a node loses no snapshot. Applies when the buckets are created."""

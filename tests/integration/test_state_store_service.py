@@ -6,23 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
 import nats
+import nats.errors
 import pytest
 import torch
 from nats.aio.client import Client as NatsClient
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE
 
 from services.common.errors import Unavailable
-from services.common.snapshots import SnapshotHead
+from services.common.messages import Reply
+from services.common.snapshots import STATE_COMMIT, SnapshotHead
+from services.common.wire import decode, encode
 from services.state_store.client import SnapshotClient
-from services.state_store.errors import SessionClosed, SnapshotGone, StaleSnapshot
+from services.state_store.errors import CommitConflict, SessionClosed, SnapshotGone, SnapshotIncomplete, StaleSnapshot
 from services.state_store.expiry import KeyedLocks, Sweeper
 from services.state_store.jetstream_blobs import chunk_nuids, nuid_of
 from services.state_store.jetstream_store import JetStreamSnapshotStore
@@ -263,3 +268,98 @@ async def test_sweeping_again_and_again_leaves_no_consumer_behind(nc: NatsClient
         assert await store.closed_sessions() == {"s1": 10.0}
         assert [blob.snapshot_id for blob in await store.blobs()] == ["kept"]
     assert await consumers() == before
+
+
+@contextlib.asynccontextmanager
+async def replica(settings: StateStoreSettings, nats_url: str, clock: Callable[[], float] = time.time,
+                  ) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """One more state_store process on its own connection; yields ``kill``: its connection goes without a goodbye
+    (the server drops its subscriptions, as for a killed process) and its task is cancelled."""
+    connection = await nats.connect(nats_url, allow_reconnect=False)
+    task = asyncio.create_task(run_state_store(settings, connection, asyncio.Event(), clock=clock))
+
+    async def kill() -> None:
+        task.cancel()
+        await connection.close()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+    try:
+        yield kill
+    finally:
+        await kill()
+
+
+async def requests_served(nc: NatsClient) -> list[int]:
+    """The commits each running state_store replica has answered, from the micro services' own stats."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish("$SRV.STATS.turboserve_state_store", b"", reply=inbox)
+    counts = []
+    with contextlib.suppress(nats.errors.TimeoutError):
+        while True:
+            stats = json.loads((await sub.next_msg(timeout=0.5)).data)
+            counts += [e["num_requests"] for e in stats["endpoints"] if e["name"] == "commit"]
+    await sub.unsubscribe()
+    return counts
+
+
+async def test_two_replicas_commit_one_session_in_turn_and_either_may_die(
+    nc: NatsClient, nats_url: str, bucket: str,
+) -> None:
+    """Concurrent commits of one session, spread over two replicas whose session locks do not see each other,
+    still leave the newest acknowledged snapshot as the head and only its bytes; killing a replica loses nothing
+    after it, since the other answers in the same queue group."""
+    settings = settings_for(bucket)
+    client = SnapshotClient(nc, request_timeout_s=5.0)
+    async with replica(settings, nats_url), replica(settings, nats_url) as kill_second:
+        await wait_until(lambda: _answers(client), timeout_s=10.0)
+        store = await JetStreamSnapshotStore.open(nc, bucket, create=False)
+        seqs = random.Random(7).sample(range(1, 201), 60)
+        heads = []
+        for seq in seqs:  # all staged first, so the commits reach the replicas together
+            payload, snapshot_id = [seq.to_bytes(2, "big") * 999], uuid.uuid4().hex
+            staged = await store.stage("s1", snapshot_id, payload)
+            heads.append(new_head("s1", snapshot_id, 1, seq, {}, payload, staged))
+        answers = await asyncio.gather(*(nc.request(STATE_COMMIT, encode(head), timeout=10.0) for head in heads))
+        replies = [decode(answer.data) for answer in answers]
+        assert all(isinstance(reply, Reply) and (reply.ok or reply.code in (StaleSnapshot.code, CommitConflict.code))
+                   for reply in replies), replies
+        acknowledged = []
+        for head, reply in zip(heads, replies, strict=True):
+            if isinstance(reply, Reply) and reply.ok:
+                acknowledged.append(head.chunk_seq)
+            else:  # as the client does: nothing will ever name these bytes
+                await store.discard("s1", head.snapshot_id)
+        served = await requests_served(nc)
+        assert len(served) == 2 and min(served) > 0, f"both replicas answered commits: {served}"
+        snap = await client.get_latest("s1")
+        assert snap is not None and snap.chunk_seq == max(acknowledged)
+        assert bytes(snap.buffers[0]) == max(acknowledged).to_bytes(2, "big") * 999
+        head = await store.head("s1")
+        assert head is not None and [blob.snapshot_id for blob in await store.blobs()] == [head.snapshot_id]
+
+        await kill_second()
+        for seq in range(201, 221):  # every request now lands on the survivor, none is lost to the dead one
+            await client.put("s1", 1, seq, {}, [b"after"])
+            latest = await client.get_latest("s1")
+            assert latest is not None and latest.chunk_seq == seq
+        assert len(await requests_served(nc)) == 1
+
+
+async def test_a_commit_long_after_its_staging_is_refused_so_no_sweep_can_remove_its_bytes(
+    nc: NatsClient, bucket: str,
+) -> None:
+    """Half the staging timeout after its bytes were staged a commit is refused: past that, a sweep in another
+    replica (whose session lock this commit does not take) may be removing them as orphans."""
+    clock = FakeClock()
+    async with serving(settings_for(bucket, staging_timeout_s=600.0), nc, clock) as client:
+        await client.put("s1", 1, 1, {}, [b"in time"])
+        clock.now_s += 301.0  # the service's clock: bytes staged now count as 301 s old
+        with pytest.raises(SnapshotIncomplete, match="too long ago"):
+            await client.put("s1", 1, 2, {}, [b"too late"])
+        store = await JetStreamSnapshotStore.open(nc, bucket, create=False)
+        snap = await client.get_latest("s1")
+        assert snap is not None and snap.chunk_seq == 1
+        head = await store.head("s1")
+        assert head is not None and [blob.snapshot_id for blob in await store.blobs()] == [head.snapshot_id]

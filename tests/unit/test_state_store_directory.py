@@ -4,6 +4,7 @@ only the latest kept, closed sessions refuse writes, damage is detected."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,16 @@ async def test_a_head_naming_bytes_never_staged_or_of_the_wrong_size_is_refused(
         await store.commit(new_head("s1", "ghost", 1, 1, {}, [b"1234"], staged))
     with pytest.raises(SnapshotIncomplete, match="4 bytes"):
         await store.commit(new_head("s1", "a", 1, 1, {}, [b"12345"], staged))
+
+
+async def test_a_head_naming_bytes_staged_before_the_cutoff_is_refused(tmp_path: Path) -> None:
+    store = DirectorySnapshotStore(tmp_path)
+    staged = await store.stage("s1", "a", [b"1234"])
+    head = new_head("s1", "a", 1, 1, {}, [b"1234"], staged)
+    with pytest.raises(SnapshotIncomplete, match="too long ago"):
+        await store.commit(head, staged_after_s=time.time() + 60.0)
+    assert await store.head("s1") is None
+    assert await store.commit(head, staged_after_s=time.time() - 60.0) is True
 
 
 async def test_a_closed_session_refuses_new_snapshots_until_deleted(tmp_path: Path) -> None:
