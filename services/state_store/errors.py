@@ -40,7 +40,8 @@ class SessionClosed(InvalidState):
 
 
 class SnapshotIncomplete(ProtocolError):
-    """A commit names bytes that are missing or not the announced size (staging failed or was swept)."""
+    """A commit names bytes that are missing, not the announced size (staging failed or was swept), or staged so
+    long before the commit that a sweep may be removing them."""
 
     code = "snapshot_incomplete"
 
