@@ -282,7 +282,8 @@ async def replica(settings: StateStoreSettings, nats_url: str, clock: Callable[[
         task.cancel()
         await connection.close()
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+            async with asyncio.timeout(10.0):  # a shutdown stuck on the closed connection fails, never hangs
+                await task
 
     try:
         yield kill
@@ -363,3 +364,18 @@ async def test_a_commit_long_after_its_staging_is_refused_so_no_sweep_can_remove
         assert snap is not None and snap.chunk_seq == 1
         head = await store.head("s1")
         assert head is not None and [blob.snapshot_id for blob in await store.blobs()] == [head.snapshot_id]
+
+
+async def test_a_request_sent_while_no_replica_runs_is_answered_by_one_that_starts_within_its_deadline(
+    nc: NatsClient, nats_url: str, bucket: str,
+) -> None:
+    """Between a replica's death and its restart nobody is subscribed; the client sends again instead of failing."""
+    client = SnapshotClient(nc, request_timeout_s=5.0)
+    asking = asyncio.create_task(client.get_latest("s1"))
+    await asyncio.sleep(0.3)  # the request has found nobody, at least once
+    assert not asking.done()
+    async with replica(settings_for(bucket), nats_url):
+        async with asyncio.timeout(5.0):
+            assert await asking is None
+    with pytest.raises(Unavailable, match="nobody serves"):
+        await SnapshotClient(nc, request_timeout_s=0.3).get_latest("s1")
