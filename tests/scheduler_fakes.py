@@ -94,14 +94,14 @@ class FakeStatefulSetApi:
         self.version = 1
         self.patches: list[int] = []
 
-    def read_namespaced_stateful_set(self, name: str, namespace: str, *, _request_timeout: Any) -> Any:
-        assert (name, namespace) == self.where and _request_timeout  # a call without a deadline could hang
+    def read_namespaced_stateful_set(self, name: str, namespace: str, **options: Any) -> Any:
+        assert (name, namespace) == self.where and options["_request_timeout"]  # a call without one could hang
         return SimpleNamespace(metadata=SimpleNamespace(annotations=dict(self.annotations) or None,
                                                         resource_version=str(self.version)),
                                spec=SimpleNamespace(replicas=self.replicas))
 
-    def patch_namespaced_stateful_set(self, name: str, namespace: str, body: Any, *, _request_timeout: Any) -> Any:
-        assert (name, namespace) == self.where and _request_timeout
+    def patch_namespaced_stateful_set(self, name: str, namespace: str, body: Any, **options: Any) -> Any:
+        assert (name, namespace) == self.where and options["_request_timeout"]
         metadata = body.get("metadata", {})
         if metadata.get("resourceVersion", str(self.version)) != str(self.version):
             raise RuntimeError("(409) Conflict: the object has been modified")

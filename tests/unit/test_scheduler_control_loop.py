@@ -560,9 +560,14 @@ class Script:
         return Plan(self.plans.pop(0) if self.plans else (), "stable", 0.0, len(snapshot.gpus))
 
 
-def on_statefulset(store: MemoryStore, clock: Clock, api: FakeStatefulSetApi) -> Decider:
-    return make_decider(store, clock, max_gpus=4,
-                        provisioner=KubernetesProvisioner(api, namespace="ts", statefulset=POD))
+def on_statefulset(store: MemoryStore, clock: Clock, api: FakeStatefulSetApi, monkeypatch: pytest.MonkeyPatch,
+                   *plans: tuple[Action, ...]) -> tuple[Decider, Script]:
+    """A decider acting through the Kubernetes provisioner on ``api``, whose controller plays ``plans``."""
+    decider = make_decider(store, clock, max_gpus=4,
+                           provisioner=KubernetesProvisioner(api, namespace="ts", statefulset=POD))
+    script = Script(*plans)
+    monkeypatch.setattr(decider.loop.controller, "decide", script)
+    return decider, script
 
 
 async def beat_all(store: MemoryStore, loop: ControlLoop, *ordinals: int) -> None:
@@ -575,8 +580,7 @@ async def test_a_pod_parked_below_the_top_stays_out_of_the_pool_past_its_grace_a
 ) -> None:
     clock = Clock()
     api = FakeStatefulSetApi(3)
-    crashed = on_statefulset(store, clock, api)
-    monkeypatch.setattr(crashed.loop.controller, "decide", Script((RemoveGpu(f"{POD}-1", "scale in"),)))
+    crashed, _ = on_statefulset(store, clock, api, monkeypatch, (RemoveGpu(f"{POD}-1", "scale in"),))
     await beat_all(store, crashed.loop, 0, 1, 2)
     await crashed.loop.step("period")
     assert api.replicas == 3 and crashed.loop.view.retired == {f"{POD}-1": math.inf}  # parked: 2 still serves
@@ -585,8 +589,8 @@ async def test_a_pod_parked_below_the_top_stays_out_of_the_pool_past_its_grace_a
     await crashed.loop.step("period")
     assert sorted(crashed.loop.snapshot.gpus) == [f"{POD}-0", f"{POD}-2"]
 
-    successor = on_statefulset(store, clock, api)  # the scheduler restarts: nothing of the first is in memory
-    monkeypatch.setattr(successor.loop.controller, "decide", Script((), (AddGpus("cpu", 1, "load rose"),)))
+    # the scheduler restarts: nothing of the first is in memory
+    successor, _ = on_statefulset(store, clock, api, monkeypatch, (), (AddGpus("cpu", 1, "load rose"),))
     await beat_all(store, successor.loop, 0, 1, 2)
     await successor.loop.step("period")
     assert sorted(successor.loop.snapshot.gpus) == [f"{POD}-0", f"{POD}-2"]
@@ -605,9 +609,7 @@ async def test_a_top_ordinal_removed_and_asked_for_again_joins_the_pool_when_it_
 ) -> None:
     clock = Clock()
     api = FakeStatefulSetApi(2)
-    decider = on_statefulset(store, clock, api)
-    script = Script((RemoveGpu(f"{POD}-1", "scale in"),))
-    monkeypatch.setattr(decider.loop.controller, "decide", script)
+    decider, script = on_statefulset(store, clock, api, monkeypatch, (RemoveGpu(f"{POD}-1", "scale in"),))
     await beat_all(store, decider.loop, 0, 1)
     await decider.loop.step("period")
     assert api.replicas == 1
