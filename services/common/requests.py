@@ -34,6 +34,8 @@ async def request(
     pause_s = RESEND_FIRST_S
     while True:
         left_s = deadline - loop.time()
+        if pause_s > RESEND_FIRST_S and left_s < RESEND_FIRST_S:  # resent, and woke too late for one more fair try
+            raise Unavailable(f"nobody serves {subject}")
         try:
             return await nats.request(subject, payload, timeout=max(left_s, 0.001), headers=headers)
         except (TimeoutError, NatsTimeoutError):

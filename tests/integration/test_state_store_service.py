@@ -377,5 +377,5 @@ async def test_a_request_sent_while_no_replica_runs_is_answered_by_one_that_star
     async with replica(settings_for(bucket), nats_url):
         async with asyncio.timeout(5.0):
             assert await asking is None
-    with pytest.raises(Unavailable, match="nobody serves"):
+    with pytest.raises(Unavailable):
         await SnapshotClient(nc, request_timeout_s=0.3).get_latest("s1")
