@@ -52,11 +52,15 @@ class KeyedTasks:
 
     async def close(self, grace_s: float) -> None:
         """Let work in flight finish for up to ``grace_s``, then cancel what is left."""
-        running = set(self._running)
-        if running:
-            await asyncio.wait(running, timeout=grace_s)
-        for task in running:
-            task.cancel()
-        for task in running:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await finish(set(self._running), grace_s)
+
+
+async def finish(tasks: set[asyncio.Task[None]], grace_s: float) -> None:
+    """Let ``tasks`` end for up to ``grace_s``, then cancel what is left and wait for it to go."""
+    if tasks:
+        await asyncio.wait(tasks, timeout=grace_s)
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

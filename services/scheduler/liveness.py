@@ -77,6 +77,12 @@ class WorkerLiveness:
         log.info("event=start live_workers=%d worker_timeout_s=%s", len(self._last_heard_s), self._worker_timeout_s)
 
     async def observe_heartbeat(self, beat: WorkerHeartbeat) -> None:
+        self.heard_from(beat)
+        await self.record(beat)
+
+    def heard_from(self, beat: WorkerHeartbeat) -> None:
+        """Restart the worker's timeout, as the beat arrives: the runner calls this before queueing ``record``, so a
+        slow database delays the rows, never the timer (heartbeats waiting on it once made live workers lost)."""
         subject_token("worker_id", beat.worker_id)
         if beat.worker_id not in self.heard:
             log.info("event=worker_live worker=%s model=%s capacity=%d", beat.worker_id, beat.model, beat.capacity)
@@ -88,6 +94,9 @@ class WorkerLiveness:
             self._interval_s[beat.worker_id] = 0.8 * known_s + 0.2 * gap_s
         self._last_heard_s[beat.worker_id] = now_s
         self.heard.add(beat.worker_id)
+
+    async def record(self, beat: WorkerHeartbeat) -> None:
+        """The worker's row and chunk counts, from a beat ``heard_from`` has taken."""
         now = self._wall_clock()
         report = WorkerReport(
             worker_id=beat.worker_id,

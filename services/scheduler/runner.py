@@ -25,6 +25,7 @@ from services.common.admin import MigrateSession, OffloadRequest
 from services.common.control import DrainWorker, MigrationReport, ProbeWorker, ScaleDecision
 from services.common.endpoints import Endpoint, Serving, serve
 from services.common.errors import TurboServeError
+from services.common.latest_per_key import LatestPerKey
 from services.common.messages import (
     ClaimSession,
     DetachSession,
@@ -58,6 +59,8 @@ from services.state_store.client import SnapshotClient
 log = logging.getLogger("turboserve.scheduler")
 
 QUEUE_GROUP = "turboserve-scheduler"
+BEATS_GRACE_S = 2.0
+"""How long a closing scheduler lets the heartbeats it took finish recording."""
 M = TypeVar("M", bound=Message)
 
 
@@ -131,6 +134,7 @@ class SchedulerRunner:
         self._mover = mover
         self._mobility = mobility
         self._background: set[asyncio.Task[None]] = set()
+        self._beats = LatestPerKey("heartbeats")
         self._sweep_interval_s = sweep_interval_s
         self._subscriptions: list[Subscription] = []
         self._service: Serving | None = None
@@ -177,6 +181,7 @@ class SchedulerRunner:
         for subscription in subscriptions:
             if not self._nats.is_closed:
                 await subscription.unsubscribe()
+        await self._beats.close(grace_s=BEATS_GRACE_S)
         background, self._background = list(self._background), set()
         for task in background:
             task.cancel()
@@ -199,13 +204,20 @@ class SchedulerRunner:
         return answer
 
     async def _on_heartbeat(self, msg: Msg) -> None:
-        """The one heartbeat fan-out: liveness and chunk counts, the loop's view and cost models, the mover."""
-        async def handle(beat: WorkerHeartbeat) -> None:
-            await self._liveness.observe_heartbeat(beat)
+        """The one heartbeat fan-out. Its arrival restarts the worker's timeout at once; the rows and chunk counts,
+        the loop's view and cost models and the mover follow in the background, for the newest beat of each
+        worker at a time (each states the whole worker; a skipped one's latency samples are followed by more).
+        So beats never queue behind the database, where a slow one once made live workers look silent."""
+        async def record(beat: WorkerHeartbeat) -> None:
+            await self._liveness.record(beat)
             self._loop.observe_heartbeat(beat)
             self._mover.observe(beat)
 
-        await self._consume(msg, WorkerHeartbeat, handle)
+        async def take(beat: WorkerHeartbeat) -> None:
+            self._liveness.heard_from(beat)
+            self._beats.submit(beat.worker_id, lambda: self._reported(msg, WorkerHeartbeat, lambda: record(beat)))
+
+        await self._consume(msg, WorkerHeartbeat, take)
 
     async def _on_worker_gone(self, msg: Msg) -> None:
         async def handle(notice: WorkerGone) -> None:
@@ -224,10 +236,13 @@ class SchedulerRunner:
         await self._consume(msg, MigrationReport, handle)
 
     async def _consume(self, msg: Msg, kind: type[M], handle: Callable[[M], Awaitable[None]]) -> None:
+        await self._reported(msg, kind, lambda: handle(cast(M, decode(msg.data, expect=kind))))
+
+    async def _reported(self, msg: Msg, kind: type[Message], work: Callable[[], Awaitable[None]]) -> None:
         """Reports have nobody to answer to: a bad one is logged and dropped, the next one may be good."""
         try:
             with consumer_span(f"scheduler.{kind.TYPE}", msg.headers):
-                await handle(cast(M, decode(msg.data, expect=kind)))
+                await work()
         except asyncio.CancelledError:
             raise
         except TurboServeError as exc:

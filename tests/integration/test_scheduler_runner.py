@@ -376,3 +376,28 @@ async def test_a_worker_whose_process_is_gone_is_lost_long_before_its_heartbeat_
         await beater
     assert placement == Placement("orphan", "w-other", 2, "worker w-vanished lost")
     assert noticed_after_s < 3.0, f"noticed after {noticed_after_s:.1f} s; the timeout alone would take 30 s"
+
+
+async def test_a_slow_database_delays_the_worker_rows_but_never_makes_a_beating_worker_lost(
+    nc: NatsClient, db: PostgresStore, settings: SchedulerSettings, workers: Callable[..., Awaitable[FakeWorker]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each heartbeat's row write takes three heartbeat intervals: beats that queued behind the writes restarted
+    the workers' timeouts late, until live workers were marked lost. Now a beat restarts its timeout on arrival and
+    only the newest beat per worker waits for the database."""
+    upsert = PostgresStore.upsert_worker
+
+    async def slow_upsert(self: PostgresStore, *args: object, **kwargs: object) -> object:
+        await asyncio.sleep(3 * HEARTBEAT_INTERVAL_S)
+        return await upsert(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(PostgresStore, "upsert_worker", slow_upsert)
+    model = a_model()
+    async with open_scheduler(settings, nc):
+        await workers("w-a", model)
+        await workers("w-b", model)
+        seen_before = {w.worker_id: w.last_seen for w in await db.list_workers()}
+        await asyncio.sleep(4 * WORKER_TIMEOUT_S)
+        rows = {w.worker_id: w for w in await db.list_workers()}
+    assert {worker_id: row.status for worker_id, row in rows.items()} == {"w-a": "live", "w-b": "live"}
+    assert all(rows[worker_id].last_seen > seen for worker_id, seen in seen_before.items()), "rows still written"
