@@ -8,10 +8,11 @@ import asyncio
 import contextlib
 import io
 import os
+import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from services.launcher import Child, restart_service, start_services, stop_child
 from tests.synthetic_models import tiny_model_dir
 
 TOKENS = ("token-alpha", "token-beta")
+NOTABLE = re.compile(r"decision=|event=workers?_|level=(WARNING|ERROR|CRITICAL)")
+NOTABLE_LINES = 80
 FAST_FAILURE_DETECTION = {"TURBOSERVE_HEARTBEAT_S": "0.25", "TURBOSERVE_WORKER_TIMEOUT_S": "1.5"}
 FIXED_CAPACITY = {"TURBOSERVE_CAPACITY_FROM": "setting"}
 """K as configured, not as measured: these tests are about what clients get through placements, moves and
@@ -58,9 +61,17 @@ class RunningSystem:
         return restart_service(self.children, name, self.env, self.log_dir, self.more_gateway_ports)
 
     def logs(self) -> str:
-        """The tail of every service's log, workers started later by a provisioner included."""
-        paths = sorted(self.log_dir.glob("*.log"))
-        return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}" for path in paths)
+        """Every service's log, workers started later by a provisioner included: its decisions, workers coming and
+        going, warnings and errors from the whole run (what explains a failure usually happened early), then its
+        tail (where a crash's traceback is)."""
+        parts = []
+        for path in sorted(self.log_dir.glob("*.log")):
+            text = path.read_text(errors="replace")
+            notable = [line for line in text.splitlines() if NOTABLE.search(line)][-NOTABLE_LINES:]
+            if notable:
+                parts.append(f"--- {path.name}: notable lines\n" + "\n".join(notable))
+            parts.append(f"--- {path.name}: tail\n{text[-2000:]}")
+        return "\n".join(parts)
 
 
 async def start_when_workers_registered(client: TurboServeClient, prompt: str, seed: int,
@@ -138,6 +149,20 @@ def running_system(
     finally:
         stop_children(children)
         shutil.rmtree(log_dir, ignore_errors=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test shows the logs of the system it ran against: module-scoped systems outlive the test, so
+    ``running_system`` never sees its failure, and the log directory is gone once the module ends."""
+    report = yield
+    if report.failed and call.when == "call":
+        for value in getattr(item, "funcargs", {}).values():
+            if isinstance(value, RunningSystem):
+                report.sections.append(("turboserve services", value.logs()))
+    return report
 
 
 @pytest.fixture(scope="module")

@@ -29,9 +29,12 @@ SCALE_TIMEOUT_S = 60.0
 @pytest.fixture(scope="module")
 def elastic(nats_url: str, database_url: str) -> Iterator[RunningSystem]:
     """One worker to start with, at most three, K = 4; fast decisions, a short scale-in hold, and no warm spare,
-    so that one active session scales the pool in to one worker."""
+    so that one active session scales the pool in to one worker. Workers are stopped here, never frozen, so
+    nothing waits on the heartbeat timeout, and it is longer than the other modules' 1.5 s: a serving worker
+    stalled that long while two more start on a 2-core CI machine would send the first sessions elsewhere."""
     settings = {
-        "TURBOSERVE_WORKER_CAPACITY": str(CAPACITY), "TURBOSERVE_SNAPSHOT_EVERY_CHUNKS": "4",
+        "TURBOSERVE_WORKER_TIMEOUT_S": "5", "TURBOSERVE_WORKER_CAPACITY": str(CAPACITY),
+        "TURBOSERVE_SNAPSHOT_EVERY_CHUNKS": "4",
         "TURBOSERVE_OFFLOAD_AFTER_S": "2", "TURBOSERVE_PROVISIONER": "local", "TURBOSERVE_MIN_GPUS": "1",
         "TURBOSERVE_MAX_GPUS": "3", "TURBOSERVE_CONTROL_PERIOD_S": "0.5", "TURBOSERVE_SCALE_IN_HOLD_S": "2",
         "TURBOSERVE_DETECTOR_WINDOW_S": "10",
