@@ -221,6 +221,7 @@ class SchedulerRunner:
 
     async def _on_worker_gone(self, msg: Msg) -> None:
         async def handle(notice: WorkerGone) -> None:
+            self._mover.worker_lost(notice.worker_id)
             if await self._liveness.worker_gone(notice):
                 self._loop.trigger("worker_gone")
 
@@ -266,6 +267,8 @@ class SchedulerRunner:
             except Exception:
                 log.exception("event=sweep_failed")
                 continue
+            for worker_id in lost:  # first: a decision may be waiting on one of them
+                self._mover.worker_lost(worker_id)
             if lost:
                 self._loop.trigger("worker_lost")
 

@@ -7,15 +7,18 @@ so a session that another decision moved meanwhile is left alone) and the new pl
 whose state is offloaded has nothing live to copy: it moves by snapshot (epoch bump, and the target restores it
 from the state store when the gateway attaches it there). A migration that ends without a report is undecided
 (the source may have dropped the session already), so it is settled by placing the session on its source again
-under a new epoch.
+under a new epoch. A source found lost while the scheduler waits ends the wait at once: the one decider waits on each
+migration, and a report that never comes would hold every decision (the lost worker's sessions' new homes among
+them) for the whole report deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from services.common.control import (
     MigrationReport,
@@ -30,6 +33,7 @@ from services.common.wire import Message
 from services.scheduler.actuation import WorkerChannel
 from services.scheduler.store.protocol import SchedulerStore
 
+T = TypeVar("T")
 log = logging.getLogger("turboserve.scheduler.state_mover")
 MAX_PENDING_MIGRATIONS = 256
 
@@ -57,11 +61,31 @@ class WorkerStateMover:
         self._wall_clock = wall_clock
         self._pending: dict[tuple[str, int], asyncio.Future[MigrationReport]] = {}
         self._offloaded: dict[str, frozenset[str]] = {}
+        self._losses: dict[str, asyncio.Event] = {}
+        """Per worker that something waits on: set (and dropped) when it is lost, which ends those waits."""
 
     async def close(self) -> None:
         for future in self._pending.values():
             future.cancel()
         self._pending.clear()
+
+    def worker_lost(self, worker_id: str) -> None:
+        """The worker is lost or gone: what waits on it now (a request, a migration's report) ends as unanswered.
+        Only the waits in flight: a later request to it is sent, and a dead worker's fails at once anyway."""
+        loss = self._losses.pop(worker_id, None)
+        if loss is not None:
+            loss.set()
+
+    async def _unless_lost(self, worker_id: str, wait: Awaitable[T]) -> T | None:
+        """``wait``'s result, or None as soon as ``worker_id`` is lost (``wait`` is then cancelled)."""
+        loss = self._losses.setdefault(worker_id, asyncio.Event())
+        work, lost = asyncio.ensure_future(wait), asyncio.ensure_future(loss.wait())
+        try:
+            await asyncio.wait((work, lost), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            work.cancel()  # a no-op once it is done
+        return work.result() if work.done() and not work.cancelled() else None
 
     def observe(self, beat: WorkerHeartbeat) -> None:
         """Which sessions each worker holds offloaded: those move by snapshot, not by live transfer."""
@@ -108,10 +132,15 @@ class WorkerStateMover:
             if not (isinstance(answer, Reply) and answer.ok):  # the target's deadline frees its reservation
                 return _failed(session_id, epoch, source, target, f"source refused: {_detail(answer)}")
             try:
-                return await asyncio.wait_for(asyncio.shield(future), self._report_timeout_s)
+                report = await self._unless_lost(source, asyncio.wait_for(asyncio.shield(future),
+                                                                          self._report_timeout_s))
             except TimeoutError:
                 await self._reclaim(session_id, source, target, epoch)
                 return _failed(session_id, epoch, source, target, "no report from the source in time")
+            if report is None:  # its row still names the lost source: the next decision places it anew
+                await self._request(target, DetachSession(session_id, epoch))
+                return _failed(session_id, epoch, source, target, "the source was lost before it reported")
+            return report
         finally:
             self._pending.pop(key, None)
 
@@ -162,7 +191,8 @@ class WorkerStateMover:
         future.set_result(report)
 
     async def _request(self, worker_id: str, request: Message) -> Message | None:
-        return await self._channel.ask_worker(worker_id, request)  # the channel logs a worker that did not answer
+        """The worker's answer; None when it gave none (the channel logs that) or was lost meanwhile."""
+        return await self._unless_lost(worker_id, self._channel.ask_worker(worker_id, request))
 
 
 def _failed(session_id: str, epoch: int, source: str, target: str, detail: str) -> MigrationReport:

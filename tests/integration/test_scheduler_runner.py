@@ -17,7 +17,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from services.common import subjects
-from services.common.control import ScaleDecision
+from services.common.admin import MigrateSession
+from services.common.control import MigrationReport, MigrationTicket, PrepareMigration, ScaleDecision, StartMigration
 from services.common.messages import OpenSession, Placement, Reply, UpdateSession, WorkerGone, WorkerHeartbeat
 from services.common.wire import Message, decode, encode
 from services.scheduler.control_settings import ControlSettings
@@ -52,8 +53,10 @@ class FakeWorker:
     """A worker as the scheduler sees it: heartbeats on a timer until stopped, and answers on its control subject
     until closed. Stopped but not closed, it is a frozen or cut-off worker: only the heartbeat timeout finds it."""
 
-    def __init__(self, nc: NatsClient, worker_id: str, model: str, *, capacity: int = 4) -> None:
+    def __init__(self, nc: NatsClient, worker_id: str, model: str, *, capacity: int = 4,
+                 answer: Callable[[Message], Message] = lambda request: Reply(ok=True)) -> None:
         self.nc, self.worker_id, self.model, self.capacity = nc, worker_id, model, capacity
+        self._answer = answer
         self.chunks: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._control: Subscription | None = None
@@ -69,7 +72,7 @@ class FakeWorker:
 
     async def start(self) -> None:
         async def answer(msg: Msg) -> None:
-            await msg.respond(encode(Reply(ok=True)))
+            await msg.respond(encode(self._answer(decode(msg.data))))
 
         self._control = await self.nc.subscribe(subjects.worker_control(self.worker_id), cb=answer)
         self._task = asyncio.create_task(self._beat_forever())
@@ -376,6 +379,51 @@ async def test_a_worker_whose_process_is_gone_is_lost_long_before_its_heartbeat_
         await beater
     assert placement == Placement("orphan", "w-other", 2, "worker w-vanished lost")
     assert noticed_after_s < 3.0, f"noticed after {noticed_after_s:.1f} s; the timeout alone would take 30 s"
+
+
+async def test_a_migration_whose_source_dies_before_reporting_ends_when_the_source_is_found_lost(
+    nc: NatsClient, db: PostgresStore, settings: SchedulerSettings
+) -> None:
+    """Not at the report deadline (35 s): a decision waits on each migration it makes, so until then none would
+    be taken, the dead source's sessions' new homes among them."""
+    model = a_model()
+    started = asyncio.Event()
+
+    def source_answer(request: Message) -> Message:
+        if isinstance(request, StartMigration):
+            started.set()
+        return Reply(ok=True)
+
+    def target_answer(request: Message) -> Message:
+        if isinstance(request, PrepareMigration):
+            return MigrationTicket(request.session_id, "w-target", "127.0.0.1", 9)
+        return Reply(ok=True)
+
+    source = FakeWorker(nc, "w-source", model, answer=source_answer)
+    target = FakeWorker(nc, "w-target", model, answer=target_answer)
+
+    async def live(worker_id: str) -> bool:
+        return any(w.worker_id == worker_id and w.status == "live" for w in await db.list_workers())
+
+    async with open_scheduler(settings, nc), placements_published(nc) as heard:
+        await source.start()
+        await eventually(lambda: live("w-source"))
+        await request(nc, subjects.SCHED_OPEN, an_open(model, "moving"))
+        await target.start()
+        await eventually(lambda: live("w-target"))
+        migration = asyncio.ensure_future(nc.request(subjects.SCHED_ADMIN_MIGRATE,
+                                                     encode(MigrateSession("moving", "w-target")), timeout=30))
+        await asyncio.wait_for(started.wait(), timeout=5)
+        killed_at_s = time.monotonic()
+        await source.close()  # killed with the copy under way: no report will come
+        report = decode((await migration).data)
+        ended_after_s = time.monotonic() - killed_at_s
+        placement = await asyncio.wait_for(heard.get(), timeout=5)
+        await target.close()
+    assert isinstance(report, MigrationReport) and report.outcome == "failed", report
+    assert "source was lost" in report.detail
+    assert ended_after_s < WORKER_TIMEOUT_S + 2.0, f"ended {ended_after_s:.1f} s after the kill"
+    assert placement == Placement("moving", "w-target", 2, "worker w-source lost")
 
 
 async def test_a_slow_database_delays_the_worker_rows_but_never_makes_a_beating_worker_lost(

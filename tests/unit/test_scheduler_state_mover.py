@@ -118,6 +118,53 @@ async def test_a_migration_without_a_report_places_the_session_on_its_source_aga
     assert nats.requests[-1] == ("w2", DetachSession("s1", 1))
 
 
+async def test_a_source_lost_before_it_reports_ends_the_wait_at_once_and_leaves_the_session_to_be_placed_anew(
+) -> None:
+    store = await stored(MemoryStore())
+    nats = ScriptedWorkers(willing, report_outcome=None)  # the source accepted, then was killed
+    mover = WorkerStateMover(nats, store, migration_timeout_s=60.0, wall_clock=lambda: AT)
+    migration = asyncio.create_task(mover.migrate("s1", "w1", "w2", 1, "rebalance"))
+    while not any(isinstance(r, StartMigration) for _, r in nats.requests):
+        await asyncio.sleep(0.01)
+    mover.worker_lost("w2")  # another worker's loss ends nothing
+    await asyncio.sleep(0.05)
+    assert not migration.done()
+    mover.worker_lost("w1")
+    async with asyncio.timeout(1.0):  # not the 65 s report deadline
+        report = await migration
+    assert report.outcome == "failed" and "source was lost" in report.detail
+    session = await store.get_session("s1")
+    assert session is not None and (session.worker_id, session.epoch) == ("w1", 1) and not nats.published
+    assert nats.requests[-1] == ("w2", DetachSession("s1", 1))
+
+
+class SilentWorkers(ScriptedWorkers):
+    """Workers that take a request and never answer it (frozen, or killed after it arrived)."""
+
+    def __init__(self) -> None:
+        super().__init__(willing)
+
+    async def ask_worker(self, worker: str, request: Message) -> Message | None:
+        self.requests.append((worker, request))
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_request_to_a_worker_lost_meanwhile_ends_unanswered_and_a_later_one_is_sent() -> None:
+    store = await stored(MemoryStore(), status="idle")
+    nats = SilentWorkers()
+    mover = await mover_with(nats, store)
+    offload = asyncio.create_task(mover.offload("s1", "w1", 1, "idle"))
+    await asyncio.sleep(0.05)
+    mover.worker_lost("w1")
+    async with asyncio.timeout(1.0):
+        assert await offload is False
+    again = asyncio.create_task(mover.offload("s1", "w1", 1, "idle"))  # the loss ended only the waits it found
+    await asyncio.sleep(0.05)
+    assert not again.done() and len(nats.requests) == 2
+    again.cancel()
+
+
 async def test_an_offloaded_session_moves_by_snapshot_without_a_live_transfer() -> None:
     store = await stored(MemoryStore(), status="idle")
     nats = ScriptedWorkers(willing)
