@@ -69,6 +69,15 @@ def log_decision(
     record_decision(decision, reason, session_id=session_id, links=links, **fields)
 
 
+def workers_needed(action: Action) -> tuple[str, ...]:
+    """The workers an action talks to (removing a worker needs nothing of it)."""
+    if isinstance(action, Migrate):
+        return (action.source_gpu_id, action.target_gpu_id)
+    if isinstance(action, (Place, Restore, Offload, DrainGpu)):
+        return (action.gpu_id,)
+    return ()
+
+
 class LoopIO(Protocol):
     """The messages the loop sends itself; the runner implements them over NATS."""
 
@@ -285,7 +294,8 @@ class ControlLoop:
         workers = await self._store.list_workers()
         self._worker_status = {w.worker_id: w.status for w in workers}
         self.view.forget_gone(workers)
-        gpus = self.view.gpu_views(workers, self.liveness.heard)
+        heard = frozenset(self.liveness.heard)
+        gpus = self.view.gpu_views(workers, heard)
         self.snapshot = sync(self.snapshot, self.view.session_views(rows, gpus, now_s, self._wall_clock()), gpus)
         decide_started = self._timer()
         plan = self.controller.decide(self.snapshot, now_s)
@@ -301,6 +311,11 @@ class ControlLoop:
                 (decide_started - started) * 1000, len(self.snapshot.sessions), len(self.snapshot.gpus),
                 plan.level, plan.bottleneck_ms, plan.target_gpus, len(plan.actions))
         for action in plan.actions:
+            lost = [w for w in workers_needed(action) if w in heard and w not in self.liveness.heard]
+            if lost:  # each request to it would wait out its deadline; the next decision, already due, sees it
+                log.info("event=action_skipped action=%s session=%s workers=%s reason='lost since the plan was made'",
+                         type(action).__name__, getattr(action, "session_id", ""), ",".join(lost))
+                continue
             try:
                 await self._execute(action, now_s)
             except TurboServeError as exc:  # one refused action (a provisioner error, a lost row) is not the plan

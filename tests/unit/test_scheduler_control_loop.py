@@ -363,6 +363,34 @@ async def test_a_worker_killed_while_the_loop_is_mid_rebalance_has_each_orphan_p
     assert max(per_worker) <= 4
 
 
+async def test_the_rest_of_a_plan_skips_a_worker_lost_while_it_ran_and_the_next_decision_sees_the_loss(
+    store: MemoryStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    decider = make_decider(store, clock)
+    mover = HeldMover(store, decider.journal)
+    decider.loop._mover = mover
+    for worker in ("w1", "w2"):
+        await decider.beat(WorkerHeartbeat(worker, "cpu", "tiny", 4))
+    for session_id in ("a", "b"):
+        await store.insert_session(session(session_id, "w1"))
+    await store.insert_session(session("new", None))
+    monkeypatch.setattr(decider.loop.controller, "decide", Script((
+        Migrate("a", "w1", "w2", 1e6, "rebalance"), Migrate("b", "w1", "w2", 1e6, "rebalance"),
+        Place("new", "w1", "new"), Place("new", "w2", "new"),
+    )))
+    plan = asyncio.create_task(decider.loop.step("period"))
+    await asyncio.wait_for(mover.started.wait(), timeout=5)  # the first migration is in flight
+    clock.now_s += 10.0  # w1 goes silent
+    await decider.beat(WorkerHeartbeat("w2", "cpu", "tiny", 4))
+    assert await decider.liveness.sweep() == ["w1"]
+    mover.release.set()
+    await asyncio.wait_for(plan, timeout=5)
+    assert [entry[:4] for entry in decider.journal.entries if entry[0] == "migrate"] == [("migrate", "a", "w1", "w2")]
+    rows = {row.session_id: row for row in await store.list_sessions()}
+    assert rows["a"].worker_id == "w2" and rows["b"].worker_id == "w1" and rows["new"].worker_id == "w2"
+
+
 async def test_a_session_left_waiting_on_full_workers_takes_an_overflow_slot_once_it_has_waited(
     store: MemoryStore,
 ) -> None:
