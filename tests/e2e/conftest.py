@@ -160,8 +160,9 @@ def pytest_runtest_makereport(
     report = yield
     if report.failed and call.when == "call":
         for value in getattr(item, "funcargs", {}).values():
-            if isinstance(value, RunningSystem):
-                report.sections.append(("turboserve services", value.logs()))
+            for candidate in value if isinstance(value, tuple) else (value,):  # (system, its PostgreSQL), say
+                if isinstance(candidate, RunningSystem):
+                    report.sections.append(("turboserve services", candidate.logs()))
     return report
 
 

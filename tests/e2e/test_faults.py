@@ -188,12 +188,16 @@ def own_postgres_system(nats_url: str) -> Iterator[tuple[RunningSystem, Postgres
 async def test_a_postgres_crash_does_not_stop_a_stream_and_the_system_serves_new_sessions_after_it(
     own_postgres_system: tuple[RunningSystem, PostgresHandle],
 ) -> None:
+    """The outage is longer than the bound: a stream that waited on PostgreSQL would stall all of it, while a
+    machine busy with the server's crash recovery (and, in a loaded run, another suite's) slows chunks by seconds
+    at most (3.9 s seen beside a concurrent run's own outage, against a 3 s bound when the outage was 3 s)."""
     system, postgres = own_postgres_system
     async with streaming(system) as streams:
-        outage = asyncio.create_task(asyncio.to_thread(postgres.crash_and_restart, 3.0))
-        await streams.more(4)
+        outage = asyncio.create_task(asyncio.to_thread(postgres.crash_and_restart, 8.0))
+        while not outage.done():  # chunks all through the outage, not just the ones already on their way
+            await streams.more(1)
         await outage
         await streams.more(3)
         longest_s = streams.check()
-        assert longest_s < 3.0, f"a stream stalled {longest_s:.1f} s while PostgreSQL was down"
+        assert longest_s < 5.0, f"a stream stalled {longest_s:.1f} s of PostgreSQL's 8 s outage"
     await a_new_session_streams(system, "after PostgreSQL came back")
