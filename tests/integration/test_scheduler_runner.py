@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats
 import pytest
@@ -47,6 +47,11 @@ async def eventually(probe: Callable[[], Awaitable[T | None]], *, timeout_s: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s} s")
         await asyncio.sleep(0.02)
+
+
+async def is_live(db: PostgresStore, worker_id: str) -> bool:
+    """The scheduler has recorded the worker live."""
+    return any(w.worker_id == worker_id and w.status == "live" for w in await db.list_workers())
 
 
 class FakeWorker:
@@ -119,15 +124,12 @@ async def workers(nc: NatsClient, db: PostgresStore) -> AsyncIterator[Callable[.
     """Start fake workers and wait until the scheduler has recorded them live."""
     started: list[FakeWorker] = []
 
-    async def start(worker_id: str, model: str, **kwargs: int) -> FakeWorker:
+    async def start(worker_id: str, model: str, **kwargs: Any) -> FakeWorker:
         worker = FakeWorker(nc, worker_id, model, **kwargs)
         await worker.start()
         started.append(worker)
 
-        async def recorded_live() -> bool:
-            return any(w.worker_id == worker_id and w.status == "live" for w in await db.list_workers())
-
-        await eventually(recorded_live)
+        await eventually(lambda: is_live(db, worker_id))
         return worker
 
     yield start
@@ -360,16 +362,13 @@ async def test_a_worker_whose_process_is_gone_is_lost_long_before_its_heartbeat_
             await nc.publish(subjects.SCHED_HEARTBEAT, encode(vanished.heartbeat()))
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
-    async def live(worker_id: str) -> bool:
-        return any(w.worker_id == worker_id and w.status == "live" for w in await db.list_workers())
-
     stop_vanished = asyncio.Event()
     async with open_scheduler(patient, nc), placements_published(nc) as heard:
         beater = asyncio.create_task(beat_without_answering(stop_vanished))
-        await eventually(lambda: live("w-vanished"))
+        await eventually(lambda: is_live(db, "w-vanished"))
         await request(nc, subjects.SCHED_OPEN, an_open(model, "orphan"))
         await other.start()  # it answers probes: a late beat on a loaded machine must not lose it as well
-        await eventually(lambda: live("w-other"))
+        await eventually(lambda: is_live(db, "w-other"))
         await asyncio.sleep(5 * HEARTBEAT_INTERVAL_S)  # enough beats for the scheduler to learn their interval
         stopped_at_s = time.monotonic()
         stop_vanished.set()
@@ -382,7 +381,7 @@ async def test_a_worker_whose_process_is_gone_is_lost_long_before_its_heartbeat_
 
 
 async def test_a_migration_whose_source_dies_before_reporting_ends_when_the_source_is_found_lost(
-    nc: NatsClient, db: PostgresStore, settings: SchedulerSettings
+    nc: NatsClient, settings: SchedulerSettings, workers: Callable[..., Awaitable[FakeWorker]]
 ) -> None:
     """Not at the report deadline (35 s): a decision waits on each migration it makes, so until then none would
     be taken, the dead source's sessions' new homes among them."""
@@ -399,18 +398,10 @@ async def test_a_migration_whose_source_dies_before_reporting_ends_when_the_sour
             return MigrationTicket(request.session_id, "w-target", "127.0.0.1", 9)
         return Reply(ok=True)
 
-    source = FakeWorker(nc, "w-source", model, answer=source_answer)
-    target = FakeWorker(nc, "w-target", model, answer=target_answer)
-
-    async def live(worker_id: str) -> bool:
-        return any(w.worker_id == worker_id and w.status == "live" for w in await db.list_workers())
-
     async with open_scheduler(settings, nc), placements_published(nc) as heard:
-        await source.start()
-        await eventually(lambda: live("w-source"))
+        source = await workers("w-source", model, answer=source_answer)
         await request(nc, subjects.SCHED_OPEN, an_open(model, "moving"))
-        await target.start()
-        await eventually(lambda: live("w-target"))
+        await workers("w-target", model, answer=target_answer)
         migration = asyncio.ensure_future(nc.request(subjects.SCHED_ADMIN_MIGRATE,
                                                      encode(MigrateSession("moving", "w-target")), timeout=30))
         await asyncio.wait_for(started.wait(), timeout=5)
@@ -419,7 +410,6 @@ async def test_a_migration_whose_source_dies_before_reporting_ends_when_the_sour
         report = decode((await migration).data)
         ended_after_s = time.monotonic() - killed_at_s
         placement = await asyncio.wait_for(heard.get(), timeout=5)
-        await target.close()
     assert isinstance(report, MigrationReport) and report.outcome == "failed", report
     assert "source was lost" in report.detail
     assert ended_after_s < WORKER_TIMEOUT_S + 2.0, f"ended {ended_after_s:.1f} s after the kill"
